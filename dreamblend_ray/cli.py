@@ -1,0 +1,65 @@
+"""The ``dreamblend`` command.
+
+Each subcommand lives in ``dreamblend_ray/commands/<name>.py`` with two functions,
+``add_arguments(parser)`` and ``run(args) -> int``; heavy imports stay inside ``run`` so that
+``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dreamblend_ray import __version__
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "version": ("version", "print the package and key library versions"),
+    "generate": ("generate", "DreamBlend images for a subject's checkpoint pair"),
+    "finetune": ("finetune", "DreamBooth fine-tuning of one subject into a checkpoint pair"),
+    "submit": ("submit", "submit the fine-tune or generate job to a running Ray cluster"),
+    "serve": ("serve", "run the Ray Serve HTTP endpoint locally"),
+    "demo": ("demo", "the main job: fine-tune demo subjects, serve, and render a DreamBlend grid"),
+    "evaluate": ("evaluate", "CLIP-I / CLIP-T / DINO / diversity evaluation job"),
+    "train-embedded": ("train_embedded", "train the embedded shapes-world base model"),
+}
+
+
+class NotLandedError(RuntimeError):
+    """Raised by a subcommand whose issue has not landed yet."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dreamblend", description="DreamBlend personalized text-to-image generation on Ray.")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"dreamblend_ray.commands.{module_name}")
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._module.run(args) or 0)
+    except NotLandedError as exc:
+        logging.getLogger("dreamblend").error("%s", exc)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        logging.getLogger("dreamblend").error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+from dreamblend_ray.components import (
+    build_tiny_components, load_components, model_identity, resolve_base, select_dtype,
+)
+
+
+def _unet_output(components, prompt="a photo of sks dog", seed=0):
+    ids = components.tokenizer(prompt, padding="max_length", truncation=True,
+                               max_length=components.tokenizer.model_max_length,
+                               return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        embeddings = components.text_encoder(ids)[0]
+        return components.unet(latents, 500, embeddings).sample
+
+
+def test_tiny_model_is_deterministic():
+    a, b = build_tiny_components(seed=0), build_tiny_components(seed=0)
+    assert torch.equal(_unet_output(a), _unet_output(b))
+    for (name, p), (_, q) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_tiny_model_depends_on_seed():
+    assert not torch.equal(_unet_output(build_tiny_components(0)), _unet_output(build_tiny_components(1)))
+
+
+def test_tiny_model_shapes(tiny_components):
+    assert tiny_components.vae_scale_factor == 2
+    assert tiny_components.default_size == 32
+    names = [n for n in tiny_components.unet.attn_processors if "attn2" in n]
+    assert any(n.startswith("down_blocks.0") for n in names)  # 16x16
+    assert any(n.startswith("mid_block") for n in names)      # 8x8
+
+
+def test_build_does_not_disturb_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_components(seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_save_load_round_trip(tiny_components, tiny_model_dir):
+    loaded = load_components(str(tiny_model_dir))
+    assert torch.equal(_unet_output(tiny_components), _unet_output(loaded))
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(tiny_components.vae.encode(image).latent_dist.mean,
+                           loaded.vae.encode(image).latent_dist.mean)
+    prompt = "a red dog wearing a hat"
+    assert tiny_components.tokenizer(prompt).input_ids == loaded.tokenizer(prompt).input_ids
+    assert loaded.scheduler.config.beta_schedule == "scaled_linear"
+    assert model_identity(loaded)["config_sha256"] == model_identity(tiny_components)["config_sha256"]
+    index = json.loads((tiny_model_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert list(tiny_model_dir.glob("unet/*.safetensors"))
+
+
+def test_tokenizer_keeps_words_whole(tiny_components):
+    tok = tiny_components.tokenizer
+    ids = tok("a photo of sks dog").input_ids
+    assert len(ids) == 5 + 2  # one token per word plus start and end
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+
+
+def test_bad_base_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="model_index.json"):
+        resolve_base(str(tmp_path))
+    with pytest.raises(ValueError, match="not 'tiny'"):
+        load_components("no/such/dir")
+
+
+def test_incomplete_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(ValueError, match="lacks components"):
+        load_components(str(tmp_path))
+
+
+def test_dtype_selection():
+    assert select_dtype(torch.device("cpu")) == torch.float32
+    assert select_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        select_dtype(torch.device("cpu"), "fp8")
