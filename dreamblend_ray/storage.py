@@ -12,9 +12,12 @@ permanent ones (no such bucket, access denied, not found) fail at once with the 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -26,9 +29,23 @@ import pyarrow.fs as pafs
 logger = logging.getLogger(__name__)
 
 ENDPOINT_VARIABLES = ("DREAMBLEND_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-PERMANENT_MARKERS = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                     "Forbidden", "NoSuchKey", "Path does not exist", "not found")
-RETRY_SECONDS = float(os.environ.get("DREAMBLEND_STORAGE_RETRY_SECONDS", "30"))
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                        "AWS_REGION", "AWS_DEFAULT_REGION")
+# pyarrow reports S3 errors by the AWS SDK's enum names (``AWS Error NO_SUCH_BUCKET during ...``);
+# the CamelCase S3 codes are kept for messages relayed from other layers.
+PERMANENT_MARKERS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+                     "NO_SUCH_KEY", "INVALID_BUCKET_NAME", "NoSuchBucket", "AccessDenied",
+                     "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchKey", "InvalidBucketName",
+                     "Forbidden", "Path does not exist", "bucket does not exist")
+# An unclassified "HTTP status 4xx" is the client's fault (except timeouts and throttling).
+_CLIENT_STATUS = re.compile(r"HTTP status (4\d\d)")
+_TRANSIENT_STATUS = {"408", "429"}
+DEFAULT_RETRY_SECONDS = 30.0
+
+
+def default_retry_seconds() -> float:
+    """Bounded total time for retrying one operation (``DREAMBLEND_STORAGE_RETRY_SECONDS``, default 30)."""
+    return float(os.environ.get("DREAMBLEND_STORAGE_RETRY_SECONDS", DEFAULT_RETRY_SECONDS))
 
 
 class StorageError(RuntimeError):
@@ -40,10 +57,17 @@ def is_s3(uri: str) -> bool:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a local path or an s3:// URI."""
+    """Join path parts onto a local path or an s3:// URI.
+
+    Parts never climb out of ``uri``: an empty part or a ``..`` segment raises ValueError, so keys
+    built from (validated) subject ids cannot escape their prefix.
+    """
     base = str(uri).rstrip("/")
     for part in parts:
-        base = f"{base}/{str(part).strip('/')}"
+        part = str(part).strip("/")
+        if not part or any(seg in ("", ".", "..") for seg in part.split("/")):
+            raise ValueError(f"storage path part must be a plain relative path, got {part!r}")
+        base = f"{base}/{part}"
     return base
 
 
@@ -54,46 +78,78 @@ def s3_endpoint() -> str | None:
     return None
 
 
+def local_path(uri: str) -> str:
+    """The absolute local path of a plain path or a ``file://`` URI."""
+    uri = str(uri)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return str(Path(uri).expanduser().absolute())
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    """The pyarrow filesystem for ``uri`` and the path inside it.
+
+    One S3 filesystem (and its connection pool) is shared per endpoint and credential settings.
+    """
     if not is_s3(uri):
-        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
-    parsed = urlparse(uri)
-    endpoint = s3_endpoint()
+        return pafs.LocalFileSystem(), local_path(uri)
+    parsed = urlparse(str(uri))
+    if not parsed.netloc:
+        raise ValueError(f"s3 URI must name a bucket (s3://bucket/prefix), got {uri!r}")
+    settings = tuple(os.environ.get(name) for name in CREDENTIAL_VARIABLES)
+    return _s3_filesystem(s3_endpoint(), settings), f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, settings: tuple) -> pafs.S3FileSystem:
+    """An S3 filesystem; ``settings`` (the credential variables) only keys the cache."""
     kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
               "connect_timeout": 5, "request_timeout": 60}
     if endpoint:
-        scheme, _, host = endpoint.partition("://")
+        scheme, _, host = endpoint.rstrip("/").partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return pafs.S3FileSystem(**kwargs)
 
 
-def _is_permanent(exc: Exception) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+def is_permanent(exc: BaseException) -> bool:
+    """True for errors that retrying cannot fix (missing bucket or key, denied, bad input)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError, ValueError, TypeError)):
         return True
-    return any(marker in str(exc) for marker in PERMANENT_MARKERS)
+    text = str(exc)
+    if any(marker in text for marker in PERMANENT_MARKERS):
+        return True
+    status = _CLIENT_STATUS.search(text)
+    return bool(status) and status.group(1) not in _TRANSIENT_STATUS
 
 
 def with_retries(action: str, uri: str, fn, retry_seconds: float | None = None):
-    """Run ``fn()``; retry transient failures with backoff for up to ``retry_seconds``."""
-    deadline = time.monotonic() + (RETRY_SECONDS if retry_seconds is None else retry_seconds)
-    delay = 0.2
+    """Run ``fn()``; retry transient failures with exponential backoff for a bounded total time.
+
+    Permanent failures raise at once: FileNotFoundError for a missing object, StorageError for
+    the rest; both name the URI. ``retry_seconds`` defaults to :func:`default_retry_seconds`.
+    """
+    budget = default_retry_seconds() if retry_seconds is None else retry_seconds
+    deadline = time.monotonic() + budget
+    delay, attempt = 0.2, 1
     while True:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if _is_permanent(exc):
+            if is_permanent(exc):
                 if isinstance(exc, FileNotFoundError):
-                    raise FileNotFoundError(f"{action} {uri}: not found") from exc
+                    raise FileNotFoundError(f"{action} {uri}: not found ({exc})") from exc
                 raise StorageError(f"{action} {uri} failed: {exc}") from exc
             if time.monotonic() + delay > deadline:
-                raise StorageError(f"{action} {uri} failed after retries: {exc}") from exc
-            logger.warning("%s %s failed (%s); retrying in %.1fs", action, uri, exc, delay)
+                raise StorageError(
+                    f"{action} {uri} failed after {attempt} attempts in {budget:.0f}s: {exc}") from exc
+            logger.warning("%s %s failed (attempt %d: %s); retrying in %.1fs", action, uri, attempt,
+                           exc, delay)
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay, attempt = min(delay * 2, 5.0), attempt + 1
 
 
 def read_bytes(uri: str) -> bytes:
@@ -108,6 +164,8 @@ def read_bytes(uri: str) -> bytes:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically (readers see the old object or the whole new one)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"write_bytes({uri}) needs bytes, got {type(data).__name__}")
     fs, path = filesystem(uri)
     if not is_s3(uri):
         _write_local_atomic(Path(path), data)
@@ -220,12 +278,14 @@ def cached_download(uri: str) -> Path:
     if (target / ".complete").exists():
         return target
     staging = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.partial")
-    download_dir(uri, staging)
-    (staging / ".complete").write_text(uri)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-    else:
+    try:
+        download_dir(uri, staging)
+        (staging / ".complete").write_text(uri)
         os.replace(staging, target)
+    except OSError:
+        # Another process on this node finished the same download first: keep its copy.
+        if not (target / ".complete").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target

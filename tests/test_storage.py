@@ -1,0 +1,152 @@
+"""storage: one URI API over local paths and s3:// (a real HTTP S3 endpoint on loopback)."""
+
+import threading
+import time
+
+import pytest
+
+from dreamblend_ray import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A root URI on the local filesystem and on S3 (moto over HTTP)."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    bucket = request.getfixturevalue("s3_server").new_bucket()
+    return f"s3://{bucket}/prefix"
+
+
+def test_round_trip_list_exists_delete(root):
+    storage.write_text(storage.join(root, "a/b.txt"), "hello")
+    storage.write_json(storage.join(root, "a/c/d.json"), {"x": [1, 2]})
+    storage.write_bytes(storage.join(root, "e.bin"), b"\x00\x01")
+
+    assert storage.read_text(storage.join(root, "a/b.txt")) == "hello"
+    assert storage.read_json(storage.join(root, "a", "c", "d.json")) == {"x": [1, 2]}
+    assert storage.read_bytes(storage.join(root, "e.bin")) == b"\x00\x01"
+    assert storage.exists(storage.join(root, "a/b.txt"))
+    assert not storage.exists(storage.join(root, "missing.txt"))
+    assert storage.list_dir(root) == ["a", "e.bin"]
+    assert storage.list_files(root) == ["a/b.txt", "a/c/d.json", "e.bin"]
+    assert storage.list_files(storage.join(root, "nothing-here")) == []
+
+    storage.delete(storage.join(root, "a"))
+    assert storage.list_files(root) == ["e.bin"]
+    storage.delete(storage.join(root, "a"))  # absent is fine
+
+
+def test_overwrite_is_whole(root):
+    uri = storage.join(root, "obj.bin")
+    storage.write_bytes(uri, b"x" * 10_000)
+    storage.write_bytes(uri, b"short")
+    assert storage.read_bytes(uri) == b"short"
+
+
+def test_missing_object_is_file_not_found_with_uri(root):
+    uri = storage.join(root, "nope.json")
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        storage.read_json(uri)
+    assert time.monotonic() - start < 2.0
+
+
+def test_copy_upload_download(root, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "one.txt").write_text("1")
+    (src / "sub" / "two.txt").write_text("2")
+    storage.upload_dir(src, storage.join(root, "up"))
+    storage.copy_dir(storage.join(root, "up"), storage.join(root, "copy"))
+    out = storage.download_dir(storage.join(root, "copy"), tmp_path / "down")
+    assert (out / "one.txt").read_text() == "1" and (out / "sub" / "two.txt").read_text() == "2"
+    with pytest.raises(FileNotFoundError):
+        storage.download_dir(storage.join(root, "empty"), tmp_path / "x")
+
+
+def test_local_write_leaves_no_temporary_files(tmp_path):
+    for i in range(3):
+        storage.write_text(str(tmp_path / "f.txt"), f"v{i}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+    assert storage.read_text(f"file://{tmp_path}/f.txt") == "v2"
+
+
+@pytest.mark.parametrize("part", ["..", "../x", "a/../../b", "", "/", "a//b"])
+def test_join_refuses_escaping_parts(part):
+    with pytest.raises(ValueError, match="plain relative path"):
+        storage.join("s3://bucket/root", part)
+
+
+def test_s3_uri_needs_a_bucket():
+    with pytest.raises(ValueError, match="bucket"):
+        storage.filesystem("s3:///key")
+
+
+def test_missing_bucket_fails_fast_with_uri(s3_server):
+    uri = "s3://no-such-bucket-dreamblend/x/y.json"
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match="no-such-bucket-dreamblend/x/y.json"):
+        storage.write_json(uri, {"a": 1})
+    assert time.monotonic() - start < 3.0
+
+
+def test_access_denied_fails_fast_with_uri(s3_server):
+    from moto.core.authorization import enable_iam_authentication
+
+    uri = f"s3://{s3_server.new_bucket()}/secret.txt"
+    start = time.monotonic()
+    with enable_iam_authentication():
+        with pytest.raises(storage.StorageError, match="secret.txt") as info:
+            storage.write_text(uri, "x")
+    assert time.monotonic() - start < 3.0
+    assert "INVALID_ACCESS_KEY_ID" in str(info.value) or "ACCESS_DENIED" in str(info.value)
+
+
+def test_refused_connections_are_retried_until_the_endpoint_returns(s3_server, s3_bucket):
+    uri = storage.join(s3_bucket, "retried.txt")
+    s3_server.proxy.outage(1.5)
+    start = time.monotonic()
+    storage.write_text(uri, "made it")
+    assert time.monotonic() - start >= 1.0  # it waited for the endpoint to come back
+    assert storage.read_text(uri) == "made it"
+
+
+def test_retries_are_bounded(s3_server, s3_bucket):
+    fs, path = storage.filesystem(s3_bucket + "/k")
+    s3_server.proxy.outage(4.0)
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match=f"stat {s3_bucket}/k failed after .* attempts"):
+        storage.with_retries("stat", s3_bucket + "/k", lambda: fs.get_file_info(path), retry_seconds=0.5)
+    assert time.monotonic() - start < 3.5
+    time.sleep(max(0.0, 4.2 - (time.monotonic() - start)))
+
+
+def test_permanent_and_transient_classification():
+    assert storage.is_permanent(OSError("AWS Error NO_SUCH_BUCKET during PutObject operation"))
+    assert storage.is_permanent(OSError("AWS Error ACCESS_DENIED during HeadObject operation"))
+    assert storage.is_permanent(OSError("AWS Error UNKNOWN (HTTP status 403) during GetObject"))
+    assert storage.is_permanent(FileNotFoundError("x"))
+    assert not storage.is_permanent(OSError("AWS Error NETWORK_CONNECTION during HeadObject: curlCode: 7"))
+    assert not storage.is_permanent(OSError("AWS Error SLOW_DOWN (HTTP status 503)"))
+    assert not storage.is_permanent(OSError("AWS Error UNKNOWN (HTTP status 429)"))
+
+
+def test_cached_download_is_shared_between_threads(s3_server, s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMBLEND_CACHE", str(tmp_path / "cache"))
+    storage.write_text(storage.join(s3_bucket, "model/config.json"), "{}")
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(storage.cached_download(storage.join(s3_bucket, "model")))
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(results)) == 1
+    assert (results[0] / "config.json").read_text() == "{}"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [results[0].name]
