@@ -1,0 +1,162 @@
+"""Automatic choice of the (guidance, edit) checkpoint pair of one subject from a score table.
+
+Fine-tuning moves a subject's checkpoints from underfit (prompt-faithful, weak likeness) to overfit
+(strong likeness, prompt ignored). DreamBlend wants G as late as possible while it still follows
+prompts, and E with the best likeness. The rule (:func:`choose_pair`):
+
+- guidance step: the LATEST checkpoint whose prompt fidelity is at least
+  ``base_prompt_fidelity - tolerance * |base_prompt_fidelity|`` (relative tolerance, default 10%).
+  When no checkpoint qualifies, the checkpoint with the highest prompt fidelity (ties: the earliest)
+  is taken and ``fallback`` is set.
+- edit step: the checkpoint with the highest subject fidelity; ties go to the EARLIEST of them (an
+  earlier checkpoint is less overfit for the same likeness, so it keeps more prompt fidelity and
+  diversity).
+
+The edit step may come out at or before the guidance step (noisy scores, or a subject learnt
+early); the pair is still valid (``identical`` says G == E: DreamBlend then reduces to plain
+sampling of that checkpoint).
+
+Scores come from :func:`score_checkpoints`, which samples a few validation prompts per checkpoint
+with the DreamBlend sampler (alpha 0, G == E: plain sampling of that checkpoint) and hands the
+images to a pluggable scorer: ``scorer(images, plain_prompts) -> {"prompt_fidelity",
+"subject_fidelity"}``; e.g. :class:`dreamblend_ray.metrics.ClipDinoScorer` (CLIP-T and DINO) for
+real models, or an adapter over the embedded model's analytic metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from dreamblend_ray.config import check_range
+
+logger = logging.getLogger(__name__)
+
+SCORE_KEYS = ("prompt_fidelity", "subject_fidelity")
+RULE = ("guidance: latest step with prompt_fidelity >= base - tolerance*|base|; "
+        "edit: highest subject_fidelity, ties to the earliest step")
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def validate_scores(scores: Iterable[dict]) -> list[dict]:
+    """The score rows sorted by step; ValueError for missing keys, bad values or duplicate steps."""
+    rows = []
+    for i, row in enumerate(scores):
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"scores[{i}] must be a dict with keys step, {', '.join(SCORE_KEYS)}")
+        check_range(f"scores[{i}].step", row["step"], 0, None, integer=True)
+        clean = dict(row)
+        for key in SCORE_KEYS:
+            if key not in row:
+                raise ValueError(f"scores[{i}] (step {row['step']}) has no {key}")
+            clean[key] = _finite(f"scores[{i}].{key}", row[key])
+        rows.append(clean)
+    if not rows:
+        raise ValueError("scores must hold at least one checkpoint")
+    steps = [r["step"] for r in rows]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"scores list a step twice: {sorted(steps)}")
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def choose_pair(scores: list[dict], base_prompt_fidelity: float, tolerance: float = 0.1) -> dict:
+    """Choose (guidance_step, edit_step) from per-checkpoint scores; see the module docstring.
+
+    scores: ``[{"step": int, "prompt_fidelity": float, "subject_fidelity": float, ...}, ...]``.
+    Returns a JSON-ready dict for subject.json: guidance_step, edit_step, identical, fallback,
+    threshold, base_prompt_fidelity, tolerance, rule and the sorted scores.
+    """
+    rows = validate_scores(scores)
+    base = _finite("base_prompt_fidelity", base_prompt_fidelity)
+    check_range("tolerance", tolerance, 0.0, 1.0)
+    threshold = base - tolerance * abs(base)
+    qualifying = [r for r in rows if r["prompt_fidelity"] >= threshold]
+    fallback = not qualifying
+    if qualifying:
+        guidance = qualifying[-1]
+    else:
+        guidance = max(rows, key=lambda r: (r["prompt_fidelity"], -r["step"]))
+        logger.warning("no checkpoint keeps prompt fidelity >= %.4f (base %.4f); guidance falls back "
+                       "to the most prompt-faithful step %d", threshold, base, guidance["step"])
+    edit = max(rows, key=lambda r: (r["subject_fidelity"], -r["step"]))
+    return {
+        "guidance_step": guidance["step"],
+        "edit_step": edit["step"],
+        "identical": guidance["step"] == edit["step"],
+        "fallback": fallback,
+        "threshold": threshold,
+        "base_prompt_fidelity": base,
+        "tolerance": float(tolerance),
+        "rule": RULE,
+        "scores": rows,
+    }
+
+
+# --------------------------------------------------------------------------- scoring checkpoints
+
+Scorer = Callable[[list, list], dict]
+
+
+def _plain_config(config):
+    """The sampling config with guidance off (alpha 0): plain DDIM+CFG sampling of E."""
+    from dreamblend_ray.config import SamplingConfig
+
+    config = config or SamplingConfig()
+    return dataclasses.replace(config, alpha=0.0, return_reference=False)
+
+
+def score_model(sampler, pair, prompts: list[str], plain_prompts: list[str], seeds: list[int],
+                scorer: Scorer, config=None) -> dict:
+    """Sample every (prompt, seed) with ``pair`` at alpha 0 and score the images.
+
+    ``prompts`` carry the identifier token (what the model is asked), ``plain_prompts`` are the
+    same prompts without it (what prompt fidelity is measured against). Returns the scorer's dict
+    plus ``num_images``.
+    """
+    if len(prompts) != len(plain_prompts) or not prompts:
+        raise ValueError("prompts and plain_prompts must be non-empty lists of the same length")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    batch_prompts = [p for p in prompts for _ in seeds]
+    batch_plain = [p for p in plain_prompts for _ in seeds]
+    batch_seeds = [s for _ in prompts for s in seeds]
+    result = sampler.sample(pair, batch_prompts, batch_seeds, _plain_config(config))
+    scores = dict(scorer(result.images, batch_plain))
+    missing = [k for k in SCORE_KEYS if k not in scores]
+    if missing:
+        raise ValueError(f"the scorer returned no {missing}")
+    return {**{k: float(v) for k, v in scores.items()}, "num_images": len(result.images)}
+
+
+def score_checkpoints(sampler, pair_for_step: Callable[[int], object], steps: list[int],
+                      prompts: list[str], plain_prompts: list[str], seeds: list[int],
+                      scorer: Scorer, config=None, release: Callable[[object], None] | None = None,
+                      progress: bool = True) -> list[dict]:
+    """Score each checkpoint: ``[{"step", "prompt_fidelity", "subject_fidelity", "num_images"}]``.
+
+    ``pair_for_step(step)`` returns a pair whose G and E are both that checkpoint (e.g.
+    ``AdapterPair(unet, name, name)``); ``release(pair)``, when given, is called after scoring it
+    (to unload adapters). The base model's prompt fidelity, which :func:`choose_pair` also needs,
+    is :func:`score_model` on ``dreamblend_ray.pair.single(base_unet)`` with the same prompts.
+    """
+    rows = []
+    for step in tqdm(list(steps), desc="scoring checkpoints", disable=not progress):
+        pair = pair_for_step(step)
+        try:
+            row = score_model(sampler, pair, prompts, plain_prompts, seeds, scorer, config)
+        finally:
+            if release is not None:
+                release(pair)
+        logger.info("step %d: prompt fidelity %.4f, subject fidelity %.4f", step,
+                    row["prompt_fidelity"], row["subject_fidelity"])
+        rows.append({"step": step, **row})
+    return rows
