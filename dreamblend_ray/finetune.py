@@ -1,0 +1,521 @@
+"""DreamBooth fine-tuning of one subject into an early/late checkpoint pair.
+
+The algorithm is DreamBooth (Ruiz et al., 2023) as in diffusers'
+``examples/dreambooth/train_dreambooth_lora.py``, per optimizer step::
+
+    x0 ~ q(z | instance image)  (+ a class image when prior preservation is on)
+    t ~ U{0, T-1},  eps ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    loss = |eps_theta(x_t, t, "a photo of {token} {class}") - eps|^2
+           + w_prior |eps_theta(x_t', t', "a photo of {class}") - eps'|^2
+    AdamW step on the LoRA weights (or on every UNet weight with method="full")
+
+Two things differ from the script, both for speed and neither changes the objective: the
+frozen VAE encodes each image once (we keep the posterior's mean and std and sample
+``mean + std * eps`` each step, the same distribution as ``latent_dist.sample()``), and the
+frozen text encoder encodes the two prompts once.
+
+Class images for prior preservation come from the base model itself (DDIM sampling with
+diffusers' ``StableDiffusionPipeline``) and are cached per base model and class noun under
+``{output_root}/class_images/``, so every subject of a class shares them.
+
+LoRA trains on the caller's UNet: the adapter is added at the start and deleted at the end,
+so one ``Components`` object serves many fine-tunes (not concurrently, and not while it
+samples). Full fine-tuning trains a copy. With the same seed, inputs and device, checkpoints are
+bitwise identical on CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import platform
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dreamblend_ray import checkpoints, storage
+from dreamblend_ray.components import Components, load_components, model_identity, select_device
+from dreamblend_ray.config import FinetuneConfig, to_dict, validate_class_noun, validate_subject_id
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CLASS_IMAGE_BATCH = 8
+VAE_BATCH = 16
+
+StepCallback = Callable[[int, float], None]
+
+
+# --------------------------------------------------------------------------- instance images
+
+def image_uris(sources: list[str]) -> list[str]:
+    """Expand directory URIs into their (non-hidden, top-level) files; file URIs pass through.
+
+    A source whose name ends in an image extension is a file; anything else is listed as a
+    directory. Raises ValueError when nothing is found.
+    """
+    uris: list[str] = []
+    for source in sources:
+        if str(source).lower().endswith(IMAGE_EXTENSIONS):
+            uris.append(str(source))
+            continue
+        names = [n for n in storage.list_files(source) if "/" not in n and not n.startswith(".")]
+        if not names:
+            raise ValueError(f"no image files found in {source}")
+        uris.extend(storage.join(source, n) for n in names)
+    if not uris:
+        raise ValueError("no instance images given")
+    return uris
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        raise ValueError(f"{name} is not a readable image ({exc})") from exc
+
+
+def read_image(uri: str) -> Image.Image:
+    try:
+        data = storage.read_bytes(uri)
+    except (FileNotFoundError, storage.StorageError) as exc:
+        raise ValueError(f"cannot read instance image {uri}: {exc}") from exc
+    return decode_image(data, uri)
+
+
+def load_instance_images(images: list, min_size: int) -> list[Image.Image]:
+    """PIL images from PIL images or URIs; ValueError naming the culprit for bad or small ones."""
+    if not images:
+        raise ValueError("no instance images given")
+    loaded = []
+    for i, item in enumerate(images):
+        name = item if isinstance(item, str) else f"image #{i}"
+        if isinstance(item, Image.Image):
+            image = item.convert("RGB")
+        elif isinstance(item, str):
+            image = read_image(item)
+        else:
+            raise ValueError(f"{name}: instance images must be PIL images or URIs, got {type(item).__name__}")
+        if min(image.size) < min_size:
+            raise ValueError(f"{name} is too small: {image.size[0]}x{image.size[1]}, the shorter side "
+                             f"must be at least {min_size} px")
+        loaded.append(image)
+    return loaded
+
+
+def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to ``resolution`` (bicubic), centre-crop, scale to [-1, 1]: (3, R, R)."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if size != (w, h):
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------- frozen encoders
+
+@torch.no_grad()
+def encode_prompt(components: Components, prompt: str) -> torch.Tensor:
+    """The text encoder's last hidden state for ``prompt``: (1, T, D), as the SD pipeline does."""
+    tok = components.tokenizer
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(components.text_encoder.device)
+    return components.text_encoder(ids)[0].float()
+
+
+@torch.no_grad()
+def encode_posterior(components: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior of ``pixels`` (N, 3, R, R), scaled to UNet latents."""
+    vae = components.vae
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    means, stds = [], []
+    for chunk in pixels.split(VAE_BATCH):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        means.append((dist.mean.float() - shift) * scale)
+        stds.append(dist.std.float() * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+# --------------------------------------------------------------------------- class images
+
+@contextmanager
+def base_only(unet):
+    """Disable any loaded peft adapters for the duration (the base model's own predictions)."""
+    if not getattr(unet, "peft_config", None):
+        yield unet
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def generate_class_images(components: Components, prompt: str, seeds: list[int], resolution: int,
+                          config: FinetuneConfig) -> list[bytes]:
+    """PNG bytes of base-model samples of ``prompt``, one per seed (DDIM + CFG)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=DDIMScheduler.from_config(components.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    with base_only(components.unet):
+        for start in range(0, len(seeds), CLASS_IMAGE_BATCH):
+            batch = seeds[start:start + CLASS_IMAGE_BATCH]
+            generators = [torch.Generator(components.device).manual_seed(s) for s in batch]
+            images = pipe([prompt] * len(batch), height=resolution, width=resolution,
+                          num_inference_steps=config.class_sampling_steps,
+                          guidance_scale=config.class_guidance_scale, generator=generators).images
+            for image in images:
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                out.append(buffer.getvalue())
+    return out
+
+
+def class_cache_dir(class_noun: str, config: FinetuneConfig) -> str:
+    """The cache folder name: the class noun (spaces as '_'), plus a prompt hash for a custom prompt."""
+    import hashlib
+
+    name = class_noun.replace(" ", "_")
+    if config.class_prompt is not None:
+        name += "--" + hashlib.sha256(config.class_prompt.encode()).hexdigest()[:8]
+    return name
+
+
+def class_images(components: Components, class_noun: str, root: str, resolution: int,
+                 config: FinetuneConfig) -> list[Image.Image]:
+    """``config.num_class_images`` prior images of the class, generated once and cached.
+
+    Image ``i`` is sampled with seed ``i``, so the cache is a function of the base model, the
+    prompt and the sampling settings, shared by every subject of the class.
+    """
+    sha = model_identity(components)["config_sha256"]
+    folder = checkpoints.class_images_uri(root, sha, class_cache_dir(class_noun, config))
+    names = [f"{i:04d}.png" for i in range(config.num_class_images)]
+    present = set(storage.list_dir(folder))
+    missing = [i for i, name in enumerate(names) if name not in present]
+    blobs: dict[int, bytes] = {}
+    if missing:
+        logger.info("generating %d class images of %r into %s", len(missing), class_noun, folder)
+        prompt = config.class_prompt_for(class_noun)
+        for i, data in zip(missing, generate_class_images(components, prompt, missing, resolution, config)):
+            storage.write_bytes(storage.join(folder, names[i]), data)
+            blobs[i] = data
+    images = []
+    for i, name in enumerate(names):
+        uri = storage.join(folder, name)
+        images.append(decode_image(blobs[i] if i in blobs else storage.read_bytes(uri), uri))
+    return images
+
+
+# --------------------------------------------------------------------------- training pieces
+
+@dataclass
+class TrainData:
+    """Frozen-encoder outputs the loop samples from. Latents: (N, C, h, w); embeddings: (1, T, D)."""
+
+    instance_mean: torch.Tensor
+    instance_std: torch.Tensor
+    instance_embed: torch.Tensor
+    class_mean: torch.Tensor | None = None
+    class_std: torch.Tensor | None = None
+    class_embed: torch.Tensor | None = None
+
+
+def prepare_data(components: Components, instance: list[Image.Image], prior: list[Image.Image],
+                 instance_prompt: str, class_prompt: str, resolution: int, flip: bool) -> TrainData:
+    def posterior(images):
+        pixels = torch.stack([to_tensor(im, resolution) for im in images])
+        if flip:  # index i + N is image i mirrored
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        return encode_posterior(components, pixels)
+
+    data = TrainData(*posterior(instance), encode_prompt(components, instance_prompt))
+    if prior:
+        data.class_mean, data.class_std = posterior(prior)
+        data.class_embed = encode_prompt(components, class_prompt)
+    return data
+
+
+def sample_batch(mean: torch.Tensor, std: torch.Tensor, size: int, flip: bool,
+                 index_gen: torch.Generator, noise_gen: torch.Generator) -> torch.Tensor:
+    """``size`` latents x0 ~ N(mean_i, std_i) of random images (mirrored half the time when ``flip``)."""
+    count = mean.shape[0] // 2 if flip else mean.shape[0]
+    idx = torch.randint(0, count, (size,), generator=index_gen)
+    if flip:
+        idx = idx + count * torch.randint(0, 2, (size,), generator=index_gen)
+    idx = idx.to(mean.device)
+    eps = torch.randn(mean[idx].shape, generator=noise_gen, device=mean.device)
+    return mean[idx] + std[idx] * eps
+
+
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor,
+                   noise_gen: torch.Generator, autocast) -> torch.Tensor:
+    """Per-sample MSE of the UNet's prediction at a random timestep: (B,) float32."""
+    noise = torch.randn(latents.shape, generator=noise_gen, device=latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                      generator=noise_gen, device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    with autocast:
+        pred = unet(noisy.to(unet.dtype), t, embeds.to(unet.dtype), return_dict=False)[0]
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def step_loss(unet, scheduler, data: TrainData, config: FinetuneConfig, index_gen, noise_gen,
+              autocast) -> torch.Tensor:
+    """The DreamBooth loss of one micro-batch (instance MSE + w * class-prior MSE), one forward."""
+    bs = config.batch_size
+    latents = sample_batch(data.instance_mean, data.instance_std, bs, config.random_flip, index_gen, noise_gen)
+    embeds = data.instance_embed.expand(bs, -1, -1)
+    if data.class_mean is not None:
+        prior = sample_batch(data.class_mean, data.class_std, bs, config.random_flip, index_gen, noise_gen)
+        latents = torch.cat([latents, prior])
+        embeds = torch.cat([embeds, data.class_embed.expand(bs, -1, -1)])
+    losses = diffusion_loss(unet, scheduler, latents, embeds, noise_gen, autocast)
+    if data.class_mean is None:
+        return losses.mean()
+    return losses[:bs].mean() + config.prior_loss_weight * losses[bs:].mean()
+
+
+def precision(device: torch.device, config: FinetuneConfig) -> torch.dtype | None:
+    """The autocast dtype: None (fp32) off CUDA or with mixed_precision="no"."""
+    if device.type != "cuda" or config.mixed_precision == "no":
+        return None
+    if config.mixed_precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+
+
+# --------------------------------------------------------------------------- the trainable UNet
+
+@contextmanager
+def lora_unet(unet, config: FinetuneConfig, adapter_name: str):
+    """Add a trainable LoRA adapter to ``unet``; delete it (and restore the rest) on exit."""
+    from peft import LoraConfig
+
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        raise ValueError(f"adapter {adapter_name!r} is already loaded on the UNet")
+    previous = unet.active_adapters() if getattr(unet, "peft_config", None) else []
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                      target_modules=list(config.target_modules))
+    with torch.random.fork_rng(devices=[]):  # the gaussian init draws from the global CPU RNG
+        torch.manual_seed(config.seed)
+        unet.add_adapter(lora, adapter_name=adapter_name)
+    try:
+        params = [p for n, p in unet.named_parameters() if f".{adapter_name}." in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        yield unet, params
+    finally:
+        checkpoints.remove_adapters(unet, [adapter_name])
+        unet.requires_grad_(False)
+        if previous:
+            unet.set_adapter(previous)
+
+
+@contextmanager
+def full_unet(unet, config: FinetuneConfig):
+    """A trainable fp32 copy of ``unet``'s base weights (adapters, if any, left out)."""
+    state = {k: v.detach().clone().float() for k, v in checkpoints.base_unet_state(unet).items()}
+    copy = checkpoints.empty_unet_like(unet)
+    copy.load_state_dict(state, strict=True, assign=True)
+    copy.to(unet.device).requires_grad_(True)
+    yield copy, list(copy.parameters())
+
+
+@contextmanager
+def training_mode(unet, checkpointing: bool):
+    unet.train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if checkpointing:
+            unet.disable_gradient_checkpointing()
+        unet.eval()
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class RunResult:
+    loss_curve: list[float]
+    steps_saved: list[int]
+    train_seconds: float
+    save_seconds: float
+
+
+def train(unet, params, data: TrainData, scheduler, config: FinetuneConfig, save: Callable[[int], None],
+          progress: bool, callback: StepCallback | None, desc: str) -> RunResult:
+    """The optimisation loop: ``config.steps`` AdamW steps, ``save(step)`` on the schedule."""
+    from tqdm.auto import tqdm
+
+    device = data.instance_mean.device
+    amp_dtype = precision(device, config)
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999),
+                                  weight_decay=config.adam_weight_decay, eps=1e-8)
+    warmup = config.lr_warmup_steps
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    index_gen = torch.Generator().manual_seed(config.seed)
+    noise_gen = torch.Generator(device).manual_seed(config.seed + 1)
+    schedule, curve, saved = set(config.schedule()), [], []
+    save_seconds, start = 0.0, time.perf_counter()
+    checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None \
+        else device.type == "cuda"
+    bar = tqdm(total=config.steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    with training_mode(unet, checkpointing), bar:
+        for step in range(1, config.steps + 1):
+            loss = 0.0
+            for _ in range(config.gradient_accumulation_steps):
+                micro = step_loss(unet, scheduler, data, config, index_gen, noise_gen, autocast)
+                micro = micro / config.gradient_accumulation_steps
+                (scaler.scale(micro) if scaler else micro).backward()
+                loss += micro.item()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            scaler.step(optimizer) if scaler else optimizer.step()
+            if scaler:
+                scaler.update()
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+            if step in schedule:
+                t0 = time.perf_counter()
+                save(step)
+                save_seconds += time.perf_counter() - t0
+                saved.append(step)
+            if callback is not None:
+                callback(step, loss)
+    train_seconds = time.perf_counter() - start - save_seconds
+    return RunResult(curve, saved, train_seconds, save_seconds)
+
+
+def library_versions() -> dict:
+    import diffusers
+    import peft
+    import safetensors
+    import transformers
+
+    from dreamblend_ray import __version__
+
+    return {"dreamblend_ray": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "peft": peft.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def _resolve_base(base: Components | str, config: FinetuneConfig) -> Components:
+    if isinstance(base, Components):
+        return base
+    if not isinstance(base, str):
+        raise ValueError(f"base must be a Components object or a base name/URI, got {type(base).__name__}")
+    return load_components(base, device=select_device(config.device))
+
+
+def _clear_previous(root: str, subject_id: str) -> None:
+    """Drop an old manifest first (the pair is incomplete from now on), then old checkpoints."""
+    uri = checkpoints.manifest_uri(root, subject_id)
+    if storage.exists(uri):
+        logger.info("replacing the existing fine-tune of %s", subject_id)
+        storage.delete(uri)
+    storage.delete(storage.join(checkpoints.subject_uri(root, subject_id), "checkpoints"))
+
+
+def finetune_subject(base: Components | str, images: list, class_noun: str, subject_id: str,
+                     output_root: str, config: FinetuneConfig, progress: bool = True,
+                     callback: StepCallback | None = None) -> dict:
+    """DreamBooth-fine-tune one subject; write its checkpoints and, last, its manifest.
+
+    base: loaded components (trained in place for LoRA, restored on exit) or a base name/URI
+        for ``load_components``. images: PIL images or image URIs (local paths or s3://).
+    callback(step, loss) runs after every optimizer step (after that step's checkpoint); an
+    exception from it aborts the run, leaving no manifest. Returns the manifest.
+    """
+    t_start = time.perf_counter()
+    validate_subject_id(subject_id)
+    validate_class_noun(class_noun)
+    if not isinstance(config, FinetuneConfig):
+        raise ValueError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    components = _resolve_base(base, config)
+    resolution = config.resolution or components.default_size
+    t0 = time.perf_counter()
+    instance = load_instance_images(list(images), config.min_image_size or math.ceil(resolution / 2))
+    timings = {"load_images_s": time.perf_counter() - t0}
+    _clear_previous(output_root, subject_id)
+
+    t0 = time.perf_counter()
+    prior = class_images(components, class_noun, output_root, resolution, config) \
+        if config.prior_preservation else []
+    timings["class_images_s"] = time.perf_counter() - t0
+    instance_prompt = config.instance_prompt(class_noun)
+    t0 = time.perf_counter()
+    data = prepare_data(components, instance, prior, instance_prompt, config.class_prompt_for(class_noun),
+                        resolution, config.random_flip)
+    timings["encode_s"] = time.perf_counter() - t0
+
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+    adapter_name = f"finetune--{subject_id}"
+    trainable = lora_unet(components.unet, config, adapter_name) if config.method == "lora" \
+        else full_unet(components.unet, config)
+    with trainable as (unet, params):
+        def save(step: int) -> None:
+            checkpoints.save_checkpoint(output_root, subject_id, step, unet, config.method, adapter_name)
+
+        result = train(unet, params, data, noise_scheduler, config, save, progress, callback,
+                       desc=f"finetune {subject_id}")
+
+    guidance_step, edit_step = config.default_pair()
+    timings.update(train_s=result.train_seconds, save_s=result.save_seconds,
+                   steps_per_s=config.steps / max(result.train_seconds, 1e-9))
+    timings["total_s"] = time.perf_counter() - t_start
+    manifest = {
+        "version": checkpoints.MANIFEST_VERSION, "subject_id": subject_id, "class_noun": class_noun,
+        "token": config.token, "instance_prompt": instance_prompt,
+        "class_prompt": config.class_prompt_for(class_noun) if config.prior_preservation else None,
+        "base": model_identity(components), "kind": config.method,
+        "weight_name": checkpoints.WEIGHT_NAMES[config.method],
+        "steps": result.steps_saved, "guidance_step": guidance_step, "edit_step": edit_step,
+        "guidance_rule": f"saved step nearest {config.guidance_fraction:g} of the run"
+        if config.guidance_step is None else "configured",
+        "num_instance_images": len(instance), "num_class_images": len(prior), "resolution": resolution,
+        "device": str(components.device), "loss_curve": result.loss_curve, "config": to_dict(config),
+        "timings": timings, "library_versions": library_versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    checkpoints.write_manifest(output_root, subject_id, manifest)
+    logger.info("fine-tuned %s: %d steps in %.1fs, checkpoints %s (G=%d, E=%d)", subject_id,
+                config.steps, result.train_seconds, result.steps_saved, guidance_step, edit_step)
+    return manifest
