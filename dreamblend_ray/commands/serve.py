@@ -1,13 +1,99 @@
-"""`dreamblend serve`: not landed yet (issue #6, the Ray Serve endpoint)."""
+"""`dreamblend serve`: start local Ray and the DreamBlend Serve application, block until Ctrl-C.
+
+The same application as ``serve run deployments/serve_config.yaml`` (``dreamblend_ray.serve_app``),
+with the arguments taken from flags. ``--config FILE`` reads the ``args:`` block of the first
+application of a Serve config file instead; flags given explicitly override it.
+"""
+
+from __future__ import annotations
 
 import argparse
+import logging
 
-from dreamblend_ray.cli import NotLandedError
+logger = logging.getLogger(__name__)
+
+# flag -> AppArgs field, for the flags that map one to one
+FLAG_FIELDS = ("base", "storage_root", "device", "max_batch_size", "batch_wait_timeout_s",
+               "max_models_per_replica", "min_replicas", "max_replicas", "num_gpus", "num_cpus",
+               "default_steps", "request_timeout_s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Not implemented yet: lands with issue #6 (the Ray Serve endpoint)."
+    parser.add_argument("--base", default=None,
+                        help="base model: embedded (default), tiny, a diffusers directory or s3:// URI")
+    parser.add_argument("--storage-root", dest="storage_root", default=None,
+                        help="root with subjects/{id}/ (local path or s3://); default ./dreamblend-storage")
+    parser.add_argument("--config", default=None,
+                        help="a Serve config YAML (e.g. deployments/serve_config.yaml) to take args from")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None)
+    parser.add_argument("--batch-wait-timeout-s", dest="batch_wait_timeout_s", type=float, default=None)
+    parser.add_argument("--max-models-per-replica", dest="max_models_per_replica", type=int, default=None)
+    parser.add_argument("--min-replicas", dest="min_replicas", type=int, default=None)
+    parser.add_argument("--max-replicas", dest="max_replicas", type=int, default=None)
+    parser.add_argument("--num-gpus", dest="num_gpus", type=float, default=None, help="GPUs per model replica")
+    parser.add_argument("--num-cpus", dest="num_cpus", type=float, default=None, help="CPUs per model replica")
+    parser.add_argument("--default-steps", dest="default_steps", type=int, default=None)
+    parser.add_argument("--request-timeout-s", dest="request_timeout_s", type=float, default=None)
+    parser.add_argument("--auth", action="store_true",
+                        help="require an API key (from $DREAMBLEND_API_KEY or --api-key-file)")
+    parser.add_argument("--api-key-file", default=None, help="file holding the API key")
+    parser.add_argument("--ray-address", default=None,
+                        help="connect to this Ray cluster instead of starting a local one")
+
+
+def app_args(args: argparse.Namespace):
+    """AppArgs from --config (if given) overlaid with the explicitly given flags."""
+    from dreamblend_ray.serving import AppArgs
+
+    values: dict = {}
+    if args.config:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+        apps = config.get("applications") or [{}]
+        values.update(apps[0].get("args") or {})
+    for name in FLAG_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    if args.auth:
+        values["auth_enabled"] = True
+    if args.api_key_file:
+        values["api_key_file"] = args.api_key_file
+    try:
+        return AppArgs.model_validate(values)
+    except Exception as exc:  # pydantic.ValidationError -> the CLI's "bad input" path
+        raise ValueError(f"invalid serve arguments: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotLandedError("`dreamblend serve` is not implemented yet: it lands with issue #6 (the Ray Serve endpoint)")
+    import time
+
+    import ray
+    from ray import serve
+
+    from dreamblend_ray.components import resolve_base
+    from dreamblend_ray.serve_app import build_app
+    from dreamblend_ray.serving import load_api_key
+
+    settings = app_args(args)
+    resolve_base(settings.base)  # fail fast on a bad --base
+    load_api_key(settings)  # fail fast when --auth has no key
+    ray.init(address=args.ray_address, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(settings), name="dreamblend", route_prefix="/")
+        logger.info("DreamBlend is serving on http://%s:%d (docs at /docs); Ctrl-C stops it",
+                    args.host, args.port)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        logger.info("stopping")
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()

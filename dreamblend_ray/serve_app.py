@@ -1,0 +1,251 @@
+"""Ray Serve deployments of DreamBlend: an HTTP ingress in front of the model deployment.
+
+    HTTP -> DreamBlendIngress (FastAPI, ``serving.make_api``)
+              | handle.options(multiplexed_model_id="subject[@gG,eE]").generate.remote(job)
+              v
+            DreamBlendModel (autoscaled; base components loaded once per replica)
+              @serve.multiplexed: a subject's G/E checkpoint pair, LRU per replica
+              @serve.batch: concurrent jobs -> one sampler call per (model id, settings) group
+
+``deployments/app.py`` re-exports ``build_app`` for ``serve run deployments/serve_config.yaml``;
+the classes live in the package so that ``dreamblend serve`` works from an installed wheel.
+
+Concurrency on a replica: the UNet carries every loaded subject's adapters and ``set_adapter`` is
+global state, so one asyncio lock serialises "load the pair, then sample" per group (eviction by
+the multiplexed LRU can therefore never hit a pair in use), and the blocking work itself runs in a
+worker thread so the replica's event loop keeps answering health checks and queueing requests.
+At most one (G, E) choice of a subject is materialised on a replica at a time, because adapters
+are named by subject and step and shared between pairs of the same subject.
+"""
+
+import asyncio
+import logging
+import resource
+import sys
+import threading
+import time
+from functools import partial
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from dreamblend_ray import serving
+from dreamblend_ray.serving import (AppArgs, DeadlineExceeded, FieldError, GenerationJob, GenerationResult,
+                                    Overloaded, SubjectNotFound)
+
+logger = logging.getLogger(__name__)
+
+
+class LoadedPair:
+    """A subject's checkpoint pair on a replica's UNet; (re)loaded on demand, unloaded on eviction.
+
+    The multiplexed LRU calls ``__del__`` (in an executor thread) when it evicts the model.
+    """
+
+    def __init__(self, model_id: str, replica: "DreamBlendModel"):
+        self.model_id = model_id
+        self.subject_id, self.guidance_step, self.edit_step = serving.parse_model_id(model_id)
+        self._replica = replica
+        self.pair = None
+        self.manifest = None
+
+    def ensure(self):
+        """Blocking; call with the replica's UNet lock held. Returns the pair."""
+        if self.pair is None:
+            self._replica.release_subject(self.subject_id, keep=self)
+            from dreamblend_ray import checkpoints
+
+            try:
+                self.pair, self.manifest = checkpoints.load_pair(
+                    self._replica.args.storage_root, self.subject_id, self._replica.components,
+                    guidance_step=self.guidance_step, edit_step=self.edit_step)
+            except FileNotFoundError as exc:
+                raise SubjectNotFound(f"subject {self.subject_id!r} has no complete checkpoint pair") from exc
+            except ValueError as exc:  # a step that was not saved, or another base model
+                raise FieldError("subject_id", str(exc)) from exc
+            self._replica.materialised[self.subject_id] = self
+        return self.pair
+
+    def close(self) -> None:
+        """Unload the adapters (idempotent)."""
+        with self._replica.unet_lock:
+            if self.pair is None:
+                return
+            from dreamblend_ray import checkpoints
+
+            checkpoints.unload_pair(self.pair, self._replica.components)
+            self.pair = None
+            if self._replica.materialised.get(self.subject_id) is self:
+                del self._replica.materialised[self.subject_id]
+        logger.info("unloaded %s", self.model_id)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            logger.exception("failed to unload %s", self.model_id)
+
+
+@serve.deployment(name="DreamBlendModel")
+class DreamBlendModel:
+    """Base components once per replica; subject pairs multiplexed; requests batched."""
+
+    def __init__(self, args: dict):
+        from dreamblend_ray.components import load_components, select_device, select_dtype
+        from dreamblend_ray.sampler import DreamBlendSampler
+
+        self.args = AppArgs.model_validate(args)
+        device = select_device(self.args.device)
+        self.components = load_components(self.args.base, device=device,
+                                           dtype=select_dtype(device, self.args.dtype))
+        self.sampler = DreamBlendSampler(self.components)
+        self.unet_lock = threading.RLock()  # re-entrant: a finaliser may run on a thread holding it
+        self.model_lock = asyncio.Lock()
+        self.materialised: dict[str, LoadedPair] = {}  # subject id -> its pair on the UNet
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.batches = 0
+
+        async def load(model_id: str) -> LoadedPair:
+            return await self._load(model_id)
+
+        self.get_pair = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load)
+        self.generate_batch.set_max_batch_size(self.args.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        logger.info("replica %s ready: base %s on %s", self.replica, self.components.source, device)
+
+    async def _load(self, model_id: str) -> LoadedPair:
+        handle = LoadedPair(model_id, self)
+
+        def materialise():
+            with self.unet_lock:
+                handle.ensure()
+
+        await asyncio.to_thread(materialise)
+        return handle
+
+    def release_subject(self, subject_id: str, keep: LoadedPair) -> None:
+        """Unload another (G, E) choice of the same subject: adapters are shared by name."""
+        other = self.materialised.get(subject_id)
+        if other is not None and other is not keep:
+            other.close()
+
+    def loaded_models(self) -> list[str]:
+        return [handle.model_id for handle in self.materialised.values()]
+
+    async def generate(self, job: GenerationJob) -> GenerationResult | Exception:
+        """The job's result, or the client-facing exception as a value (raised by the ingress, so its
+        type survives the trip instead of arriving wrapped in a RayTaskError)."""
+        return await self.generate_batch(job)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, jobs: list[GenerationJob]) -> list:
+        """Results (or the exception for that job) in order; one failing group fails only itself."""
+        results: list = [None] * len(jobs)
+        for indices in serving.group_jobs(jobs):
+            group = [jobs[i] for i in indices]
+            try:
+                outputs = await self._run_group(group)
+            except (SubjectNotFound, DeadlineExceeded, FieldError) as exc:
+                outputs = [exc] * len(group)
+            except Exception as exc:  # noqa: BLE001 - report, keep the replica serving
+                logger.exception("group %s failed", group[0].model_id)
+                outputs = [RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")] * len(group)
+            for i, output in zip(indices, outputs):
+                results[i] = output
+        return results
+
+    async def _run_group(self, jobs: list[GenerationJob]) -> list:
+        now = time.time()
+        live = [job for job in jobs if job.deadline > now]
+        if not live:
+            return [DeadlineExceeded("deadline passed while queued")] * len(jobs)
+        deadline = max(job.deadline for job in live)
+
+        def stop_when_late(step: int, total: int) -> None:
+            if time.time() > deadline:
+                raise DeadlineExceeded(f"deadline passed at step {step}/{total}")
+
+        async with self.model_lock:
+            handle = await self.get_pair(jobs[0].model_id)
+            outputs = await asyncio.to_thread(self._sample, handle, live, stop_when_late)
+            loaded = self.loaded_models()
+        self.batches += 1
+        by_job = dict(zip(map(id, live), outputs))
+        images = sum(len(job.prompts) for job in live)
+        results = []
+        for job in jobs:
+            if id(job) not in by_job:
+                results.append(DeadlineExceeded("deadline passed while queued"))
+                continue
+            pngs, distances, seconds = by_job[id(job)]
+            results.append(GenerationResult(pngs=pngs, seeds=job.seeds, batch_requests=len(live),
+                                            batch_images=images, replica=self.replica, loaded_models=loaded,
+                                            sample_seconds=seconds, attention_distance=distances))
+        return results
+
+    def _sample(self, handle: LoadedPair, jobs: list[GenerationJob], callback):
+        with self.unet_lock:
+            return serving.run_group(self.sampler, handle.ensure(), jobs, callback=callback)
+
+    async def health(self) -> dict:
+        """This replica's id, loaded models, batches served and memory (peak RSS)."""
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        return {"replica": self.replica, "loaded_models": self.loaded_models(), "batches": self.batches,
+                "device": str(self.components.device), "peak_rss_mb": round(peak / 2**20, 1)}
+
+
+@serve.deployment(name="DreamBlendIngress")
+@serve.ingress()
+class DreamBlendIngress:
+    """FastAPI front: validation, auth, limits, error mapping; forwards jobs to the model."""
+
+    def __init__(self, model: DeploymentHandle, args: dict):
+        self.args = AppArgs.model_validate(args)
+        self.model = model
+
+    def __serve_build_asgi_app__(self):
+        from dreamblend_ray import checkpoints
+
+        return serving.make_api(self.args, backend=self,
+                                read_manifest=partial(checkpoints.read_manifest, self.args.storage_root))
+
+    async def generate(self, job: GenerationJob) -> GenerationResult:
+        response = self.model.options(multiplexed_model_id=job.model_id).generate.remote(job)
+        try:
+            result = await response
+        except BackPressureError as exc:
+            raise Overloaded(str(exc)) from exc
+        except asyncio.CancelledError:  # the request timed out or the client went away
+            response.cancel()
+            raise
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def model_health(self) -> dict:
+        return await self.model.health.remote()
+
+
+def build_app(args: AppArgs) -> Application:
+    """The typed application builder (``import_path: deployments.app:build_app``).
+
+    ``args`` is an ``AppArgs`` or a dict of its fields (Serve validates YAML ``args:`` into AppArgs).
+    """
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args or {})
+    fields = args.model_dump()
+    model = DreamBlendModel.options(
+        autoscaling_config=args.autoscaling_config(),
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        graceful_shutdown_timeout_s=max(5.0, min(args.request_timeout_s, 60.0)),
+    ).bind(fields)
+    return DreamBlendIngress.options(
+        num_replicas=args.ingress_replicas,
+        ray_actor_options={"num_cpus": args.ingress_num_cpus},
+        max_ongoing_requests=max(64, 4 * args.max_ongoing_requests),
+    ).bind(model, fields)
