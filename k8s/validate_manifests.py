@@ -137,17 +137,24 @@ def _validator_class():
 
 
 @functools.lru_cache(maxsize=None)
-def crd_validator(kind: str, version: str = "v1") -> jsonschema.protocols.Validator:
-    """A strict validator for one ray.io kind at one CRD version (default v1)."""
+def _crd(kind: str) -> dict:
     if kind not in RAY_KINDS:
         raise ValueError(f"kind must be one of {sorted(RAY_KINDS)}, got {kind!r}")
     with open(crds_dir() / RAY_KINDS[kind]) as f:
-        crd = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str, version: str = "v1") -> jsonschema.protocols.Validator:
+    """A strict validator for one ray.io kind at one CRD version (default v1)."""
+    crd = _crd(kind)
     versions = {v["name"]: v for v in crd["spec"]["versions"]}
     if version not in versions:
         raise ValueError(f"{crd['metadata']['name']} has no version {version!r}: {sorted(versions)}")
     schema = strict_schema(copy.deepcopy(versions[version]["schema"]["openAPIV3Schema"]))
-    return _validator_class()(schema, format_checker=_format_checker())
+    cls = _validator_class()
+    cls.check_schema(schema)  # the translation must itself be a valid Draft 4 schema
+    return cls(schema, format_checker=_format_checker())
 
 
 def _path(error: jsonschema.ValidationError) -> str:

@@ -1,0 +1,553 @@
+"""KubeRay manifests, the container image and the Serve config, validated offline (issue 7).
+
+- every manifest parses; ray.io kinds validate against the strict openAPIV3Schema of the KubeRay CRDs
+  (../shared/kuberay-crds or $DREAMBLEND_CRDS_DIR: missing CRDs FAIL, they never skip), and broken
+  fields are caught (negative cases); core kinds validate with kubernetes-validate;
+- rayVersion, the Docker base image and constraints.txt agree with the installed Ray; images pinned;
+- the RayJob entrypoint and the Serve import path resolve to files and objects in the repository;
+- serveConfigV2 of rayservice.yaml is exactly what k8s/render_serve_config.py renders from
+  deployments/serve_config.yaml (or $DREAMBLEND_SERVE_CONFIG), and agrees with it field by field.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+APP_DIR = "/home/ray/dreamblend"  # where the Dockerfile puts the repository
+PROJECT_IMAGE = "ghcr.io/dreamblend/dreamblend-ray"
+S3_SECRET, API_KEY_SECRET = "dreamblend-s3", "dreamblend-api-key"
+EXAMPLE_FILES = {"secret-s3.example.yaml", "secret-api-key.example.yaml"}
+
+
+def _load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+vm = _load_module("dreamblend_k8s_validate", K8S / "validate_manifests.py")
+render = _load_module("dreamblend_k8s_render", K8S / "render_serve_config.py")
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+def _pin(name: str) -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.lower().startswith(f"{name}=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError(f"constraints.txt pins no {name}")
+
+
+@pytest.fixture(scope="module")
+def ray_version() -> str:
+    installed = importlib.metadata.version("ray")
+    assert installed == _pin("ray"), f"installed Ray {installed} != constraints.txt ray=={_pin('ray')}"
+    return installed
+
+
+@pytest.fixture(scope="module")
+def crds() -> Path:
+    try:
+        return vm.crds_dir()
+    except FileNotFoundError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, list[dict]]:
+    return {p.name: vm.load_documents(p) for p in vm.manifest_files()}
+
+
+def _one(manifests, filename: str) -> dict:
+    docs = manifests[filename]
+    assert len(docs) == 1, f"{filename}: expected one object, found {len(docs)}"
+    return docs[0]
+
+
+@pytest.fixture(scope="module")
+def rayjob(manifests):
+    return _one(manifests, "rayjob-finetune.yaml")
+
+
+@pytest.fixture(scope="module")
+def rayservice(manifests):
+    return _one(manifests, "rayservice.yaml")
+
+
+@pytest.fixture(scope="module")
+def raycluster(manifests):
+    return _one(manifests, "raycluster.yaml")
+
+
+def cluster_spec(doc: dict) -> dict:
+    spec = doc["spec"]
+    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
+            "RayService": lambda: spec["rayClusterConfig"]}[doc["kind"]]()
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    spec = cluster_spec(doc)
+    return [spec["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in spec.get("workerGroupSpecs", [])]
+
+
+def containers(doc: dict) -> list[dict]:
+    if doc["kind"] not in vm.RAY_KINDS:
+        return []
+    return [c for pod in pod_specs(doc) for c in pod.get("containers", []) + pod.get("initContainers", [])]
+
+
+def gpus(group: dict) -> float:
+    limits = [c.get("resources", {}).get("limits", {}) for c in group["template"]["spec"]["containers"]]
+    return sum(float(l.get("nvidia.com/gpu", 0)) for l in limits)
+
+
+def gpu_groups(doc: dict) -> list[dict]:
+    return [g for g in cluster_spec(doc).get("workerGroupSpecs", []) if gpus(g) > 0]
+
+
+def serve_source_path() -> Path:
+    return Path(os.environ.get("DREAMBLEND_SERVE_CONFIG", REPO / "deployments" / "serve_config.yaml"))
+
+
+@pytest.fixture(scope="module")
+def serve_source() -> dict:
+    path = serve_source_path()
+    if not path.is_file():
+        pytest.fail(f"Serve config {path} is missing (issue 6 writes deployments/serve_config.yaml; "
+                    "set DREAMBLEND_SERVE_CONFIG to test against another file)", pytrace=False)
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def served(rayservice) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def app_of(config: dict) -> dict:
+    apps = config["applications"]
+    assert len(apps) == 1, f"expected one Serve application, found {[a.get('name') for a in apps]}"
+    return apps[0]
+
+
+def entrypoint(rayjob) -> list[str]:
+    return shlex.split(rayjob["spec"]["entrypoint"])
+
+
+def flag(argv: list[str], name: str) -> str:
+    assert name in argv, f"entrypoint lacks {name}: {argv}"
+    return argv[argv.index(name) + 1]
+
+
+# --------------------------------------------------------------------------------------------
+# the CRDs and the manifests parse
+
+
+def test_crds_are_found(crds):
+    assert all((crds / f).is_file() for f in vm.RAY_KINDS.values())
+
+
+def test_missing_crds_fail_loudly(tmp_path, monkeypatch):
+    monkeypatch.setenv(vm.CRDS_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=vm.CRDS_ENV):
+        vm.crds_dir()
+
+
+def test_every_manifest_parses_into_the_expected_objects(manifests):
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for docs in manifests.values() for d in docs)
+    assert kinds == sorted([
+        ("RayJob", "dreamblend-finetune"), ("RayService", "dreamblend"),
+        ("RayCluster", "dreamblend-shared"), ("Secret", S3_SECRET), ("Secret", API_KEY_SECRET),
+        ("ServiceAccount", "dreamblend")])
+    for docs in manifests.values():
+        for doc in docs:
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+            assert "namespace" not in doc["metadata"], "namespace comes from kubectl -n / kustomize"
+
+
+# --------------------------------------------------------------------------------------------
+# schema validation, positive
+
+
+@pytest.mark.parametrize("filename", ["rayjob-finetune.yaml", "rayservice.yaml", "raycluster.yaml"])
+def test_ray_manifest_matches_crd_schema(crds, manifests, filename):
+    doc = _one(manifests, filename)
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert vm.validation_errors(doc) == []
+
+
+@pytest.mark.parametrize("k8s_version", [vm.K8S_VERSION, "1.33"])
+@pytest.mark.parametrize("filename", ["serviceaccount.yaml", *sorted(EXAMPLE_FILES)])
+def test_core_manifest_matches_kubernetes_schema(manifests, filename, k8s_version):
+    for doc in manifests[filename]:
+        assert vm.validation_errors(doc, k8s_version) == []
+
+
+# --------------------------------------------------------------------------------------------
+# schema validation, negative: a broken field must fail
+
+
+def _set(doc: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    node = doc
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is _DELETE:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+_DELETE = object()
+HEAD_C = "spec.rayClusterConfig.headGroupSpec.template.spec.containers"
+JOB_W0 = "spec.rayClusterSpec.workerGroupSpecs.0"
+
+
+@pytest.mark.parametrize("filename, path, value, expected", [
+    ("rayjob-finetune.yaml", "spec.rayClusterSpec.rayVersion", 2, "is not of type 'string'"),
+    ("rayjob-finetune.yaml", f"{JOB_W0}.replicas", "two", "is not of type 'integer'"),
+    ("rayjob-finetune.yaml", f"{JOB_W0}.minReplica", 0, "'minReplica' was unexpected"),
+    ("rayjob-finetune.yaml", "spec.shutdownAfterJobFinish", True, "'shutdownAfterJobFinish' was unexpected"),
+    ("rayjob-finetune.yaml", f"{JOB_W0}.groupName", _DELETE, "'groupName' is a required property"),
+    ("rayjob-finetune.yaml", f"{JOB_W0}.maxReplicas", 2**40, "is not a 'int32'"),
+    ("rayjob-finetune.yaml", "spec.rayClusterSpec.autoscalerOptions.upscalingMode", "Fast", "is not one of"),
+    ("rayjob-finetune.yaml", "spec.entrypointNumCpus", "1", "is not of type 'number'"),
+    ("rayjob-finetune.yaml", f"{JOB_W0}.template.spec.containers.0.resources.limits.cpu", [8], "is not valid under any"),
+    ("rayjob-finetune.yaml", f"{JOB_W0}.template.spec.containers.0.imagePullPolicyy", "Always", "was unexpected"),
+    ("rayservice.yaml", "spec.rayClusterConfig.authOptions.mode", "password", "is not one of"),
+    ("rayservice.yaml", "spec.serveConfigV2", {"applications": []}, "is not of type 'string'"),
+    ("rayservice.yaml", f"{HEAD_C}.0.readinessProbe", {"httpGet": {"path": "/healthz"}}, "'port' is a required"),
+    ("rayservice.yaml", "spec.rayClusterConfig", _DELETE, "'rayClusterConfig' is a required property"),
+    ("rayservice.yaml", "metadata.labels", {"tier": 1}, "is not of type 'string'"),
+    ("raycluster.yaml", "spec.workerGroupSpecs.0.replicas", "two", "is not of type 'integer'"),
+    ("raycluster.yaml", "spec.headGroupSpec.rayStartParams", {"num-cpus": 0}, "is not of type 'string'"),
+    ("serviceaccount.yaml", "automountServiceAccountTokens", True, "was unexpected"),
+    ("secret-s3.example.yaml", "stringData.AWS_DEFAULT_REGION", 1, "is not of type"),
+])
+def test_broken_field_fails_validation(crds, manifests, filename, path, value, expected):
+    doc = copy.deepcopy(manifests[filename][0])
+    assert vm.validation_errors(doc) == []
+    _set(doc, path, value)
+    errors = vm.validation_errors(doc)
+    assert errors, f"{filename}: setting {path} = {value!r} should be invalid"
+    assert any(expected in e for e in errors), errors
+
+
+def test_duplicate_list_map_keys_fail(crds, rayservice):
+    doc = copy.deepcopy(rayservice)
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    head["containers"].append(copy.deepcopy(head["containers"][0]))  # two containers named ray-head
+    assert any("share the list-map key" in e for e in vm.validation_errors(doc))
+
+
+def test_unknown_ray_kind_and_version_fail(crds, raycluster):
+    assert vm.validation_errors({**raycluster, "kind": "RayClusterr"})
+    with pytest.raises(ValueError, match="no version"):
+        vm.validation_errors({**raycluster, "apiVersion": "ray.io/v9"})
+
+
+# --------------------------------------------------------------------------------------------
+# versions and images
+
+
+def test_ray_version_everywhere_equals_installed_ray(manifests, ray_version):
+    for docs in manifests.values():
+        for doc in docs:
+            if doc["kind"] in vm.RAY_KINDS:
+                assert cluster_spec(doc).get("rayVersion") == ray_version, doc["metadata"]["name"]
+
+
+def _dockerfile() -> tuple[str, dict[str, str]]:
+    text = (REPO / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S*)", text, flags=re.M))
+    return text, {k: v.strip('"') for k, v in args.items()}
+
+
+def test_dockerfile_base_image_is_the_pinned_ray_gpu_image(ray_version):
+    text, args = _dockerfile()
+    froms = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    assert len(froms) == 1, froms
+    image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], froms[0])
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-(gpu|cu\d+)", image)
+    assert match, f"base image {image!r} is not an exact rayproject/ray GPU tag"
+    assert match.group(1) == ray_version
+
+
+def test_dockerfile_installs_the_package_with_cuda_torch_of_the_tested_version():
+    text, args = _dockerfile()
+    assert args["TORCH_VERSION"] == _pin("torch"), "image torch must be the tested version (CUDA build)"
+    grep = re.search(r"grep -v [^\n]*constraints\.txt > (\S+)", text)
+    assert grep and "torch" in grep.group(0), "the CPU torch pin must be filtered out of the constraints"
+    filtered = subprocess.run(["grep", "-v", "-i", "-E", r"^torch([=<>!~ ;\[]|$)", "constraints.txt"],
+                              cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "torch==" not in filtered and "ray==" in filtered
+    assert re.search(rf"pip install -c {re.escape(grep.group(1))} .*\s\.\s", text), "pip install -c ... ."
+    assert re.search(rf"^WORKDIR {APP_DIR}$", text, flags=re.M)
+    assert re.search(rf"PYTHONPATH={APP_DIR}\b", text), "deployments.app must be importable in the image"
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv"} <= set(ignored)
+
+
+def test_images_are_the_pinned_project_image(manifests):
+    version = importlib.metadata.version("dreamblend-ray")
+    for docs in manifests.values():
+        for doc in docs:
+            for c in containers(doc):
+                assert c["image"] == f"{PROJECT_IMAGE}:{version}", (doc["metadata"]["name"], c["image"])
+                assert c.get("imagePullPolicy") != "Always"
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kust["images"] == [{"name": PROJECT_IMAGE, "newTag": version}]
+
+
+# --------------------------------------------------------------------------------------------
+# the pods: credentials, service account, GPUs
+
+
+def test_every_ray_pod_gets_s3_credentials_and_the_service_account(manifests):
+    sa = _one(manifests, "serviceaccount.yaml")["metadata"]["name"]
+    for name in ("rayjob-finetune.yaml", "rayservice.yaml", "raycluster.yaml"):
+        doc = _one(manifests, name)
+        for pod in pod_specs(doc):
+            assert pod.get("serviceAccountName") == sa, name  # IRSA / Workload Identity hook
+        for c in containers(doc):
+            refs = [e["secretRef"] for e in c.get("envFrom", []) if "secretRef" in e]
+            # optional: with IRSA the Secret is left out and the pods still start
+            assert {"name": S3_SECRET, "optional": True} in refs, (name, c["name"])
+    secret = _one(manifests, "secret-s3.example.yaml")
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+
+
+@pytest.mark.parametrize("filename", ["rayjob-finetune.yaml", "rayservice.yaml", "raycluster.yaml"])
+def test_autoscaling_gpu_worker_group(manifests, filename):
+    doc = _one(manifests, filename)
+    spec = cluster_spec(doc)
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec.get("authOptions", {}).get("mode") == "token"  # Ray >= 2.52 token auth
+    groups = gpu_groups(doc)
+    assert groups, f"{filename} has no GPU worker group"
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"]
+        for c in g["template"]["spec"]["containers"]:
+            res = c["resources"]  # extended resources: requests must equal limits
+            assert res["requests"].get("nvidia.com/gpu") == res["limits"].get("nvidia.com/gpu") == "1"
+
+
+def test_rayjob_lifecycle_and_entrypoint_resources(rayjob):
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert all(g["minReplicas"] == 0 for g in gpu_groups(rayjob)), "idle job clusters hold no GPU"
+    assert spec["entrypointNumCpus"] > 0
+    wanted = json.loads(spec["entrypointResources"])
+    assert wanted and all(isinstance(v, (int, float)) and v > 0 for v in wanted.values())
+    # the custom resources must be offered by the head, or the driver never schedules
+    head_params = spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    offered = json.loads(json.loads(head_params["resources"]))
+    assert all(offered.get(k, 0) >= v for k, v in wanted.items()), (wanted, offered)
+    assert float(head_params["num-cpus"]) >= spec["entrypointNumCpus"]
+
+
+def _options(path: Path, seen: set[Path] | None = None) -> dict[str, bool]:
+    """{option: required} of every parser.add_argument("--x", ...) in `path` and the dreamblend_ray
+    modules it imports (found with ast: importing the job would pull in torch and Ray Data)."""
+    seen = set() if seen is None else seen
+    seen.add(path)
+    options: dict[str, bool] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dreamblend_ray"):
+            module = REPO / (node.module.replace(".", "/") + ".py")
+            if module.is_file() and module not in seen:
+                options.update(_options(module, seen))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            required = any(k.arg == "required" and getattr(k.value, "value", False) for k in node.keywords)
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and str(arg.value).startswith("--"):
+                    options[arg.value] = required
+    return options
+
+
+def test_rayjob_entrypoint_runs_a_repository_script_with_its_flags(rayjob):
+    argv = entrypoint(rayjob)
+    assert argv[0] == "python"
+    assert argv[1].startswith(APP_DIR + "/"), f"{argv[1]} is not inside the image's {APP_DIR}"
+    script = REPO / argv[1][len(APP_DIR) + 1:]
+    assert script == REPO / "jobs" / "finetune_subjects.py"
+    assert script.is_file(), f"entrypoint script {script.relative_to(REPO)} does not exist"
+    options = _options(script)
+    given = {a.split("=")[0] for a in argv[2:] if a.startswith("--")}
+    assert given <= set(options), f"{script.name} defines no option(s) {sorted(given - set(options))}"
+    assert {o for o, required in options.items() if required} <= given
+    assert flag(argv, "--subjects").startswith("s3://")
+    assert flag(argv, "--output").startswith("s3://")
+
+
+def test_rayjob_actor_pool_fits_the_gpu_workers(rayjob):
+    argv = entrypoint(rayjob)
+    actors, gpus_each = int(flag(argv, "--num-actors")), float(flag(argv, "--gpus-per-actor"))
+    assert gpus_each > 0, "the fine-tuning actors must ask for GPUs on this GPU cluster"
+    groups = gpu_groups(rayjob)
+    assert actors * gpus_each <= sum(g["maxReplicas"] * gpus(g) for g in groups)
+    pod_cpus = min(float(c["resources"]["limits"]["cpu"]) for g in groups for c in g["template"]["spec"]["containers"])
+    assert float(flag(argv, "--cpus-per-actor")) <= pod_cpus
+
+
+# --------------------------------------------------------------------------------------------
+# the Serve application: one source of truth
+
+
+def test_serve_config_v2_is_rendered_from_the_source(rayservice):
+    path = serve_source_path()
+    if not path.is_file():
+        pytest.fail(f"Serve config {path} is missing", pytrace=False)
+    expected = render.render_text(path)
+    assert rayservice["spec"]["serveConfigV2"] == expected, (
+        "k8s/rayservice.yaml serveConfigV2 drifted from deployments/serve_config.yaml: "
+        "run `python k8s/render_serve_config.py`")
+    text = (K8S / "rayservice.yaml").read_text()
+    assert render.replace_block(text, render.block(expected)) == text
+
+
+def test_serve_application_agrees_with_the_source(serve_source, served):
+    src, k8s = app_of(serve_source), app_of(served)
+    for key in ("name", "route_prefix", "import_path"):
+        assert k8s.get(key) == src.get(key), key
+    assert k8s["import_path"] == "deployments.app:build_app"
+    assert set(src.get("args") or {}) <= set(k8s.get("args") or {})
+    src_deps = {d["name"]: d for d in src.get("deployments") or []}
+    k8s_deps = {d["name"]: d for d in k8s.get("deployments") or []}
+    assert set(src_deps) <= set(k8s_deps)
+    overrides = yaml.safe_load((K8S / "serve_overrides.yaml").read_text())
+    app_over = overrides["applications"].get(src["name"], {})
+    for key, value in (src.get("args") or {}).items():  # only overridden args may differ
+        if key not in app_over.get("args", {}):
+            assert k8s["args"][key] == value, key
+    http = served["http_options"]
+    assert (http["host"], http["port"]) == ("0.0.0.0", 8000), "the proxy must listen on the pod's port 8000"
+
+
+def test_serve_config_validates_with_ray_serve_schema(served, ray_version):
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(served) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(served)
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    module_file = REPO / "deployments" / "app.py"
+    if not module_file.is_file():
+        pytest.fail("deployments/app.py (import_path deployments.app:build_app) does not exist", pytrace=False)
+    sys.path.insert(0, str(REPO))
+    try:
+        return importlib.import_module("deployments.app")
+    finally:
+        sys.path.remove(str(REPO))
+
+
+def test_import_path_resolves_and_args_are_accepted(app_module, serve_source, served):
+    module_name, attr = app_of(served)["import_path"].split(":")
+    assert module_name == app_module.__name__
+    assert callable(getattr(app_module, attr, None)), f"{module_name} has no callable {attr}"
+    app_args = getattr(app_module, "AppArgs", None)
+    assert app_args is not None, "deployments.app should expose its typed args model AppArgs"
+    for config in (serve_source, served):
+        app_args.model_validate(app_of(config).get("args") or {})
+
+
+def test_rayservice_probes_key_and_capacity_fit_the_application(rayservice, served):
+    app, args = app_of(served), app_of(served).get("args") or {}
+    port = served["http_options"]["port"]
+    health = app["route_prefix"].rstrip("/") + "/healthz"
+    spec = rayservice["spec"]["rayClusterConfig"]
+    assert spec["enableInTreeAutoscaling"] is True
+    api_env = args.get("api_key_env", "DREAMBLEND_API_KEY")
+    for c in containers(rayservice):
+        env = {e["name"]: e for e in c.get("env", [])}
+        ref = env[api_env]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == API_KEY_SECRET and ref["key"] == "api-key"
+    assert args.get("auth_enabled") is True, "the public endpoint must require the API key"
+    for g in spec["workerGroupSpecs"]:
+        for c in g["template"]["spec"]["containers"]:
+            probe = c["readinessProbe"]["httpGet"]
+            assert (probe["path"], probe["port"]) == (health, port)
+            assert {"containerPort": port, "name": "serve"} in c["ports"]
+    # Serve replica bounds fit the GPU worker group: max_replicas GPU replicas can all be placed
+    lo, hi, per = args["min_replicas"], args["max_replicas"], float(args["num_gpus"])
+    assert 1 <= lo <= hi and per > 0
+    capacity = sum(g["maxReplicas"] * gpus(g) for g in gpu_groups(rayservice))
+    assert hi * per <= capacity, f"{hi} replicas x {per} GPU > {capacity} GPUs of the worker groups"
+    assert "api-key" in vm.load_documents(K8S / "secret-api-key.example.yaml")[0]["stringData"]
+
+
+def test_the_service_serves_what_the_job_writes(rayjob, served):
+    argv, args = entrypoint(rayjob), app_of(served)["args"]
+    assert flag(argv, "--output") == args["storage_root"]
+    if "--base" in argv:
+        assert flag(argv, "--base") == args["base"]
+
+
+# --------------------------------------------------------------------------------------------
+# the renderer's rules
+
+
+def test_render_keeps_identity_and_rejects_unknown_applications():
+    source = {"http_options": {"host": "127.0.0.1", "port": 8000},
+              "applications": [{"name": "a", "route_prefix": "/", "import_path": "m:f",
+                                "args": {"x": 1, "y": {"z": 2}},
+                                "deployments": [{"name": "D", "num_replicas": 1}]}]}
+    out = render.render(source, {"http_options": {"host": "0.0.0.0"},
+                                 "applications": {"a": {"args": {"y": {"w": 3}},
+                                                        "deployments": {"D": {"num_replicas": 2}}}}})
+    assert out["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert out["applications"][0]["args"] == {"x": 1, "y": {"z": 2, "w": 3}}
+    assert out["applications"][0]["deployments"] == [{"name": "D", "num_replicas": 2}]
+    assert source["applications"][0]["args"] == {"x": 1, "y": {"z": 2}}  # input untouched
+    with pytest.raises(ValueError, match="lacks"):
+        render.render(source, {"applications": {"b": {"args": {}}}})
+    with pytest.raises(ValueError, match="identity"):
+        render.render(source, {"applications": {"a": {"import_path": "other:f"}}})
+
+
+# --------------------------------------------------------------------------------------------
+# kustomize
+
+
+def test_kustomization_lists_the_deployable_objects_but_not_the_examples():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kust["resources"])
+    assert all((K8S / r).is_file() for r in listed)
+    assert listed == {p.name for p in vm.manifest_files()} - EXAMPLE_FILES
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not installed")
+def test_kustomize_build_output_validates(crds):
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert sorted(d["kind"] for d in docs) == ["RayCluster", "RayJob", "RayService", "ServiceAccount"]
+    for doc in docs:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dreamblend-ray"
+        assert vm.validation_errors(doc) == []
