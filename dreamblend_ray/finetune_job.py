@@ -1,0 +1,239 @@
+"""Bulk personalization: fine-tune every subject of a manifest on a Ray Data actor pool.
+
+Pipeline (``run_finetune_job``)::
+
+    subjects manifest ──validate (driver)──> one row per subject
+      └─ map_batches(FinetuneActor, ActorPoolStrategy(size=N), batch_size=1)
+           each actor loads the base model once; per subject:
+             subject.json present  -> "skipped"   (reruns are idempotent)
+             else finetune_subject -> "succeeded" | "failed" (error recorded, others go on)
+      └─ driver streams the result rows (a log line per subject) and writes
+         {output}/runs/{run_id}/results.parquet
+
+Checkpoints land under ``{output}/subjects/{id}/`` (see ``checkpoints``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dreamblend_ray import checkpoints, storage
+from dreamblend_ray.config import FinetuneConfig, to_dict
+from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
+                                       write_parquet)
+from dreamblend_ray.manifests import SubjectSpec, apply_overrides, read_subjects
+
+logger = logging.getLogger(__name__)
+
+RESULT_SCHEMA = pa.schema([
+    ("subject_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("steps", pa.int64()), ("saved_steps", pa.list_(pa.int64())), ("final_loss", pa.float64()),
+    ("seconds", pa.float64()), ("guidance_step", pa.int64()), ("edit_step", pa.int64()),
+    ("manifest_uri", pa.string()), ("guidance_checkpoint", pa.string()),
+    ("edit_checkpoint", pa.string()), ("checkpoint_uris", pa.list_(pa.string())),
+    ("worker", pa.string()),
+])
+STATUSES = ("succeeded", "skipped", "failed")
+
+
+def result_row(subject_id: str, status: str, output: str, seconds: float, manifest: dict | None = None,
+               error: str | None = None) -> dict:
+    """One results-table row; checkpoint fields come from the subject manifest when there is one."""
+    import socket
+
+    row = {name: None for name in RESULT_SCHEMA.names}
+    row.update(subject_id=subject_id, status=status, error=error, seconds=seconds,
+               worker=socket.gethostname())
+    if manifest:
+        saved = list(manifest["steps"])
+        losses = manifest.get("loss_curve") or []
+        last = losses[-1] if losses else None
+        row.update(steps=max(saved), saved_steps=saved, guidance_step=manifest["guidance_step"],
+                   edit_step=manifest["edit_step"], manifest_uri=checkpoints.manifest_uri(output, subject_id),
+                   final_loss=float(last[-1] if isinstance(last, (list, tuple)) else last)
+                   if last is not None else None,
+                   checkpoint_uris=[checkpoints.checkpoint_uri(output, subject_id, s) for s in saved],
+                   guidance_checkpoint=checkpoints.checkpoint_uri(output, subject_id, manifest["guidance_step"]),
+                   edit_checkpoint=checkpoints.checkpoint_uri(output, subject_id, manifest["edit_step"]))
+    return row
+
+
+class FinetuneActor:
+    """A Ray Data callable class: loads the base model once, then fine-tunes one subject per row."""
+
+    def __init__(self, base: str, output: str, torch_threads: int, use_gpu: bool):
+        import torch
+
+        from dreamblend_ray.components import load_components, select_device
+
+        torch.set_num_threads(torch_threads)
+        self.output = output
+        self.components = load_components(base, device=select_device() if use_gpu else "cpu")
+        logger.info("finetune actor ready: base %s on %s, %d torch threads", self.components.source,
+                    self.components.device, torch_threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.run_one(row) for row in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+    def run_one(self, row: dict) -> dict:
+        from dreamblend_ray.finetune import finetune_subject, image_uris
+
+        start = time.perf_counter()
+        subject_id = row["subject_id"]
+        try:
+            if checkpoints.is_complete(self.output, subject_id):
+                manifest = checkpoints.read_manifest(self.output, subject_id)
+                logger.info("subject %s: already complete, skipped", subject_id)
+                return result_row(subject_id, "skipped", self.output, time.perf_counter() - start, manifest)
+            config = apply_overrides(FinetuneConfig(), json.loads(row["config"]))
+            manifest = finetune_subject(self.components, image_uris(list(row["images"])), row["class_noun"],
+                                        subject_id, self.output, config, progress=False)
+            logger.info("subject %s: fine-tuned in %.1fs", subject_id, time.perf_counter() - start)
+            return result_row(subject_id, "succeeded", self.output, time.perf_counter() - start, manifest)
+        except Exception as exc:  # noqa: BLE001 - one bad subject must not stop the others
+            logger.exception("subject %s failed", subject_id)
+            return result_row(subject_id, "failed", self.output, time.perf_counter() - start,
+                              error=error_text(exc))
+
+
+@dataclass
+class FinetuneJobResult:
+    run_id: str
+    results_uri: str
+    rows: list[dict]
+    seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(row["status"] == status for row in self.rows)
+
+    @property
+    def ok(self) -> bool:
+        return self.count("failed") == 0
+
+
+def subject_items(specs: list[SubjectSpec], base_config: FinetuneConfig) -> list[dict]:
+    """Dataset rows; each subject's overrides are applied (and validated) here, in the driver."""
+    items = []
+    for spec in specs:
+        try:
+            config = apply_overrides(base_config, spec.overrides)
+        except ValueError as exc:
+            raise ValueError(f"subject {spec.subject_id!r}: {exc}") from exc
+        items.append({"subject_id": spec.subject_id, "class_noun": spec.class_noun,
+                      "images": list(spec.images), "config": json.dumps(to_dict(config))})
+    return items
+
+
+def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: str = "embedded",
+                     config: FinetuneConfig = FinetuneConfig(), resources: JobResources = JobResources(),
+                     run_id: str | None = None, address: str | None = None) -> FinetuneJobResult:
+    """Fine-tune every subject into ``output``; returns (and writes) the results table."""
+    from dreamblend_ray.components import resolve_base
+
+    start = time.perf_counter()
+    specs = read_subjects(subjects) if isinstance(subjects, str) else list(subjects)
+    items = subject_items(specs, config)
+    base = resolve_base(base)
+    run_id = run_id or new_run_id()
+    run = run_uri(output, run_id)
+    # Written first: a missing bucket or denied access fails here, before any actor starts.
+    storage.write_json(storage.join(run, "job.json"), {
+        "kind": "finetune", "run_id": run_id, "base": base, "subjects": len(items),
+        "source": subjects if isinstance(subjects, str) else None, "config": to_dict(config),
+        "resources": to_dict(resources), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    logger.info("run %s: %d subjects -> %s on %d actor(s)", run_id, len(items), output, resources.num_actors)
+
+    init_ray(address)
+    import ray.data
+
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        FinetuneActor, fn_constructor_kwargs={"base": base, "output": output,
+                                              "torch_threads": resources.threads,
+                                              "use_gpu": resources.gpus_per_actor > 0},
+        **resources.map_batches_args())
+    rows = []
+    for row in dataset.iter_rows():
+        rows.append(dict(row))
+        logger.info("[%d/%d] %s: %s%s (%.1fs)", len(rows), len(items), row["subject_id"], row["status"],
+                    f" - {row['error']}" if row["error"] else "", row["seconds"])
+    rows.sort(key=lambda r: r["subject_id"])
+    results_uri = write_parquet(storage.join(run, "results.parquet"), rows, RESULT_SCHEMA)
+    result = FinetuneJobResult(run_id, results_uri, rows, time.perf_counter() - start)
+    logger.info("run %s done in %.1fs: %d succeeded, %d skipped, %d failed; results %s", run_id,
+                result.seconds, result.count("succeeded"), result.count("skipped"), result.count("failed"),
+                results_uri)
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobs/finetune_subjects.py",
+        description="Fine-tune every subject of a manifest (JSONL/Parquet) on a Ray Data actor pool.")
+    parser.add_argument("--subjects", required=True, help="subjects manifest URI (.jsonl or .parquet)")
+    parser.add_argument("--output", required=True, help="output root (local path or s3://bucket/prefix)")
+    parser.add_argument("--run-id", help="name of this run's folder under {output}/runs/ (default: time-based)")
+    parser.add_argument("--base", default="embedded", help="base model: embedded, tiny, a directory or s3:// URI")
+    add_resource_arguments(parser)
+    parser.add_argument("--steps", type=int, help="fine-tuning steps per subject")
+    parser.add_argument("--checkpoint-steps", type=lambda s: tuple(int(x) for x in s.split(",") if x),
+                        help="comma-separated steps to save (default: 10/25/50/75/100%% of the run)")
+    parser.add_argument("--method", choices=["lora", "full"], help="LoRA (default) or full fine-tuning")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--rank", type=int, help="LoRA rank")
+    parser.add_argument("--no-prior-preservation", action="store_true", help="skip the class-prior loss")
+    parser.add_argument("--num-class-images", type=int)
+    parser.add_argument("--config-json", default="{}", help="further FinetuneConfig fields as a JSON object")
+    parser.add_argument("--allow-failures", action="store_true",
+                        help="exit 0 even when some subjects failed (they are in the results table)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, or a new local cluster)")
+    parser.add_argument("--num-actors", type=int, default=1, help="actors in the pool (default 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU)")
+    parser.add_argument("--torch-threads", type=int, help="torch threads per actor (default: its CPUs)")
+
+
+def resources_from_args(args: argparse.Namespace) -> JobResources:
+    return JobResources(num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
+                        gpus_per_actor=args.gpus_per_actor, torch_threads=args.torch_threads)
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    try:
+        overrides = json.loads(args.config_json)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config-json is not valid JSON: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise ValueError("--config-json must be a JSON object")
+    flags = {"steps": args.steps, "checkpoint_steps": args.checkpoint_steps, "method": args.method,
+             "learning_rate": args.learning_rate, "rank": args.rank, "num_class_images": args.num_class_images}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_prior_preservation:
+        overrides["prior_preservation"] = False
+    return apply_overrides(FinetuneConfig(), overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_finetune_job(args.subjects, args.output, base=args.base, config=config_from_args(args),
+                                  resources=resources_from_args(args), run_id=args.run_id,
+                                  address=args.address)
+    except (ValueError, FileNotFoundError, storage.StorageError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0 if result.ok or args.allow_failures else 3

@@ -1,0 +1,264 @@
+"""Bulk DreamBlend generation: rows of (subject, prompt, seed, num_images, settings) -> PNGs + index.
+
+Pipeline (``run_generate_job``)::
+
+    requests (JSONL/Parquet) ──validate (driver)──> grouped by (subject, G step, E step),
+      large groups split into tasks of at most ``max_images_per_task`` images
+      └─ map_batches(GenerateActor, ActorPoolStrategy(size=N), batch_size=1)
+           per task: load the checkpoint pair once, batch prompts that share settings into
+           DreamBlendSampler.sample calls of at most ``batch_size`` images, write PNGs
+      └─ {output}/images/{subject_id}/{row}-{k}.png and {output}/runs/{run_id}/index.parquet
+
+Grouping happens in the driver: the request table is small metadata, and one task per group
+means an actor loads each pair exactly once per task, without a shuffle stage.
+Images are batch invariant (each depends only on its own prompt, seed and settings), so
+batching never changes a picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from dreamblend_ray import checkpoints, storage
+from dreamblend_ray.config import SamplingConfig, check_range, to_dict, validate_subject_id
+from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
+                                       write_parquet)
+from dreamblend_ray.manifests import GenerationRequest, read_requests, sampling_config
+
+logger = logging.getLogger(__name__)
+
+INDEX_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("k", pa.int64()), ("subject_id", pa.string()), ("prompt", pa.string()),
+    ("seed", pa.int64()), ("image_uri", pa.string()), ("seconds", pa.float64()), ("status", pa.string()),
+    ("error", pa.string()), ("guidance_step", pa.int64()), ("edit_step", pa.int64()),
+    ("settings", pa.string()),
+])
+
+
+def image_uri(output: str, subject_id: str, row: int, k: int) -> str:
+    return storage.join(output, "images", validate_subject_id(subject_id), f"{int(row)}-{int(k)}.png")
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def index_row(request: dict, k: int, seconds: float, uri: str | None = None, error: str | None = None,
+              steps: tuple = (None, None)) -> dict:
+    return {"row": request["row"], "k": k, "subject_id": request["subject_id"], "prompt": request["prompt"],
+            "seed": request["seed"] + k, "image_uri": uri, "seconds": seconds,
+            "status": "failed" if error else "succeeded", "error": error,
+            "guidance_step": steps[0], "edit_step": steps[1],
+            "settings": json.dumps(request["settings"], sort_keys=True)}
+
+
+def sampler_batches(requests: list[dict], batch_size: int) -> list[list[tuple[dict, int]]]:
+    """(request, k) image entries, grouped by settings and negative-prompt use, in chunks."""
+    groups: dict[tuple, list] = {}
+    for request in requests:
+        key = (json.dumps(request["settings"], sort_keys=True), request["negative_prompt"] is not None)
+        groups.setdefault(key, []).extend((request, k) for k in range(request["num_images"]))
+    return [entries[i:i + batch_size] for entries in groups.values() for i in range(0, len(entries), batch_size)]
+
+
+class GenerateActor:
+    """A Ray Data callable class: base model and sampler loaded once; one (subject, steps) task per row."""
+
+    def __init__(self, base: str, checkpoints_root: str, output: str, base_settings: dict, batch_size: int,
+                 torch_threads: int, use_gpu: bool):
+        import torch
+
+        from dreamblend_ray.components import load_components, select_device, select_dtype
+        from dreamblend_ray.sampler import DreamBlendSampler
+
+        torch.set_num_threads(torch_threads)
+        device = select_device() if use_gpu else torch.device("cpu")
+        dtype = select_dtype(device) if device.type == "cuda" else None
+        self.components = load_components(base, device=device, dtype=dtype)
+        self.sampler = DreamBlendSampler(self.components)
+        self.root, self.output, self.batch_size = checkpoints_root, output, batch_size
+        self.base_settings = sampling_config(SamplingConfig(), base_settings)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [r for task in batch.to_pylist() for r in self.run_task(task)]
+        return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+
+    def run_task(self, task: dict) -> list[dict]:
+        requests = json.loads(task["requests"])
+        subject_id = task["subject_id"]
+        start = time.perf_counter()
+        try:
+            pair, manifest = checkpoints.load_pair(self.root, subject_id, self.components,
+                                                   task["guidance_step"], task["edit_step"])
+        except Exception as exc:  # noqa: BLE001 - recorded per image; other subjects go on
+            logger.error("subject %s: cannot load its checkpoint pair: %s", subject_id, exc)
+            error = error_text(exc)
+            return [index_row(r, k, time.perf_counter() - start, error=error)
+                    for r in requests for k in range(r["num_images"])]
+        steps = (pair.meta["guidance_step"], pair.meta["edit_step"])
+        logger.info("subject %s: pair G=%d E=%d loaded in %.2fs", subject_id, *steps, time.perf_counter() - start)
+        try:
+            return [row for entries in sampler_batches(requests, self.batch_size)
+                    for row in self.sample(pair, entries, steps)]
+        finally:
+            checkpoints.unload_pair(pair, self.components)
+
+    def sample(self, pair, entries: list[tuple[dict, int]], steps: tuple) -> list[dict]:
+        first = entries[0][0]
+        start = time.perf_counter()
+        try:
+            config = sampling_config(self.base_settings, first["settings"])
+            negatives = [r["negative_prompt"] for r, _ in entries] if first["negative_prompt"] is not None else None
+            result = self.sampler.sample(pair, [r["prompt"] for r, _ in entries],
+                                         [r["seed"] + k for r, k in entries], config, negatives)
+            per_image = (time.perf_counter() - start) / len(entries)
+            rows = []
+            for (request, k), image in zip(entries, result.images):
+                uri = image_uri(self.output, request["subject_id"], request["row"], k)
+                storage.write_bytes(uri, png_bytes(image))
+                rows.append(index_row(request, k, per_image, uri, steps=steps))
+            return rows
+        except Exception as exc:  # noqa: BLE001 - this batch fails, the rest go on
+            logger.exception("subject %s: a batch of %d images failed", first["subject_id"], len(entries))
+            per_image = (time.perf_counter() - start) / len(entries)
+            return [index_row(r, k, per_image, error=error_text(exc), steps=steps) for r, k in entries]
+
+
+def group_tasks(requests: list[GenerationRequest], max_images_per_task: int) -> list[dict]:
+    """One task per (subject, G step, E step), split so no task exceeds ``max_images_per_task``."""
+    groups: dict[tuple, list[dict]] = {}
+    for request in requests:
+        key = (request.subject_id, request.guidance_step, request.edit_step)
+        groups.setdefault(key, []).append(asdict(request))
+    tasks = []
+    for (subject_id, g, e), rows in groups.items():
+        chunk, size = [], 0
+        for row in rows:
+            if chunk and size + row["num_images"] > max_images_per_task:
+                tasks.append((subject_id, g, e, chunk))
+                chunk, size = [], 0
+            chunk.append(row)
+            size += row["num_images"]
+        tasks.append((subject_id, g, e, chunk))
+    return [{"subject_id": s, "guidance_step": g, "edit_step": e, "requests": json.dumps(chunk)}
+            for s, g, e, chunk in tasks]
+
+
+@dataclass
+class GenerateJobResult:
+    run_id: str
+    index_uri: str
+    rows: list[dict]
+    seconds: float
+
+    @property
+    def failed(self) -> int:
+        return sum(row["status"] == "failed" for row in self.rows)
+
+
+def run_generate_job(requests: str | list[GenerationRequest], output: str, *, checkpoints_root: str | None = None,
+                     base: str = "embedded", settings: dict | None = None, batch_size: int = 8,
+                     max_images_per_task: int = 256, resources: JobResources = JobResources(),
+                     run_id: str | None = None, address: str | None = None) -> GenerateJobResult:
+    """Generate every requested image into ``output``; returns (and writes) the index table.
+
+    settings: SamplingConfig fields applied to every row (a row's own settings win).
+    checkpoints_root: where the subjects were fine-tuned (default: ``output``).
+    """
+    from dreamblend_ray.components import resolve_base
+
+    start = time.perf_counter()
+    check_range("batch_size", batch_size, 1, 1024, integer=True)
+    check_range("max_images_per_task", max_images_per_task, 1, 1_000_000, integer=True)
+    base_settings = settings or {}
+    base_config = sampling_config(SamplingConfig(), base_settings)
+    rows = read_requests(requests, base_config) if isinstance(requests, str) else list(requests)
+    tasks = group_tasks(rows, max_images_per_task)
+    base, root = resolve_base(base), checkpoints_root or output
+    run_id = run_id or new_run_id()
+    run = run_uri(output, run_id)
+    storage.write_json(storage.join(run, "job.json"), {
+        "kind": "generate", "run_id": run_id, "base": base, "checkpoints": root, "rows": len(rows),
+        "images": sum(r.num_images for r in rows), "settings": to_dict(base_config),
+        "resources": to_dict(resources), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    logger.info("run %s: %d rows in %d tasks -> %s", run_id, len(rows), len(tasks), output)
+
+    init_ray(address)
+    import ray.data
+
+    dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+        GenerateActor, fn_constructor_kwargs={
+            "base": base, "checkpoints_root": root, "output": output, "base_settings": base_settings,
+            "batch_size": batch_size, "torch_threads": resources.threads,
+            "use_gpu": resources.gpus_per_actor > 0},
+        **resources.map_batches_args())
+    index = [dict(row) for row in dataset.iter_rows()]
+    index.sort(key=lambda r: (r["row"], r["k"]))
+    index_uri = write_parquet(storage.join(run, "index.parquet"), index, INDEX_SCHEMA)
+    result = GenerateJobResult(run_id, index_uri, index, time.perf_counter() - start)
+    logger.info("run %s done in %.1fs: %d images, %d failed; index %s", run_id, result.seconds,
+                len(index) - result.failed, result.failed, index_uri)
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    from dreamblend_ray.finetune_job import add_resource_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="jobs/generate_batch.py",
+        description="DreamBlend images for rows of (subject_id, prompt, seed, num_images, settings).")
+    parser.add_argument("--requests", required=True, help="requests URI (.jsonl or .parquet)")
+    parser.add_argument("--output", required=True, help="output root for images/ and runs/")
+    parser.add_argument("--checkpoints", help="root the subjects were fine-tuned into (default: --output)")
+    parser.add_argument("--run-id", help="name of this run's folder under {output}/runs/")
+    parser.add_argument("--base", default="embedded", help="base model the subjects were fine-tuned from")
+    add_resource_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per sampler call")
+    parser.add_argument("--max-images-per-task", type=int, default=256,
+                        help="split a subject's rows into tasks of at most this many images")
+    parser.add_argument("--steps", type=int, help="DDIM steps (num_inference_steps)")
+    parser.add_argument("--alpha", type=float, help="guidance strength")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--settings-json", default="{}", help="further SamplingConfig fields as JSON")
+    parser.add_argument("--allow-failures", action="store_true", help="exit 0 even when some images failed")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    try:
+        settings = json.loads(args.settings_json)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--settings-json is not valid JSON: {exc}") from exc
+    if not isinstance(settings, dict):
+        raise ValueError("--settings-json must be a JSON object")
+    flags = {"num_inference_steps": args.steps, "alpha": args.alpha, "guidance_scale": args.guidance_scale}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dreamblend_ray.finetune_job import resources_from_args
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_generate_job(args.requests, args.output, checkpoints_root=args.checkpoints, base=args.base,
+                                  settings=settings_from_args(args), batch_size=args.batch_size,
+                                  max_images_per_task=args.max_images_per_task,
+                                  resources=resources_from_args(args), run_id=args.run_id, address=args.address)
+    except (ValueError, FileNotFoundError, storage.StorageError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0 if result.failed == 0 or args.allow_failures else 3

@@ -1,0 +1,118 @@
+"""What the Ray Data jobs share: resources, run ids, Ray start-up and the Parquet outputs.
+
+The job modules (``finetune_job``, ``generate_job``) hold the logic; ``jobs/*.py`` are thin entry
+points for ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dreamblend_ray import storage
+from dreamblend_ray.config import check_range
+
+logger = logging.getLogger(__name__)
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# Non-secret storage settings handed to the job's actors (credentials come from the cluster's
+# own chain: instance roles, IRSA, or the job's runtime_env set by `dreamblend submit`).
+PASSTHROUGH_VARIABLES = storage.ENDPOINT_VARIABLES + ("AWS_REGION", "AWS_DEFAULT_REGION",
+                                                      "DREAMBLEND_STORAGE_RETRY_SECONDS")
+
+
+@dataclass(frozen=True)
+class JobResources:
+    """How a job's actor pool is sized.
+
+    num_actors: actors in the pool (each holds one copy of the base model).
+    cpus_per_actor / gpus_per_actor: Ray resources reserved per actor; 0 GPUs runs on CPU.
+    torch_threads: intra-op threads per actor (None: the actor's CPU count, at least 1).
+    """
+
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    torch_threads: int | None = None
+
+    def __post_init__(self):
+        check_range("num_actors", self.num_actors, 1, 10_000, integer=True)
+        check_range("cpus_per_actor", self.cpus_per_actor, 0.0, 1024.0)
+        check_range("gpus_per_actor", self.gpus_per_actor, 0.0, 64.0)
+        if self.torch_threads is not None:
+            check_range("torch_threads", self.torch_threads, 1, 1024, integer=True)
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.cpus_per_actor))
+
+    def map_batches_args(self) -> dict:
+        """Arguments for ``Dataset.map_batches``: a fixed actor pool, one task at a time per actor
+        (so a slow subject never queues others behind it), one row per call."""
+        import ray.data
+
+        args = {"compute": ray.data.ActorPoolStrategy(size=self.num_actors, max_tasks_in_flight_per_actor=1),
+                "batch_size": 1, "batch_format": "pyarrow", "num_cpus": self.cpus_per_actor}
+        if self.gpus_per_actor:
+            args["num_gpus"] = self.gpus_per_actor
+        env = storage_env()
+        if env:
+            args["runtime_env"] = {"env_vars": env}
+        return args
+
+
+def storage_env() -> dict[str, str]:
+    """The storage endpoint/region variables of this process, for the job's actors."""
+    return {name: os.environ[name] for name in PASSTHROUGH_VARIABLES if os.environ.get(name)}
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def validate_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id) or run_id in (".", ".."):
+        raise ValueError(f"run_id must match [A-Za-z0-9_.-] and be 1 to 128 characters, got {run_id!r}")
+    return run_id
+
+
+def run_uri(output: str, run_id: str) -> str:
+    return storage.join(output, "runs", validate_run_id(run_id))
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to the cluster (``address``, or RAY_ADDRESS inside ``ray job submit``) or start a
+    local one; a no-op when Ray is already initialised (tests, notebooks)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def write_parquet(uri: str, rows: list[dict], schema: pa.Schema) -> str:
+    """Write ``rows`` as one Parquet file (atomic, retried) and return ``uri``."""
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def read_parquet(uri: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
+
+
+def error_text(exc: BaseException, limit: int = 2000) -> str:
+    """A one-line ``Type: message`` for a results table."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

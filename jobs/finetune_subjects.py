@@ -1,0 +1,15 @@
+"""Ray job entry point: fine-tune every subject of a manifest (see dreamblend_ray/finetune_job.py).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/finetune_subjects.py --subjects s3://bucket/subjects.jsonl --output s3://bucket/out \
+        --num-actors 4 --gpus-per-actor 1
+
+or `dreamblend submit finetune --address http://HEAD:8265 -- --subjects ... --output ...`.
+"""
+
+import sys
+
+from dreamblend_ray.finetune_job import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Ray job entry point: DreamBlend images for rows of (subject, prompt, seed, ...) (see
+dreamblend_ray/generate_job.py).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/generate_batch.py --requests s3://bucket/prompts.jsonl --checkpoints s3://bucket/out \
+        --output s3://bucket/out --num-actors 2 --gpus-per-actor 1
+
+or `dreamblend submit generate --address http://HEAD:8265 -- --requests ... --output ...`.
+"""
+
+import sys
+
+from dreamblend_ray.generate_job import main
+
+if __name__ == "__main__":
+    sys.exit(main())
