@@ -1,0 +1,340 @@
+"""Train the embedded base model from scratch on CPU: ``python -m dreamblend_ray.embedded.train``.
+
+Three stages, all seeded (the same command and seed give the same weights on the same
+software stack and hardware; floating-point reductions may differ across CPUs):
+
+1. render a fixed set of shapes-world scenes (:mod:`dreamblend_ray.embedded.world`);
+2. train a small ``AutoencoderKL`` (32x32x3 <-> 16x16x4), then fold a per-channel latent
+   normalisation into its ``quant_conv`` / ``post_quant_conv`` so that its latents have zero
+   mean and unit variance per channel under ``scaling_factor = 1`` (diffusers' pipelines only
+   know a single global scale);
+3. train the UNet and the CLIP text encoder jointly on the cached latents: epsilon prediction on
+   Stable Diffusion's noise schedule, min-SNR loss weighting, offset noise, 10% empty captions
+   (for classifier-free guidance), AdamW with a linear warm-up then a constant rate, gradient
+   clipping and an EMA of the weights (the EMA weights are what is saved).
+
+Because the rate is constant after warm-up, a run stopped at step N equals a run with
+``--unet-steps N``; checkpoints every ``--checkpoint-every`` steps make that usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dreamblend_ray.embedded import world
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the embedded model's training (defaults reproduce the shipped weights)."""
+
+    seed: int = 0
+    scenes: int = 6000
+    vae_steps: int = 400
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-4
+    unet_steps: int = 2000
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.999
+    noise_offset: float = 0.1
+    snr_gamma: float = 5.0
+    uncond: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 250
+    threads: int = 2
+
+    def __post_init__(self):
+        from dreamblend_ray.config import check_range
+
+        check_range("scenes", self.scenes, 64, 10 ** 6)
+        check_range("vae_steps", self.vae_steps, 0, 10 ** 6)
+        check_range("unet_steps", self.unet_steps, 0, 10 ** 7)
+        check_range("batch", self.batch, 1, 4096)
+        check_range("vae_batch", self.vae_batch, 1, 4096)
+        check_range("ema_decay", self.ema_decay, 0.0, 1.0)
+        check_range("uncond", self.uncond, 0.0, 1.0)
+        check_range("threads", self.threads, 1, 512)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_models(seed: int):
+    """Fresh (untrained) VAE, UNet, text encoder and the world tokenizer, seeded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = world.build_world_tokenizer()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=world.IMAGE_SIZE,
+        block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        mid_block_add_attention=False, scaling_factor=1.0,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(4, 8, 8), norm_num_groups=16,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=world.MAX_TOKENS, projection_dim=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    return vae, unet, text_encoder, tokenizer
+
+
+# --------------------------------------------------------------------------- data
+
+
+def render_scenes(count: int, seed: int) -> tuple[torch.Tensor, list[world.Combo]]:
+    """``count`` random training scenes as a (N, 3, 32, 32) tensor in [-1, 1] and their combos."""
+    rng = random.Random(seed)
+    combos = world.train_combos()
+    images = np.empty((count, world.IMAGE_SIZE, world.IMAGE_SIZE, 3), dtype=np.float32)
+    chosen = []
+    for i in range(count):
+        combo = rng.choice(combos)
+        cx, cy, size = world.random_box(rng)
+        images[i] = world.render_array(world.Scene(combo.shape, (combo.colour,), combo.background,
+                                                   cx, cy, size))
+        chosen.append(combo)
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2) / 127.5 - 1
+    return tensor.contiguous(), chosen
+
+
+def random_caption(rng: random.Random, combo: world.Combo, uncond: float) -> str:
+    """A caption of ``combo`` from the grammar, or ``""`` with probability ``uncond``."""
+    if rng.random() < uncond:
+        return ""
+    mix = world.CaptionMix()
+    template = rng.choices(range(3), weights=mix.templates)[0]
+    shape = None if rng.random() < mix.generic_noun else combo.shape
+    colour = None if rng.random() < mix.drop_colour else combo.colour
+    background = None if rng.random() < mix.drop_background else combo.background
+    return world.caption(shape, colour, background, template)
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def train_vae(vae, images: torch.Tensor, config: TrainConfig) -> list[float]:
+    """Reconstruction (MSE) plus a small KL term; returns the loss curve."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    vae.train()
+    losses = []
+    for step in range(config.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.vae_lr * min(1.0, (step + 1) / 50)
+        batch = images[torch.randint(len(images), (config.vae_batch,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, batch) + config.kl_weight * posterior.kl().mean() / z[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+        optimizer.step()
+        losses.append(float(loss))
+        if step % 50 == 0 or step == config.vae_steps - 1:
+            logger.info("vae step %d/%d loss %.5f", step, config.vae_steps, loss)
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations of ``images``, (N, 4, 16, 16) each."""
+    means, stds = [], []
+    for start in range(0, len(images), batch):
+        posterior = vae.encode(images[start:start + batch]).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def fold_latent_normalisation(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make the VAE's latents ``(z - mean) / std`` per channel, exactly, via its 1x1 convs.
+
+    ``quant_conv`` outputs [posterior mean; log-variance] channels; ``post_quant_conv`` reads z.
+    """
+    channels = len(mean)
+    q_weight, q_bias = vae.quant_conv.weight, vae.quant_conv.bias
+    q_weight[:channels] /= std.view(-1, 1, 1, 1)
+    q_bias[:channels] = (q_bias[:channels] - mean) / std
+    q_bias[channels:] -= 2 * torch.log(std)
+    p_weight, p_bias = vae.post_quant_conv.weight, vae.post_quant_conv.bias
+    p_bias += (p_weight[:, :, 0, 0] * mean.view(1, -1)).sum(dim=1)
+    p_weight *= std.view(1, -1, 1, 1)
+
+
+# --------------------------------------------------------------------------- UNet + text encoder
+
+
+class EMA:
+    """Exponential moving average of a set of modules' parameters (with a short warm-up)."""
+
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.shadow = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
+        self.modules = modules
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, module in zip(self.shadow, self.modules):
+            for s, p in zip(shadow.parameters(), module.parameters()):
+                s.lerp_(p.detach(), 1 - decay)
+
+
+def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def train_unet(unet, text_encoder, tokenizer, latents, combos, config: TrainConfig,
+               on_checkpoint=None) -> tuple[EMA, list[float]]:
+    """Denoising training of UNet + text encoder on cached latent posteriors ``(mean, std)``."""
+    from dreamblend_ray.components import default_scheduler
+
+    means, stds = latents
+    alphas = default_scheduler().alphas_cumprod.float()
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    rng = random.Random(config.seed + 3)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    ema = EMA([unet, text_encoder], config.ema_decay)
+    unet.train()
+    text_encoder.train()
+    losses = []
+    started = time.time()
+    for step in range(config.unet_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+        loss = _unet_loss(unet, text_encoder, tokenizer, means, stds, combos, alphas,
+                          generator, rng, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        ema.update()
+        losses.append(float(loss))
+        if step % 50 == 0 or step == config.unet_steps - 1:
+            logger.info("unet step %d/%d loss %.4f (%.0f s)", step, config.unet_steps,
+                        np.mean(losses[-50:]), time.time() - started)
+        if on_checkpoint and (step + 1) % config.checkpoint_every == 0:
+            on_checkpoint(step + 1, ema, losses)
+    return ema, losses
+
+
+def _unet_loss(unet, text_encoder, tokenizer, means, stds, combos, alphas, generator, rng,
+               config: TrainConfig) -> torch.Tensor:
+    index = torch.randint(len(means), (config.batch,), generator=generator)
+    z0 = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+    captions = [random_caption(rng, combos[i], config.uncond) for i in index.tolist()]
+    noise = torch.randn(z0.shape, generator=generator)
+    noise = noise + config.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=generator)
+    t = torch.randint(len(alphas), (config.batch,), generator=generator)
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    hidden = text_encoder(_tokens(tokenizer, captions))[0]
+    prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
+    snr = alphas[t] / (1 - alphas[t])
+    weight = torch.clamp(snr, max=config.snr_gamma) / snr
+    per_sample = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+    return (weight * per_sample).mean()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def save(out: Path, vae, unet, text_encoder, tokenizer, meta: dict) -> None:
+    from dreamblend_ray.components import Components, default_scheduler, save_components
+
+    components = Components(unet, vae, text_encoder, tokenizer, default_scheduler(), "embedded")
+    save_components(components, out)
+    (out / "training.json").write_text(json.dumps(meta, indent=1))
+
+
+def train(out: str | Path, config: TrainConfig = TrainConfig()) -> Path:
+    """Run all stages and write the model (EMA weights) to ``out``; returns ``out``."""
+    torch.set_num_threads(config.threads)
+    out = Path(out)
+    timings = {}
+    started = time.time()
+    vae, unet, text_encoder, tokenizer = build_models(config.seed)
+    images, combos = render_scenes(config.scenes, config.seed)
+    timings["render_s"] = time.time() - started
+    logger.info("rendered %d scenes in %.0f s", len(images), timings["render_s"])
+    vae_losses = train_vae(vae, images, config)
+    means, _ = encode(vae, images)
+    fold_latent_normalisation(vae, means.mean(dim=(0, 2, 3)), means.std(dim=(0, 2, 3)))
+    latents = encode(vae, images)
+    timings["vae_s"] = time.time() - started - timings["render_s"]
+    logger.info("latent per-channel std after folding: %s", latents[0].std(dim=(0, 2, 3)).tolist())
+
+    def checkpoint(step, ema, losses):
+        meta = {"config": asdict(config), "unet_steps_done": step, "vae_losses": vae_losses[-10:],
+                "unet_loss_last100": float(np.mean(losses[-100:])), "timings": dict(timings),
+                "elapsed_s": time.time() - started}
+        save(out / "checkpoints" / f"step-{step}", vae, ema.shadow[0], ema.shadow[1], tokenizer, meta)
+
+    ema, losses = train_unet(unet, text_encoder, tokenizer, latents, combos, config, checkpoint)
+    timings["unet_s"] = time.time() - started - timings["render_s"] - timings["vae_s"]
+    meta = {"config": asdict(config), "unet_steps_done": config.unet_steps, "timings": timings,
+            "unet_loss_last100": float(np.mean(losses[-100:])), "elapsed_s": time.time() - started}
+    save(out, vae, ema.shadow[0], ema.shadow[1], tokenizer, meta)
+    logger.info("saved the embedded model to %s in %.0f s", out, time.time() - started)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: the package's embedded/weights)")
+    for name, value in asdict(defaults).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                            help=f"default {value}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{name: getattr(args, name) for name in asdict(TrainConfig())})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dreamblend_ray.components import embedded_model_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(args.out or embedded_model_dir(), config_from_args(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
