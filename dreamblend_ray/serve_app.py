@@ -237,15 +237,16 @@ def build_app(args: AppArgs) -> Application:
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
     fields = args.model_dump()
+    runtime_env = {"env_vars": dict(args.env_vars)} if args.env_vars else {}
     model = DreamBlendModel.options(
         autoscaling_config=args.autoscaling_config(),
-        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "runtime_env": runtime_env},
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         graceful_shutdown_timeout_s=max(5.0, min(args.request_timeout_s, 60.0)),
     ).bind(fields)
     return DreamBlendIngress.options(
         num_replicas=args.ingress_replicas,
-        ray_actor_options={"num_cpus": args.ingress_num_cpus},
+        ray_actor_options={"num_cpus": args.ingress_num_cpus, "runtime_env": runtime_env},
         max_ongoing_requests=max(64, 4 * args.max_ongoing_requests),
     ).bind(model, fields)

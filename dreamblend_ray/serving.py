@@ -85,6 +85,8 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="per caller of the model; -1 = unbounded")
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.25, ge=0)
+    env_vars: dict[str, str] = Field(default_factory=dict,
+                                     description="extra environment of both deployments' replicas")
     # auth
     auth_enabled: bool = False
     api_key_env: str = Field("DREAMBLEND_API_KEY", description="environment variable holding the key")

@@ -1,0 +1,257 @@
+"""The Ray Serve endpoint end to end: local Ray, the tiny model, real HTTP on 127.0.0.1.
+
+Subjects are really fine-tuned (``finetune_subject``, a few LoRA steps on the tiny model) into a
+temporary storage root; the model deployment loads their pairs with ``checkpoints.load_pair`` and
+samples with the real ``DreamBlendSampler``. Three deployments of the same application:
+auth on (round trip, batching, multiplexing/LRU, bad input), auth off with tight back-pressure
+and a short timeout (503, 504, the replica survives), and autoscaling 1 -> 2 -> 1 (slow).
+"""
+
+import concurrent.futures as futures
+import io
+import socket
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+httpx = pytest.importorskip("httpx")
+
+API_KEY = "test-key-0123456789"
+STEPS = 4  # default DDIM steps of the test apps: the tiny model, seconds per request on CPU
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ball_images(color) -> list:
+    images = []
+    for shift in range(3):
+        image = Image.new("RGB", (32, 32), (0, 0, 0))
+        ImageDraw.Draw(image).ellipse((6 + shift, 6, 24 + shift, 24), fill=color)
+        images.append(image)
+    return images
+
+
+@pytest.fixture(scope="module")
+def storage_root(tmp_path_factory, tiny_components):
+    """Three subjects, LoRA-fine-tuned 4 steps each, checkpoints at steps 2 (G) and 4 (E)."""
+    from dreamblend_ray.config import FinetuneConfig
+    from dreamblend_ray.finetune import finetune_subject
+
+    root = str(tmp_path_factory.mktemp("serve-storage"))
+    config = FinetuneConfig(steps=4, learning_rate=5e-2, prior_preservation=False, checkpoint_steps=(2, 4),
+                            device="cpu")
+    for subject_id, color in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))):
+        finetune_subject(tiny_components, ball_images(color), "ball", subject_id, root, config, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_local):
+    """Serve on a free loopback port for this module; shut down after."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def deploy(storage_root, **overrides):
+    from ray import serve
+
+    from dreamblend_ray.serve_app import build_app
+
+    args = {"base": "tiny", "storage_root": storage_root, "default_steps": STEPS, "num_cpus": 0.1,
+            "ingress_num_cpus": 0.1, "max_models_per_replica": 2, "manifest_cache_s": 0, **overrides}
+    serve.run(build_app(args), name="dreamblend", route_prefix="/")
+
+
+def pixels(png: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def post_many(url, bodies, headers=None, timeout=120):
+    def post(body):
+        return httpx.post(f"{url}/v1/generate", json=body, headers=headers, timeout=timeout)
+
+    with futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))
+
+
+# --------------------------------------------------------------------------- app 1: auth on
+
+@pytest.fixture(scope="module")
+def auth_app(serve_url, storage_root, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("secret") / "api-key"  # as a mounted Kubernetes secret
+    key_file.write_text(API_KEY + "\n")
+    deploy(storage_root, auth_enabled=True, api_key_file=str(key_file), max_batch_size=8,
+           batch_wait_timeout_s=0.5, max_body_bytes=4096, max_images_per_request=4, max_prompts=2)
+    client = httpx.Client(base_url=serve_url, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
+    yield client
+    client.close()
+
+
+def test_round_trip_png_and_json(auth_app):
+    response = auth_app.post("/v1/generate", json={"subject_id": "red", "prompt": "a sks ball", "seed": 7})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert pixels(response.content).shape == (32, 32, 3)
+    assert response.headers["x-dreamblend-model-id"] == "red"
+    assert response.headers["x-dreamblend-replica"]
+    response = auth_app.post("/v1/generate", json={"subject_id": "red", "prompts": ["a sks ball", "a ball"],
+                                                   "seed": 7})
+    body = response.json()
+    assert response.status_code == 200 and body["seeds"] == [7, 8] and len(body["images"]) == 2
+    assert auth_app.get("/v1/subjects/red").json()["edit_step"] == 4
+    assert auth_app.get("/docs").status_code == 200
+
+
+def test_auth_required_and_checked(auth_app, serve_url):
+    body = {"subject_id": "red", "prompt": "a ball"}
+    assert httpx.post(f"{serve_url}/v1/generate", json=body).status_code == 401
+    assert httpx.post(f"{serve_url}/v1/generate", json=body, headers={"X-API-Key": "nope"}).status_code == 401
+    assert httpx.get(f"{serve_url}/v1/subjects/red").status_code == 401
+    assert httpx.get(f"{serve_url}/healthz").status_code == 200
+
+
+def test_concurrent_requests_are_batched_and_equal_served_alone(auth_app, serve_url):
+    bodies = [{"subject_id": "red", "prompt": f"a sks ball {word}", "seed": 100 + i}
+              for i, word in enumerate(["on grass", "in snow", "at night", "on a table", "red", "blue"])]
+    together = post_many(serve_url, bodies, headers=auth_app.headers)
+    assert all(r.status_code == 200 for r in together), [r.text for r in together]
+    sizes = [int(r.headers["x-dreamblend-batch-size"]) for r in together]
+    assert max(sizes) > 1, sizes
+    for body, batched in zip(bodies, together):
+        alone = auth_app.post("/v1/generate", json=body)
+        assert alone.headers["x-dreamblend-batch-size"] == "1"
+        # Batch invariance up to float kernels that differ with the batch size: at most one
+        # 8-bit level on a few pixels (most images are byte-identical).
+        diff = np.abs(pixels(batched.content) - pixels(alone.content))
+        assert diff.max() <= 1 and diff.mean() < 0.01, (body, diff.max(), diff.mean())
+
+
+def test_two_subjects_on_one_replica_and_lru_eviction(auth_app):
+    def loaded_after(subject_id):
+        response = auth_app.post("/v1/generate", json={"subject_id": subject_id, "prompt": "a ball", "seed": 1})
+        assert response.status_code == 200, response.text
+        return response.headers["x-dreamblend-replica"], response.headers["x-dreamblend-loaded-models"]
+
+    replica, _ = loaded_after("red")
+    assert loaded_after("green") == (replica, "red,green")
+    assert loaded_after("red") == (replica, "red,green")  # red becomes most recently used
+    assert loaded_after("blue") == (replica, "red,blue")  # green, the LRU one, is evicted
+    assert auth_app.get("/healthz", params={"deep": "true"}).json()["model"]["loaded_models"] == ["red", "blue"]
+
+
+def test_step_override_is_a_separate_model(auth_app):
+    body = {"subject_id": "green", "prompt": "a sks ball", "seed": 3, "alpha": 0.0}
+    default = auth_app.post("/v1/generate", json=body)
+    early = auth_app.post("/v1/generate", json={**body, "edit_step": 2})
+    assert early.headers["x-dreamblend-model-id"] == "green@e2"
+    assert np.abs(pixels(default.content) - pixels(early.content)).max() > 0  # E = step 2, not step 4
+    same = auth_app.post("/v1/generate", json={**body, "edit_step": 4})  # the default: same model id
+    assert same.headers["x-dreamblend-model-id"] == "green"
+    assert same.content == default.content
+
+
+@pytest.mark.parametrize("body,status,field", [
+    ({"subject_id": "nobody", "prompt": "x"}, 404, None),
+    ({"subject_id": "../etc", "prompt": "x"}, 422, "subject_id"),
+    ({"subject_id": "red"}, 422, None),
+    ({"subject_id": "red", "prompt": "x", "num_images": 5}, 422, "num_images"),
+    ({"subject_id": "red", "prompts": ["a", "b", "c"]}, 422, "prompts"),
+    ({"subject_id": "red", "prompt": "x", "alpha": "strong"}, 422, "alpha"),
+    ({"subject_id": "red", "prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps"),
+    ({"subject_id": "red", "prompt": "x", "num_inference_steps": 4, "guidance_steps": 5}, 422, "guidance_steps"),
+    ({"subject_id": "red", "prompt": "x", "guidance_step": 3}, 422, "guidance_step"),
+    ({"subject_id": "red", "prompt": "x" * 5000}, 413, None),
+])
+def test_bad_input_gets_a_4xx_and_the_endpoint_still_serves(auth_app, body, status, field):
+    response = auth_app.post("/v1/generate", json=body)
+    assert response.status_code == status, response.text
+    if field is not None:
+        assert field in {str(p) for item in response.json()["detail"] for p in item["loc"]}
+    assert auth_app.post("/v1/generate", json={"subject_id": "red", "prompt": "a ball", "seed": 1,
+                                               "num_inference_steps": 2}).status_code == 200
+
+
+def test_health_answers_while_the_replica_samples(auth_app, serve_url):
+    with futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(auth_app.post, "/v1/generate",
+                           json={"subject_id": "red", "prompt": "a ball", "num_inference_steps": 60})
+        time.sleep(1.0)
+        start = time.monotonic()
+        health = httpx.get(f"{serve_url}/healthz", params={"deep": "true"}, timeout=30)
+        waited = time.monotonic() - start
+        finished_first = slow.done()
+        assert slow.result().status_code == 200
+    assert health.status_code == 200 and health.json()["model"]["replica"]
+    assert finished_first or waited < 5.0, waited  # the model replica's event loop is not blocked
+
+
+# --------------------------------------------------------------------------- app 2: back-pressure
+
+def test_overload_503_timeout_504_and_the_replica_survives(serve_url, storage_root):
+    deploy(storage_root, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1,
+           request_timeout_s=6.0, max_inference_steps=400)
+    body = {"subject_id": "blue", "prompt": "a ball", "seed": 5}
+    first = httpx.post(f"{serve_url}/v1/generate", json=body, timeout=60)  # auth off: no key needed
+    assert first.status_code == 200, first.text
+    burst = post_many(serve_url, [body] * 8, timeout=60)
+    codes = sorted(r.status_code for r in burst)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    assert next(r for r in burst if r.status_code == 503).headers["retry-after"]
+
+    start = time.monotonic()
+    late = httpx.post(f"{serve_url}/v1/generate", json={**body, "num_inference_steps": 400}, timeout=60)
+    assert late.status_code == 504, late.text
+    assert time.monotonic() - start < 20
+    after = httpx.post(f"{serve_url}/v1/generate", json=body, timeout=60)  # deadline aborted the sampling
+    assert after.status_code == 200
+    assert after.headers["x-dreamblend-replica"] == first.headers["x-dreamblend-replica"]
+
+
+# --------------------------------------------------------------------------- app 3: autoscaling
+
+def running_replicas() -> int:
+    from ray import serve
+
+    deployment = serve.status().applications["dreamblend"].deployments["DreamBlendModel"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.slow
+def test_autoscales_one_to_two_and_back(serve_url, storage_root):
+    deploy(storage_root, min_replicas=1, max_replicas=2, target_ongoing_requests=1, max_batch_size=1,
+           max_ongoing_requests=2, max_queued_requests=-1, upscale_delay_s=0.5, downscale_delay_s=2.0,
+           look_back_period_s=2.0, env_vars={"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+                                             "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"})
+    assert running_replicas() == 1
+    body = {"subject_id": "red", "prompt": "a ball", "num_inference_steps": 2}
+    stop, seen = time.monotonic() + 90, set()
+
+    def load():
+        while time.monotonic() < stop and running_replicas() < 2:
+            response = httpx.post(f"{serve_url}/v1/generate", json={**body, "seed": len(seen)}, timeout=60)
+            assert response.status_code == 200, response.text
+            seen.add(response.headers["x-dreamblend-replica"])
+
+    with futures.ThreadPoolExecutor(4) as pool:
+        for result in [pool.submit(load) for _ in range(4)]:
+            result.result()
+    assert running_replicas() == 2, "no scale-up within 90 s of sustained load"
+
+    deadline = time.monotonic() + 60
+    while running_replicas() > 1 and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert running_replicas() == 1, "no scale-down within 60 s after the load stopped"
