@@ -131,6 +131,41 @@ def subject_items(specs: list[SubjectSpec], base_config: FinetuneConfig) -> list
     return items
 
 
+def already_complete(items: list[dict], output: str) -> list[dict]:
+    """"skipped" rows for subjects whose manifest exists (checked concurrently, from the driver,
+    so a finished rerun starts no actors); actors check again before they train."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(item):
+        start = time.perf_counter()
+        if not checkpoints.is_complete(output, item["subject_id"]):
+            return None
+        manifest = checkpoints.read_manifest(output, item["subject_id"])
+        return result_row(item["subject_id"], "skipped", output, time.perf_counter() - start, manifest)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [row for row in pool.map(check, items) if row is not None]
+
+
+def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResources, address: str | None,
+                  total: int, done: int) -> list[dict]:
+    """Run ``items`` through the FinetuneActor pool; log each subject as its row arrives."""
+    init_ray(address)
+    import ray.data
+
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        FinetuneActor, fn_constructor_kwargs={"base": base, "output": output,
+                                              "torch_threads": resources.threads,
+                                              "use_gpu": resources.gpus_per_actor > 0},
+        **resources.map_batches_args())
+    rows = []
+    for row in dataset.iter_rows():
+        rows.append(dict(row))
+        logger.info("[%d/%d] %s: %s%s (%.1fs)", done + len(rows), total, row["subject_id"], row["status"],
+                    f" - {row['error']}" if row["error"] else "", row["seconds"])
+    return rows
+
+
 def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: str = "embedded",
                      config: FinetuneConfig = FinetuneConfig(), resources: JobResources = JobResources(),
                      run_id: str | None = None, address: str | None = None) -> FinetuneJobResult:
@@ -150,19 +185,12 @@ def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: st
         "resources": to_dict(resources), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     logger.info("run %s: %d subjects -> %s on %d actor(s)", run_id, len(items), output, resources.num_actors)
 
-    init_ray(address)
-    import ray.data
-
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        FinetuneActor, fn_constructor_kwargs={"base": base, "output": output,
-                                              "torch_threads": resources.threads,
-                                              "use_gpu": resources.gpus_per_actor > 0},
-        **resources.map_batches_args())
-    rows = []
-    for row in dataset.iter_rows():
-        rows.append(dict(row))
-        logger.info("[%d/%d] %s: %s%s (%.1fs)", len(rows), len(items), row["subject_id"], row["status"],
-                    f" - {row['error']}" if row["error"] else "", row["seconds"])
+    rows = already_complete(items, output)
+    todo = [item for item in items if item["subject_id"] not in {r["subject_id"] for r in rows}]
+    logger.info("run %s: %d of %d subjects already complete, %d to fine-tune", run_id, len(rows),
+                len(items), len(todo))
+    if todo:
+        rows += fine_tune_all(todo, output, base, resources, address, total=len(items), done=len(rows))
     rows.sort(key=lambda r: r["subject_id"])
     results_uri = write_parquet(storage.join(run, "results.parquet"), rows, RESULT_SCHEMA)
     result = FinetuneJobResult(run_id, results_uri, rows, time.perf_counter() - start)
