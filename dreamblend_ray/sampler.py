@@ -1,0 +1,251 @@
+"""The DreamBlend sampler: E (late checkpoint) sampled with DDIM+CFG while its cross-attention maps
+are steered toward those of G (early checkpoint), run in lockstep on the same prompt and noise.
+
+Algorithm (ARCHITECTURE.md, "The method")::
+
+    z_G = z_E = noise(seed_b)
+    for i, t in enumerate(timesteps):
+        if i < K or reference wanted:  eps_G, A_G = G(z_G, t); z_G = ddim(z_G, eps_G)
+        if i < K and alpha > 0:        z_E = z_E - eta_i * dL/dz_E, L = alpha * d(A_E(z_E), A_G)
+        eps_E = E(z_E, t);             z_E = ddim(z_E, eps_E)
+
+Every sample has its own generator, and every operation acts per sample, so a sample's image
+depends only on its own prompt, seed and settings (batch invariance).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from dreamblend_ray import guidance
+from dreamblend_ray.attention import Recorder, StopForward, recording, select_layers
+from dreamblend_ray.components import Components
+from dreamblend_ray.config import SamplingConfig
+from dreamblend_ray.pair import single
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch: ``embeds`` rows are ``[uncond; cond]`` under CFG, else ``[cond]``.
+
+    ``added_cond_kwargs`` is where SDXL's pooled embeddings and time ids go; SD 1.x/2.x leave it None.
+    """
+
+    embeds: torch.Tensor
+    input_ids: torch.Tensor
+    do_cfg: bool
+    added_cond_kwargs: dict | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def cond_rows(self) -> slice:
+        return slice(self.batch, 2 * self.batch) if self.do_cfg else slice(0, self.batch)
+
+    def cond_only(self) -> "Conditioning":
+        rows = self.cond_rows
+        extra = None if self.added_cond_kwargs is None else {
+            key: value[rows] for key, value in self.added_cond_kwargs.items()}
+        return Conditioning(self.embeds[rows], self.input_ids, False, extra)
+
+
+@dataclass
+class SampleResult:
+    """E's images, optionally G's reference images, and the per-step E-to-G attention distance.
+
+    arrays: ``(B, H, W, 3)`` float32 in [0, 1] (the decoded images before 8-bit quantisation).
+    attention_distance: ``(B, S)`` for the S steps where it was measured (the guidance window).
+    """
+
+    images: list[Image.Image]
+    arrays: np.ndarray
+    reference_images: list[Image.Image] | None
+    reference_arrays: np.ndarray | None
+    attention_distance: torch.Tensor
+    seconds: float
+
+
+def encode_prompts(components: Components, prompts: list[str], negative_prompts: list[str] | None,
+                   do_cfg: bool) -> Conditioning:
+    """CLIP text embeddings as diffusers' StableDiffusionPipeline computes them."""
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+
+    def embed(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(components.device)
+        return encoder(ids)[0].to(components.unet.dtype), ids
+
+    cond, ids = embed(prompts)
+    if not do_cfg:
+        return Conditioning(cond, ids, False)
+    uncond, _ = embed(negative_prompts or [""] * len(prompts))
+    return Conditioning(torch.cat([uncond, cond]), ids, True)
+
+
+def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """One CPU generator per sample (device-independent noise), as diffusers does for a list."""
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype)
+             for seed in seeds]
+    return torch.cat(noise).to(device)
+
+
+def decode_latents(components: Components, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode to ``(B, 3, H, W)`` float32 in [0, 1]; honours per-channel latent statistics."""
+    vae = components.vae
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    image = vae.decode(latents.to(vae.dtype)).sample
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(arrays: np.ndarray) -> list[Image.Image]:
+    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arrays]
+
+
+class DreamBlendSampler:
+    """Lockstep G/E DDIM sampling with cross-attention guidance. Not thread-safe per base UNet."""
+
+    def __init__(self, components: Components):
+        self.components = components
+
+    # ------------------------------------------------------------------ checks
+
+    def check_inputs(self, prompts, seeds, config, negative_prompts) -> tuple[int, int]:
+        if not isinstance(config, SamplingConfig):
+            raise ValueError(f"config must be a SamplingConfig, got {type(config).__name__}")
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds: got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
+        for seed in seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {seed!r}")
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(f"negative_prompts: got {len(negative_prompts)} for {len(prompts)} prompts")
+        factor = self.components.vae_scale_factor
+        height = config.height or self.components.default_size
+        width = config.width or self.components.default_size
+        for name, value in (("height", height), ("width", width)):
+            if value % factor:
+                raise ValueError(f"{name} must be divisible by the VAE factor {factor}, got {value}")
+        return height, width
+
+    # ------------------------------------------------------------------ model calls
+
+    @staticmethod
+    def predict_noise(unet, recorder: Recorder, latents, t, cond: Conditioning, scale: float,
+                      record: bool) -> tuple[torch.Tensor, dict]:
+        """CFG noise prediction; the conditional branch's maps when ``record``."""
+        model_input = torch.cat([latents] * 2) if cond.do_cfg else latents
+        maps = {}
+        if record:
+            with recorder.capture(rows=cond.cond_rows) as store:
+                noise = unet(model_input, t, encoder_hidden_states=cond.embeds,
+                             added_cond_kwargs=cond.added_cond_kwargs).sample
+            maps = store.maps
+        else:
+            noise = unet(model_input, t, encoder_hidden_states=cond.embeds,
+                         added_cond_kwargs=cond.added_cond_kwargs).sample
+        return (guidance.cfg_combine(noise, scale) if cond.do_cfg else noise), maps
+
+    @staticmethod
+    def guide(unet, recorder: Recorder, latents, t, cond: Conditioning, maps_g: dict,
+              mask: torch.Tensor, last_layer: str, alpha: float, eta: float) -> torch.Tensor:
+        """One attention-guidance step on E's latents (gradient through E's cond branch only)."""
+        cond_only = cond.cond_only()
+        z = latents.detach().requires_grad_(True)
+        with torch.enable_grad(), recorder.capture(rows=slice(None), keep_graph=True,
+                                                   stop_after=last_layer) as store:
+            try:
+                unet(z, t, encoder_hidden_states=cond_only.embeds,
+                     added_cond_kwargs=cond_only.added_cond_kwargs)
+            except StopForward:
+                pass  # the rest of the UNet does not affect the selected maps
+            distance = guidance.attention_distance(store.maps, maps_g, mask)
+            (grad,) = torch.autograd.grad(distance.sum(), z)
+        return guidance.latent_update(latents, grad, distance.detach(), alpha, eta)
+
+    # ------------------------------------------------------------------ the loop
+
+    @torch.no_grad()
+    def sample(self, pair, prompts: list[str], seeds: list[int], config: SamplingConfig = SamplingConfig(),
+               negative_prompts: list[str] | None = None, callback=None,
+               track_distance: bool = False) -> SampleResult:
+        """Generate one image per (prompt, seed). ``callback(step, total)`` after every step.
+
+        track_distance: measure the E-to-G distance inside the window even when alpha = 0
+        (G then runs in the window); with alpha > 0 it is always measured.
+        """
+        height, width = self.check_inputs(prompts, seeds, config, negative_prompts)
+        start = time.perf_counter()
+        c = self.components
+        scheduler = DDIMScheduler.from_config(c.scheduler.config)
+        scheduler.set_timesteps(config.num_inference_steps, device=c.device)
+        cond = encode_prompts(c, list(prompts), negative_prompts, config.guidance_scale > 1.0)
+        mask = guidance.prompt_token_mask(cond.input_ids, c.tokenizer.eos_token_id, config.token_indices)
+        layers = select_layers(pair.unets[0], config.layers)
+        shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
+        z_e = initial_latents(seeds, shape, c.device, c.unet.dtype) * scheduler.init_noise_sigma
+        z_g = z_e.clone()
+        window, guided_any = config.window, config.alpha > 0
+        recorder, distances = Recorder(), []
+        total = len(scheduler.timesteps)
+        with ExitStack() as stack:
+            for unet in pair.unets:
+                stack.enter_context(recording(unet, layers, recorder))
+            for i, t in enumerate(scheduler.timesteps):
+                guided = guided_any and i < window
+                measured = i < window and (guided or track_distance)
+                if measured or config.return_reference:
+                    with pair.guidance() as unet_g:
+                        eps_g, maps_g = self.predict_noise(unet_g, recorder, z_g, t, cond,
+                                                           config.guidance_scale, record=measured)
+                    z_g = scheduler.step(eps_g, t, z_g).prev_sample
+                with pair.edit() as unet_e:
+                    if guided:
+                        eta = guidance.step_size(config.eta_schedule, config.step_size, i, window)
+                        z_e = self.guide(unet_e, recorder, z_e, t, cond, maps_g, mask,
+                                         layers[-1].name, config.alpha, eta)
+                    eps_e, maps_e = self.predict_noise(unet_e, recorder, z_e, t, cond,
+                                                       config.guidance_scale, record=measured)
+                if measured:
+                    distances.append(guidance.attention_distance(maps_e, maps_g, mask).cpu())
+                z_e = scheduler.step(eps_e, t, z_e).prev_sample
+                if callback is not None:
+                    callback(i + 1, total)
+        return self._result(z_e, z_g if config.return_reference else None, distances, start)
+
+    def _result(self, z_e, z_g, distances, start) -> SampleResult:
+        arrays = decode_latents(self.components, z_e).permute(0, 2, 3, 1).cpu().numpy()
+        ref = None if z_g is None else decode_latents(self.components, z_g).permute(0, 2, 3, 1).cpu().numpy()
+        dist = torch.stack(distances, dim=1) if distances else torch.zeros(len(arrays), 0)
+        return SampleResult(to_pil(arrays), arrays, None if ref is None else to_pil(ref), ref,
+                            dist, time.perf_counter() - start)
+
+
+def plain_sample(components: Components, unet, prompts: list[str], seeds: list[int],
+                 num_inference_steps: int = 30, guidance_scale: float = 3.0,
+                 negative_prompts: list[str] | None = None) -> SampleResult:
+    """Plain DDIM+CFG sampling of one UNet (DreamBlend with alpha = 0)."""
+    config = SamplingConfig(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, alpha=0.0)
+    return DreamBlendSampler(components).sample(single(unet), prompts, seeds, config, negative_prompts)
