@@ -9,10 +9,14 @@ the same application from an installed package:
          -> DreamBlendModel (autoscaled; @serve.multiplexed subject pairs, @serve.batch requests)
 
 Build it in Python with ``build_app({"base": "tiny", "storage_root": "/data"})`` or
-``build_app(AppArgs(...))`` and pass the result to ``serve.run``.
+``build_app(AppArgs(...))`` and pass the result to ``serve.run``. ``app`` is the application with
+default arguments, for tools that want a built application rather than a builder
+(``serve build deployments.app:app -o config.yaml``).
 """
 
 from dreamblend_ray.serve_app import DreamBlendIngress, DreamBlendModel, build_app
 from dreamblend_ray.serving import AppArgs
 
-__all__ = ["AppArgs", "DreamBlendIngress", "DreamBlendModel", "build_app"]
+app = build_app(AppArgs())
+
+__all__ = ["AppArgs", "DreamBlendIngress", "DreamBlendModel", "app", "build_app"]

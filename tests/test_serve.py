@@ -126,7 +126,7 @@ def test_auth_required_and_checked(auth_app, serve_url):
 
 def test_concurrent_requests_are_batched_and_equal_served_alone(auth_app, serve_url):
     bodies = [{"subject_id": "red", "prompt": f"a sks ball {word}", "seed": 100 + i}
-              for i, word in enumerate(["on grass", "in snow", "at night", "on a table", "red", "blue"])]
+              for i, word in enumerate(["on grass", "in snow", "at night", "on a table"])]
     together = post_many(serve_url, bodies, headers=auth_app.headers)
     assert all(r.status_code == 200 for r in together), [r.text for r in together]
     sizes = [int(r.headers["x-dreamblend-batch-size"]) for r in together]
@@ -188,7 +188,7 @@ def test_bad_input_gets_a_4xx_and_the_endpoint_still_serves(auth_app, body, stat
 def test_health_answers_while_the_replica_samples(auth_app, serve_url):
     with futures.ThreadPoolExecutor(1) as pool:
         slow = pool.submit(auth_app.post, "/v1/generate",
-                           json={"subject_id": "red", "prompt": "a ball", "num_inference_steps": 60})
+                           json={"subject_id": "red", "prompt": "a ball", "num_inference_steps": 40})
         time.sleep(1.0)
         start = time.monotonic()
         health = httpx.get(f"{serve_url}/healthz", params={"deep": "true"}, timeout=30)
@@ -203,7 +203,7 @@ def test_health_answers_while_the_replica_samples(auth_app, serve_url):
 
 def test_overload_503_timeout_504_and_the_replica_survives(serve_url, storage_root):
     deploy(storage_root, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1,
-           request_timeout_s=6.0, max_inference_steps=400)
+           request_timeout_s=4.0, max_inference_steps=400)
     body = {"subject_id": "blue", "prompt": "a ball", "seed": 5}
     first = httpx.post(f"{serve_url}/v1/generate", json=body, timeout=60)  # auth off: no key needed
     assert first.status_code == 200, first.text
