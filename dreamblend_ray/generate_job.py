@@ -262,3 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     return 0 if result.failed == 0 or args.allow_failures else 3
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

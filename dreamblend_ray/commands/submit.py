@@ -1,13 +1,181 @@
-"""`dreamblend submit`: not landed yet (issue #5, Ray job submission)."""
+"""`dreamblend submit finetune|generate`: run a batch job on a running Ray cluster.
+
+    dreamblend submit finetune --address http://HEAD:8265 --follow -- \
+        --subjects s3://bucket/subjects.jsonl --output s3://bucket/out --num-actors 4 --gpus-per-actor 1
+
+Everything after ``--`` goes to the job script (jobs/finetune_subjects.py or jobs/generate_batch.py;
+see their --help). The job is submitted through Ray's JobSubmissionClient with this checkout as
+the ``working_dir`` (minus .venv, .git, outputs and caches), or, from an installed package outside
+a checkout, with the package as a ``py_modules`` entry. The storage endpoint and region variables
+of this shell are passed to the job; AWS credentials only with --forward-aws-credentials (they
+would show in the job's runtime_env on the dashboard: prefer the cluster's own IAM role).
+Token authentication: RAY_AUTH_TOKEN (or the file at RAY_AUTH_TOKEN_PATH) is sent as a Bearer
+token; with RAY_AUTH_MODE=token Ray's client also finds its default token file itself.
+"""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+from pathlib import Path
 
-from dreamblend_ray.cli import NotLandedError
+logger = logging.getLogger(__name__)
+
+JOBS = {"finetune": ("jobs/finetune_subjects.py", "dreamblend_ray.finetune_job"),
+        "generate": ("jobs/generate_batch.py", "dreamblend_ray.generate_job")}
+EXCLUDES = [".venv", ".venv/**", ".git", "outputs", "**/__pycache__", ".pytest_cache", "*.egg-info",
+            ".cache", "build", "dist"]
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Not implemented yet: lands with issue #5 (Ray job submission)."
+    parser.usage = "dreamblend submit {finetune,generate} --address URL [options] -- JOB_ARGS..."
+    parser.add_argument("job", choices=sorted(JOBS), help="which batch job to run")
+    parser.add_argument("job_args", nargs=argparse.REMAINDER,
+                        help="submit options, then `--`, then the job script's arguments "
+                             "(see `python jobs/finetune_subjects.py --help`)")
+    add_options(parser)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+                        help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
+                             "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
+    parser.add_argument("--follow", action="store_true",
+                        help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
+    parser.add_argument("--submission-id", help="a name for the submission (default: Ray picks one)")
+    parser.add_argument("--working-dir", help="directory to ship as the job's working_dir "
+                                              "(default: this checkout, when run from one)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                        help="extra environment variable for the job (repeatable; NAME alone copies it)")
+    parser.add_argument("--forward-aws-credentials", action="store_true",
+                        help="also pass AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN from this shell")
+    parser.add_argument("--entrypoint-num-cpus", type=float, default=None,
+                        help="CPUs reserved for the job's driver (default: none)")
+
+
+def split_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Separate the submit options that argparse left among the job's arguments.
+
+    With `--`, what precedes it are submit options and what follows is the job's. Without one
+    (argparse drops it when the options come before the job name), known submit options are
+    taken and the rest goes to the job. ``args.job_args`` becomes the job's arguments alone.
+    """
+    raw = list(args.job_args)
+    own, rest = (raw[:raw.index("--")], raw[raw.index("--") + 1:]) if "--" in raw else (raw, None)
+    parser = argparse.ArgumentParser(prog=f"dreamblend submit {args.job}", add_help=False, exit_on_error=False)
+    add_options(parser)
+    try:
+        _, unknown = parser.parse_known_args(own, namespace=args)
+    except argparse.ArgumentError as exc:
+        raise ValueError(f"dreamblend submit: {exc}") from exc
+    if rest is not None and unknown:
+        raise ValueError(f"dreamblend submit: unknown option(s) {unknown} before `--` "
+                         "(the job's own arguments go after it)")
+    args.job_args = rest if rest is not None else unknown
+    return args
+
+
+def repo_root() -> Path | None:
+    """This checkout's root when the package runs from one (it holds jobs/ and pyproject.toml)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / JOBS["finetune"][0]).is_file() else None
+
+
+def job_env(args: argparse.Namespace) -> dict[str, str]:
+    """Variables for the job: storage endpoint/region, optionally credentials, and --env entries."""
+    from dreamblend_ray.job_common import storage_env
+
+    env = storage_env()
+    if args.forward_aws_credentials:
+        env.update({n: os.environ[n] for n in CREDENTIAL_VARIABLES if os.environ.get(n)})
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not name or not name.replace("_", "").isalnum():
+            raise ValueError(f"--env must be NAME or NAME=VALUE, got {item!r}")
+        if not sep and name not in os.environ:
+            raise ValueError(f"--env {name}: not set in this shell")
+        env[name] = value if sep else os.environ[name]
+    return env
+
+
+def build_submission(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` for ``args``."""
+    import shlex
+
+    script, module = JOBS[args.job]
+    runtime_env: dict = {"env_vars": job_env(args)}
+    working_dir = Path(args.working_dir) if args.working_dir else repo_root()
+    if working_dir is not None:
+        if not (working_dir / script).is_file():
+            raise ValueError(f"--working-dir {working_dir} has no {script}")
+        runtime_env.update(working_dir=str(working_dir), excludes=EXCLUDES)
+        entrypoint = ["python", script]
+    else:
+        import dreamblend_ray
+
+        runtime_env["py_modules"] = [str(Path(dreamblend_ray.__file__).parent)]
+        entrypoint = ["python", "-m", module]
+    entrypoint += list(args.job_args)
+    submission = {"entrypoint": shlex.join(entrypoint), "runtime_env": runtime_env,
+                  "metadata": {"dreamblend_job": args.job}}
+    if args.submission_id:
+        submission["submission_id"] = args.submission_id
+    if args.entrypoint_num_cpus is not None:
+        submission["entrypoint_num_cpus"] = args.entrypoint_num_cpus
+    return submission
+
+
+def auth_headers() -> dict[str, str]:
+    """A Bearer header from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH; {} when neither is set."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        token = Path(path).expanduser().read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def follow(client, submission_id: str) -> str:
+    """Print the job's logs as they come; return its final status name."""
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(submission_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    return wait_for_end(client, submission_id)
+
+
+def wait_for_end(client, submission_id: str, poll_s: float = 1.0) -> str:
+    import time
+
+    while (status := str(client.get_job_status(submission_id).value)) not in TERMINAL:
+        time.sleep(poll_s)
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotLandedError("`dreamblend submit` is not implemented yet: it lands with issue #5 (Ray job submission)")
+    args = split_arguments(args)
+    if not args.address:
+        raise ValueError("--address is required (the dashboard URL, e.g. http://127.0.0.1:8265)")
+    if not args.job_args:
+        raise ValueError(f"give the job's arguments after `--`, e.g. `dreamblend submit {args.job} "
+                         f"--address URL -- --help`")
+    from ray.job_submission import JobSubmissionClient
+
+    submission = build_submission(args)
+    client = JobSubmissionClient(args.address, headers=auth_headers())
+    submission_id = client.submit_job(**submission)
+    logger.info("submitted %s job %s to %s: %s", args.job, submission_id, args.address, submission["entrypoint"])
+    print(submission_id, flush=True)
+    if not args.follow:
+        logger.info("follow it with: ray job logs --address %s --follow %s", args.address, submission_id)
+        return 0
+    status = follow(client, submission_id)
+    logger.info("job %s finished: %s", submission_id, status)
+    return 0 if status == "SUCCEEDED" else 1

@@ -1,0 +1,169 @@
+"""`dreamblend submit`: argument handling, and a real job on a `ray start --head` cluster on loopback.
+
+The cluster gets random free ports and its own --temp-dir; it is stopped by killing the
+processes that carry that temp dir (never a machine-wide `ray stop`: other clusters may run here).
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dreamblend_ray.commands import submit
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    submit.add_arguments(parser)
+    return submit.split_arguments(parser.parse_args(argv))
+
+
+def test_options_before_and_after_the_job_name_and_job_args_after_dashes(monkeypatch):
+    monkeypatch.setenv("DREAMBLEND_S3_ENDPOINT", "http://minio:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    args = parse(["finetune", "--address", "http://h:8265", "--follow", "--env", "X=1", "--",
+                  "--subjects", "s3://b/s.jsonl", "--address", "auto"])
+    assert (args.address, args.follow) == ("http://h:8265", True)
+    sub = submit.build_submission(args)
+    assert sub["entrypoint"] == "python jobs/finetune_subjects.py --subjects s3://b/s.jsonl --address auto"
+    env = sub["runtime_env"]["env_vars"]
+    assert env["DREAMBLEND_S3_ENDPOINT"] == "http://minio:9000" and env["X"] == "1"
+    assert "AWS_SECRET_ACCESS_KEY" not in env  # only with --forward-aws-credentials
+    assert sub["runtime_env"]["working_dir"] == str(REPO)
+    assert {".venv", ".git", "outputs"} <= set(sub["runtime_env"]["excludes"])
+    args = parse(["--address", "http://h:8265", "generate", "--forward-aws-credentials", "--", "--requests", "r"])
+    sub = submit.build_submission(args)
+    assert sub["entrypoint"] == "python jobs/generate_batch.py --requests r"
+    assert sub["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "secret"
+
+
+def test_installed_package_outside_a_checkout_ships_py_modules(monkeypatch):
+    monkeypatch.setattr(submit, "repo_root", lambda: None)
+    sub = submit.build_submission(parse(["generate", "--address", "http://h:8265", "--", "--requests", "r"]))
+    assert sub["entrypoint"] == "python -m dreamblend_ray.generate_job --requests r"
+    assert sub["runtime_env"]["py_modules"][0].endswith("dreamblend_ray")
+
+
+def test_bad_submit_arguments_are_value_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown option"):
+        parse(["finetune", "--adress", "x", "--", "--subjects", "s"])
+    with pytest.raises(ValueError, match="--env must be NAME"):
+        submit.job_env(parse(["finetune", "--env", "=1", "--", "a"]))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="--address is required"):
+        submit.run(parse(["finetune", "--", "--subjects", "s"]))
+
+
+def test_token_from_environment_or_file(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert submit.auth_headers() == {}
+    (tmp_path / "token").write_text("abc\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert submit.auth_headers() == {"Authorization": "Bearer abc"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "xyz")
+    assert submit.auth_headers() == {"Authorization": "Bearer xyz"}
+
+
+# --------------------------------------------------------------------------- a real cluster
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def cluster_pids(temp_dir: str) -> list[int]:
+    """Processes whose command line names this cluster's temp dir (ours alone)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if temp_dir.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def stop_cluster(temp_dir: str) -> None:
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        pids = cluster_pids(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while cluster_pids(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head` on 127.0.0.1 with random ports, its own temp dir and auth disabled."""
+    temp_dir = tempfile.mkdtemp(prefix="dbrs", dir="/tmp")
+    gcs, dash, client, nm, om, agent, agent_grpc, renv, metrics, wmin = free_ports(10)
+    # `python` in the job's entrypoint is the cluster's python: put this venv first on its PATH.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--include-dashboard", "true", "--ray-client-server-port", str(client),
+           "--node-manager-port", str(nm), "--object-manager-port", str(om),
+           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
+           "--min-worker-port", str(20000 + wmin % 20000), "--max-worker-port", str(20000 + wmin % 20000 + 50),
+           "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            pytest.fail(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
+    finally:
+        stop_cluster(temp_dir)
+        assert not cluster_pids(temp_dir), "the test cluster's processes outlived the test"
+
+
+@pytest.mark.slow
+def test_submit_runs_the_finetune_job_on_a_cluster_and_follows_it(ray_head, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        array = np.full((32, 32, 3), 40 * i, np.uint8)
+        array[8:24, 8:24] = (200, 30, 30)
+        Image.fromarray(array).save(tmp_path / "imgs" / f"{i}.png")
+    manifest = tmp_path / "subjects.jsonl"
+    manifest.write_text(json.dumps({"subject_id": "cube", "class_noun": "cube", "images": "imgs"}) + "\n")
+    output = tmp_path / "out"
+    cmd = [str(VENV_BIN / "dreamblend"), "submit", "finetune", "--address", ray_head["address"], "--follow",
+           "--submission-id", "dreamblend-test-finetune", "--",
+           "--subjects", str(manifest), "--output", str(output), "--run-id", "submitted", "--base", "tiny",
+           "--steps", "2", "--checkpoint-steps", "1,2", "--no-prior-preservation", "--rank", "2",
+           "--num-actors", "1", "--torch-threads", "1"]
+    out = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    assert out.stdout.splitlines()[0] == "dreamblend-test-finetune"  # the submission id comes first
+    assert "cube: succeeded" in out.stdout  # the job's logs were followed
+    assert (output / "subjects" / "cube" / "subject.json").is_file()
+    assert (output / "runs" / "submitted" / "results.parquet").is_file()
