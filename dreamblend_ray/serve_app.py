@@ -5,7 +5,8 @@
               v
             DreamBlendModel (autoscaled; base components loaded once per replica)
               @serve.multiplexed: a subject's G/E checkpoint pair, LRU per replica
-              @serve.batch: concurrent jobs -> one sampler call per (model id, settings) group
+              @serve.batch: concurrent jobs -> one sampler call per (model id, settings) group,
+                            merged with whatever queued while the replica was busy
 
 ``deployments/app.py`` re-exports ``build_app`` for ``serve run deployments/serve_config.yaml``;
 the classes live in the package so that ``dreamblend serve`` works from an installed wheel.
@@ -104,6 +105,7 @@ class DreamBlendModel:
         self.unet_lock = threading.RLock()  # re-entrant: a finaliser may run on a thread holding it
         self.model_lock = asyncio.Lock()
         self.materialised: dict[str, LoadedPair] = {}  # subject id -> its pair on the UNet
+        self.pending: list[tuple[GenerationJob, asyncio.Future]] = []  # jobs waiting for the model lock
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.batches = 0
 
@@ -139,24 +141,42 @@ class DreamBlendModel:
         type survives the trip instead of arriving wrapped in a RayTaskError)."""
         return await self.generate_batch(job)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    # Serve forms batches eagerly, even while the replica is busy, so under load it queues many
+    # small batches. Many may therefore enter at once (max_concurrent_batches): their jobs join the
+    # replica's pending list and the holder of the model lock runs the oldest group with all that is
+    # pending for it, so the batches that formed during one sampler call merge into the next.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=1024)
     async def generate_batch(self, jobs: list[GenerationJob]) -> list:
         """Results (or the exception for that job) in order; one failing group fails only itself."""
-        results: list = [None] * len(jobs)
-        for indices in serving.group_jobs(jobs):
-            group = [jobs[i] for i in indices]
-            try:
-                outputs = await self._run_group(group)
-            except (SubjectNotFound, DeadlineExceeded, FieldError) as exc:
-                outputs = [exc] * len(group)
-            except Exception as exc:  # noqa: BLE001 - report, keep the replica serving
-                logger.exception("group %s failed", group[0].model_id)
-                outputs = [RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")] * len(group)
-            for i, output in zip(indices, outputs):
-                results[i] = output
-        return results
+        loop = asyncio.get_running_loop()
+        waiting = [loop.create_future() for _ in jobs]
+        self.pending.extend(zip(jobs, waiting))
+        while not all(future.done() for future in waiting):
+            async with self.model_lock:
+                if not all(future.done() for future in waiting):
+                    await self._run_next_group()
+        return [future.result() for future in waiting]
+
+    async def _run_next_group(self) -> None:
+        """With the model lock held: run the oldest pending group (up to max_batch_size requests)."""
+        indices = serving.take_group([job for job, _ in self.pending], self.args.max_batch_size)
+        taken = [self.pending[i] for i in indices]
+        for i in reversed(indices):
+            del self.pending[i]
+        group = [job for job, _ in taken]
+        try:
+            outputs = await self._run_group(group)
+        except (SubjectNotFound, DeadlineExceeded, FieldError) as exc:
+            outputs = [exc] * len(group)
+        except Exception as exc:  # noqa: BLE001 - report, keep the replica serving
+            logger.exception("group %s failed", group[0].model_id)
+            outputs = [RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")] * len(group)
+        for (_, future), output in zip(taken, outputs):
+            if not future.done():
+                future.set_result(output)
 
     async def _run_group(self, jobs: list[GenerationJob]) -> list:
+        """With the model lock held: load the pair if needed, sample, one result per job."""
         now = time.time()
         live = [job for job in jobs if job.deadline > now]
         if not live:
@@ -167,10 +187,9 @@ class DreamBlendModel:
             if time.time() > deadline:
                 raise DeadlineExceeded(f"deadline passed at step {step}/{total}")
 
-        async with self.model_lock:
-            handle = await self.get_pair(jobs[0].model_id)
-            outputs = await asyncio.to_thread(self._sample, handle, live, stop_when_late)
-            loaded = self.loaded_models()
+        handle = await self.get_pair(jobs[0].model_id)  # may evict the LRU pair: none is in use
+        outputs = await asyncio.to_thread(self._sample, handle, live, stop_when_late)
+        loaded = self.loaded_models()
         self.batches += 1
         by_job = dict(zip(map(id, live), outputs))
         images = sum(len(job.prompts) for job in live)

@@ -370,6 +370,14 @@ def group_jobs(jobs: list[GenerationJob]) -> list[list[int]]:
     return list(groups.values())
 
 
+def take_group(pending: list[GenerationJob], max_requests: int) -> list[int]:
+    """Indices of the oldest pending job and the later ones of its group, at most ``max_requests``."""
+    if not pending:
+        return []
+    key = pending[0].group_key
+    return [i for i, job in enumerate(pending) if job.group_key == key][:max_requests]
+
+
 def encode_png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -112,6 +112,8 @@ def test_group_jobs_by_model_and_settings():
     jobs = [GenerationJob("a", ["p"], [1], s1), GenerationJob("b", ["p"], [1], s1),
             GenerationJob("a", ["p"], [2], s1, negative_prompts=["n"]), GenerationJob("a", ["p"], [3], s2)]
     assert serving.group_jobs(jobs) == [[0, 2], [1], [3]]
+    assert serving.take_group(jobs, 8) == [0, 2] and serving.take_group(jobs, 1) == [0]
+    assert serving.take_group(jobs[1:], 8) == [0] and serving.take_group([], 8) == []
 
 
 class FakeSampler:
