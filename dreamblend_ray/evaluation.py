@@ -371,6 +371,7 @@ def run_evaluation(subjects_uri: str, checkpoints_root: str, output: str, clip_m
     kwargs = dict(base=base, checkpoints_root=checkpoints_root, output=output, clip_model=clip_model,
                   dino_model=dino_model, config=config, device=device, dtype=dtype)
     if use_ray:
+        init_ray()
         rows = _run_ray(tasks, kwargs, actors, gpus_per_actor)
     else:
         evaluator = Evaluator(**kwargs)
@@ -378,6 +379,15 @@ def run_evaluation(subjects_uri: str, checkpoints_root: str, output: str, clip_m
     rows.sort(key=lambda r: (r["subject_id"], r["prompt_index"], METHOD_ORDER.index(r["method"]),
                              r["alpha"], r["seed"]))
     return write_outputs(rows, output, config)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS inside ``ray job submit``), or start a local Ray;
+    a no-op when Ray is already initialised."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
 
 
 def _progress(tasks):
@@ -391,7 +401,7 @@ def _run_ray(tasks: list[dict], kwargs: dict, actors: int, gpus_per_actor: float
 
     dataset = ray.data.from_items(tasks)
     scored = dataset.map_batches(Evaluator, fn_constructor_kwargs=kwargs, batch_size=1,
-                                 batch_format="pandas", concurrency=actors,
+                                 batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
                                  num_gpus=gpus_per_actor or None)
     rows = []
     for row in scored.iter_rows():

@@ -11,6 +11,17 @@ from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.pair_choice import choose_pair, score_checkpoints, score_model, validate_scores
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on the shared 2-core machine, two threads under load are ~15x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def table(*rows):
     return [{"step": s, "prompt_fidelity": p, "subject_fidelity": q} for s, p, q in rows]
 

@@ -1,13 +1,114 @@
-"""`dreamblend evaluate`: not landed yet (issue #9, evaluation)."""
+"""`dreamblend evaluate`: CLIP-I / CLIP-T / DINO / diversity on the DreamBooth protocol (issue #9).
+
+Every subject of the list is sampled on its DreamBooth prompts (25 per kind, or the first
+``--num-prompts``) and ``--seeds`` with its guidance checkpoint alone, its edit checkpoint alone and
+DreamBlend at each ``--alphas``; see dreamblend_ray/evaluation.py for the outputs. Example::
+
+    dreamblend evaluate --subjects s3://bucket/eval/subjects.jsonl --checkpoints s3://bucket/dreamblend \\
+        --output s3://bucket/eval/run1 --base s3://bucket/models/sd15 \\
+        --clip-model s3://bucket/models/clip-vit-large-patch14 --dino-model s3://bucket/models/dino-vits16
+
+The same arguments drive the Ray job ``jobs/evaluate.py``.
+"""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
-from dreamblend_ray.cli import NotLandedError
+logger = logging.getLogger(__name__)
+
+
+def _list(kind, text: str):
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Not implemented yet: lands with issue #9 (evaluation)."
+    parser.add_argument("--subjects", required=True,
+                        help="subject list (JSON Lines: id, class_noun, kind live|object, image_dir), "
+                             "a local path or s3:// URI")
+    parser.add_argument("--checkpoints", required=True,
+                        help="root the subjects were fine-tuned into (holds subjects/{id}/subject.json)")
+    parser.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    parser.add_argument("--clip-model", default=None,
+                        help="CLIPModel directory or s3:// URI (transformers layout; never downloaded)")
+    parser.add_argument("--dino-model", default=None,
+                        help="self-supervised ViTModel (DINO ViT-S/16) directory or s3:// URI")
+    parser.add_argument("--base", default="embedded",
+                        help="base model: a diffusers directory, an s3:// URI, 'tiny' or 'embedded'")
+    parser.add_argument("--alphas", type=lambda t: _list(float, t), default=(0.1, 0.25, 0.5),
+                        help="DreamBlend strengths to evaluate (default 0.1,0.25,0.5)")
+    parser.add_argument("--seeds", type=lambda t: _list(int, t), default=(0, 1, 2, 3),
+                        help="seeds per prompt (default 0,1,2,3; diversity needs two or more)")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="use the first N of the 25 DreamBooth prompts (default all)")
+    parser.add_argument("--guidance-step", type=int, default=None,
+                        help="override every subject's recorded guidance checkpoint")
+    parser.add_argument("--edit-step", type=int, default=None,
+                        help="override every subject's recorded edit checkpoint")
+    parser.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (default 3)")
+    parser.add_argument("--guidance-fraction", type=float, default=0.5,
+                        help="fraction of the steps that are guided (default 0.5)")
+    parser.add_argument("--step-size", type=float, default=1.0, help="latent update step size eta")
+    parser.add_argument("--grid-prompts", type=int, default=8, help="prompts (columns) per grid")
+    parser.add_argument("--actors", type=int, default=1, help="Ray Data actors (one per GPU)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: per device)")
+    parser.add_argument("--address", default=None,
+                        help="Ray address (default: RAY_ADDRESS, or a new local cluster)")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="run in this process without Ray (debugging, small runs)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from dreamblend_ray.config import SamplingConfig
+    from dreamblend_ray.evaluation import EvalConfig
+
+    sampling = SamplingConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                              guidance_fraction=args.guidance_fraction, step_size=args.step_size)
+    return EvalConfig(alphas=tuple(args.alphas), seeds=tuple(args.seeds), num_prompts=args.num_prompts,
+                      guidance_step=args.guidance_step, edit_step=args.edit_step, sampling=sampling,
+                      grid_prompts=args.grid_prompts)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotLandedError("`dreamblend evaluate` is not implemented yet: it lands with issue #9 (evaluation)")
+    from dreamblend_ray.evaluation import init_ray, run_evaluation
+
+    config = config_from_args(args)
+    if not args.no_ray:
+        init_ray(args.address)
+    report = run_evaluation(args.subjects, args.checkpoints, args.output, args.clip_model, args.dino_model,
+                            base=args.base, config=config, use_ray=not args.no_ray, actors=args.actors,
+                            gpus_per_actor=args.gpus_per_actor, device=args.device, dtype=args.dtype)
+    logger.info("results table: %s", report["outputs"]["table"])
+    sys.stdout.write(open_table(report["outputs"]["table"]))
+    return 0
+
+
+def open_table(uri: str) -> str:
+    from dreamblend_ray import storage
+
+    return storage.read_text(uri)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/evaluate.py`` (same arguments as ``dreamblend evaluate``)."""
+    parser = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2

@@ -1,0 +1,15 @@
+"""Ray job entry point: the DreamBooth-protocol evaluation (see dreamblend_ray/evaluation.py).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/evaluate.py --subjects s3://bucket/eval/subjects.jsonl --checkpoints s3://bucket/out \
+        --output s3://bucket/eval/run1 --base s3://bucket/models/sd15 \
+        --clip-model s3://bucket/models/clip --dino-model s3://bucket/models/dino-vits16 \
+        --actors 2 --gpus-per-actor 1
+"""
+
+import sys
+
+from dreamblend_ray.commands.evaluate import main
+
+if __name__ == "__main__":
+    sys.exit(main())
