@@ -20,7 +20,14 @@ Scores come from :func:`score_checkpoints`, which samples a few validation promp
 with the DreamBlend sampler (alpha 0, G == E: plain sampling of that checkpoint) and hands the
 images to a pluggable scorer: ``scorer(images, plain_prompts) -> {"prompt_fidelity",
 "subject_fidelity"}``; e.g. :class:`dreamblend_ray.metrics.ClipDinoScorer` (CLIP-T and DINO) for
-real models, or an adapter over the embedded model's analytic metrics.
+real models, or :class:`EmbeddedScorer` (the embedded model's analytic metrics).
+
+Wiring (the fine-tuning job): after ``finetune_subject`` has written subject.json, call
+:func:`choose_and_record` with the same base components, a scorer and a few validation prompts
+(e.g. ``benchmark.prompts_for(kind, class_noun, token, limit=4)``, or for the embedded model
+``subject.prompt(background)`` for a few new backgrounds); it rewrites subject.json with the chosen
+``guidance_step`` / ``edit_step`` and the scores under ``pair_choice``. ``load_pair`` (sampler,
+Serve endpoint, evaluation) then uses the recorded pair unless told other steps.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
@@ -160,3 +169,74 @@ def score_checkpoints(sampler, pair_for_step: Callable[[int], object], steps: li
                     row["prompt_fidelity"], row["subject_fidelity"])
         rows.append({"step": step, **row})
     return rows
+
+
+@contextmanager
+def adapters_disabled(unet):
+    """The base model's own predictions: peft adapters (if any) disabled for the duration."""
+    if not getattr(unet, "peft_config", None):
+        yield unet
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, prompts: list[str],
+                      plain_prompts: list[str], seeds: list[int], config=None, tolerance: float = 0.1,
+                      steps: list[int] | None = None, progress: bool = True) -> dict:
+    """Score a fine-tuned subject's checkpoints, choose its pair and record it in subject.json.
+
+    Call after ``finetune_subject`` wrote the manifest. The base model (adapters disabled) and each
+    saved checkpoint (``steps``, default all) are sampled on ``prompts`` x ``seeds``; the manifest's
+    ``guidance_step`` / ``edit_step`` are replaced by :func:`choose_pair`'s and the whole choice
+    (scores, threshold, base scores, rule) is stored under ``pair_choice``. The manifest is rewritten
+    atomically; returns it.
+    """
+    from dreamblend_ray import checkpoints
+    from dreamblend_ray.pair import single
+    from dreamblend_ray.sampler import DreamBlendSampler
+
+    manifest = checkpoints.read_manifest(root, subject_id)
+    sampler = DreamBlendSampler(components)
+    with adapters_disabled(components.unet):
+        base = score_model(sampler, single(components.unet), prompts, plain_prompts, seeds, scorer, config)
+
+    def pair_for_step(step: int):
+        return checkpoints.load_pair(root, subject_id, components, guidance_step=step, edit_step=step)[0]
+
+    rows = score_checkpoints(sampler, pair_for_step, steps or manifest["steps"], prompts, plain_prompts,
+                             seeds, scorer, config, release=lambda p: checkpoints.unload_pair(p, components),
+                             progress=progress)
+    choice = choose_pair(rows, base["prompt_fidelity"], tolerance)
+    choice.update(base_scores=base, prompts=list(prompts), seeds=list(seeds))
+    manifest = {**manifest, "guidance_step": choice["guidance_step"], "edit_step": choice["edit_step"],
+                "pair_choice": choice}
+    checkpoints.write_manifest(root, subject_id, manifest)
+    logger.info("subject %s: guidance step %d, edit step %d", subject_id, choice["guidance_step"],
+                choice["edit_step"])
+    return manifest
+
+
+@dataclass
+class EmbeddedScorer:
+    """Checkpoint scores on the embedded shapes-world model, from its exact analytic metrics.
+
+    prompt_fidelity = the pooled accuracy of the attributes the prompts ask for (background colour,
+    shape, colour); subject_fidelity = the shape/pattern/colour agreement with the subject's
+    instance images (see dreamblend_ray/embedded/metrics.py).
+    """
+
+    instance_images: list
+
+    def __call__(self, images, plain_prompts: list[str]) -> dict:
+        from dreamblend_ray.embedded import metrics as analytic
+
+        prompt = analytic.prompt_fidelity(images, plain_prompts)["overall"]
+        if prompt is None:
+            raise ValueError("the validation prompts ask for no attribute the embedded metrics can read "
+                             "(use prompts like 'a sks shape on a red background')")
+        subject = analytic.subject_fidelity(images, self.instance_images)["score"]
+        return {"prompt_fidelity": prompt, "subject_fidelity": subject}

@@ -182,3 +182,31 @@ def test_ray_data_run_matches_the_inline_run(setup, inline_run, ray_local, s3_bu
             # float noise only (torch threading differs between processes)
             assert a[key] == pytest.approx(b[key], abs=5e-3)
     assert storage.exists(storage.join(output, "grids", "toy1.png"))
+
+
+# ------------------------------------------------------------------ automatic pair choice
+
+@pytest.mark.slow
+def test_choose_and_record_writes_the_pair_into_the_manifest(setup, tmp_path):
+    from dreamblend_ray import checkpoints
+    from dreamblend_ray.components import load_components
+    from dreamblend_ray.pair_choice import choose_and_record, choose_pair
+
+    root = str(tmp_path / "ckpt")
+    storage.copy_dir(setup["ckpt"], root)
+    components = load_components("tiny", device="cpu")
+    scorer = metrics.ClipDinoScorer(metrics.load_clip(setup["clip"]), metrics.load_dino(setup["dino"]),
+                                    benchmark.load_images(setup["images"]))
+    prompts, plain = benchmark.prompts_for("object", "toy", "sks", limit=2)
+    manifest = choose_and_record(root, "toy1", components, scorer, prompts, plain, [0],
+                                 SamplingConfig(num_inference_steps=2), tolerance=0.5, progress=False)
+    choice = manifest["pair_choice"]
+    assert [r["step"] for r in choice["scores"]] == [2, 6]
+    expected = choose_pair(choice["scores"], choice["base_scores"]["prompt_fidelity"], 0.5)
+    assert (choice["guidance_step"], choice["edit_step"]) == (expected["guidance_step"], expected["edit_step"])
+    stored = checkpoints.read_manifest(root, "toy1")
+    assert stored["pair_choice"] == json.loads(json.dumps(choice))
+    assert (stored["guidance_step"], stored["edit_step"]) == (choice["guidance_step"], choice["edit_step"])
+    assert not (getattr(components.unet, "peft_config", None) or {})  # adapters unloaded again
+    pair, _ = checkpoints.load_pair(root, "toy1", components)  # the recorded pair is the default
+    assert pair.meta["guidance_step"] == choice["guidance_step"]

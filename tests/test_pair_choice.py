@@ -173,3 +173,21 @@ def test_score_checkpoints_with_the_real_sampler(tiny_components):
     assert seen == [(2, ["a dog", "a dog"])] * 2
     # Same weights and seeds for both "checkpoints": identical scores (sampling is deterministic).
     assert rows[0]["prompt_fidelity"] == rows[1]["prompt_fidelity"]
+
+
+@pytest.mark.slow
+def test_embedded_scorer_on_rendered_subject_images():
+    subjects = pytest.importorskip("dreamblend_ray.embedded.subjects")
+    pytest.importorskip("dreamblend_ray.embedded.metrics")
+    from dreamblend_ray.pair_choice import EmbeddedScorer
+
+    subject = subjects.SUBJECTS[0]
+    images = subject.instance_images()
+    scorer = EmbeddedScorer(images)
+    own = scorer(images, [f"a {subject.class_noun} on a {subject.background} background"] * len(images))
+    assert own["prompt_fidelity"] == pytest.approx(1.0) and own["subject_fidelity"] > 0.8
+    other = subject.new_backgrounds()[0]
+    asked = scorer(images, [f"a {subject.class_noun} on a {other} background"] * len(images))
+    assert asked["prompt_fidelity"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="no attribute"):
+        scorer(images, ["a sks thing"] * len(images))
