@@ -129,6 +129,16 @@ def test_job_cli_rejects_bad_input_before_starting_ray(tmp_path, s3_server):
     assert main(["--subjects", good, "--output", str(tmp_path / "out"), "--config-json", '{"rank": 0}']) == 2
 
 
+def test_generate_cli_rejects_bad_input_before_starting_ray(tmp_path):
+    from dreamblend_ray.generate_job import main
+
+    requests = write_jsonl(str(tmp_path / "r.jsonl"), [{"subject_id": "a", "prompt": "p", "settings": {"alpha": 99}}])
+    assert main(["--requests", requests, "--output", str(tmp_path / "out"), "--base", "tiny"]) == 2
+    requests = write_jsonl(str(tmp_path / "ok.jsonl"), [{"subject_id": "a", "prompt": "p"}])
+    assert main(["--requests", requests, "--output", str(tmp_path / "out"), "--base", "tiny", "--steps", "0"]) == 2
+    assert main(["--requests", requests, "--output", str(tmp_path / "out"), "--base", "nope"]) == 2
+
+
 # --------------------------------------------------------------------------- jobs on Ray + S3
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ processes that carry that temp dir (never a machine-wide `ray stop`: other clust
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,7 +141,9 @@ def ray_head():
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
     finally:
         stop_cluster(temp_dir)
-        assert not cluster_pids(temp_dir), "the test cluster's processes outlived the test"
+        survivors = cluster_pids(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not survivors, f"the test cluster's processes {survivors} outlived the test"
 
 
 @pytest.mark.slow
