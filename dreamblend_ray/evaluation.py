@@ -334,7 +334,9 @@ def write_outputs(rows: list[dict], output: str, config: EvalConfig) -> dict:
     subjects = sorted({r["subject_id"] for r in rows})
     per_subject = {s: summarize([r for r in rows if r["subject_id"] == s]) for s in subjects}
     text = markdown_table(summary, title=f"All subjects ({len(subjects)})")
-    text += "".join("\n" + markdown_table(per_subject[s], title=f"Subject {s}") for s in subjects)
+    steps = {r["subject_id"]: (r["guidance_step"], r["edit_step"]) for r in rows}
+    text += "".join("\n" + markdown_table(per_subject[s], title=f"Subject {s} (G = step {steps[s][0]}, "
+                                                              f"E = step {steps[s][1]})") for s in subjects)
     storage.write_text(storage.join(output, "results.md"), text)
     for subject_id in subjects:
         grid = image_grid(rows, subject_id, max_prompts=config.grid_prompts)

@@ -159,7 +159,7 @@ def test_inline_run_writes_tables_grids_and_consistent_scores(setup, inline_run)
     assert np.abs(by_method["dreamblend"] - by_method["edit"]).mean() > 0
     # The table, the summary and the grid.
     table = storage.read_text(storage.join(output, "results.md"))
-    assert "DreamBlend (alpha=0.5)" in table and "Subject toy1" in table
+    assert "DreamBlend (alpha=0.5)" in table and "Subject toy1 (G = step 2, E = step 6)" in table
     assert [r["method"] for r in report["summary"]] == ["guidance", "edit", "dreamblend"]
     assert json.loads(storage.read_text(storage.join(output, "summary.json")))["subjects"] == ["toy1"]
     grid = read_image(storage.join(output, "grids", "toy1.png"))
