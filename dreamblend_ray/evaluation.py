@@ -203,41 +203,41 @@ class Evaluator:
     def _pair_for(self, method: str):
         return self._pair if method == "dreamblend" else alone(self._pair, method)
 
-    def evaluate_task(self, task: dict) -> list[dict]:
-        """All methods x seeds of one (subject, prompt): one row per image."""
+    def score(self, images, plain_prompt: str) -> dict:
+        """Per-image DINO, CLIP-I (mean over the real images), CLIP-T, and the group's diversity."""
         from dreamblend_ray import metrics
 
+        clip_emb = self.clip.image_embeddings(images)
+        dino_emb = self.dino.image_embeddings(images)
+        text_emb = self.clip.text_embeddings([plain_prompt])
+        return {"dino": metrics.cosine_matrix(dino_emb, self._real["dino"]).mean(dim=1).tolist(),
+                "clip_i": metrics.cosine_matrix(clip_emb, self._real["clip"]).mean(dim=1).tolist(),
+                "clip_t": (clip_emb @ text_emb.T)[:, 0].tolist(),
+                "diversity": metrics.mean_pairwise_distance(dino_emb)}
+
+    def evaluate_task(self, task: dict) -> list[dict]:
+        """All methods x seeds of one (subject, prompt): one row per image."""
         task = {k: (v.item() if hasattr(v, "item") else v) for k, v in task.items()}
         self._use_subject(task)
         seeds = list(self.config.seeds)
+        common = {k: task[k] for k in ("subject_id", "class_noun", "kind", "guidance_step", "edit_step",
+                                       "prompt_index", "prompt", "plain_prompt")}
         rows = []
         for method, alpha in self.config.methods():
             sampling = dataclasses.replace(self.config.sampling, alpha=alpha, return_reference=False)
             result = self.sampler.sample(self._pair_for(method), [task["prompt"]] * len(seeds),
                                          seeds, sampling)
-            clip_emb = self.clip.image_embeddings(result.images)
-            dino_emb = self.dino.image_embeddings(result.images)
-            text_emb = self.clip.text_embeddings([task["plain_prompt"]])
-            clip_i = metrics.cosine_matrix(clip_emb, self._real["clip"]).mean(dim=1)
-            dino = metrics.cosine_matrix(dino_emb, self._real["dino"]).mean(dim=1)
-            clip_t = (clip_emb @ text_emb.T)[:, 0]
-            div = metrics.mean_pairwise_distance(dino_emb)
-            dist = result.attention_distance
+            scores, dist = self.score(result.images, task["plain_prompt"]), result.attention_distance
             for b, seed in enumerate(seeds):
                 uri = storage.join(self.output, "images", task["subject_id"], method_key(method, alpha),
                                    f"p{task['prompt_index']:02d}-s{seed}.png")
                 storage.write_bytes(uri, png_bytes(result.images[b]))
-                rows.append({
-                    "subject_id": task["subject_id"], "class_noun": task["class_noun"],
-                    "kind": task["kind"], "method": method, "label": method_label(method, alpha),
-                    "alpha": alpha, "guidance_step": task["guidance_step"],
-                    "edit_step": task["edit_step"], "prompt_index": task["prompt_index"],
-                    "prompt": task["prompt"], "plain_prompt": task["plain_prompt"], "seed": seed,
-                    "dino": float(dino[b]), "clip_i": float(clip_i[b]), "clip_t": float(clip_t[b]),
-                    "diversity": div,
-                    "attention_distance": float(dist[b].mean()) if dist.numel() else math.nan,
-                    "image_uri": uri, "seconds": result.seconds / len(seeds),
-                })
+                rows.append({**common, "method": method, "label": method_label(method, alpha),
+                             "alpha": alpha, "seed": seed, "dino": scores["dino"][b],
+                             "clip_i": scores["clip_i"][b], "clip_t": scores["clip_t"][b],
+                             "diversity": scores["diversity"],
+                             "attention_distance": float(dist[b].mean()) if dist.numel() else math.nan,
+                             "image_uri": uri, "seconds": result.seconds / len(seeds)})
         return rows
 
     def __call__(self, batch):
