@@ -156,7 +156,7 @@ def train_vae(vae, images: torch.Tensor, config: TrainConfig) -> list[float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == config.vae_steps - 1:
             logger.info("vae step %d/%d loss %.5f", step, config.vae_steps, loss)
     vae.eval()
@@ -242,7 +242,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, combos, config: TrainConf
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         ema.update()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == config.unet_steps - 1:
             logger.info("unet step %d/%d loss %.4f (%.0f s)", step, config.unet_steps,
                         np.mean(losses[-50:]), time.time() - started)
@@ -317,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="output directory (default: the package's embedded/weights)")
     for name, value in asdict(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+        flags = ["--" + name.replace("_", "-")] + (["--steps"] if name == "unet_steps" else [])
+        parser.add_argument(*flags, dest=name, type=type(value), default=value,
                             help=f"default {value}")
 
 

@@ -50,20 +50,41 @@ def vocabulary() -> list[str]:
 
 
 def build_world_tokenizer():
-    """A CLIP tokenizer in which every word of :func:`vocabulary` is exactly one token.
-
-    Word-level BPE merges can clash (``"tr"`` of *triangle* splits *striped*), so the words are
-    reordered until each one encodes to a single token; ValueError if no order is found.
-    """
+    """A CLIP tokenizer in which every word of :func:`vocabulary` is exactly one token."""
     from dreamblend_ray.components import build_tokenizer
+
+    return build_tokenizer(tokenizer_word_order(), MAX_TOKENS)
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one lower-case word, given merge ranks."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == float("inf"):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
+@lru_cache(maxsize=None)
+def tokenizer_word_order() -> tuple[str, ...]:
+    """An order of :func:`vocabulary` for ``build_tokenizer`` that keeps every word whole.
+
+    Word-level BPE merges can clash (the ``"tr"`` of *triangle* splits *striped*), so words
+    that split are moved to the front until none does; ValueError if no order is found.
+    """
+    from dreamblend_ray.components import word_bpe
 
     words = vocabulary()
     order = sorted(words, key=lambda word: (-len(word), word))
     for _ in range(len(words)):
-        tokenizer = build_tokenizer(order, MAX_TOKENS)
-        split = [word for word in words if len(tokenizer(word).input_ids) != 3]
+        _, merges = word_bpe(order)
+        ranks = {merge: rank for rank, merge in enumerate(merges)}
+        split = [word for word in words if len(_bpe(word, ranks)) != 1]
         if not split:
-            return tokenizer
+            return tuple(order)
         order = split + [word for word in order if word not in split]
     raise ValueError(f"no merge order keeps the words {split} whole")
 
@@ -224,7 +245,8 @@ def all_combos() -> list[Combo]:
     return [Combo(s, c, b) for s in BASE_SHAPES for c in COLOURS for b in COLOURS if b != c]
 
 
-def held_out_combos(count: int = 12, seed: int = 8) -> list[Combo]:
+@lru_cache(maxsize=None)
+def held_out_combos(count: int = 12, seed: int = 8) -> tuple[Combo, ...]:
     """Combinations never shown to the base model; every pair of their attributes still is."""
     rng = random.Random(seed)
     combos = all_combos()
@@ -236,7 +258,7 @@ def held_out_combos(count: int = 12, seed: int = 8) -> list[Combo]:
             held = trial
         if len(held) == count:
             break
-    return held
+    return tuple(held)
 
 
 def _pairs_covered(train: list[Combo]) -> bool:
@@ -247,9 +269,10 @@ def _pairs_covered(train: list[Combo]) -> bool:
     return all(have == need for have, need in zip(pairs, needed))
 
 
-def train_combos() -> list[Combo]:
+@lru_cache(maxsize=None)
+def train_combos() -> tuple[Combo, ...]:
     held = set(held_out_combos())
-    return [c for c in all_combos() if c not in held]
+    return tuple(c for c in all_combos() if c not in held)
 
 
 def caption(shape: str | None, colour: str | None, background: str | None,
@@ -282,7 +305,7 @@ class CaptionMix:
     extra: dict = field(default_factory=dict)
 
 
-def training_example(rng: random.Random, combos: list[Combo], mix: CaptionMix) -> tuple[Scene, str]:
+def training_example(rng: random.Random, combos: tuple[Combo, ...], mix: CaptionMix) -> tuple[Scene, str]:
     """A random scene from ``combos`` and its caption (``""`` for the unconditional branch)."""
     combo = rng.choice(combos)
     cx, cy, size = random_box(rng)

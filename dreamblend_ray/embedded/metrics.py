@@ -1,0 +1,319 @@
+"""Exact, analytic metrics of shapes-world images (no learned judge; deterministic).
+
+Reading an image (:func:`read_image`):
+
+- background: the most common palette colour (nearest palette entry) of the border pixels;
+- object mask: pixels whose distance from the background colour exceeds half the distance from
+  the background to the object's colour (the anti-aliasing midpoint), largest 8-connected
+  component only (stray pixels are ignored);
+- box: the mask's bounding box; every world shape touches all four sides of its box;
+- shape: the shape whose template, rendered into the measured box, has the highest IoU with the
+  mask (candidates: every shape of the world, the subject shapes included);
+- object colour: the palette colour nearest to the per-channel median of the mask's pixels;
+  ``colours``: the fraction of mask pixels nearest to each palette colour (for patterns),
+  counting only pixels close to a palette colour (anti-aliased edge mixtures are left out).
+
+Metrics built on it:
+
+- :func:`prompt_fidelity`: per attribute the prompt asks for (background colour, object shape,
+  object colour), the fraction of images where the reading matches; ``overall`` averages over
+  all asked attributes, ``all_correct`` counts images with every asked attribute right.
+- :func:`subject_fidelity`: agreement of the object with a subject's instance images, compared
+  in the object's own box (so position and size do not matter): mask IoU (shape), the fraction of
+  overlapping pixels of the same palette colour (pattern) and 1 - total variation between the
+  palette histograms (colours); the score is their mean, 0 when no object is found.
+- :func:`diversity`: the spread of object position and size across images (seeds).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from dreamblend_ray.embedded import world
+
+PALETTE_ARRAY = np.array([world.PALETTE[c] for c in world.COLOURS], dtype=np.float32)
+MIN_AREA = 12
+MAX_AREA_FRACTION = 0.6  # the largest world object covers under half the image
+MIN_SHAPE_IOU = 0.4
+GRID = 16
+PURE_DISTANCE = 70.0
+ATTRIBUTES = ("background", "shape", "colour")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the analysis sees in one image; object fields are None when no object is found."""
+
+    background: str
+    colour: str | None = None
+    shape: str | None = None
+    shape_iou: float = 0.0
+    box: tuple[float, float, float, float] | None = None  # cx, cy, width, height in pixels
+    area: int = 0
+    colours: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def has_object(self) -> bool:
+        return self.box is not None
+
+
+def to_array(image) -> np.ndarray:
+    """A PIL image or (H, W, 3) array as float32 RGB in [0, 255]."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image must be RGB (H, W, 3), got shape {array.shape}")
+    return array
+
+
+def nearest_colour_index(pixels: np.ndarray) -> np.ndarray:
+    """Palette index of the nearest palette colour for pixels (..., 3)."""
+    distances = ((pixels[..., None, :] - PALETTE_ARRAY) ** 2).sum(axis=-1)
+    return distances.argmin(axis=-1)
+
+
+def palette_histogram(pixels: np.ndarray) -> np.ndarray:
+    """Fraction of ``pixels`` (N, 3) nearest to each palette colour, over the pixels within
+    PURE_DISTANCE of a palette colour (anti-aliased mixtures are left out; all if none is)."""
+    index = nearest_colour_index(pixels)
+    distance = np.sqrt(((pixels - PALETTE_ARRAY[index]) ** 2).sum(axis=-1))
+    pure = distance < PURE_DISTANCE
+    counts = np.bincount(index[pure] if pure.any() else index, minlength=len(world.COLOURS))
+    return counts / counts.sum()
+
+
+def border_background(array: np.ndarray) -> str:
+    border = np.concatenate([array[0], array[-1], array[1:-1, 0], array[1:-1, -1]])
+    counts = np.bincount(nearest_colour_index(border), minlength=len(world.COLOURS))
+    return world.COLOURS[int(counts.argmax())]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (ties: the first found)."""
+    labels = np.zeros(mask.shape, dtype=int)
+    best, best_size, current = 0, 0, 0
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        current += 1
+        labels[start] = current
+        queue, size = deque([start]), 0
+        while queue:
+            y, x = queue.popleft()
+            size += 1
+            for ny in range(max(y - 1, 0), min(y + 2, height)):
+                for nx in range(max(x - 1, 0), min(x + 2, width)):
+                    if mask[ny, nx] and not labels[ny, nx]:
+                        labels[ny, nx] = current
+                        queue.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else np.zeros_like(mask)
+
+
+def object_mask(array: np.ndarray, background: str) -> np.ndarray:
+    """Pixels past the midpoint between the background and the object's colour, largest blob."""
+    bg = np.array(world.PALETTE[background], dtype=np.float32)
+    distance = np.sqrt(((array - bg) ** 2).sum(axis=-1))
+    rough = distance > 40
+    if rough.sum() < MIN_AREA:
+        return np.zeros(distance.shape, dtype=bool)
+    colour = PALETTE_ARRAY[nearest_colour_index(np.median(array[rough], axis=0))]
+    threshold = 0.5 * float(np.sqrt(((colour - bg) ** 2).sum()))
+    return largest_component(distance > min(max(threshold, 40.0), 120.0))
+
+
+def plausible(mask: np.ndarray) -> bool:
+    """Whether a mask can be a world object (not a speck, not a frame-filling blob of noise)."""
+    return MIN_AREA <= mask.sum() <= MAX_AREA_FRACTION * mask.size
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    rows, cols = np.nonzero(mask)
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    return (x0 + x1) / 2, (y0 + y1) / 2, float(x1 - x0), float(y1 - y0)
+
+
+def template(shape: str, box: tuple[float, float, float, float], shape_hw: tuple[int, int]) -> np.ndarray:
+    """``shape`` rendered into ``box`` (cx, cy, w, h) as a boolean pixel mask (coverage >= 0.5)."""
+    cx, cy, w, h = box
+    s = world.SUPERSAMPLE
+    ys = (np.arange(shape_hw[0] * s) + 0.5) / s
+    xs = (np.arange(shape_hw[1] * s) + 0.5) / s
+    x, y = np.meshgrid(xs, ys)
+    inside = world.shape_mask(shape, (x - cx) / (w / 2), (y - cy) / (h / 2))
+    coverage = inside.reshape(shape_hw[0], s, shape_hw[1], s).mean(axis=(1, 3))
+    return coverage >= 0.5
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def classify_shape(mask: np.ndarray, box, shapes=world.SHAPES) -> tuple[str | None, float]:
+    scores = {shape: iou(mask, template(shape, box, mask.shape)) for shape in shapes}
+    shape = max(scores, key=scores.get)
+    return (shape if scores[shape] >= MIN_SHAPE_IOU else None), scores[shape]
+
+
+def read_image(image, shapes=world.SHAPES) -> Reading:
+    """Analyse one image (PIL or array); see the module docstring."""
+    array = to_array(image)
+    background = border_background(array)
+    mask = object_mask(array, background)
+    if not plausible(mask):
+        return Reading(background)
+    box = mask_box(mask)
+    shape, score = classify_shape(mask, box, shapes)
+    pixels = array[mask]
+    colour = world.COLOURS[int(nearest_colour_index(np.median(pixels, axis=0)))]
+    colours = {name: float(f) for name, f in zip(world.COLOURS, palette_histogram(pixels)) if f}
+    return Reading(background, colour, shape, score, box, int(mask.sum()), colours)
+
+
+# --------------------------------------------------------------------------- prompt fidelity
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The attributes a prompt asks for (None: not asked)."""
+
+    background: str | None = None
+    shape: str | None = None
+    colour: str | None = None
+
+    def asked(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in ATTRIBUTES if getattr(self, name)}
+
+
+def parse_prompt(prompt: str) -> PromptSpec:
+    """Read the background colour (``<colour> background``), the first shape word, and the
+    colour word right before the shape (or before ``sks``/pattern words that precede it)."""
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    background = None
+    for i, word in enumerate(words[1:], start=1):
+        if word == "background" and words[i - 1] in world.PALETTE:
+            background = words[i - 1]
+    shape, colour = None, None
+    for i, word in enumerate(words):
+        if word in world.SHAPES:
+            shape = word
+            j = i - 1
+            while j >= 0 and words[j] in world.SUBJECT_WORDS:
+                j -= 1
+            if j >= 0 and words[j] in world.PALETTE and not (j + 1 < len(words) and words[j + 1] == "background"):
+                colour = words[j]
+            break
+    return PromptSpec(background, shape, colour)
+
+
+def score_prompt(image, prompt: str | PromptSpec) -> dict[str, bool]:
+    """Per asked attribute, whether the image matches it."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    reading = read_image(image)
+    return {name: getattr(reading, name) == wanted for name, wanted in spec.asked().items()}
+
+
+def prompt_fidelity(images, prompts) -> dict:
+    """Accuracy per attribute, ``overall`` (all asked attributes pooled), ``all_correct``, ``n``."""
+    if len(images) != len(prompts):
+        raise ValueError(f"images and prompts must have equal lengths, got {len(images)} and {len(prompts)}")
+    if not images:
+        raise ValueError("prompt_fidelity needs at least one image")
+    per_image = [score_prompt(image, prompt) for image, prompt in zip(images, prompts)]
+    result = {}
+    for name in ATTRIBUTES:
+        hits = [scores[name] for scores in per_image if name in scores]
+        result[name] = float(np.mean(hits)) if hits else None
+    pooled = [hit for scores in per_image for hit in scores.values()]
+    result["overall"] = float(np.mean(pooled)) if pooled else None
+    result["all_correct"] = float(np.mean([all(scores.values()) for scores in per_image]))
+    result["n"] = len(images)
+    return result
+
+
+# --------------------------------------------------------------------------- subject fidelity
+
+
+@dataclass(frozen=True)
+class ObjectCrop:
+    """The object resampled on a GRID x GRID lattice of its own box: mask and palette indices."""
+
+    mask: np.ndarray
+    colour_index: np.ndarray
+    histogram: np.ndarray
+
+
+def object_crop(image) -> ObjectCrop | None:
+    array = to_array(image)
+    mask = object_mask(array, border_background(array))
+    if not plausible(mask):
+        return None
+    cx, cy, w, h = mask_box(mask)
+    offsets = (np.arange(GRID) + 0.5) / GRID - 0.5
+    xs = np.clip(np.floor(cx + offsets * w).astype(int), 0, array.shape[1] - 1)
+    ys = np.clip(np.floor(cy + offsets * h).astype(int), 0, array.shape[0] - 1)
+    crop_mask = mask[np.ix_(ys, xs)]
+    index = nearest_colour_index(array[np.ix_(ys, xs)])
+    return ObjectCrop(crop_mask, index, palette_histogram(array[mask]))
+
+
+def compare_crops(generated: ObjectCrop, reference: ObjectCrop) -> dict[str, float]:
+    both = generated.mask & reference.mask
+    pattern = float((generated.colour_index[both] == reference.colour_index[both]).mean()) if both.any() else 0.0
+    colours = 1.0 - 0.5 * float(np.abs(generated.histogram - reference.histogram).sum())
+    return {"shape": iou(generated.mask, reference.mask), "pattern": pattern, "colours": colours}
+
+
+def subject_scores(image, references: list[ObjectCrop]) -> dict[str, float]:
+    """Shape, pattern and colour agreement of one image with the references (mean), and their mean."""
+    crop = object_crop(image)
+    if crop is None or not references:
+        return {"shape": 0.0, "pattern": 0.0, "colours": 0.0, "score": 0.0}
+    parts = [compare_crops(crop, reference) for reference in references]
+    scores = {name: float(np.mean([p[name] for p in parts])) for name in ("shape", "pattern", "colours")}
+    scores["score"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def subject_fidelity(images, instance_images) -> dict:
+    """Mean subject agreement of ``images`` with a subject's ``instance_images`` (see module doc)."""
+    if not images:
+        raise ValueError("subject_fidelity needs at least one image")
+    references = [crop for crop in map(object_crop, instance_images) if crop is not None]
+    if not references:
+        raise ValueError("no object found in the instance images")
+    per_image = [subject_scores(image, references) for image in images]
+    return {name: float(np.mean([s[name] for s in per_image])) for name in per_image[0]} | {"n": len(images)}
+
+
+# --------------------------------------------------------------------------- diversity
+
+
+def diversity(images) -> dict:
+    """Spread of the object's box across images: standard deviations of the centre (x, y, pooled)
+    and of the size (mean of width and height), in units of the image side; ``score`` is the
+    root of the summed variances. Images without an object are counted in ``missing``."""
+    boxes, missing, side = [], 0, None
+    for image in images:
+        array = to_array(image)
+        side = array.shape[1]
+        mask = object_mask(array, border_background(array))
+        if not plausible(mask):
+            missing += 1
+            continue
+        cx, cy, w, h = mask_box(mask)
+        boxes.append((cx, cy, (w + h) / 2))
+    if len(boxes) < 2:
+        return {"position": 0.0, "size": 0.0, "score": 0.0, "missing": missing, "n": len(images)}
+    values = np.array(boxes) / side
+    var = values.var(axis=0)
+    return {"position": float(np.sqrt((var[0] + var[1]) / 2)), "size": float(np.sqrt(var[2])),
+            "score": float(np.sqrt(var.sum())), "missing": missing, "n": len(images)}
