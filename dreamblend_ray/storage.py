@@ -6,8 +6,12 @@ serves both our own files and Ray Data's, with the same endpoint override and cr
 Credentials come from the standard AWS chain. An S3-compatible endpoint (MinIO, moto, ...) is
 taken from ``DREAMBLEND_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``.
 Writes are atomic: local files are written to a temporary name and renamed; an S3 PUT is
-atomic by nature. Transient errors are retried with exponential backoff for a bounded time;
-permanent ones (no such bucket, access denied, not found) fail at once with the URI.
+atomic by nature. Transient errors (connection refused or reset, timeouts, throttling, 5xx) are
+retried with exponential backoff for at most ``DREAMBLEND_STORAGE_RETRY_SECONDS`` (default 30) per
+operation; permanent ones (no such bucket, access denied, bad credentials, not found, other 4xx)
+fail at once with the URI. pyarrow names S3 errors by the AWS SDK's enum (``NO_SUCH_BUCKET``,
+``ACCESS_DENIED``, ``INVALID_ACCESS_KEY_ID``); those names are what ``is_permanent`` looks for.
+``join`` refuses ``..`` and empty parts, so keys built from validated ids stay under their root.
 """
 
 from __future__ import annotations
