@@ -268,8 +268,10 @@ def sample_batch(mean: torch.Tensor, std: torch.Tensor, size: int, flip: bool,
 
 
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor,
-                   noise_gen: torch.Generator, autocast) -> torch.Tensor:
-    """Per-sample MSE of the UNet's prediction at a random timestep: (B,) float32."""
+                   noise_gen: torch.Generator, autocast, input_dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample MSE of the UNet's prediction at a random timestep: (B,) float32.
+
+    Noise and targets stay float32; the UNet gets its inputs in ``input_dtype``."""
     noise = torch.randn(latents.shape, generator=noise_gen, device=latents.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                       generator=noise_gen, device=latents.device)
@@ -281,12 +283,12 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor,
     else:
         raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
     with autocast:
-        pred = unet(noisy.to(unet.dtype), t, embeds.to(unet.dtype), return_dict=False)[0]
+        pred = unet(noisy.to(input_dtype), t, embeds.to(input_dtype), return_dict=False)[0]
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
 def step_loss(unet, scheduler, data: TrainData, config: FinetuneConfig, index_gen, noise_gen,
-              autocast) -> torch.Tensor:
+              autocast, input_dtype: torch.dtype) -> torch.Tensor:
     """The DreamBooth loss of one micro-batch (instance MSE + w * class-prior MSE), one forward."""
     bs = config.batch_size
     latents = sample_batch(data.instance_mean, data.instance_std, bs, config.random_flip, index_gen, noise_gen)
@@ -295,7 +297,7 @@ def step_loss(unet, scheduler, data: TrainData, config: FinetuneConfig, index_ge
         prior = sample_batch(data.class_mean, data.class_std, bs, config.random_flip, index_gen, noise_gen)
         latents = torch.cat([latents, prior])
         embeds = torch.cat([embeds, data.class_embed.expand(bs, -1, -1)])
-    losses = diffusion_loss(unet, scheduler, latents, embeds, noise_gen, autocast)
+    losses = diffusion_loss(unet, scheduler, latents, embeds, noise_gen, autocast, input_dtype)
     if data.class_mean is None:
         return losses.mean()
     return losses[:bs].mean() + config.prior_loss_weight * losses[bs:].mean()
@@ -377,11 +379,12 @@ def train(unet, params, data: TrainData, scheduler, config: FinetuneConfig, save
     from tqdm.auto import tqdm
 
     device = data.instance_mean.device
+    input_dtype = unet.dtype  # a walk over all modules: once, not per step
     amp_dtype = precision(device, config)
     autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999),
-                                  weight_decay=config.adam_weight_decay, eps=1e-8)
+                                  weight_decay=config.adam_weight_decay, eps=1e-8, foreach=True)
     warmup = config.lr_warmup_steps
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     index_gen = torch.Generator().manual_seed(config.seed)
@@ -395,7 +398,8 @@ def train(unet, params, data: TrainData, scheduler, config: FinetuneConfig, save
         for step in range(1, config.steps + 1):
             loss = 0.0
             for _ in range(config.gradient_accumulation_steps):
-                micro = step_loss(unet, scheduler, data, config, index_gen, noise_gen, autocast)
+                micro = step_loss(unet, scheduler, data, config, index_gen, noise_gen, autocast,
+                                  input_dtype)
                 micro = micro / config.gradient_accumulation_steps
                 (scaler.scale(micro) if scaler else micro).backward()
                 loss += micro.item()
