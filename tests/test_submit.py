@@ -7,6 +7,7 @@ processes that carry that temp dir (never a machine-wide `ray stop`: other clust
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -119,13 +120,20 @@ def stop_cluster(temp_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head` on 127.0.0.1 with random ports, its own temp dir and auth disabled."""
+    """`ray start --head` on 127.0.0.1 with random ports, its own temp dir and token authentication.
+
+    Yields the dashboard address, the cluster's environment, and a client environment that holds
+    the token only as RAY_AUTH_TOKEN (so `dreamblend submit` must send it itself).
+    """
     temp_dir = tempfile.mkdtemp(prefix="dbrs", dir="/tmp")
     gcs, dash, client, nm, om, agent, agent_grpc, renv, metrics, wmin = free_ports(10)
+    token = secrets.token_hex(16)
     # `python` in the job's entrypoint is the cluster's python: put this venv first on its PATH.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--include-dashboard", "true", "--ray-client-server-port", str(client),
@@ -138,7 +146,7 @@ def ray_head():
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             pytest.fail(f"ray start failed:\n{out.stdout}\n{out.stderr}")
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "client_env": client_env, "temp_dir": temp_dir}
     finally:
         stop_cluster(temp_dir)
         survivors = cluster_pids(temp_dir)
@@ -164,9 +172,20 @@ def test_submit_runs_the_finetune_job_on_a_cluster_and_follows_it(ray_head, tmp_
            "--subjects", str(manifest), "--output", str(output), "--run-id", "submitted", "--base", "tiny",
            "--steps", "2", "--checkpoint-steps", "1,2", "--no-prior-preservation", "--rank", "2",
            "--num-actors", "1", "--torch-threads", "1"]
-    out = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    out = subprocess.run(cmd, env=ray_head["client_env"], capture_output=True, text=True, timeout=420, cwd=tmp_path)
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert out.stdout.splitlines()[0] == "dreamblend-test-finetune"  # the submission id comes first
     assert "cube: succeeded" in out.stdout  # the job's logs were followed
     assert (output / "subjects" / "cube" / "subject.json").is_file()
     assert (output / "runs" / "submitted" / "results.parquet").is_file()
+
+
+@pytest.mark.slow
+def test_submit_without_the_token_is_refused(ray_head, tmp_path):
+    env = {k: v for k, v in ray_head["client_env"].items() if k != "RAY_AUTH_TOKEN"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    cmd = [str(VENV_BIN / "dreamblend"), "submit", "generate", "--address", ray_head["address"], "--",
+           "--requests", "r.jsonl", "--output", str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "cannot submit to" in out.stderr and "Authentication required" in out.stderr

@@ -166,11 +166,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.job_args:
         raise ValueError(f"give the job's arguments after `--`, e.g. `dreamblend submit {args.job} "
                          f"--address URL -- --help`")
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     submission = build_submission(args)
-    client = JobSubmissionClient(args.address, headers=auth_headers())
-    submission_id = client.submit_job(**submission)
+    try:
+        client = JobSubmissionClient(args.address, headers=auth_headers())
+        submission_id = client.submit_job(**submission)
+    except (AuthenticationError, ConnectionError, RuntimeError) as exc:
+        logger.error("cannot submit to %s: %s", args.address, exc)
+        return 2
     logger.info("submitted %s job %s to %s: %s", args.job, submission_id, args.address, submission["entrypoint"])
     print(submission_id, flush=True)
     if not args.follow:
