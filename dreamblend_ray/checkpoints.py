@@ -19,6 +19,7 @@ Everything is safetensors; nothing from storage is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -293,6 +294,39 @@ def load_pair(root: str, subject_id: str, components, guidance_step: int | None 
         _load_adapter(unet, weight_uri(root, subject_id, step, "lora"), name)
     unet.requires_grad_(False)
     return AdapterPair(unet, g_name, e_name, meta=meta), manifest
+
+
+def load_checkpoint_pair(components, guidance_uri: str, edit_uri: str):
+    """G and E from two checkpoint directories (``.../step-N``), LoRA or full fine-tunes.
+
+    LoRA checkpoints become adapters named after their URIs on ``components.unet``
+    (an AdapterPair); full fine-tunes become UNets (a TwoUNetPair). Both must be of one kind.
+    """
+    from dreamblend_ray.pair import AdapterPair, TwoUNetPair
+
+    kinds = [_checkpoint_kind(uri) for uri in (guidance_uri, edit_uri)]
+    if kinds[0] != kinds[1]:
+        raise ValueError(f"--guidance-ckpt is a {kinds[0]} checkpoint but --edit-ckpt is a {kinds[1]} one")
+    meta = {"guidance_checkpoint": guidance_uri, "edit_checkpoint": edit_uri, "kind": kinds[0]}
+    if kinds[0] == "full":
+        def load(uri):
+            weights = storage.join(uri, FULL_WEIGHT_NAME)
+            return unet_from_state(components.unet, decode_safetensors(storage.read_bytes(weights), weights)[0])
+
+        g_unet = load(guidance_uri)
+        return TwoUNetPair(g_unet, g_unet if edit_uri == guidance_uri else load(edit_uri), meta=meta)
+    names = [f"ckpt--{hashlib.sha256(uri.encode()).hexdigest()[:12]}" for uri in (guidance_uri, edit_uri)]
+    for name, uri in zip(names, (guidance_uri, edit_uri)):
+        _load_adapter(components.unet, storage.join(uri, LORA_WEIGHT_NAME), name)
+    components.unet.requires_grad_(False)
+    return AdapterPair(components.unet, names[0], names[1], meta=meta)
+
+
+def _checkpoint_kind(uri: str) -> str:
+    for kind, name in WEIGHT_NAMES.items():
+        if storage.exists(storage.join(uri, name)):
+            return kind
+    raise FileNotFoundError(f"{uri}: no {' or '.join(WEIGHT_NAMES.values())} (is it a checkpoint directory?)")
 
 
 def unload_pair(pair, components) -> None:
