@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -259,7 +260,9 @@ def _load_adapter(unet: UNet2DConditionModel, uri: str, adapter_name: str) -> No
         return
     tensors, metadata = decode_safetensors(storage.read_bytes(uri), uri)
     lora_config = json.loads(metadata[LORA_METADATA_KEY]) if LORA_METADATA_KEY in metadata else None
-    unet.load_lora_adapter(tensors, prefix=LORA_PREFIX, adapter_name=adapter_name, metadata=lora_config)
+    with warnings.catch_warnings():  # several adapters on one UNet is the design, not a mistake
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.load_lora_adapter(tensors, prefix=LORA_PREFIX, adapter_name=adapter_name, metadata=lora_config)
 
 
 def load_pair(root: str, subject_id: str, components, guidance_step: int | None = None,

@@ -232,3 +232,29 @@ def test_cli_finetune(image_dir, tmp_path):
     assert manifest["steps"] == [1, 3] and manifest["num_class_images"] == 0
     assert main(["finetune", "--base", "tiny", "--images", str(image_dir), "--class-noun", "dog",
                  "--subject-id", "bad id", "--output", str(out), "--steps", "3"]) == 2
+
+
+def test_gradient_checkpointing_gives_the_same_checkpoints(components, images, tmp_path):
+    def weights(root, checkpointing):
+        run(components, images, root, steps=3, checkpoint_steps=(3,), gradient_checkpointing=checkpointing)
+        return checkpoints.decode_safetensors(
+            storage.read_bytes(checkpoints.weight_uri(str(root), "subj", 3, "lora")))[0]
+
+    plain, recomputed = weights(tmp_path / "a", False), weights(tmp_path / "b", True)
+    for key, value in plain.items():
+        torch.testing.assert_close(recomputed[key], value, rtol=1e-5, atol=1e-6)
+    assert not components.unet.is_gradient_checkpointing
+
+
+def test_s3_output_root(components, images, s3_bucket):
+    root = f"{s3_bucket}/runs/a"
+    manifest = run(components, images, root, steps=3, checkpoint_steps=(1, 3), prior_preservation=True,
+                   num_class_images=1, class_sampling_steps=2)
+    assert checkpoints.read_manifest(root, "subj") == manifest
+    assert storage.exists(checkpoints.weight_uri(root, "subj", 1, "lora"))
+    assert len(storage.list_files(f"{root}/class_images")) == 1
+    pair, _ = checkpoints.load_pair(root, "subj", components)
+    try:
+        assert (pair.guidance_adapter, pair.edit_adapter) == ("subj--g1", "subj--e3")
+    finally:
+        checkpoints.unload_pair(pair, components)
