@@ -1,0 +1,299 @@
+"""The end-to-end demo (the README's main job) on the embedded shapes-world model.
+
+1. write the demo subjects' instance images and a subjects manifest;
+2. fine-tune them in parallel with the Ray Data job (jobs/finetune_subjects.py's library function)
+   into local storage; finished subjects are reused on a second run;
+3. start the Ray Serve app and request, over HTTP, images for prompts the subjects were never
+   shown with: G alone, E alone, and DreamBlend (E guided by G);
+4. write ``grid.png`` (rows: subject and prompt; columns: instance image, G, E, DreamBlend) and
+   ``report.md`` with the analytic metrics of each column.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dreamblend_ray.config import check_range
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("G alone", "E alone", "DreamBlend")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of the demo. Fine-tuning defaults are tuned for the embedded model on 2 CPU cores."""
+
+    out: str = "outputs/demo"
+    base: str = "embedded"
+    subjects: tuple[str, ...] = ()  # empty: every demo subject
+    finetune_steps: int = 300
+    checkpoint_steps: tuple[int, ...] = ()  # empty: 10%, 25%, 50%, 75%, 100% of the run
+    learning_rate: float = 1e-3
+    rank: int = 8
+    backgrounds_per_subject: int = 3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 30
+    guidance_scale: float = 2.0
+    alpha: float = 0.25
+    actors: int = 2
+    port: int = 0
+    extra_finetune: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_range("finetune_steps", self.finetune_steps, 1, 100_000, integer=True)
+        check_range("backgrounds_per_subject", self.backgrounds_per_subject, 1, 8, integer=True)
+        check_range("steps", self.steps, 1, 1000, integer=True)
+        check_range("alpha", self.alpha, 0.0, 10.0)
+        check_range("actors", self.actors, 1, 64, integer=True)
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+
+    @property
+    def storage_root(self) -> str:
+        return str(Path(self.out) / "storage")
+
+
+# --------------------------------------------------------------------------- 1. subjects
+
+def demo_subjects(config: DemoConfig):
+    from dreamblend_ray.embedded.subjects import SUBJECTS, get_subject
+
+    return [get_subject(s) for s in config.subjects] if config.subjects else list(SUBJECTS)
+
+
+def write_subjects_manifest(config: DemoConfig, subjects) -> str:
+    """Instance images as PNGs and a JSONL subjects manifest; returns the manifest's path."""
+    root = Path(config.out) / "instance_images"
+    lines = []
+    for subject in subjects:
+        paths = subject.save_instance_images(root / subject.subject_id)
+        lines.append(json.dumps({"subject_id": subject.subject_id, "class_noun": subject.class_noun,
+                                 "images": [str(p.resolve()) for p in paths]}))
+    manifest = Path(config.out) / "subjects.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return str(manifest)
+
+
+# --------------------------------------------------------------------------- 2. fine-tuning
+
+def finetune_config(config: DemoConfig, subjects):
+    from dreamblend_ray.config import FinetuneConfig
+
+    values = dict(steps=config.finetune_steps, checkpoint_steps=config.checkpoint_steps,
+                  learning_rate=config.learning_rate, rank=config.rank, token=subjects[0].token,
+                  num_class_images=20)
+    values.update(config.extra_finetune)
+    return FinetuneConfig(**values)
+
+
+def finetune(config: DemoConfig, subjects, manifest: str):
+    from dreamblend_ray.finetune_job import run_finetune_job
+    from dreamblend_ray.job_common import JobResources
+
+    resources = JobResources(num_actors=min(config.actors, len(subjects)), cpus_per_actor=1.0)
+    result = run_finetune_job(manifest, config.storage_root, base=config.base,
+                              config=finetune_config(config, subjects), resources=resources)
+    failed = [row for row in result.rows if row["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"fine-tuning failed for {[(r['subject_id'], r['error']) for r in failed]}")
+    return result
+
+
+# --------------------------------------------------------------------------- 3. serving
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One request of the grid: a subject, a prompt and a column."""
+
+    subject_id: str
+    prompt: str
+    column: str
+
+
+def requests_for(config: DemoConfig, subjects) -> list[Cell]:
+    cells = []
+    for subject in subjects:
+        for background in subject.new_backgrounds()[: config.backgrounds_per_subject]:
+            cells += [Cell(subject.subject_id, subject.prompt(background), column) for column in COLUMNS]
+    return cells
+
+
+def request_body(config: DemoConfig, cell: Cell, manifests: dict) -> dict:
+    body = {"subject_id": cell.subject_id, "prompt": cell.prompt, "num_images": len(config.seeds),
+            "seed": config.seeds[0], "num_inference_steps": config.steps,
+            "guidance_scale": config.guidance_scale, "response_format": "json"}
+    if cell.column == "G alone":
+        g = manifests[cell.subject_id]["guidance_step"]
+        body.update(alpha=0.0, guidance_step=g, edit_step=g)
+    elif cell.column == "E alone":
+        body.update(alpha=0.0)
+    else:
+        body.update(alpha=config.alpha)
+    return body
+
+
+def fetch_images(url: str, config: DemoConfig, cells: list[Cell], manifests: dict) -> dict:
+    """POST every cell concurrently (the endpoint batches them); returns cell -> list of images."""
+    import httpx
+    from tqdm import tqdm
+
+    def post(cell: Cell):
+        response = client.post(f"{url}/v1/generate", json=request_body(config, cell, manifests))
+        if response.status_code != 200:
+            raise RuntimeError(f"{cell}: HTTP {response.status_code}: {response.text[:300]}")
+        return cell, [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")
+                      for b in response.json()["images"]]
+
+    results = {}
+    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(max_workers=8) as pool:
+        for cell, images in tqdm(pool.map(post, cells), total=len(cells), desc="demo requests"):
+            results[cell] = images
+    return results
+
+
+def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> dict:
+    from ray import serve
+
+    from dreamblend_ray.serve_app import build_app
+    from dreamblend_ray.serving import AppArgs
+
+    port = config.port or free_port()
+    args = AppArgs(base=config.base, storage_root=config.storage_root, max_models_per_replica=8,
+                   max_images_per_request=max(4, len(config.seeds)), max_batch_size=8,
+                   max_ongoing_requests=16, request_timeout_s=600, default_steps=config.steps)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="dreamblend-demo", route_prefix="/")
+        logger.info("serving on http://127.0.0.1:%d; requesting %d cells", port, len(cells))
+        return fetch_images(f"http://127.0.0.1:{port}", config, cells, manifests)
+    finally:
+        serve.shutdown()
+
+
+# --------------------------------------------------------------------------- 4. grid and report
+
+def upscale(image: Image.Image, factor: int = 4) -> Image.Image:
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def draw_grid(rows: list[tuple[str, list[Image.Image]]], headers: list[str], cell: int = 128,
+              label_width: int = 300) -> Image.Image:
+    """A labelled grid: one row per (label, images), one column per header."""
+    pad, header_height = 4, 20
+    width = label_width + len(headers) * (cell + pad)
+    grid = Image.new("RGB", (width, header_height + len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, header in enumerate(headers):
+        draw.text((label_width + j * (cell + pad) + 4, 4), header, fill="black")
+    for i, (label, images) in enumerate(rows):
+        top = header_height + i * (cell + pad)
+        draw.text((4, top + cell // 2 - 6), label, fill="black")
+        for j, image in enumerate(images):
+            grid.paste(upscale(image, cell // image.width), (label_width + j * (cell + pad), top))
+    return grid
+
+
+def column_metrics(subjects, cells: list[Cell], images: dict) -> dict:
+    """Per column: prompt fidelity, subject fidelity and diversity (analytic, embedded metrics)."""
+    from dreamblend_ray.embedded import metrics
+
+    by_id = {s.subject_id: s for s in subjects}
+    table = {}
+    for column in COLUMNS:
+        chosen = [c for c in cells if c.column == column]
+        flat = [(c, img) for c in chosen for img in images[c]]
+        prompt = metrics.prompt_fidelity([img for _, img in flat], [c.prompt for c, _ in flat])
+        subject = [metrics.subject_fidelity(images[c], by_id[c.subject_id].instance_images())["score"]
+                   for c in chosen]
+        spread = [metrics.diversity(images[c])["score"] for c in chosen]
+        table[column] = {"prompt_fidelity": prompt["overall"], "background": prompt["background"],
+                         "all_correct": prompt["all_correct"], "subject_fidelity": float(np.mean(subject)),
+                         "diversity": float(np.mean(spread)), "images": len(flat)}
+    return table
+
+
+def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests: dict,
+                    seconds: dict) -> str:
+    lines = ["# DreamBlend demo (embedded shapes-world model)", "",
+             f"Subjects fine-tuned with LoRA for {config.finetune_steps} steps; G and E are the pair "
+             "recorded in each subject.json. Prompts put the subject on backgrounds it was never shown "
+             f"on; {len(config.seeds)} seeds each, {config.steps} DDIM steps, CFG {config.guidance_scale}, "
+             f"DreamBlend alpha {config.alpha}.", "",
+             "| column | prompt fidelity | background correct | all attributes correct | subject fidelity | diversity |",
+             "|---|---|---|---|---|---|"]
+    for column, row in table.items():
+        lines.append(f"| {column} | {row['prompt_fidelity']:.2f} | {row['background']:.2f} | "
+                     f"{row['all_correct']:.2f} | {row['subject_fidelity']:.3f} | {row['diversity']:.3f} |")
+    g, e, blend = (table[c] for c in COLUMNS)
+    lines += ["", "Targets (issue #8): DreamBlend keeps prompt fidelity within 10% of G's and subject "
+              "fidelity within 10% of E's.", "",
+              f"- prompt fidelity: DreamBlend {blend['prompt_fidelity']:.2f} vs G {g['prompt_fidelity']:.2f} "
+              f"-> {'met' if blend['prompt_fidelity'] >= 0.9 * g['prompt_fidelity'] else 'NOT met'}",
+              f"- subject fidelity: DreamBlend {blend['subject_fidelity']:.3f} vs E {e['subject_fidelity']:.3f} "
+              f"-> {'met' if blend['subject_fidelity'] >= 0.9 * e['subject_fidelity'] else 'NOT met'}", "",
+              "| subject | status | G step | E step |", "|---|---|---|---|"]
+    for row in finetune_result.rows:
+        m = manifests[row["subject_id"]]
+        lines.append(f"| {row['subject_id']} | {row['status']} | {m['guidance_step']} | {m['edit_step']} |")
+    lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the whole demo
+
+def run_demo(config: DemoConfig = DemoConfig()) -> dict:
+    import ray
+
+    from dreamblend_ray import checkpoints
+
+    out, seconds, start = Path(config.out), {}, time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    subjects = demo_subjects(config)
+    manifest = write_subjects_manifest(config, subjects)
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, ignore_reinit_error=True,
+             log_to_driver=False)
+    try:
+        logger.info("step 1/3: fine-tuning %d subjects", len(subjects))
+        result = finetune(config, subjects, manifest)
+        seconds["fine-tuning"] = time.perf_counter() - start
+        manifests = {s.subject_id: checkpoints.read_manifest(config.storage_root, s.subject_id) for s in subjects}
+        cells = requests_for(config, subjects)
+        logger.info("step 2/3: serving and requesting %d image sets over HTTP", len(cells))
+        images = serve_and_fetch(config, cells, manifests)
+        seconds["serving"] = time.perf_counter() - start - seconds["fine-tuning"]
+    finally:
+        ray.shutdown()
+    logger.info("step 3/3: grid and report")
+    by_id = {s.subject_id: s for s in subjects}
+    rows = []
+    for cell in cells:
+        if cell.column == COLUMNS[0]:
+            instance = by_id[cell.subject_id].instance_images()[0]
+            rows.append((f"{cell.subject_id}: {cell.prompt}",
+                         [instance] + [images[Cell(cell.subject_id, cell.prompt, c)][0] for c in COLUMNS]))
+    draw_grid(rows, ["instance image", *COLUMNS]).save(out / "grid.png")
+    table = column_metrics(subjects, cells, images)
+    seconds["total"] = time.perf_counter() - start
+    (out / "report.md").write_text(report_markdown(config, table, result, manifests, seconds))
+    (out / "metrics.json").write_text(json.dumps({"columns": table, "seconds": seconds}, indent=2))
+    logger.info("wrote %s and %s in %.0f s", out / "grid.png", out / "report.md", seconds["total"])
+    return table
