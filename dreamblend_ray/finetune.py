@@ -335,9 +335,9 @@ def lora_unet(unet, config: FinetuneConfig, adapter_name: str):
         yield unet, params
     finally:
         checkpoints.remove_adapters(unet, [adapter_name])
-        unet.requires_grad_(False)
         if previous:
             unet.set_adapter(previous)
+        unet.requires_grad_(False)  # after set_adapter, which marks active adapters trainable
 
 
 @contextmanager
@@ -439,12 +439,42 @@ def library_versions() -> dict:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
+def build_manifest(components: Components, subject_id: str, class_noun: str, config: FinetuneConfig,
+                   result: RunResult, timings: dict, num_instance: int, num_class: int,
+                   resolution: int) -> dict:
+    """The subject manifest (schema: ``checkpoints.validate_manifest``, version 1)."""
+    guidance_step, edit_step = config.default_pair()
+    return {
+        "version": checkpoints.MANIFEST_VERSION, "subject_id": subject_id, "class_noun": class_noun,
+        "token": config.token, "instance_prompt": config.instance_prompt(class_noun),
+        "class_prompt": config.class_prompt_for(class_noun) if config.prior_preservation else None,
+        "base": model_identity(components), "kind": config.method,
+        "weight_name": checkpoints.WEIGHT_NAMES[config.method],
+        "steps": result.steps_saved, "guidance_step": guidance_step, "edit_step": edit_step,
+        "guidance_rule": f"saved step nearest {config.guidance_fraction:g} of the run"
+        if config.guidance_step is None else "configured",
+        "num_instance_images": num_instance, "num_class_images": num_class, "resolution": resolution,
+        "device": str(components.device), "loss_curve": result.loss_curve, "config": to_dict(config),
+        "timings": timings, "library_versions": library_versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def _resolve_base(base: Components | str, config: FinetuneConfig) -> Components:
     if isinstance(base, Components):
         return base
     if not isinstance(base, str):
         raise ValueError(f"base must be a Components object or a base name/URI, got {type(base).__name__}")
     return load_components(base, device=select_device(config.device))
+
+
+def training_resolution(components: Components, config: FinetuneConfig) -> int:
+    """``config.resolution`` or the model's size; must survive the VAE and UNet downsampling."""
+    multiple = components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    resolution = config.resolution or components.default_size
+    if resolution % multiple:
+        raise ValueError(f"resolution must be a multiple of {multiple} for this base model, got {resolution}")
+    return resolution
 
 
 def _clear_previous(root: str, subject_id: str) -> None:
@@ -471,8 +501,9 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
     validate_class_noun(class_noun)
     if not isinstance(config, FinetuneConfig):
         raise ValueError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    config.default_pair()  # a guidance_step off the schedule fails now, not after training
     components = _resolve_base(base, config)
-    resolution = config.resolution or components.default_size
+    resolution = training_resolution(components, config)
     t0 = time.perf_counter()
     instance = load_instance_images(list(images), config.min_image_size or math.ceil(resolution / 2))
     timings = {"load_images_s": time.perf_counter() - t0}
@@ -501,25 +532,13 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
         result = train(unet, params, data, noise_scheduler, config, save, progress, callback,
                        desc=f"finetune {subject_id}")
 
-    guidance_step, edit_step = config.default_pair()
     timings.update(train_s=result.train_seconds, save_s=result.save_seconds,
                    steps_per_s=config.steps / max(result.train_seconds, 1e-9))
     timings["total_s"] = time.perf_counter() - t_start
-    manifest = {
-        "version": checkpoints.MANIFEST_VERSION, "subject_id": subject_id, "class_noun": class_noun,
-        "token": config.token, "instance_prompt": instance_prompt,
-        "class_prompt": config.class_prompt_for(class_noun) if config.prior_preservation else None,
-        "base": model_identity(components), "kind": config.method,
-        "weight_name": checkpoints.WEIGHT_NAMES[config.method],
-        "steps": result.steps_saved, "guidance_step": guidance_step, "edit_step": edit_step,
-        "guidance_rule": f"saved step nearest {config.guidance_fraction:g} of the run"
-        if config.guidance_step is None else "configured",
-        "num_instance_images": len(instance), "num_class_images": len(prior), "resolution": resolution,
-        "device": str(components.device), "loss_curve": result.loss_curve, "config": to_dict(config),
-        "timings": timings, "library_versions": library_versions(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    manifest = build_manifest(components, subject_id, class_noun, config, result, timings,
+                              num_instance=len(instance), num_class=len(prior), resolution=resolution)
     checkpoints.write_manifest(output_root, subject_id, manifest)
     logger.info("fine-tuned %s: %d steps in %.1fs, checkpoints %s (G=%d, E=%d)", subject_id,
-                config.steps, result.train_seconds, result.steps_saved, guidance_step, edit_step)
+                config.steps, result.train_seconds, result.steps_saved, manifest["guidance_step"],
+                manifest["edit_step"])
     return manifest

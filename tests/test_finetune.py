@@ -258,3 +258,11 @@ def test_s3_output_root(components, images, s3_bucket):
         assert (pair.guidance_adapter, pair.edit_adapter) == ("subj--g1", "subj--e3")
     finally:
         checkpoints.unload_pair(pair, components)
+
+
+def test_settings_that_cannot_work_fail_before_training(components, images, tmp_path):
+    with pytest.raises(ValueError, match="resolution must be a multiple of 4"):
+        run(components, images, tmp_path, resolution=30)
+    with pytest.raises(ValueError, match="guidance_step 3 is not a saved checkpoint"):
+        run(components, images, tmp_path, guidance_step=3, checkpoint_steps=(2, 6))
+    assert not tmp_path.joinpath("subjects").exists()
