@@ -33,6 +33,7 @@ class AdapterPair:
     @contextmanager
     def _active(self, name: str):
         self.unet.set_adapter(name)
+        self.unet.requires_grad_(False)  # peft's set_adapter marks the adapter trainable again
         yield self.unet
 
     def guidance(self):
