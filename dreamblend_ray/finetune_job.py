@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ def result_row(subject_id: str, status: str, output: str, seconds: float, manife
 
     row = {name: None for name in RESULT_SCHEMA.names}
     row.update(subject_id=subject_id, status=status, error=error, seconds=seconds,
-               worker=socket.gethostname())
+               worker=f"{socket.gethostname()}:{os.getpid()}")
     if manifest:
         saved = list(manifest["steps"])
         losses = manifest.get("loss_curve") or []
