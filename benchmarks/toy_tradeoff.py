@@ -1,0 +1,172 @@
+"""The fidelity trade-off on the embedded shapes world, and what DreamBlend does to it.
+
+Fine-tunes a demo subject (LoRA, reused when already done), then measures with the exact analytic
+metrics of dreamblend_ray.embedded.metrics, on prompts that put the subject on backgrounds it was
+never shown on:
+
+* every saved checkpoint sampled alone: subject fidelity, prompt fidelity, diversity;
+* DreamBlend (G = the manifest's guidance step, E = the last step) for alpha in {0, 0.1, 0.25, 0.5}
+  and two guidance windows.
+
+Writes a PNG plot (prompt fidelity against subject fidelity) and prints a table; the last line is
+``RESULT {json}``. Target (issue #8): DreamBlend keeps prompt fidelity within 10% of G's and subject
+fidelity within 10% of E's.
+
+    python benchmarks/toy_tradeoff.py [--subject striped-star] [--out outputs/tradeoff]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from dreamblend_ray import checkpoints
+from dreamblend_ray.components import load_components
+from dreamblend_ray.config import FinetuneConfig, SamplingConfig
+from dreamblend_ray.embedded import metrics
+from dreamblend_ray.embedded.subjects import get_subject
+from dreamblend_ray.finetune import finetune_subject
+from dreamblend_ray.sampler import DreamBlendSampler
+
+logger = logging.getLogger("toy_tradeoff")
+ALPHAS = (0.0, 0.1, 0.25, 0.5)
+
+
+def ensure_subject(components, subject, root: str, config: FinetuneConfig) -> dict:
+    if checkpoints.is_complete(root, subject.subject_id):
+        return checkpoints.read_manifest(root, subject.subject_id)
+    return finetune_subject(components, subject.instance_images(), subject.class_noun, subject.subject_id,
+                            root, config, progress=True)
+
+
+def measure(sampler, pair, subject, prompts, seeds, config: SamplingConfig) -> dict:
+    """Analytic scores of one (pair, settings) over prompts x seeds."""
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = [s for _ in prompts for s in seeds]
+    result = sampler.sample(pair, all_prompts, all_seeds, config, track_distance=True)
+    images = result.images
+    per_prompt = [images[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
+    return {
+        "prompt_fidelity": metrics.prompt_fidelity(images, all_prompts)["overall"],
+        "background": metrics.prompt_fidelity(images, all_prompts)["background"],
+        "subject_fidelity": metrics.subject_fidelity(images, subject.instance_images())["score"],
+        "diversity": float(np.mean([metrics.diversity(group)["score"] for group in per_prompt])),
+        "attention_distance": float(result.attention_distance.mean()) if result.attention_distance.numel() else 0.0,
+        "images": images,
+    }
+
+
+def plot(rows: list[dict], path: Path, size: int = 480) -> None:
+    """Prompt fidelity (y) against subject fidelity (x): checkpoints as a line, DreamBlend as dots."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    margin = 50
+
+    def xy(row):
+        return (margin + row["subject_fidelity"] * (size - 2 * margin),
+                size - margin - row["prompt_fidelity"] * (size - 2 * margin))
+
+    draw.rectangle([margin, margin, size - margin, size - margin], outline="black")
+    draw.text((size // 2 - 40, size - margin + 20), "subject fidelity", fill="black")
+    draw.text((4, margin - 20), "prompt fidelity", fill="black")
+    for v in (0.0, 0.5, 1.0):
+        draw.text((margin + v * (size - 2 * margin) - 6, size - margin + 4), f"{v:.1f}", fill="black")
+        draw.text((margin - 28, size - margin - v * (size - 2 * margin) - 6), f"{v:.1f}", fill="black")
+    ckpts = [r for r in rows if r["kind"] == "checkpoint"]
+    draw.line([xy(r) for r in ckpts], fill="gray", width=2)
+    for r in ckpts:
+        x, y = xy(r)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill="gray")
+        draw.text((x + 5, y - 12), f"step {r['step']}", fill="gray")
+    for r in rows:
+        if r["kind"] == "dreamblend" and r["alpha"] > 0:
+            x, y = xy(r)
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill="red")
+            draw.text((x + 5, y + 2), f"a={r['alpha']} K={r['window']}", fill="red")
+    image.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fidelity trade-off on the embedded model")
+    parser.add_argument("--base", default="embedded")
+    parser.add_argument("--subject", default="striped-star")
+    parser.add_argument("--out", default="outputs/tradeoff")
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--backgrounds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--windows", default="0.3,0.6", help="guidance windows as fractions of the steps")
+    parser.add_argument("--step-size", type=float, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    components = load_components(args.base)
+    subject = get_subject(args.subject)
+    ft = FinetuneConfig(steps=args.finetune_steps, learning_rate=args.lr, rank=args.rank,
+                        token=subject.token, num_class_images=20)
+    manifest = ensure_subject(components, subject, str(out / "storage"), ft)
+    prompts = [subject.prompt(bg) for bg in subject.new_backgrounds()[: args.backgrounds]]
+    seeds = list(range(args.seeds))
+    sampler = DreamBlendSampler(components)
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    if args.step_size is not None:
+        common["step_size"] = args.step_size
+    rows = []
+    for step in manifest["steps"]:
+        pair, _ = checkpoints.load_pair(str(out / "storage"), subject.subject_id, components, step, step)
+        scores = measure(sampler, pair, subject, prompts, seeds, SamplingConfig(alpha=0.0, **common))
+        rows.append({"kind": "checkpoint", "step": step, "alpha": 0.0, "window": 0, **scores})
+        checkpoints.unload_pair(pair, components)
+    g, e = manifest["guidance_step"], manifest["edit_step"]
+    pair, _ = checkpoints.load_pair(str(out / "storage"), subject.subject_id, components, g, e)
+    for fraction in (float(w) for w in args.windows.split(",")):
+        for alpha in ALPHAS:
+            config = SamplingConfig(alpha=alpha, guidance_fraction=fraction, **common)
+            scores = measure(sampler, pair, subject, prompts, seeds, config)
+            rows.append({"kind": "dreamblend", "step": e, "alpha": alpha, "window": config.window, **scores})
+    report(rows, g, e, out, subject.subject_id)
+
+
+def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str) -> None:
+    header = f"{'row':28s} {'prompt':>7s} {'bg':>5s} {'subject':>8s} {'divers.':>8s} {'attn d':>7s}"
+    lines = [f"subject {subject_id}: G = step {g}, E = step {e}", header, "-" * len(header)]
+    for r in rows:
+        name = (f"checkpoint step {r['step']}" if r["kind"] == "checkpoint"
+                else f"DreamBlend a={r['alpha']} K={r['window']}")
+        lines.append(f"{name:28s} {r['prompt_fidelity']:7.2f} {r['background']:5.2f} "
+                     f"{r['subject_fidelity']:8.3f} {r['diversity']:8.3f} {r['attention_distance']:7.4f}")
+    print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
+    plot(rows, out / "tradeoff.png")
+    g_row = next(r for r in rows if r["kind"] == "checkpoint" and r["step"] == g)
+    e_row = next(r for r in rows if r["kind"] == "checkpoint" and r["step"] == e)
+    blends = [r for r in rows if r["kind"] == "dreamblend" and r["alpha"] > 0]
+    best = max(blends, key=lambda r: min(r["prompt_fidelity"] / max(g_row["prompt_fidelity"], 1e-9),
+                                         r["subject_fidelity"] / max(e_row["subject_fidelity"], 1e-9)))
+    result = {
+        "subject": subject_id, "guidance_step": g, "edit_step": e,
+        "g_prompt_fidelity": round(g_row["prompt_fidelity"], 3), "g_subject_fidelity": round(g_row["subject_fidelity"], 3),
+        "e_prompt_fidelity": round(e_row["prompt_fidelity"], 3), "e_subject_fidelity": round(e_row["subject_fidelity"], 3),
+        "best_dreamblend": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in best.items() if k != "images"},
+        "prompt_ratio_to_g": round(best["prompt_fidelity"] / max(g_row["prompt_fidelity"], 1e-9), 3),
+        "subject_ratio_to_e": round(best["subject_fidelity"] / max(e_row["subject_fidelity"], 1e-9), 3),
+        "tradeoff_visible": e_row["prompt_fidelity"] < g_row["prompt_fidelity"],
+        "plot": str(out / "tradeoff.png"),
+    }
+    result["target_met"] = result["prompt_ratio_to_g"] >= 0.9 and result["subject_ratio_to_e"] >= 0.9
+    (out / "tradeoff.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "images"} for r in rows], indent=2))
+    print("RESULT " + json.dumps(result))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
