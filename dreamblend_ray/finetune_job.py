@@ -7,10 +7,17 @@ Pipeline (``run_finetune_job``)::
            each actor loads the base model once; per subject:
              subject.json present  -> "skipped"   (reruns are idempotent)
              else finetune_subject -> "succeeded" | "failed" (error recorded, others go on)
+             with pair choice on: then auto_choose_pair rewrites subject.json with the
+             chosen guidance/edit steps (a complete subject without a pair_choice entry is
+             only scored, not re-trained)
       └─ driver streams the result rows (a log line per subject) and writes
          {output}/runs/{run_id}/results.parquet
 
 Checkpoints land under ``{output}/subjects/{id}/`` (see ``checkpoints``).
+
+A pair-choice failure (e.g. a bad --clip-model) marks the subject "failed" with the error, but its
+checkpoints and the fine-tuning's subject.json are kept: they are complete and usable with the
+default pair, and a rerun with pair choice on scores them without training again.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dreamblend_ray.config import FinetuneConfig, to_dict
 from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
                                        write_parquet)
 from dreamblend_ray.manifests import SubjectSpec, apply_overrides, read_subjects
+from dreamblend_ray.pair_choice import SCORERS, PairChoiceOptions
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +73,33 @@ def result_row(subject_id: str, status: str, output: str, seconds: float, manife
     return row
 
 
-class FinetuneActor:
-    """A Ray Data callable class: loads the base model once, then fine-tunes one subject per row."""
+def needs_pair_choice(manifest: dict, options: PairChoiceOptions | None) -> bool:
+    """Pair choice is on and this complete subject has no recorded choice yet."""
+    return options is not None and "pair_choice" not in manifest
 
-    def __init__(self, base: str, output: str, torch_threads: int, use_gpu: bool):
+
+def drop_subject_adapters(unet, subject_id: str) -> None:
+    """Remove adapters a failed pair choice may have left loaded (named ``{subject_id}--...``)."""
+    names = [n for n in (getattr(unet, "peft_config", None) or {}) if n.startswith(f"{subject_id}--")]
+    if names:
+        checkpoints.remove_adapters(unet, names)
+
+
+class FinetuneActor:
+    """A Ray Data callable class: loads the base model once, then fine-tunes one subject per row.
+
+    ``pair_choice``: a ``PairChoiceOptions`` as a dict (``config.to_dict``), or None for no choice.
+    """
+
+    def __init__(self, base: str, output: str, torch_threads: int, use_gpu: bool,
+                 pair_choice: dict | None = None):
         import torch
 
         from dreamblend_ray.components import load_components, select_device
 
         torch.set_num_threads(torch_threads)
         self.output = output
+        self.pair_choice = PairChoiceOptions.from_dict(pair_choice) if pair_choice else None
         self.components = load_components(base, device=select_device() if use_gpu else "cpu")
         logger.info("finetune actor ready: base %s on %s, %d torch threads", self.components.source,
                     self.components.device, torch_threads)
@@ -84,24 +109,52 @@ class FinetuneActor:
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
     def run_one(self, row: dict) -> dict:
-        from dreamblend_ray.finetune import finetune_subject, image_uris
+        from dreamblend_ray.finetune import finetune_subject, image_uris, read_image
 
         start = time.perf_counter()
         subject_id = row["subject_id"]
         try:
             if checkpoints.is_complete(self.output, subject_id):
                 manifest = checkpoints.read_manifest(self.output, subject_id)
-                logger.info("subject %s: already complete, skipped", subject_id)
-                return result_row(subject_id, "skipped", self.output, time.perf_counter() - start, manifest)
+                if not needs_pair_choice(manifest, self.pair_choice):
+                    logger.info("subject %s: already complete, skipped", subject_id)
+                    return result_row(subject_id, "skipped", self.output, time.perf_counter() - start, manifest)
+                logger.info("subject %s: fine-tuned earlier, choosing its pair", subject_id)
+                images = [read_image(u) for u in image_uris(list(row["images"]))]
+                return self.choose_pair(row, manifest, images, start)
+            uris = image_uris(list(row["images"]))
             config = apply_overrides(FinetuneConfig(), json.loads(row["config"]))
-            manifest = finetune_subject(self.components, image_uris(list(row["images"])), row["class_noun"],
-                                        subject_id, self.output, config, progress=False)
+            # With pair choice the images are read once here: training and scoring share them.
+            images = [read_image(u) for u in uris] if self.pair_choice else uris
+            manifest = finetune_subject(self.components, images, row["class_noun"], subject_id, self.output,
+                                        config, progress=False)
             logger.info("subject %s: fine-tuned in %.1fs", subject_id, time.perf_counter() - start)
+            if self.pair_choice:
+                return self.choose_pair(row, manifest, images, start)
             return result_row(subject_id, "succeeded", self.output, time.perf_counter() - start, manifest)
         except Exception as exc:  # noqa: BLE001 - one bad subject must not stop the others
             logger.exception("subject %s failed", subject_id)
             return result_row(subject_id, "failed", self.output, time.perf_counter() - start,
                               error=error_text(exc))
+
+    def choose_pair(self, row: dict, manifest: dict, images: list, start: float) -> dict:
+        """Score the checkpoints and record the pair; a failure keeps the (complete) manifest."""
+        from dreamblend_ray.pair_choice import auto_choose_pair
+
+        subject_id = row["subject_id"]
+        try:
+            manifest = auto_choose_pair(self.output, subject_id, self.components, images, row["class_noun"],
+                                        manifest["token"], self.pair_choice)
+        except Exception as exc:  # noqa: BLE001 - recorded in the row; the checkpoints stay usable
+            logger.exception("subject %s: pair choice failed", subject_id)
+            drop_subject_adapters(self.components.unet, subject_id)
+            return result_row(subject_id, "failed", self.output, time.perf_counter() - start, manifest,
+                              error=f"pair choice failed (checkpoints and subject.json kept, default pair "
+                                    f"G={manifest['guidance_step']}, E={manifest['edit_step']}): "
+                                    f"{error_text(exc)}")
+        logger.info("subject %s: pair chosen (G=%d, E=%d) after %.1fs", subject_id, manifest["guidance_step"],
+                    manifest["edit_step"], time.perf_counter() - start)
+        return result_row(subject_id, "succeeded", self.output, time.perf_counter() - start, manifest)
 
 
 @dataclass
@@ -132,9 +185,11 @@ def subject_items(specs: list[SubjectSpec], base_config: FinetuneConfig) -> list
     return items
 
 
-def already_complete(items: list[dict], output: str) -> list[dict]:
+def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOptions | None = None
+                     ) -> list[dict]:
     """"skipped" rows for subjects whose manifest exists (checked concurrently, from the driver,
-    so a finished rerun starts no actors); actors check again before they train."""
+    so a finished rerun starts no actors); actors check again before they train. With pair choice
+    on, a subject whose manifest has no ``pair_choice`` entry is not done yet."""
     from concurrent.futures import ThreadPoolExecutor
 
     def check(item):
@@ -142,6 +197,8 @@ def already_complete(items: list[dict], output: str) -> list[dict]:
         if not checkpoints.is_complete(output, item["subject_id"]):
             return None
         manifest = checkpoints.read_manifest(output, item["subject_id"])
+        if needs_pair_choice(manifest, pair_choice):
+            return None
         return result_row(item["subject_id"], "skipped", output, time.perf_counter() - start, manifest)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -149,7 +206,7 @@ def already_complete(items: list[dict], output: str) -> list[dict]:
 
 
 def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResources, address: str | None,
-                  total: int, done: int) -> list[dict]:
+                  total: int, done: int, pair_choice: PairChoiceOptions | None = None) -> list[dict]:
     """Run ``items`` through the FinetuneActor pool; log each subject as its row arrives."""
     init_ray(address)
     import ray.data
@@ -157,7 +214,8 @@ def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResou
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         FinetuneActor, fn_constructor_kwargs={"base": base, "output": output,
                                               "torch_threads": resources.threads,
-                                              "use_gpu": resources.gpus_per_actor > 0},
+                                              "use_gpu": resources.gpus_per_actor > 0,
+                                              "pair_choice": to_dict(pair_choice) if pair_choice else None},
         **resources.map_batches_args())
     rows = []
     for row in dataset.iter_rows():
@@ -169,9 +227,18 @@ def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResou
 
 def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: str = "embedded",
                      config: FinetuneConfig = FinetuneConfig(), resources: JobResources = JobResources(),
-                     run_id: str | None = None, address: str | None = None) -> FinetuneJobResult:
-    """Fine-tune every subject into ``output``; returns (and writes) the results table."""
+                     run_id: str | None = None, address: str | None = None,
+                     pair_choice: PairChoiceOptions | None = None) -> FinetuneJobResult:
+    """Fine-tune every subject into ``output``; returns (and writes) the results table.
+
+    ``pair_choice``: when given, each fine-tuned subject's checkpoints are scored and the chosen
+    (guidance, edit) pair is recorded in its subject.json (see ``pair_choice.auto_choose_pair``);
+    the rows' guidance/edit steps are the chosen ones.
+    """
     from dreamblend_ray.components import resolve_base
+
+    if pair_choice is not None and not isinstance(pair_choice, PairChoiceOptions):
+        raise ValueError(f"pair_choice must be a PairChoiceOptions or None, got {type(pair_choice).__name__}")
 
     start = time.perf_counter()
     specs = read_subjects(subjects) if isinstance(subjects, str) else list(subjects)
@@ -183,15 +250,17 @@ def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: st
     storage.write_json(storage.join(run, "job.json"), {
         "kind": "finetune", "run_id": run_id, "base": base, "subjects": len(items),
         "source": subjects if isinstance(subjects, str) else None, "config": to_dict(config),
-        "resources": to_dict(resources), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        "resources": to_dict(resources), "pair_choice": to_dict(pair_choice) if pair_choice else None,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     logger.info("run %s: %d subjects -> %s on %d actor(s)", run_id, len(items), output, resources.num_actors)
 
-    rows = already_complete(items, output)
+    rows = already_complete(items, output, pair_choice)
     todo = [item for item in items if item["subject_id"] not in {r["subject_id"] for r in rows}]
     logger.info("run %s: %d of %d subjects already complete, %d to fine-tune", run_id, len(rows),
                 len(items), len(todo))
     if todo:
-        rows += fine_tune_all(todo, output, base, resources, address, total=len(items), done=len(rows))
+        rows += fine_tune_all(todo, output, base, resources, address, total=len(items), done=len(rows),
+                              pair_choice=pair_choice)
     rows.sort(key=lambda r: r["subject_id"])
     results_uri = write_parquet(storage.join(run, "results.parquet"), rows, RESULT_SCHEMA)
     result = FinetuneJobResult(run_id, results_uri, rows, time.perf_counter() - start)
@@ -221,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-prior-preservation", action="store_true", help="skip the class-prior loss")
     parser.add_argument("--num-class-images", type=int)
     parser.add_argument("--config-json", default="{}", help="further FinetuneConfig fields as a JSON object")
+    add_pair_choice_arguments(parser)
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit 0 even when some subjects failed (they are in the results table)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -233,6 +303,32 @@ def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU)")
     parser.add_argument("--torch-threads", type=int, help="torch threads per actor (default: its CPUs)")
+
+
+def add_pair_choice_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("automatic pair choice",
+                                      "score each subject's checkpoints and record the chosen pair in subject.json")
+    group.add_argument("--choose-pair", choices=list(SCORERS),
+                       help="scorer: embedded (analytic metrics of the embedded model) or clip-dino (CLIP-T and "
+                            "DINO; needs --clip-model and --dino-model); default: keep the configured pair")
+    group.add_argument("--clip-model", help="CLIP model directory or s3:// URI (transformers layout)")
+    group.add_argument("--dino-model", help="DINO ViT model directory or s3:// URI (transformers layout)")
+    group.add_argument("--choice-prompts", type=int, help="validation prompts per subject (default 4)")
+    group.add_argument("--choice-tolerance", type=float,
+                       help="relative prompt-fidelity tolerance for the guidance step (default 0.1)")
+
+
+def pair_choice_from_args(args: argparse.Namespace) -> PairChoiceOptions | None:
+    extra = {"--clip-model": args.clip_model, "--dino-model": args.dino_model,
+             "--choice-prompts": args.choice_prompts, "--choice-tolerance": args.choice_tolerance}
+    if args.choose_pair is None:
+        given = [flag for flag, value in extra.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) --choose-pair")
+        return None
+    fields = {"clip_model": args.clip_model, "dino_model": args.dino_model, "num_prompts": args.choice_prompts,
+              "tolerance": args.choice_tolerance}
+    return PairChoiceOptions(args.choose_pair, **{k: v for k, v in fields.items() if v is not None})
 
 
 def resources_from_args(args: argparse.Namespace) -> JobResources:
@@ -261,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_finetune_job(args.subjects, args.output, base=args.base, config=config_from_args(args),
                                   resources=resources_from_args(args), run_id=args.run_id,
-                                  address=args.address)
+                                  address=args.address, pair_choice=pair_choice_from_args(args))
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
         logger.error("%s", exc)
         return 2

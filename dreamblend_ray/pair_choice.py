@@ -28,6 +28,9 @@ Wiring (the fine-tuning job): after ``finetune_subject`` has written subject.jso
 ``subject.prompt(background)`` for a few new backgrounds); it rewrites subject.json with the chosen
 ``guidance_step`` / ``edit_step`` and the scores under ``pair_choice``. ``load_pair`` (sampler,
 Serve endpoint, evaluation) then uses the recorded pair unless told other steps.
+:func:`auto_choose_pair` does this from :class:`PairChoiceOptions` (scorer "embedded" or
+"clip-dino"), building the prompts and the scorer; the fine-tuning job calls it per subject
+(``run_finetune_job(..., pair_choice=...)``, ``--choose-pair``).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from dreamblend_ray.config import check_range
+from dreamblend_ray.config import check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +190,15 @@ def adapters_disabled(unet):
 
 def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, prompts: list[str],
                       plain_prompts: list[str], seeds: list[int], config=None, tolerance: float = 0.1,
-                      steps: list[int] | None = None, progress: bool = True) -> dict:
+                      steps: list[int] | None = None, progress: bool = True,
+                      extra: dict | None = None) -> dict:
     """Score a fine-tuned subject's checkpoints, choose its pair and record it in subject.json.
 
     Call after ``finetune_subject`` wrote the manifest. The base model (adapters disabled) and each
     saved checkpoint (``steps``, default all) are sampled on ``prompts`` x ``seeds``; the manifest's
     ``guidance_step`` / ``edit_step`` are replaced by :func:`choose_pair`'s and the whole choice
     (scores, threshold, base scores, rule) is stored under ``pair_choice``. The manifest is rewritten
-    atomically; returns it.
+    atomically; returns it. ``extra`` (JSON-ready) is added to the ``pair_choice`` entry.
     """
     from dreamblend_ray import checkpoints
     from dreamblend_ray.pair import single
@@ -211,7 +216,7 @@ def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, pr
                              seeds, scorer, config, release=lambda p: checkpoints.unload_pair(p, components),
                              progress=progress)
     choice = choose_pair(rows, base["prompt_fidelity"], tolerance)
-    choice.update(base_scores=base, prompts=list(prompts), seeds=list(seeds))
+    choice.update(base_scores=base, prompts=list(prompts), seeds=list(seeds), **(extra or {}))
     manifest = {**manifest, "guidance_step": choice["guidance_step"], "edit_step": choice["edit_step"],
                 "pair_choice": choice}
     checkpoints.write_manifest(root, subject_id, manifest)
@@ -240,3 +245,133 @@ class EmbeddedScorer:
                              "(use prompts like 'a sks shape on a red background')")
         subject = analytic.subject_fidelity(images, self.instance_images)["score"]
         return {"prompt_fidelity": prompt, "subject_fidelity": subject}
+
+
+# --------------------------------------------------------------------------- the fine-tuning job's hook
+
+SCORERS = ("embedded", "clip-dino")
+MAX_PROMPTS = 25  # the DreamBooth benchmark has 25 prompts per kind
+
+
+@dataclass(frozen=True)
+class PairChoiceOptions:
+    """How the fine-tuning job chooses a subject's pair (see :func:`auto_choose_pair`).
+
+    scorer: "embedded" (the shapes-world model's analytic metrics) or "clip-dino" (CLIP-T and DINO,
+    from the transformers models at ``clip_model`` / ``dino_model``, local or s3://; both required).
+    Every checkpoint and the base model are sampled on ``num_prompts`` validation prompts x ``seeds``
+    with ``steps`` DDIM steps at ``guidance_scale``; ``tolerance`` is :func:`choose_pair`'s.
+    """
+
+    scorer: str = "embedded"
+    clip_model: str | None = None
+    dino_model: str | None = None
+    num_prompts: int = 4
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 20
+    guidance_scale: float = 2.0
+    tolerance: float = 0.1
+
+    def __post_init__(self):
+        check_choice("scorer", self.scorer, SCORERS)
+        if self.scorer == "clip-dino":
+            for name in ("clip_model", "dino_model"):
+                value = getattr(self, name)
+                if not isinstance(value, str) or not value:
+                    option = "--" + name.replace("_", "-")
+                    raise ValueError(f"{name} ({option}) is required when the pair-choice scorer is "
+                                     "'clip-dino': a local directory or s3:// URI of a transformers model")
+        check_range("num_prompts", self.num_prompts, 1, MAX_PROMPTS, integer=True)
+        if isinstance(self.seeds, (str, bytes)) or not isinstance(self.seeds, (list, tuple)) or not self.seeds:
+            raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
+        for seed in self.seeds:
+            check_range("seeds", seed, 0, 2**32 - 1, integer=True)
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        check_range("steps", self.steps, 1, 1000, integer=True)
+        check_range("guidance_scale", self.guidance_scale, 0.0, 50.0)
+        check_range("tolerance", self.tolerance, 0.0, 1.0)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PairChoiceOptions":
+        """The inverse of ``config.to_dict`` (how the job hands the options to its actors)."""
+        return cls(**data)
+
+    def sampling_config(self):
+        from dreamblend_ray.config import SamplingConfig
+
+        return SamplingConfig(num_inference_steps=self.steps, guidance_scale=self.guidance_scale, alpha=0.0)
+
+
+def instance_backgrounds(instance_images: list) -> list[str]:
+    """The palette colours the instance images' backgrounds read as (analytic metrics), most common first."""
+    from collections import Counter
+
+    from dreamblend_ray.embedded import metrics as analytic
+
+    counts = Counter(analytic.read_image(image).background for image in instance_images)
+    return [colour for colour, _ in counts.most_common()]
+
+
+def embedded_prompts(instance_images: list, class_noun: str, token: str, num_prompts: int
+                     ) -> tuple[list[str], list[str]]:
+    """Validation prompts for the embedded model: the subject on ``num_prompts`` new backgrounds.
+
+    The backgrounds are world colours other than those of the instance images (in palette order),
+    so prompt fidelity measures whether a checkpoint still follows the prompt rather than
+    reproducing its training images. Returns (prompts with the token, the same without it).
+    """
+    from dreamblend_ray.embedded import world
+
+    own = set(instance_backgrounds(instance_images))
+    backgrounds = [c for c in world.COLOURS if c not in own]
+    if num_prompts > len(backgrounds):
+        raise ValueError(f"num_prompts must be at most {len(backgrounds)} for the embedded scorer (world "
+                         f"colours other than the instance background(s) {sorted(own)}), got {num_prompts}")
+    chosen = backgrounds[:num_prompts]
+    return ([f"a {token} {class_noun} on a {bg} background" for bg in chosen],
+            [f"a {class_noun} on a {bg} background" for bg in chosen])
+
+
+@lru_cache(maxsize=1)
+def _clip_dino_models(clip_model: str, dino_model: str, device: str):
+    """CLIP and DINO loaded once per process (an actor scores many subjects)."""
+    from dreamblend_ray.metrics import load_clip, load_dino
+
+    return load_clip(clip_model, device, option="--clip-model"), load_dino(dino_model, device, option="--dino-model")
+
+
+def build_scorer(options: PairChoiceOptions, instance_images: list, class_noun: str, token: str,
+                 device=None) -> tuple[Scorer, list[str], list[str]]:
+    """(scorer, prompts, plain prompts) for one subject under ``options``."""
+    if not instance_images:
+        raise ValueError("instance_images must hold at least one image of the subject")
+    if options.scorer == "embedded":
+        prompts, plain = embedded_prompts(instance_images, class_noun, token, options.num_prompts)
+        return EmbeddedScorer(list(instance_images)), prompts, plain
+    from dreamblend_ray import benchmark
+    from dreamblend_ray.metrics import ClipDinoScorer
+
+    prompts, plain = benchmark.prompts_for("object", class_noun, token, limit=options.num_prompts)
+    clip, dino = _clip_dino_models(options.clip_model, options.dino_model, str(device or "cpu"))
+    return ClipDinoScorer(clip, dino, list(instance_images)), prompts, plain
+
+
+def auto_choose_pair(root: str, subject_id: str, components, instance_images: list, class_noun: str,
+                     token: str, options: PairChoiceOptions, progress: bool = False) -> dict:
+    """Score a fine-tuned subject's checkpoints and record the chosen pair in its subject.json.
+
+    Builds the validation prompts and the scorer from ``options`` (embedded: the subject on new
+    background colours, scored by the analytic metrics; clip-dino: the first ``num_prompts``
+    DreamBooth object prompts, scored by CLIP-T and DINO against ``instance_images``) and calls
+    :func:`choose_and_record`. The manifest's ``pair_choice`` also records the options used.
+    Returns the rewritten manifest.
+    """
+    if not isinstance(options, PairChoiceOptions):
+        raise ValueError(f"options must be a PairChoiceOptions, got {type(options).__name__}")
+    scorer, prompts, plain = build_scorer(options, instance_images, class_noun, token,
+                                          getattr(components, "device", None))
+    from dreamblend_ray.config import to_dict
+
+    return choose_and_record(root, subject_id, components, scorer, prompts, plain, list(options.seeds),
+                             options.sampling_config(), options.tolerance, progress=progress,
+                             extra={"options": to_dict(options), "plain_prompts": list(plain)})
