@@ -106,14 +106,16 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--windows", default="0.3,0.6", help="guidance windows as fractions of the steps")
     parser.add_argument("--step-size", type=float, default=None)
+    parser.add_argument("--finetune-json", default="{}", help="further FinetuneConfig fields (JSON)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     components = load_components(args.base)
     subject = get_subject(args.subject)
-    ft = FinetuneConfig(steps=args.finetune_steps, learning_rate=args.lr, rank=args.rank,
-                        token=subject.token, num_class_images=20)
+    values = dict(steps=args.finetune_steps, learning_rate=args.lr, rank=args.rank, token=subject.token,
+                  num_class_images=20)
+    ft = FinetuneConfig(**{**values, **json.loads(args.finetune_json)})
     manifest = ensure_subject(components, subject, str(out / "storage"), ft)
     prompts = [subject.prompt(bg) for bg in subject.new_backgrounds()[: args.backgrounds]]
     seeds = list(range(args.seeds))
