@@ -43,11 +43,11 @@ class TrainConfig:
 
     seed: int = 0
     scenes: int = 6000
-    vae_steps: int = 400
+    vae_steps: int = 300
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4
-    unet_steps: int = 2000
+    unet_steps: int = 2750
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -57,7 +57,7 @@ class TrainConfig:
     uncond: float = 0.1
     grad_clip: float = 1.0
     checkpoint_every: int = 250
-    threads: int = 2
+    threads: int = 1
 
     def __post_init__(self):
         from dreamblend_ray.config import check_range
