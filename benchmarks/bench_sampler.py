@@ -97,7 +97,7 @@ def attend_and_excite(components, steps: int, batch: int):
 
     def run():
         generator = [torch.Generator().manual_seed(s) for s in range(batch)]
-        pipe([PROMPT] * batch, token_indices=tokens, num_inference_steps=steps, guidance_scale=3.0,
+        pipe([PROMPT] * batch, token_indices=[tokens] * batch, num_inference_steps=steps, guidance_scale=3.0,
              generator=generator, attn_res=(res, res), output_type="np")
     return run
 

@@ -90,7 +90,7 @@ class SamplingConfig:
     guidance_scale: float = 3.0
     alpha: float = 0.25
     guidance_steps: int | None = None
-    guidance_fraction: float = 0.5
+    guidance_fraction: float = 0.3
     step_size: float = 1.0
     eta_schedule: str = "linear"
     token_indices: tuple[int, ...] = ()

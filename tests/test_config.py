@@ -7,7 +7,7 @@ from dreamblend_ray.config import LayerSelection, SamplingConfig, to_dict, valid
 
 def test_defaults_are_valid_and_frozen():
     config = SamplingConfig()
-    assert config.window == 15
+    assert config.window == 9  # round(0.3 * 30)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.alpha = 1.0
 
