@@ -19,6 +19,7 @@ import psutil
 import torch
 from peft import LoraConfig
 
+from dreamblend_ray.attention import cross_attention_layers
 from dreamblend_ray.components import load_components, select_device
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.pair import AdapterPair
@@ -92,7 +93,7 @@ def attend_and_excite(components, steps: int, batch: int):
         vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
         scheduler=c.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    res = c.unet.config.sample_size  # highest-resolution cross-attention of the latent grid
+    res = max(layer.resolution for layer in cross_attention_layers(c.unet))  # finest cross-attention
     tokens = [2, 5]
 
     def run():
