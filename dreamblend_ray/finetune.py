@@ -43,6 +43,7 @@ from PIL import Image
 from dreamblend_ray import checkpoints, storage
 from dreamblend_ray.components import Components, load_components, model_identity, select_device
 from dreamblend_ray.config import FinetuneConfig, to_dict, validate_class_noun, validate_subject_id
+from dreamblend_ray.pair import adapters_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -152,19 +153,6 @@ def encode_posterior(components: Components, pixels: torch.Tensor) -> tuple[torc
 
 # --------------------------------------------------------------------------- class images
 
-@contextmanager
-def base_only(unet):
-    """Disable any loaded peft adapters for the duration (the base model's own predictions)."""
-    if not getattr(unet, "peft_config", None):
-        yield unet
-        return
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-
-
 def generate_class_images(components: Components, prompt: str, seeds: list[int], resolution: int,
                           config: FinetuneConfig) -> list[bytes]:
     """PNG bytes of base-model samples of ``prompt``, one per seed (DDIM + CFG)."""
@@ -176,7 +164,7 @@ def generate_class_images(components: Components, prompt: str, seeds: list[int],
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     out = []
-    with base_only(components.unet):
+    with adapters_disabled(components.unet):
         for start in range(0, len(seeds), CLASS_IMAGE_BATCH):
             batch = seeds[start:start + CLASS_IMAGE_BATCH]
             generators = [torch.Generator(components.device).manual_seed(s) for s in batch]

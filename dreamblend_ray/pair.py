@@ -79,3 +79,16 @@ class TwoUNetPair:
 def single(unet: UNet2DConditionModel) -> TwoUNetPair:
     """A degenerate pair (G = E = ``unet``): DreamBlend reduces to plain sampling."""
     return TwoUNetPair(unet, unet)
+
+
+@contextmanager
+def adapters_disabled(unet: UNet2DConditionModel):
+    """The base model's own predictions: peft adapters (if any) disabled for the duration."""
+    if not getattr(unet, "peft_config", None):
+        yield unet
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable
@@ -46,6 +45,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from dreamblend_ray.config import check_choice, check_range
+from dreamblend_ray.pair import adapters_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -173,19 +173,6 @@ def score_checkpoints(sampler, pair_for_step: Callable[[int], object], steps: li
                     row["prompt_fidelity"], row["subject_fidelity"])
         rows.append({"step": step, **row})
     return rows
-
-
-@contextmanager
-def adapters_disabled(unet):
-    """The base model's own predictions: peft adapters (if any) disabled for the duration."""
-    if not getattr(unet, "peft_config", None):
-        yield unet
-        return
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
 
 
 def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, prompts: list[str],
