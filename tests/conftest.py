@@ -194,3 +194,13 @@ def ray_local(s3_server):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (use with pytest.mark.usefixtures): its tiny models gain
+    nothing from a second thread, and on a loaded 2-core machine two threads are far slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -19,15 +19,8 @@ CONFIG = EvalConfig(alphas=(0.5,), seeds=SEEDS, num_prompts=1, grid_prompts=2,
                     sampling=SamplingConfig(num_inference_steps=2, guidance_scale=2.0, step_size=20.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine, two threads under load are ~15x slower."""
-    import torch
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

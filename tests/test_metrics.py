@@ -12,13 +12,8 @@ from dreamblend_ray import benchmark, metrics
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine, two threads under load are ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):

@@ -11,15 +11,8 @@ from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.pair_choice import choose_pair, score_checkpoints, score_model, validate_scores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine, two threads under load are ~15x slower."""
-    import torch
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def table(*rows):

@@ -19,14 +19,8 @@ TINY_FINETUNE = FinetuneConfig(steps=4, checkpoint_steps=(2, 4), prior_preservat
 EMBEDDED = PairChoiceOptions("embedded", num_prompts=2, seeds=(0,), steps=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def subject_png(background="blue", colour="red", size=32) -> bytes:
