@@ -40,7 +40,8 @@ CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSI
 PERMANENT_MARKERS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
                      "NO_SUCH_KEY", "INVALID_BUCKET_NAME", "NoSuchBucket", "AccessDenied",
                      "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchKey", "InvalidBucketName",
-                     "Forbidden", "Path does not exist", "bucket does not exist")
+                     "Forbidden", "Path does not exist", "bucket does not exist",
+                     "is a directory", "is not a directory")
 # An unclassified "HTTP status 4xx" is the client's fault (except timeouts and throttling).
 _CLIENT_STATUS = re.compile(r"HTTP status (4\d\d)")
 _TRANSIENT_STATUS = {"408", "429"}

@@ -150,3 +150,15 @@ def test_cached_download_is_shared_between_threads(s3_server, s3_bucket, tmp_pat
     assert not errors and len(set(results)) == 1
     assert (results[0] / "config.json").read_text() == "{}"
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [results[0].name]
+
+
+def test_reading_a_directory_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    from dreamblend_ray import storage
+
+    monkeypatch.setenv("DREAMBLEND_STORAGE_RETRY_SECONDS", "30")
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match=str(tmp_path)):
+        storage.read_bytes(str(tmp_path))
+    assert time.monotonic() - start < 5
