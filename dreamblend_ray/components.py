@@ -88,27 +88,50 @@ def select_dtype(device: torch.device, requested: str | None = None) -> torch.dt
 
 # --------------------------------------------------------------------------- tokenizer in code
 
+def apply_bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
+    parts = list(parts)
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i, pair) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, _, best = min(pairs)
+        if rank == len(ranks):
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def word_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP BPE vocabulary and merge list in which every word of ``words`` is one token.
 
-    Single characters (with and without the end-of-word mark) stay in the vocabulary, so any
-    other text still tokenizes, character by character.
+    Each word is encoded with the merges so far; while it is still split, the merge of its first
+    two pieces is appended. An appended merge has the lowest priority, so it only fires where
+    encoding used to stop: words that were already one token stay one token, whatever the order
+    (a merge from one word can no longer split another). Single characters (with and without the
+    end-of-word mark) stay in the vocabulary, so any other text still tokenizes.
     """
     chars = [chr(c) for c in range(33, 127)]
     vocab_tokens = list(SPECIAL_TOKENS) + chars + [c + "</w>" for c in chars]
+    known = set(vocab_tokens)
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):
-        if len(word) < 2:
-            continue
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        current = parts[0]
-        for nxt in parts[1:]:
-            merge = (current, nxt)
-            current = current + nxt
-            if merge not in merges:
-                merges.append(merge)
-            if current not in vocab_tokens:
-                vocab_tokens.append(current)
+        parts = apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in known:
+                known.add(pair[0] + pair[1])
+                vocab_tokens.append(pair[0] + pair[1])
+            parts = apply_bpe(parts, ranks)
     vocab = {token: i for i, token in enumerate(vocab_tokens)}
     return vocab, merges
 

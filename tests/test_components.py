@@ -86,3 +86,17 @@ def test_dtype_selection():
     assert select_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         select_dtype(torch.device("cpu"), "fp8")
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_every_word_is_one_token_whatever_the_order(order):
+    import random
+
+    from dreamblend_ray.components import build_tokenizer
+
+    words = ["triangle", "striped", "star", "stripe", "a", "tr", "sks", "background", "ground"]
+    random.Random(order).shuffle(words)
+    tok = build_tokenizer(words, max_length=16)
+    for word in words:
+        assert tok.convert_ids_to_tokens(tok(word).input_ids)[1:-1] == [f"{word}</w>"], word
+    assert len(tok("zebra").input_ids) > 3  # unknown words still tokenize, by pieces
