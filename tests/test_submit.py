@@ -92,30 +92,65 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def cluster_pids(temp_dir: str) -> list[int]:
-    """Processes whose command line names this cluster's temp dir (ours alone)."""
-    pids = []
+def _parents() -> dict[int, int]:
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def cluster_pids(temp_dir: str, token: str | None = None) -> list[int]:
+    """This cluster's processes: those whose command line names its temp dir or whose environment
+    holds its (unique) auth token, and all their descendants. Ray renames some children
+    (``ray::DashboardAgent``) and detaches its client server, so the temp dir alone misses them."""
+    pids = set()
+    marker = f"RAY_AUTH_TOKEN={token}".encode() if token else None
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if temp_dir.encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
+                if temp_dir.encode() in (proc / "cmdline").read_bytes() or (
+                        marker and marker in (proc / "environ").read_bytes()):
+                    pids.add(int(proc.name))
             except OSError:
                 continue
-    return pids
+    parents = _parents()
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in pids and pid != os.getpid()}
+        grew = not children <= pids
+        pids |= children
+    return sorted(pids)
 
 
-def stop_cluster(temp_dir: str) -> None:
+def stop_cluster(temp_dir: str, token: str | None = None) -> None:
+    tree = set(cluster_pids(temp_dir, token))
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        pids = cluster_pids(temp_dir)
+        pids = tree | set(cluster_pids(temp_dir, token))
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
-        while cluster_pids(temp_dir) and time.monotonic() < deadline:
+        while _alive(pids) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+def _alive(pids) -> list[int]:
+    """The pids still running (zombies, already dead, count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +183,8 @@ def ray_head():
             pytest.fail(f"ray start failed:\n{out.stdout}\n{out.stderr}")
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "client_env": client_env, "temp_dir": temp_dir}
     finally:
-        stop_cluster(temp_dir)
-        survivors = cluster_pids(temp_dir)
+        stop_cluster(temp_dir, token)
+        survivors = _alive(cluster_pids(temp_dir, token))
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not survivors, f"the test cluster's processes {survivors} outlived the test"
 
