@@ -114,14 +114,8 @@ class ClipScorer:
     @torch.no_grad()
     def image_embeddings(self, images) -> torch.Tensor:
         """``list[PIL.Image]`` (N) -> ``(N, D)`` unit-norm projected image features, on CPU."""
-        images = _as_rgb(images)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=images[start:start + self.batch_size],
-                                    return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(self.device, dtype=self.model.dtype)
-            out.append(_pooled(self.model.get_image_features(pixel_values=pixels)).float().cpu())
-        return normalize(torch.cat(out))
+        return _embed_images(self, images,
+                             lambda pixels: _pooled(self.model.get_image_features(pixel_values=pixels)))
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
@@ -155,15 +149,19 @@ class DinoScorer:
     @torch.no_grad()
     def image_embeddings(self, images) -> torch.Tensor:
         """``list[PIL.Image]`` (N) -> ``(N, D)`` unit-norm CLS token of the last hidden state."""
-        images = _as_rgb(images)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=images[start:start + self.batch_size],
-                                    return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(self.device, dtype=self.model.dtype)
-            hidden = self.model(pixel_values=pixels).last_hidden_state
-            out.append(hidden[:, 0].float().cpu())
-        return normalize(torch.cat(out))
+        return _embed_images(self, images,
+                             lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
+
+
+def _embed_images(scorer, images, embed) -> torch.Tensor:
+    """Batched preprocessing + ``embed(pixel_values)`` -> ``(N, D)`` unit-norm float32 on CPU."""
+    images = _as_rgb(images)
+    out = []
+    for start in range(0, len(images), scorer.batch_size):
+        pixels = scorer.processor(images=images[start:start + scorer.batch_size],
+                                  return_tensors="pt")["pixel_values"]
+        out.append(embed(pixels.to(scorer.device, dtype=scorer.model.dtype)).float().cpu())
+    return normalize(torch.cat(out))
 
 
 def load_clip(uri: str | None, device: str | torch.device | None = None,
