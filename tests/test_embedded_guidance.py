@@ -16,7 +16,7 @@ from dreamblend_ray.sampler import DreamBlendSampler
 
 def _masks(images):
     arrays = [metrics.to_array(image) for image in images]
-    return [metrics.object_mask(a, metrics.border_background(a)) for a in arrays]
+    return [metrics.object_mask(a) for a in arrays]
 
 
 @pytest.mark.slow

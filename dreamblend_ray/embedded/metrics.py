@@ -3,9 +3,10 @@
 Reading an image (:func:`read_image`):
 
 - background: the most common palette colour (nearest palette entry) of the border pixels;
-- object mask: pixels whose distance from the background colour exceeds half the distance from
-  the background to the object's colour (the anti-aliasing midpoint), largest 8-connected
-  component only (stray pixels are ignored);
+- object mask: pixels whose distance from the measured background colour (the per-channel median
+  of the border pixels, so that an off-palette background does not swallow the object) exceeds
+  half the distance from it to the object's colour (the anti-aliasing midpoint), largest
+  8-connected component only (stray pixels are ignored);
 - box: the mask's bounding box; every world shape touches all four sides of its box;
 - shape: the shape whose template, rendered into the measured box, has the highest IoU with the
   mask (candidates: every shape of the world, the subject shapes included);
@@ -87,9 +88,12 @@ def palette_histogram(pixels: np.ndarray) -> np.ndarray:
     return counts / counts.sum()
 
 
+def border_pixels(array: np.ndarray) -> np.ndarray:
+    return np.concatenate([array[0], array[-1], array[1:-1, 0], array[1:-1, -1]])
+
+
 def border_background(array: np.ndarray) -> str:
-    border = np.concatenate([array[0], array[-1], array[1:-1, 0], array[1:-1, -1]])
-    counts = np.bincount(nearest_colour_index(border), minlength=len(world.COLOURS))
+    counts = np.bincount(nearest_colour_index(border_pixels(array)), minlength=len(world.COLOURS))
     return world.COLOURS[int(counts.argmax())]
 
 
@@ -117,9 +121,10 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
-def object_mask(array: np.ndarray, background: str) -> np.ndarray:
-    """Pixels past the midpoint between the background and the object's colour, largest blob."""
-    bg = np.array(world.PALETTE[background], dtype=np.float32)
+def object_mask(array: np.ndarray) -> np.ndarray:
+    """Pixels past the midpoint between the measured background colour and the object's colour,
+    largest blob. On clean renders the measured colour is the palette colour exactly."""
+    bg = np.median(border_pixels(array), axis=0)
     distance = np.sqrt(((array - bg) ** 2).sum(axis=-1))
     rough = distance > 40
     if rough.sum() < MIN_AREA:
@@ -167,7 +172,7 @@ def read_image(image, shapes=world.SHAPES) -> Reading:
     """Analyse one image (PIL or array); see the module docstring."""
     array = to_array(image)
     background = border_background(array)
-    mask = object_mask(array, background)
+    mask = object_mask(array)
     if not plausible(mask):
         return Reading(background)
     box = mask_box(mask)
@@ -253,7 +258,7 @@ class ObjectCrop:
 
 def object_crop(image) -> ObjectCrop | None:
     array = to_array(image)
-    mask = object_mask(array, border_background(array))
+    mask = object_mask(array)
     if not plausible(mask):
         return None
     cx, cy, w, h = mask_box(mask)
@@ -305,7 +310,7 @@ def diversity(images) -> dict:
     for image in images:
         array = to_array(image)
         side = array.shape[1]
-        mask = object_mask(array, border_background(array))
+        mask = object_mask(array)
         if not plausible(mask):
             missing += 1
             continue
