@@ -106,6 +106,11 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--windows", default="0.3,0.6", help="guidance windows as fractions of the steps")
     parser.add_argument("--step-size", type=float, default=None)
+    parser.add_argument("--alphas", default=",".join(str(a) for a in ALPHAS), help="DreamBlend strengths")
+    parser.add_argument("--guidance-step", type=int, default=None, help="G (default: the manifest's)")
+    parser.add_argument("--edit-step", type=int, default=None, help="E (default: the manifest's)")
+    parser.add_argument("--token-indices", default="",
+                        help="compare only these 1-based prompt positions (default: every token)")
     parser.add_argument("--finetune-json", default="{}", help="further FinetuneConfig fields (JSON)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -123,20 +128,33 @@ def main() -> None:
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     if args.step_size is not None:
         common["step_size"] = args.step_size
+    if args.token_indices:
+        common["token_indices"] = tuple(int(i) for i in args.token_indices.split(","))
     rows = []
     for step in manifest["steps"]:
         pair, _ = checkpoints.load_pair(str(out / "storage"), subject.subject_id, components, step, step)
         scores = measure(sampler, pair, subject, prompts, seeds, SamplingConfig(alpha=0.0, **common))
         rows.append({"kind": "checkpoint", "step": step, "alpha": 0.0, "window": 0, **scores})
         checkpoints.unload_pair(pair, components)
-    g, e = manifest["guidance_step"], manifest["edit_step"]
+    g = args.guidance_step or manifest["guidance_step"]
+    e = args.edit_step or manifest["edit_step"]
     pair, _ = checkpoints.load_pair(str(out / "storage"), subject.subject_id, components, g, e)
     for fraction in (float(w) for w in args.windows.split(",")):
-        for alpha in ALPHAS:
+        for alpha in (float(a) for a in args.alphas.split(",")):
             config = SamplingConfig(alpha=alpha, guidance_fraction=fraction, **common)
             scores = measure(sampler, pair, subject, prompts, seeds, config)
             rows.append({"kind": "dreamblend", "step": e, "alpha": alpha, "window": config.window, **scores})
     report(rows, g, e, out, subject.subject_id)
+
+
+def save_grid(rows: list[dict], path: Path, cell: int = 34) -> None:
+    """Every row's images side by side (row order as in the table), upscaled 2x."""
+    width = max(len(r["images"]) for r in rows)
+    grid = Image.new("RGB", (width * cell, len(rows) * cell), "white")
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row["images"]):
+            grid.paste(image, (j * cell, i * cell))
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
 
 
 def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str) -> None:
@@ -149,6 +167,7 @@ def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str) -> None
                      f"{r['subject_fidelity']:8.3f} {r['diversity']:8.3f} {r['attention_distance']:7.4f}")
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
     plot(rows, out / "tradeoff.png")
+    save_grid(rows, out / "images.png")
     g_row = next(r for r in rows if r["kind"] == "checkpoint" and r["step"] == g)
     e_row = next(r for r in rows if r["kind"] == "checkpoint" and r["step"] == e)
     blends = [r for r in rows if r["kind"] == "dreamblend" and r["alpha"] > 0]

@@ -1,0 +1,225 @@
+"""The CUDA paths, checked and timed: fine-tuning and sampling in fp32, fp16 and bf16, side by side.
+
+Part 1, the embedded model (real trained weights), per precision: a LoRA and a full DreamBooth
+fine-tune of a demo subject (steps/s, finite losses), then plain and DreamBlend sampling of the
+fp32 LoRA pair (the same weights cast to each precision): s/image, NaN check, the analytic prompt
+fidelity, and the mean absolute pixel difference (0-255) to the fp32 images of the same seeds.
+
+Part 2, a random model of Stable Diffusion 1.5's shapes (860M-parameter UNet, 512 px, CLIP-L-sized
+text encoder; no weights can be downloaded here), per half precision: plain sampling against
+DreamBlend with the default window and with guidance at every step: the cost of the method at the
+scale it is used at.
+
+On a machine without CUDA only fp32 of part 1 runs (and part 2 is skipped). Prints a table; the
+last line is ``RESULT {json}``.
+
+    python benchmarks/bench_gpu.py [--finetune-steps 200] [--sd-steps 30] [--sd-batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampler import PeakMemory, add_adapters  # noqa: E402
+
+from dreamblend_ray import checkpoints  # noqa: E402
+from dreamblend_ray.components import Components, build_tokenizer, default_scheduler, load_components  # noqa: E402
+from dreamblend_ray.config import FinetuneConfig, SamplingConfig  # noqa: E402
+from dreamblend_ray.embedded import metrics  # noqa: E402
+from dreamblend_ray.embedded.subjects import get_subject  # noqa: E402
+from dreamblend_ray.finetune import finetune_subject  # noqa: E402
+from dreamblend_ray.pair import AdapterPair  # noqa: E402
+from dreamblend_ray.sampler import DreamBlendSampler  # noqa: E402
+
+logger = logging.getLogger("bench_gpu")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int = 1):
+    """(result of the last call, best seconds, peak bytes) after one warm-up call."""
+    fn()
+    best, result = float("inf"), None
+    with PeakMemory(device) as memory:
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            result = fn()
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return result, best, memory.peak
+
+
+# --------------------------------------------------------------------------- part 1: embedded
+
+
+def finetune_row(device, precision: str, method: str, root: str, steps: int) -> dict:
+    subject = get_subject("striped-star")
+    config = FinetuneConfig(method=method, steps=steps, learning_rate=2e-3 if method == "lora" else 3e-4,
+                            rank=16, batch_size=4, prior_preservation=False, num_class_images=0,
+                            checkpoint_steps=(steps // 4, steps), guidance_step=steps // 4,
+                            mixed_precision="no" if precision == "fp32" else precision)
+    base = load_components("embedded", device=device)  # fp32 master weights; autocast does the rest
+    manifest = finetune_subject(base, subject.instance_images(), subject.class_noun,
+                                f"star-{method}-{precision}", root, config, progress=False)
+    curve = manifest.get("loss_curve") or []
+    finite = bool(np.isfinite(curve).all()) if curve else None
+    return {"part": "finetune", "precision": precision, "method": method,
+            "steps_per_s": manifest["timings"]["steps_per_s"], "finite_loss": finite,
+            "last_loss": float(np.mean(curve[-20:])) if curve else None}
+
+
+def sampling_rows(device, precision: str, root: str, steps: int, reference: dict) -> list[dict]:
+    subject = get_subject("striped-star")
+    components = load_components("embedded", device=device, dtype=DTYPES[precision])
+    pair, _ = checkpoints.load_pair(root, "star-lora-fp32", components)  # same weights in every precision
+    sampler = DreamBlendSampler(components)
+    prompts = [subject.prompt(bg) for bg in subject.new_backgrounds()[:2] for _ in range(4)]
+    seeds = list(range(4)) * 2
+    rows = []
+    for name, alpha in (("plain", 0.0), ("DreamBlend", 0.25)):
+        config = SamplingConfig(num_inference_steps=steps, guidance_scale=3.0, alpha=alpha)
+        result, seconds, peak = timed(lambda: sampler.sample(pair, prompts, seeds, config), device)
+        arrays = np.asarray(result.arrays) * 255.0  # float, before 8-bit quantisation: NaNs show
+        key = (name, "embedded")
+        if precision == "fp32":
+            reference[key] = arrays
+        diff = float(np.abs(arrays - reference[key]).mean()) if key in reference else None
+        rows.append({"part": "sample-embedded", "precision": precision, "variant": name,
+                     "s_per_image": seconds / len(prompts), "peak_mb": peak / 2**20,
+                     "nan": bool(np.isnan(arrays).any()),
+                     "prompt_fidelity": metrics.prompt_fidelity(result.images, prompts)["overall"],
+                     "mean_abs_diff_to_fp32": diff})
+    checkpoints.unload_pair(pair, components)
+    return rows
+
+
+# --------------------------------------------------------------------------- part 2: SD-1.5-sized
+
+
+def sd15_shaped_components(device, dtype) -> Components:
+    """Random weights in SD 1.5's architecture (UNet 860M, VAE f8, 12-layer width-768 text encoder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    words = "a photo of sks dog on the beach in snow wearing red hat".split()
+    tokenizer = build_tokenizer(words, max_length=77)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    components = Components(unet, vae, text_encoder, tokenizer, default_scheduler(), source="sd15-shaped")
+    return components.to(device, dtype).eval()
+
+
+def sd_rows(device, precision: str, steps: int, batch: int) -> list[dict]:
+    components = sd15_shaped_components(device, DTYPES[precision])
+    add_adapters(components.unet)
+    sampler = DreamBlendSampler(components)
+    pair = AdapterPair(components.unet, "early", "late")
+    prompts, seeds = ["a photo of sks dog on the beach"] * batch, list(range(batch))
+    default = SamplingConfig(num_inference_steps=steps)
+    variants = {"plain": SamplingConfig(num_inference_steps=steps, alpha=0.0),
+                f"DreamBlend K={default.window}": default,
+                f"DreamBlend K={steps}": SamplingConfig(num_inference_steps=steps, guidance_steps=steps)}
+    rows = []
+    for name, config in variants.items():
+        result, seconds, peak = timed(lambda: sampler.sample(pair, prompts, seeds, config), device)
+        rows.append({"part": "sample-sd15-shaped", "precision": precision, "variant": name,
+                     "s_per_image": seconds / batch, "peak_mb": peak / 2**20,
+                     "nan": bool(np.isnan(result.arrays).any())})
+    plain = rows[0]["s_per_image"]
+    for row in rows:
+        row["x_plain"] = row["s_per_image"] / plain
+    del components, sampler, pair
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(rows: list[dict]) -> str:
+    columns = ("part", "precision", "method", "variant", "steps_per_s", "finite_loss", "last_loss",
+               "s_per_image", "x_plain", "peak_mb", "nan", "prompt_fidelity", "mean_abs_diff_to_fp32")
+    shown = [c for c in columns if any(c in row for row in rows)]
+
+    def cell(value):
+        if value is None:
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [" | ".join(shown), " | ".join("---" for _ in shown)]
+    lines += [" | ".join(cell(row.get(c)) for c in shown) for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=30, help="DDIM steps on the embedded model")
+    parser.add_argument("--sd-steps", type=int, default=30)
+    parser.add_argument("--sd-batch", type=int, default=4)
+    parser.add_argument("--skip-sd", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    precisions = ["fp32"] + (["fp16", "bf16"] if cuda else [])
+    rows, reference = [], {}
+    with tempfile.TemporaryDirectory() as root:
+        for precision in precisions:
+            for method in ("lora", "full"):
+                rows.append(finetune_row(device, precision, method, root, args.finetune_steps))
+                logger.warning("done %s", rows[-1])
+            rows += sampling_rows(device, precision, root, args.steps, reference)
+            logger.warning("done sampling %s", precision)
+    if cuda and not args.skip_sd:
+        for precision in ("fp16", "bf16"):
+            rows += sd_rows(device, precision, args.sd_steps, args.sd_batch)
+            logger.warning("done sd %s", precision)
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")  # noqa: T201
+    print(table(rows))  # noqa: T201 - a benchmark prints its table
+    sd = {f"{r['precision']} {r['variant']}": round(r["x_plain"], 3) for r in rows if r["part"] == "sample-sd15-shaped"}
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "all_losses_finite": all(r["finite_loss"] is not False for r in rows if r["part"] == "finetune"),
+        "any_nan_image": any(r.get("nan") for r in rows),
+        "finetune_steps_per_s": {f"{r['precision']} {r['method']}": round(r["steps_per_s"], 1)
+                                 for r in rows if r["part"] == "finetune"},
+        "embedded_prompt_fidelity": {f"{r['precision']} {r['variant']}": r["prompt_fidelity"]
+                                     for r in rows if r["part"] == "sample-embedded"},
+        "embedded_mean_abs_diff_to_fp32": {f"{r['precision']} {r['variant']}": r["mean_abs_diff_to_fp32"]
+                                           for r in rows if r["part"] == "sample-embedded"
+                                           and r["precision"] != "fp32"},
+        "sd15_shaped_ratio_to_plain": sd,
+        "sd15_shaped_s_per_image": {f"{r['precision']} {r['variant']}": round(r["s_per_image"], 4)
+                                    for r in rows if r["part"] == "sample-sd15-shaped"},
+    }
+    print("RESULT " + json.dumps(result))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
