@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output directory (default outputs/demo)")
     parser.add_argument("--base", default="embedded", help="base model (default: the embedded model)")
     parser.add_argument("--subjects", nargs="*", default=[], help="demo subject ids (default: all)")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="LoRA steps per subject")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per subject")
     parser.add_argument("--alpha", type=float, default=None, help="DreamBlend strength")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps per image")
     parser.add_argument("--backgrounds", type=int, default=None, help="new backgrounds per subject")
