@@ -1,6 +1,7 @@
 """The fidelity trade-off on the embedded shapes world, and what DreamBlend does to it.
 
-Fine-tunes a demo subject (LoRA, reused when already done), then measures with the exact analytic
+Fine-tunes a demo subject (full-UNet DreamBooth by default, the demo's recipe; reused when done
+with the same settings), then measures with the exact analytic
 metrics of dreamblend_ray.embedded.metrics, on prompts that put the subject on backgrounds it was
 never shown on:
 
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from dreamblend_ray import checkpoints
 from dreamblend_ray.components import load_components
-from dreamblend_ray.config import FinetuneConfig, SamplingConfig
+from dreamblend_ray.config import FinetuneConfig, SamplingConfig, to_dict
 from dreamblend_ray.embedded import metrics
 from dreamblend_ray.embedded.subjects import get_subject
 from dreamblend_ray.finetune import finetune_subject
@@ -40,7 +41,10 @@ ALPHAS = (0.0, 0.1, 0.25, 0.5)
 
 def ensure_subject(components, subject, root: str, config: FinetuneConfig) -> dict:
     if checkpoints.is_complete(root, subject.subject_id):
-        return checkpoints.read_manifest(root, subject.subject_id)
+        manifest = checkpoints.read_manifest(root, subject.subject_id)
+        if manifest.get("config") == to_dict(config):
+            return manifest
+        logger.info("%s was fine-tuned with other settings; fine-tuning it again", subject.subject_id)
     return finetune_subject(components, subject.instance_images(), subject.class_noun, subject.subject_id,
                             root, config, progress=True)
 
@@ -97,13 +101,15 @@ def main() -> None:
     parser.add_argument("--base", default="embedded")
     parser.add_argument("--subject", default="striped-star")
     parser.add_argument("--out", default="outputs/tradeoff")
-    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--method", default="full", choices=("full", "lora"))
+    parser.add_argument("--finetune-steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (--method lora)")
+    parser.add_argument("--checkpoints", default="100,200,400,800", help="saved steps")
     parser.add_argument("--backgrounds", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--windows", default="0.3,0.6", help="guidance windows as fractions of the steps")
     parser.add_argument("--step-size", type=float, default=None)
     parser.add_argument("--alphas", default=",".join(str(a) for a in ALPHAS), help="DreamBlend strengths")
@@ -118,8 +124,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     components = load_components(args.base)
     subject = get_subject(args.subject)
-    values = dict(steps=args.finetune_steps, learning_rate=args.lr, rank=args.rank, token=subject.token,
-                  num_class_images=20)
+    saved = tuple(int(step) for step in args.checkpoints.split(",") if int(step) <= args.finetune_steps)
+    values = dict(method=args.method, steps=args.finetune_steps, learning_rate=args.lr, rank=args.rank,
+                  batch_size=4, checkpoint_steps=saved, guidance_step=saved[0] if saved else None,
+                  token=subject.token, prior_preservation=False, num_class_images=0)
     ft = FinetuneConfig(**{**values, **json.loads(args.finetune_json)})
     manifest = ensure_subject(components, subject, str(out / "storage"), ft)
     prompts = [subject.prompt(bg) for bg in subject.new_backgrounds()[: args.backgrounds]]
