@@ -104,6 +104,8 @@ def main() -> None:
     tokens = [t.replace("</w>", "") for t in components.tokenizer.convert_ids_to_tokens(ids.tolist())]
     tokens = tokens[:tokens.index("<|endoftext|>") + 1]
     rows = profile(images, kept, tokens)
+    if not rows:
+        raise SystemExit("no image has both an object and a background to compare: use more --steps or --seeds")
     print(f"prompt: {args.prompt!r}  model: {args.base}"  # noqa: T201 - a benchmark prints its table
           + (f" + {args.subject} step {args.step}" if pair else ""))
     print("attention inside / outside the object, per token (uniform = 1/T = "  # noqa: T201

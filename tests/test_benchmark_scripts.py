@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end at toy sizes and end with a parseable ``RESULT {json}``.
+
+(Their figures are not checked here: speed and quality targets live in the benchmarks themselves.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, cwd: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), proc.stdout[-2000:]
+    return json.loads(last[len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_toy_tradeoff_runs_and_reports(tmp_path):
+    result = run_script("toy_tradeoff.py", "--base", "tiny", "--out", str(tmp_path / "t"),
+                        "--finetune-steps", "2", "--checkpoints", "1,2", "--backgrounds", "1",
+                        "--seeds", "2", "--steps", "2", "--alphas", "0.25", "--windows", "0.5",
+                        cwd=tmp_path)
+    assert result["guidance_step"] == 1 and result["edit_step"] == 2
+    assert result["best_dreamblend"]["alpha"] == 0.25
+    assert {"prompt_ratio_to_g", "subject_ratio_to_e", "target_met"} <= set(result)
+    for name in ("tradeoff.png", "images.png", "tradeoff.json"):
+        assert (tmp_path / "t" / name).is_file()
+    rows = json.loads((tmp_path / "t" / "tradeoff.json").read_text())
+    assert [r["kind"] for r in rows] == ["checkpoint", "checkpoint", "dreamblend"]
+
+
+@pytest.mark.slow
+def test_attention_profile_runs_and_reports(tmp_path):
+    result = run_script("attention_profile.py", "--seeds", "2", "--steps", "10", cwd=tmp_path)
+    assert 0.0 < result["mean_entropy_fraction"] <= 1.0
+    assert "3:circle" in result["inside_outside_ratio"]
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_on_cpu(tmp_path):
+    result = run_script("bench_gpu.py", "--finetune-steps", "4", "--steps", "2", cwd=tmp_path)
+    assert result["device"] == "cpu" and result["all_losses_finite"] and not result["any_nan_image"]
+    assert set(result["finetune_steps_per_s"]) == {"fp32 lora", "fp32 full"}
