@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from dreamblend_ray import checkpoints
 from dreamblend_ray.components import load_components
-from dreamblend_ray.config import FinetuneConfig, SamplingConfig, to_dict
+from dreamblend_ray.config import FinetuneConfig, SamplingConfig
 from dreamblend_ray.embedded import metrics
 from dreamblend_ray.embedded.subjects import get_subject
 from dreamblend_ray.finetune import finetune_subject
@@ -40,10 +40,9 @@ ALPHAS = (0.0, 0.1, 0.25, 0.5)
 
 
 def ensure_subject(components, subject, root: str, config: FinetuneConfig) -> dict:
+    if checkpoints.finetuned_with(root, subject.subject_id, config):
+        return checkpoints.read_manifest(root, subject.subject_id)
     if checkpoints.is_complete(root, subject.subject_id):
-        manifest = checkpoints.read_manifest(root, subject.subject_id)
-        if manifest.get("config") == to_dict(config):
-            return manifest
         logger.info("%s was fine-tuned with other settings; fine-tuning it again", subject.subject_id)
     return finetune_subject(components, subject.instance_images(), subject.class_noun, subject.subject_id,
                             root, config, progress=True)

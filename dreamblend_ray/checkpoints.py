@@ -208,6 +208,13 @@ def is_complete(root: str, subject_id: str) -> bool:
     return storage.exists(manifest_uri(root, subject_id))
 
 
+def finetuned_with(root: str, subject_id: str, config) -> bool:
+    """Whether the subject is complete and its manifest records exactly ``config`` (a FinetuneConfig)."""
+    from dreamblend_ray.config import to_dict
+
+    return is_complete(root, subject_id) and read_manifest(root, subject_id).get("config") == to_dict(config)
+
+
 # --------------------------------------------------------------------------- loading a pair
 
 def empty_unet_like(unet: UNet2DConditionModel) -> UNet2DConditionModel:

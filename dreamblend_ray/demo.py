@@ -116,14 +116,11 @@ def finetune_config(config: DemoConfig, subjects):
 def drop_stale_subjects(config: DemoConfig, subjects, wanted) -> list[str]:
     """Forget finished subjects fine-tuned with other settings, so the job trains them again."""
     from dreamblend_ray import checkpoints, storage
-    from dreamblend_ray.config import to_dict
 
     stale = []
     for subject in subjects:
         root, subject_id = config.storage_root, subject.subject_id
-        if not checkpoints.is_complete(root, subject_id):
-            continue
-        if checkpoints.read_manifest(root, subject_id).get("config") != to_dict(wanted):
+        if checkpoints.is_complete(root, subject_id) and not checkpoints.finetuned_with(root, subject_id, wanted):
             logger.info("%s was fine-tuned with other settings; fine-tuning it again", subject_id)
             storage.delete(checkpoints.manifest_uri(root, subject_id))
             stale.append(subject_id)

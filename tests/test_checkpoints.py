@@ -71,6 +71,13 @@ def test_manifest_round_trip(trained):
         checkpoints.read_manifest(trained, "nobody")
 
 
+def test_finetuned_with_compares_the_recorded_settings(trained):
+    same = FinetuneConfig(learning_rate=5e-2, steps=6, checkpoint_steps=(2, 4, 6), prior_preservation=False)
+    assert checkpoints.finetuned_with(trained, "rex", same)
+    assert not checkpoints.finetuned_with(trained, "rex", FinetuneConfig(**{**same.__dict__, "learning_rate": 1e-2}))
+    assert not checkpoints.finetuned_with(trained, "nobody", same)
+
+
 @pytest.mark.parametrize("field, value", [
     ("version", 2), ("version", "1"), ("subject_id", "a b"), ("kind", "dora"), ("steps", []),
     ("steps", [4, 2]), ("steps", "2,4"), ("guidance_step", 3), ("edit_step", None),
