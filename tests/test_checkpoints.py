@@ -15,12 +15,8 @@ from dreamblend_ray.finetune import finetune_subject
 from dreamblend_ray.pair import AdapterPair, TwoUNetPair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: tiny training steps gain nothing from two, and CPU results stay bitwise reproducible.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

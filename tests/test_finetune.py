@@ -13,14 +13,8 @@ from dreamblend_ray.finetune import finetune_subject, image_uris
 FAST = dict(prior_preservation=False, learning_rate=1e-2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Training steps are tiny: one thread is fastest on a shared machine, and it keeps CPU
-    results bitwise reproducible (multi-threaded BLAS may split reductions differently under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: tiny training steps gain nothing from two, and CPU results stay bitwise reproducible.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
