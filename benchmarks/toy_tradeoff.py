@@ -48,6 +48,13 @@ def ensure_subject(components, subject, root: str, config: FinetuneConfig) -> di
                             root, config, progress=True)
 
 
+def context_prompts(subject, context: str, count: int) -> list[str]:
+    """Prompts that put the subject in ``count`` contexts its instance images never showed."""
+    if context == "background":
+        return [subject.prompt(bg) for bg in subject.new_backgrounds()[:count]]
+    return [subject.companion_prompt(shape, colour) for shape, colour in subject.companions()[:count]]
+
+
 def measure(sampler, pair, subject, prompts, seeds, config: SamplingConfig) -> dict:
     """Analytic scores of one (pair, settings) over prompts x seeds."""
     all_prompts = [p for p in prompts for _ in seeds]
@@ -55,9 +62,11 @@ def measure(sampler, pair, subject, prompts, seeds, config: SamplingConfig) -> d
     result = sampler.sample(pair, all_prompts, all_seeds, config, track_distance=True)
     images = result.images
     per_prompt = [images[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
+    fidelity = metrics.prompt_fidelity(images, all_prompts)
     return {
-        "prompt_fidelity": metrics.prompt_fidelity(images, all_prompts)["overall"],
-        "background": metrics.prompt_fidelity(images, all_prompts)["background"],
+        "prompt_fidelity": fidelity["overall"],
+        "background": fidelity["background"],
+        "shape": fidelity["shape"],
         "subject_fidelity": metrics.subject_fidelity(images, subject.instance_images())["score"],
         "diversity": float(np.mean([metrics.diversity(group)["score"] for group in per_prompt])),
         "attention_distance": float(result.attention_distance.mean()) if result.attention_distance.numel() else 0.0,
@@ -105,7 +114,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (--method lora)")
     parser.add_argument("--checkpoints", default="100,200,400,800", help="saved steps")
-    parser.add_argument("--backgrounds", type=int, default=3)
+    parser.add_argument("--context", default="companion", choices=("companion", "background"),
+                        help="what the new prompts ask for: a second, named object beside the subject "
+                             "(spatial context), or a new background colour (global context)")
+    parser.add_argument("--backgrounds", "--contexts", dest="contexts", type=int, default=3,
+                        help="how many new contexts (companions or backgrounds)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
@@ -129,7 +142,7 @@ def main() -> None:
                   token=subject.token, prior_preservation=False, num_class_images=0)
     ft = FinetuneConfig(**{**values, **json.loads(args.finetune_json)})
     manifest = ensure_subject(components, subject, str(out / "storage"), ft)
-    prompts = [subject.prompt(bg) for bg in subject.new_backgrounds()[: args.backgrounds]]
+    prompts = context_prompts(subject, args.context, args.contexts)
     seeds = list(range(args.seeds))
     sampler = DreamBlendSampler(components)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
@@ -165,12 +178,14 @@ def save_grid(rows: list[dict], path: Path, cell: int = 34) -> None:
 
 
 def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str) -> None:
-    header = f"{'row':28s} {'prompt':>7s} {'bg':>5s} {'subject':>8s} {'divers.':>8s} {'attn d':>7s}"
+    header = (f"{'row':28s} {'prompt':>7s} {'bg':>5s} {'shape':>5s} {'subject':>8s} {'divers.':>8s} "
+              f"{'attn d':>7s}")
     lines = [f"subject {subject_id}: G = step {g}, E = step {e}", header, "-" * len(header)]
     for r in rows:
         name = (f"checkpoint step {r['step']}" if r["kind"] == "checkpoint"
                 else f"DreamBlend a={r['alpha']} K={r['window']}")
-        lines.append(f"{name:28s} {r['prompt_fidelity']:7.2f} {r['background']:5.2f} "
+        shape = "-" if r["shape"] is None else f"{r['shape']:.2f}"
+        lines.append(f"{name:28s} {r['prompt_fidelity']:7.2f} {r['background']:5.2f} {shape:>5s} "
                      f"{r['subject_fidelity']:8.3f} {r['diversity']:8.3f} {r['attention_distance']:7.4f}")
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
     plot(rows, out / "tradeoff.png")

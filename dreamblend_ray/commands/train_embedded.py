@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dreamblend_ray.components import embedded_model_dir
-    from dreamblend_ray.embedded.train import config_from_args, train, train_decoder_only
+    from dreamblend_ray.embedded.train import config_from_args, runner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"dreamblend train-embedded: {error}")
     try:
-        (train_decoder_only if args.decoder_only else train)(args.out or embedded_model_dir(), config)
+        runner(args)(args.out or embedded_model_dir(), config)
     except ValueError as error:
         raise SystemExit(f"dreamblend train-embedded: {error}")
     return 0

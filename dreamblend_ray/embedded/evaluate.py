@@ -58,6 +58,20 @@ def held_out_prompts(per_combo: int = 2) -> tuple[list[str], list[int]]:
     return prompts, list(range(len(prompts)))
 
 
+def pair_prompts(count: int, seed: int = 11) -> tuple[list[str], list[int]]:
+    """``count`` seeded two-object prompts (``"a red circle and a blue square on a green
+    background"``), one seed each; most of these pairs never occur in stage 5's 3,000 scenes."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        pair = world.random_pair(rng, world.train_combos())
+        prompts.append(world.pair_caption(f"{pair.first.colour} {pair.first.shape}",
+                                          f"{pair.second.colour} {pair.second.shape}", pair.background))
+    return prompts, list(range(count))
+
+
 def evaluate(components, prompts: list[str], seeds: list[int], steps: int = 30,
              guidance_scale: float = 2.0) -> tuple[dict, list[Image.Image]]:
     images = generate(components, prompts, seeds, steps, guidance_scale)
@@ -86,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-combo", type=int, default=2, help="seeds per held-out combination")
     parser.add_argument("--train-combos", type=int, default=0,
                         help="also score this many training combinations (one seed each)")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="also score this many two-object prompts at every scale")
     parser.add_argument("--grid", default=None, help="save the images of the first scale here")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -99,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         results[f"held_out@{scale}"] = report
         if args.grid and scale == args.guidance[0]:
             grid(images, columns=2 * args.per_combo).save(args.grid)
+    for scale in args.guidance if args.pairs else ():
+        pair_report, pair_images = evaluate(components, *pair_prompts(args.pairs), args.steps, scale)
+        results[f"pairs@{scale}"] = pair_report
+        if args.grid and scale == args.guidance[0]:
+            grid(pair_images, columns=8).save(args.grid.replace(".png", "-pairs.png"))
     if args.train_combos:
         combos = world.train_combos()[:: max(1, len(world.train_combos()) // args.train_combos)]
         train_prompts = [world.prompt(c) for c in combos[: args.train_combos]]

@@ -97,16 +97,15 @@ def border_background(array: np.ndarray) -> str:
     return world.COLOURS[int(counts.argmax())]
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a boolean mask (ties: the first found)."""
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected components of a boolean mask, largest first (ties: the first found)."""
     labels = np.zeros(mask.shape, dtype=int)
-    best, best_size, current = 0, 0, 0
+    sizes = []
     height, width = mask.shape
     for start in zip(*np.nonzero(mask)):
         if labels[start]:
             continue
-        current += 1
-        labels[start] = current
+        labels[start] = len(sizes) + 1
         queue, size = deque([start]), 0
         while queue:
             y, x = queue.popleft()
@@ -114,11 +113,17 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
             for ny in range(max(y - 1, 0), min(y + 2, height)):
                 for nx in range(max(x - 1, 0), min(x + 2, width)):
                     if mask[ny, nx] and not labels[ny, nx]:
-                        labels[ny, nx] = current
+                        labels[ny, nx] = labels[start]
                         queue.append((ny, nx))
-        if size > best_size:
-            best, best_size = current, size
-    return labels == best if best else np.zeros_like(mask)
+        sizes.append(size)
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    return [labels == i + 1 for i in order]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (ties: the first found)."""
+    found = components(mask)
+    return found[0] if found else np.zeros_like(mask)
 
 
 def object_mask(array: np.ndarray) -> np.ndarray:
@@ -129,9 +134,29 @@ def object_mask(array: np.ndarray) -> np.ndarray:
     rough = distance > 40
     if rough.sum() < MIN_AREA:
         return np.zeros(distance.shape, dtype=bool)
-    colour = PALETTE_ARRAY[nearest_colour_index(np.median(array[rough], axis=0))]
+    return largest_component(_midpoint_mask(array, distance, bg, rough))
+
+
+def _midpoint_mask(array, distance, bg, region) -> np.ndarray:
+    """Pixels of ``region`` past the midpoint between ``bg`` and the region's palette colour."""
+    colour = PALETTE_ARRAY[nearest_colour_index(np.median(array[region], axis=0))]
     threshold = 0.5 * float(np.sqrt(((colour - bg) ** 2).sum()))
-    return largest_component(distance > min(max(threshold, 40.0), 120.0))
+    return distance > min(max(threshold, 40.0), 120.0)
+
+
+def object_masks(array: np.ndarray) -> list[np.ndarray]:
+    """Every plausible object (several per image): each blob of pixels far from the measured
+    background, refined with its own colour's midpoint threshold; largest first."""
+    bg = np.median(border_pixels(array), axis=0)
+    distance = np.sqrt(((array - bg) ** 2).sum(axis=-1))
+    masks = []
+    for blob in components(distance > 40):
+        if blob.sum() < MIN_AREA:
+            break
+        refined = largest_component(_midpoint_mask(array, distance, bg, blob) & blob)
+        if plausible(refined):
+            masks.append(refined)
+    return sorted(masks, key=lambda mask: -int(mask.sum()))
 
 
 def plausible(mask: np.ndarray) -> bool:
@@ -169,12 +194,23 @@ def classify_shape(mask: np.ndarray, box, shapes=world.SHAPES) -> tuple[str | No
 
 
 def read_image(image, shapes=world.SHAPES) -> Reading:
-    """Analyse one image (PIL or array); see the module docstring."""
+    """Analyse one image (PIL or array) as one object; see the module docstring."""
     array = to_array(image)
     background = border_background(array)
     mask = object_mask(array)
     if not plausible(mask):
         return Reading(background)
+    return _read_object(array, mask, background, shapes)
+
+
+def read_objects(image, shapes=world.SHAPES) -> list[Reading]:
+    """Every object of an image (:func:`object_masks`), largest first; [] when none is found."""
+    array = to_array(image)
+    background = border_background(array)
+    return [_read_object(array, mask, background, shapes) for mask in object_masks(array)]
+
+
+def _read_object(array, mask, background, shapes) -> Reading:
     box = mask_box(mask)
     shape, score = classify_shape(mask, box, shapes)
     pixels = array[mask]
@@ -188,42 +224,64 @@ def read_image(image, shapes=world.SHAPES) -> Reading:
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """The attributes a prompt asks for (None: not asked)."""
+    """The attributes a prompt asks for (None: not asked). ``shape``/``colour`` are the first
+    named world shape's; ``objects`` lists every noun phrase as (shape or generic noun, colour)."""
 
     background: str | None = None
     shape: str | None = None
     colour: str | None = None
+    objects: tuple[tuple[str, str | None], ...] = ()
 
     def asked(self) -> dict[str, str]:
         return {name: getattr(self, name) for name in ATTRIBUTES if getattr(self, name)}
 
+    @property
+    def named_objects(self) -> list[tuple[str, str | None]]:
+        """The noun phrases with a world shape (not the generic noun of a subject prompt)."""
+        return [(shape, colour) for shape, colour in self.objects if shape in world.SHAPES]
+
 
 def parse_prompt(prompt: str) -> PromptSpec:
-    """Read the background colour (``<colour> background``), the first shape word, and the
-    colour word right before the shape (or before ``sks``/pattern words that precede it)."""
+    """Read the background colour (``<colour> background``), every noun (a shape word or the
+    generic ``shape``) with the colour word right before it (or before the ``sks``/pattern words
+    that precede it); ``shape``/``colour`` are the first shape word's."""
     words = prompt.lower().replace(",", " ").replace(".", " ").split()
     background = None
     for i, word in enumerate(words[1:], start=1):
         if word == "background" and words[i - 1] in world.PALETTE:
             background = words[i - 1]
-    shape, colour = None, None
+    objects = []
     for i, word in enumerate(words):
-        if word in world.SHAPES:
-            shape = word
+        if word in world.SHAPES or word in world.GENERIC_NOUNS:
             j = i - 1
-            while j >= 0 and words[j] in world.SUBJECT_WORDS:
+            while j >= 0 and words[j] in world.SUBJECT_WORDS and words[j] != "and":
                 j -= 1
-            if j >= 0 and words[j] in world.PALETTE and not (j + 1 < len(words) and words[j + 1] == "background"):
-                colour = words[j]
-            break
-    return PromptSpec(background, shape, colour)
+            named = j >= 0 and words[j] in world.PALETTE and not (j + 1 < len(words) and words[j + 1] == "background")
+            objects.append((word, words[j] if named else None))
+    shape, colour = next(((s, c) for s, c in objects if s in world.SHAPES), (None, None))
+    return PromptSpec(background, shape, colour, tuple(objects))
 
 
 def score_prompt(image, prompt: str | PromptSpec) -> dict[str, bool]:
-    """Per asked attribute, whether the image matches it."""
+    """Per asked attribute, whether the image matches it.
+
+    A prompt with one noun reads the image as one object. A prompt with several nouns (``"a sks
+    shape and a red circle"``) reads every object in the image: ``shape`` holds when each named
+    world shape is among them, ``colour`` when each is there in its named colour (the generic
+    noun of a subject is left to subject fidelity)."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    reading = read_image(image)
-    return {name: getattr(reading, name) == wanted for name, wanted in spec.asked().items()}
+    if len(spec.objects) < 2:
+        reading = read_image(image)
+        return {name: getattr(reading, name) == wanted for name, wanted in spec.asked().items()}
+    readings = read_objects(image)
+    found = [(r.shape, r.colour) for r in readings]
+    scores = {"background": border_background(to_array(image)) == spec.background} if spec.background else {}
+    named = spec.named_objects
+    if named:
+        scores["shape"] = all(any(s == shape for s, _ in found) for shape, _ in named)
+    if any(colour for _, colour in named):
+        scores["colour"] = all((shape, colour) in found for shape, colour in named if colour)
+    return scores
 
 
 def prompt_fidelity(images, prompts) -> dict:
@@ -261,6 +319,16 @@ def object_crop(image) -> ObjectCrop | None:
     mask = object_mask(array)
     if not plausible(mask):
         return None
+    return _crop(array, mask)
+
+
+def object_crops(image) -> list[ObjectCrop]:
+    """A crop of every object in the image (:func:`object_masks`)."""
+    array = to_array(image)
+    return [_crop(array, mask) for mask in object_masks(array)]
+
+
+def _crop(array: np.ndarray, mask: np.ndarray) -> ObjectCrop:
     cx, cy, w, h = mask_box(mask)
     offsets = (np.arange(GRID) + 0.5) / GRID - 0.5
     xs = np.clip(np.floor(cx + offsets * w).astype(int), 0, array.shape[1] - 1)
@@ -278,14 +346,15 @@ def compare_crops(generated: ObjectCrop, reference: ObjectCrop) -> dict[str, flo
 
 
 def subject_scores(image, references: list[ObjectCrop]) -> dict[str, float]:
-    """Shape, pattern and colour agreement of one image with the references (mean), and their mean."""
-    crop = object_crop(image)
-    if crop is None or not references:
-        return {"shape": 0.0, "pattern": 0.0, "colours": 0.0, "score": 0.0}
-    parts = [compare_crops(crop, reference) for reference in references]
-    scores = {name: float(np.mean([p[name] for p in parts])) for name in ("shape", "pattern", "colours")}
-    scores["score"] = float(np.mean(list(scores.values())))
-    return scores
+    """Shape, pattern and colour agreement with the references (mean over them), and their mean,
+    of the image's object that agrees best (an image may hold the subject beside other objects)."""
+    best = {"shape": 0.0, "pattern": 0.0, "colours": 0.0, "score": 0.0}
+    for crop in object_crops(image) if references else []:
+        parts = [compare_crops(crop, reference) for reference in references]
+        scores = {name: float(np.mean([p[name] for p in parts])) for name in ("shape", "pattern", "colours")}
+        scores["score"] = float(np.mean(list(scores.values())))
+        best = max(best, scores, key=lambda s: s["score"])
+    return best
 
 
 def subject_fidelity(images, instance_images) -> dict:

@@ -52,6 +52,17 @@ class Subject:
             return self.instance_prompt
         return f"{self.instance_prompt} on a {background} background"
 
+    def companion_prompt(self, shape: str, colour: str) -> str:
+        """``a sks shape and a <colour> <shape> on a <own background> background``: the subject
+        beside a second, named object, on the background of its instance images."""
+        return f"{self.instance_prompt} and a {colour} {shape} on a {self.background} background"
+
+    def companions(self) -> list[tuple[str, str]]:
+        """Second objects for :meth:`companion_prompt`, as (shape, colour): base shapes in the
+        colours that are neither the subject's nor its background's (one shape per colour)."""
+        colours = [c for c in world.COLOURS if c != self.background and c not in self.colours]
+        return [(world.BASE_SHAPES[i % len(world.BASE_SHAPES)], colour) for i, colour in enumerate(colours)]
+
     def new_backgrounds(self) -> list[str]:
         """Background colours other than the subject's own and its object colours."""
         return [c for c in world.COLOURS if c != self.background and c not in self.colours]

@@ -33,7 +33,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,10 @@ class TrainConfig:
     decoder_scenes: int = 4000
     decoder_lr: float = 1e-3
     decoder_latent_noise: float = 0.3
+    compose_steps: int = 1500
+    compose_scenes: int = 6000
+    compose_lr: float = 5e-4
+    compose_pairs: float = 0.5
     threads: int = 1
 
     def __post_init__(self):
@@ -85,6 +89,9 @@ class TrainConfig:
         check_range("decoder_steps", self.decoder_steps, 0, 10 ** 6)
         check_range("decoder_scenes", self.decoder_scenes, 64, 10 ** 6)
         check_range("decoder_latent_noise", self.decoder_latent_noise, 0.0, 10.0)
+        check_range("compose_steps", self.compose_steps, 0, 10 ** 7)
+        check_range("compose_scenes", self.compose_scenes, 64, 10 ** 6)
+        check_range("compose_pairs", self.compose_pairs, 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- models
@@ -153,16 +160,50 @@ def render_pattern_scenes(count: int, seed: int) -> torch.Tensor:
     return (torch.from_numpy(images).permute(0, 3, 1, 2) / 127.5 - 1).contiguous()
 
 
-def random_caption(rng: random.Random, combo: world.Combo, uncond: float) -> str:
-    """A caption of ``combo`` from the grammar, or ``""`` with probability ``uncond``."""
+def render_mixed_scenes(count: int, seed: int, pairs: float) -> tuple[torch.Tensor, list]:
+    """Stage 5's scenes: a fraction ``pairs`` with two smaller objects (:class:`world.PairCombo`),
+    the rest one object as in stage 1; as a (N, 3, 32, 32) tensor in [-1, 1] and their combos."""
+    rng = random.Random(seed)
+    combos = world.train_combos()
+    images = np.empty((count, world.IMAGE_SIZE, world.IMAGE_SIZE, 3), dtype=np.float32)
+    chosen = []
+    for i in range(count):
+        if rng.random() < pairs:
+            pair = world.random_pair(rng, combos)
+            images[i] = world.render_array(*world.pair_scenes(rng, pair))
+            chosen.append(pair)
+            continue
+        combo = rng.choice(combos)
+        images[i] = world.render_array(world.Scene(combo.shape, (combo.colour,), combo.background,
+                                                   *world.random_box(rng)))
+        chosen.append(combo)
+    return (torch.from_numpy(images).permute(0, 3, 1, 2) / 127.5 - 1).contiguous(), chosen
+
+
+def random_caption(rng: random.Random, combo, uncond: float) -> str:
+    """A caption of ``combo`` (a Combo or a PairCombo) from the grammar, or ``""`` with
+    probability ``uncond``."""
     if rng.random() < uncond:
         return ""
+    if isinstance(combo, world.PairCombo):
+        return random_pair_caption(rng, combo)
     mix = world.CaptionMix()
     template = rng.choices(range(3), weights=mix.templates)[0]
     shape = None if rng.random() < mix.generic_noun else combo.shape
     colour = None if rng.random() < mix.drop_colour else combo.colour
     background = None if rng.random() < mix.drop_background else combo.background
     return world.caption(shape, colour, background, template)
+
+
+def random_pair_caption(rng: random.Random, pair: world.PairCombo) -> str:
+    """Both objects in random order (the order says nothing about where they are), each colour
+    dropped with the single-object rate, the background dropped now and then."""
+    mix = world.CaptionMix()
+    objects = [pair.first, pair.second]
+    rng.shuffle(objects)
+    nouns = [c.shape if rng.random() < mix.drop_colour else f"{c.colour} {c.shape}" for c in objects]
+    background = None if rng.random() < mix.drop_background else pair.background
+    return world.pair_caption(*nouns, background, template=int(rng.random() < 0.2))
 
 
 # --------------------------------------------------------------------------- VAE
@@ -361,6 +402,10 @@ def train(out: str | Path, config: TrainConfig = TrainConfig()) -> Path:
 
     ema, losses = train_unet(unet, text_encoder, tokenizer, latents, combos, config, checkpoint)
     timings["unet_s"] = time.time() - started - timings["render_s"] - timings["vae_s"]
+    compose_started = time.time()
+    if config.compose_steps:
+        ema, _ = compose(ema.shadow[0], ema.shadow[1], tokenizer, vae, config)
+    timings["compose_s"] = time.time() - compose_started
     decoder_started = time.time()
     decoder_losses = refine_decoder(vae, render_pattern_scenes(config.decoder_scenes, config.seed + 5), config)
     timings["decoder_s"] = time.time() - decoder_started
@@ -393,16 +438,60 @@ def train_decoder_only(directory: str | Path, config: TrainConfig = TrainConfig(
     return directory
 
 
+def compose(unet, text_encoder, tokenizer, vae, config: TrainConfig):
+    """Stage 5: go on training UNet + text encoder on a mix of one- and two-object scenes, so
+    that the model can put a second, named object beside the first (the spatial context that
+    DreamBlend's cross-attention guidance can carry; see docs/embedded.md). Returns the EMA."""
+    images, combos = render_mixed_scenes(config.compose_scenes, config.seed + 6, config.compose_pairs)
+    latents = encode(vae, images)
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(True)
+    stage = replace(config, unet_steps=config.compose_steps, lr=config.compose_lr, seed=config.seed + 6)
+    ema, losses = train_unet(unet, text_encoder, tokenizer, latents, combos, stage)
+    return ema, losses
+
+
+def train_compose_only(directory: str | Path, config: TrainConfig = TrainConfig()) -> Path:
+    """Stage 5 alone on the model in ``directory`` (rewritten in place); VAE unchanged."""
+    from dreamblend_ray.components import load_components
+
+    torch.set_num_threads(config.threads)
+    directory = Path(directory)
+    if not (directory / "model_index.json").is_file():
+        raise ValueError(f"no model in {directory} (model_index.json missing); train one first")
+    components = load_components(str(directory))
+    started = time.time()
+    ema, losses = compose(components.unet, components.text_encoder, components.tokenizer, components.vae, config)
+    meta_path = directory / "training.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta.setdefault("config", {}).update({k: v for k, v in asdict(config).items() if k.startswith("compose_")})
+    meta.setdefault("timings", {})["compose_s"] = time.time() - started
+    meta["compose_loss_last100"] = float(np.mean(losses[-100:])) if losses else None
+    save(directory, components.vae, ema.shadow[0], ema.shadow[1], components.tokenizer, meta)
+    logger.info("stage 5 (two objects) on %s took %.0f s", directory, time.time() - started)
+    return directory
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     parser.add_argument("--out", default=None,
                         help="output directory (default: the package's embedded/weights)")
-    parser.add_argument("--decoder-only", action="store_true",
-                        help="run stage 4 (decoder refinement) alone on the model in --out")
+    stage = parser.add_mutually_exclusive_group()
+    stage.add_argument("--decoder-only", action="store_true",
+                       help="run stage 4 (decoder refinement) alone on the model in --out")
+    stage.add_argument("--compose-only", action="store_true",
+                       help="run stage 5 (two-object scenes) alone on the model in --out")
     for name, value in asdict(defaults).items():
         flags = ["--" + name.replace("_", "-")] + (["--steps"] if name == "unet_steps" else [])
         parser.add_argument(*flags, dest=name, type=type(value), default=value,
                             help=f"default {value}")
+
+
+def runner(args: argparse.Namespace):
+    """What the parsed arguments ask to run: all stages, stage 4 alone or stage 5 alone."""
+    if args.decoder_only:
+        return train_decoder_only
+    return train_compose_only if args.compose_only else train
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -416,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    run = train_decoder_only if args.decoder_only else train
-    run(args.out or embedded_model_dir(), config_from_args(args))
+    runner(args)(args.out or embedded_model_dir(), config_from_args(args))
     return 0
 
 

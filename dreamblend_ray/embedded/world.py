@@ -23,6 +23,8 @@ IMAGE_SIZE = 32
 SUPERSAMPLE = 4
 MIN_SIZE, MAX_SIZE = 12, 22
 MARGIN = 1
+PAIR_SIZE = (10.0, 14.0)  # two objects per image: smaller, so that both fit side by side
+GAP = 2.0
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -208,20 +210,33 @@ def unit_coordinates(cx: float, cy: float, size: float, supersample: int = SUPER
     return (x - cx) / half, (y - cy) / half
 
 
-def render_array(scene: Scene) -> np.ndarray:
-    """The scene as float RGB in [0, 255], shape (32, 32, 3), anti-aliased by supersampling."""
-    u, v = unit_coordinates(scene.cx, scene.cy, scene.size)
-    inside = shape_mask(scene.shape, u, v)
-    colours = np.array([PALETTE[c] for c in scene.colours], dtype=np.float32)
-    image = np.empty(u.shape + (3,), dtype=np.float32)
+def render_array(scene: Scene, *others: Scene) -> np.ndarray:
+    """The scene as float RGB in [0, 255], shape (32, 32, 3), anti-aliased by supersampling.
+
+    ``others`` are further objects drawn on the same background, in order (see
+    :func:`pair_scenes`); ValueError if their background differs.
+    """
+    n = IMAGE_SIZE * SUPERSAMPLE
+    image = np.empty((n, n, 3), dtype=np.float32)
     image[:] = np.array(PALETTE[scene.background], dtype=np.float32)
-    image[inside] = colours[_pattern_index(scene, u, v)[inside]]
+    for item in (scene,) + others:
+        if item.background != scene.background:
+            raise ValueError("every object of one image must share its background")
+        _draw_object(image, item)
     s = SUPERSAMPLE
     return image.reshape(IMAGE_SIZE, s, IMAGE_SIZE, s, 3).mean(axis=(1, 3))
 
 
-def render(scene: Scene) -> Image.Image:
-    return Image.fromarray(np.round(render_array(scene)).astype(np.uint8), mode="RGB")
+def _draw_object(image: np.ndarray, scene: Scene) -> None:
+    """Paint ``scene``'s object into a supersampled (n, n, 3) image, in place."""
+    u, v = unit_coordinates(scene.cx, scene.cy, scene.size)
+    inside = shape_mask(scene.shape, u, v)
+    colours = np.array([PALETTE[c] for c in scene.colours], dtype=np.float32)
+    image[inside] = colours[_pattern_index(scene, u, v)[inside]]
+
+
+def render(scene: Scene, *others: Scene) -> Image.Image:
+    return Image.fromarray(np.round(render_array(scene, *others)).astype(np.uint8), mode="RGB")
 
 
 def random_box(rng: random.Random, min_size: float = MIN_SIZE, max_size: float = MAX_SIZE):
@@ -229,6 +244,22 @@ def random_box(rng: random.Random, min_size: float = MIN_SIZE, max_size: float =
     size = rng.uniform(min_size, max_size)
     low, high = MARGIN + size / 2, IMAGE_SIZE - MARGIN - size / 2
     return rng.uniform(low, high), rng.uniform(low, high), size
+
+
+def boxes_apart(a, b, gap: float = GAP) -> bool:
+    """Whether two boxes (cx, cy, size) are at least ``gap`` pixels apart along some axis."""
+    reach = (a[2] + b[2]) / 2 + gap
+    return abs(a[0] - b[0]) >= reach or abs(a[1] - b[1]) >= reach
+
+
+def random_boxes(rng: random.Random, count: int, min_size: float = PAIR_SIZE[0],
+                 max_size: float = PAIR_SIZE[1], tries: int = 1000):
+    """``count`` random boxes inside the image, pairwise :func:`boxes_apart` (rejection sampling)."""
+    for _ in range(tries):
+        boxes = [random_box(rng, min_size, max_size) for _ in range(count)]
+        if all(boxes_apart(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+            return boxes
+    raise ValueError(f"could not place {count} boxes of {min_size}-{max_size} px apart")
 
 
 # --------------------------------------------------------------------------- captions
@@ -317,3 +348,49 @@ def training_example(rng: random.Random, combos: tuple[Combo, ...], mix: Caption
     colour = None if rng.random() < mix.drop_colour else combo.colour
     background = None if rng.random() < mix.drop_background else combo.background
     return scene, caption(shape, colour, background, template)
+
+
+# --------------------------------------------------------------------------- two objects
+
+
+@dataclass(frozen=True)
+class PairCombo:
+    """Two objects on one background; each object's (shape, colour, background) is a train combo."""
+
+    first: Combo
+    second: Combo
+
+    def __post_init__(self):
+        if self.first.background != self.second.background:
+            raise ValueError("both objects must share the background")
+        if (self.first.shape, self.first.colour) == (self.second.shape, self.second.colour):
+            raise ValueError("the two objects must differ in shape or colour")
+
+    @property
+    def background(self) -> str:
+        return self.first.background
+
+
+def random_pair(rng: random.Random, combos: tuple[Combo, ...]) -> PairCombo:
+    """Two different objects from ``combos`` that share a background."""
+    first = rng.choice(combos)
+    partners = [c for c in combos if c.background == first.background
+                and (c.shape, c.colour) != (first.shape, first.colour)]
+    return PairCombo(first, rng.choice(partners))
+
+
+def pair_caption(first: str, second: str, background: str | None, template: int = 0) -> str:
+    """A caption of two objects given as noun phrases (``"red circle"``), e.g.
+    ``"a red circle and a blue square on a green background"``."""
+    objects = f"a {first} and a {second}"
+    if background is None:
+        return objects
+    if template == 1:
+        return f"a {background} background with {objects}"
+    return f"{objects} on a {background} background"
+
+
+def pair_scenes(rng: random.Random, pair: PairCombo) -> tuple[Scene, Scene]:
+    """The two objects of ``pair`` at random, separated boxes."""
+    boxes = random_boxes(rng, 2)
+    return tuple(Scene(c.shape, (c.colour,), c.background, *box) for c, box in zip((pair.first, pair.second), boxes))
