@@ -214,7 +214,8 @@ def test_training_writes_a_loadable_model(tmp_path):
     from dreamblend_ray.embedded.train import TrainConfig, train
 
     config = TrainConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, batch=4,
-                         checkpoint_every=1, decoder_steps=2, decoder_scenes=64, threads=1)
+                         checkpoint_every=1, decoder_steps=2, decoder_scenes=64, compose_steps=2,
+                         compose_scenes=64, threads=1)
     out = train(tmp_path / "model", config)
     components = load_components(str(out))
     assert components.default_size == world.IMAGE_SIZE

@@ -1,6 +1,6 @@
 """Train the embedded base model from scratch on CPU: ``python -m dreamblend_ray.embedded.train``.
 
-Three stages, all seeded (the same command and seed give the same weights on the same
+Five stages, all seeded (the same command and seed give the same weights on the same
 software stack and hardware; floating-point reductions may differ across CPUs):
 
 1. render a fixed set of shapes-world scenes (:mod:`dreamblend_ray.embedded.world`);
@@ -17,9 +17,16 @@ software stack and hardware; floating-point reductions may differ across CPUs):
    them; the encoder keeps them in its latents, so a decoder trained to draw them is enough. The
    latents get extra Gaussian noise while it trains, so that it also decodes the UNet's slightly
    off-manifold samples cleanly. Neither the UNet nor the text encoder ever sees a pattern, and
-   no stage sees a subject shape.
+   no stage sees a subject shape;
+5. go on training the UNet and the text encoder (from stage 3's EMA weights) on a mix of one- and
+   two-object scenes (``"a red circle and a blue square on a green background"``, objects of
+   10-14 px at separated positions), so that a prompt can add a second object: spatial context,
+   which a model routes through its cross-attention maps (the background colour is not; see
+   docs/embedded.md). ``--compose-steps 0`` skips it.
 
 ``--decoder-only`` runs stage 4 alone on an existing model (how the shipped decoder was made).
+
+``--compose-only`` runs stage 5 alone on an existing model (how the shipped UNet was made).
 
 Because the rate is constant after warm-up, a run stopped at step N equals a run with
 ``--unet-steps N``; checkpoints every ``--checkpoint-every`` steps make that usable.
@@ -466,6 +473,7 @@ def train_compose_only(directory: str | Path, config: TrainConfig = TrainConfig(
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.setdefault("config", {}).update({k: v for k, v in asdict(config).items() if k.startswith("compose_")})
     meta.setdefault("timings", {})["compose_s"] = time.time() - started
+    meta["compose_threads"] = config.threads
     meta["compose_loss_last100"] = float(np.mean(losses[-100:])) if losses else None
     save(directory, components.vae, ema.shadow[0], ema.shadow[1], components.tokenizer, meta)
     logger.info("stage 5 (two objects) on %s took %.0f s", directory, time.time() - started)
