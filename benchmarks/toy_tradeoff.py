@@ -1,19 +1,21 @@
 """The fidelity trade-off on the embedded shapes world, and what DreamBlend does to it.
 
 Fine-tunes a demo subject (full-UNet DreamBooth by default, the demo's recipe; reused when done
-with the same settings), then measures with the exact analytic
-metrics of dreamblend_ray.embedded.metrics, on prompts that put the subject on backgrounds it was
-never shown on:
+with the same settings), then measures with the exact analytic metrics of
+dreamblend_ray.embedded.metrics, on prompts that put the subject in a context its instance images
+never showed (``--context companion``: beside a second, named object, "a sks shape and a red
+circle on a blue background"; ``--context background``: on a new background colour):
 
-* every saved checkpoint sampled alone: subject fidelity, prompt fidelity, diversity;
-* DreamBlend (G = the manifest's guidance step, E = the last step) for alpha in {0, 0.1, 0.25, 0.5}
-  and two guidance windows.
+* every saved checkpoint sampled alone: subject fidelity, prompt fidelity (the share of the new
+  context drawn right: the second object's shape and colour, or the background), diversity;
+* DreamBlend (G = the manifest's guidance step, E = the last step) for alpha in
+  {0, 0.1, 0.25, 0.5, 1} and two guidance windows.
 
 Writes a PNG plot (prompt fidelity against subject fidelity) and prints a table; the last line is
 ``RESULT {json}``. Target (issue #8): DreamBlend keeps prompt fidelity within 10% of G's and subject
 fidelity within 10% of E's.
 
-    python benchmarks/toy_tradeoff.py [--subject striped-star] [--out outputs/tradeoff]
+    python benchmarks/toy_tradeoff.py [--subject striped-star] [--context companion] [--out outputs/tradeoff]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dreamblend_ray.finetune import finetune_subject
 from dreamblend_ray.sampler import DreamBlendSampler
 
 logger = logging.getLogger("toy_tradeoff")
-ALPHAS = (0.0, 0.1, 0.25, 0.5)
+ALPHAS = (0.0, 0.1, 0.25, 0.5, 1.0)
 
 
 def ensure_subject(components, subject, root: str, config: FinetuneConfig) -> dict:
@@ -48,13 +50,6 @@ def ensure_subject(components, subject, root: str, config: FinetuneConfig) -> di
                             root, config, progress=True)
 
 
-def context_prompts(subject, context: str, count: int) -> list[str]:
-    """Prompts that put the subject in ``count`` contexts its instance images never showed."""
-    if context == "background":
-        return [subject.prompt(bg) for bg in subject.new_backgrounds()[:count]]
-    return [subject.companion_prompt(shape, colour) for shape, colour in subject.companions()[:count]]
-
-
 def measure(sampler, pair, subject, prompts, seeds, config: SamplingConfig) -> dict:
     """Analytic scores of one (pair, settings) over prompts x seeds."""
     all_prompts = [p for p in prompts for _ in seeds]
@@ -64,7 +59,7 @@ def measure(sampler, pair, subject, prompts, seeds, config: SamplingConfig) -> d
     per_prompt = [images[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
     fidelity = metrics.prompt_fidelity(images, all_prompts)
     return {
-        "prompt_fidelity": fidelity["overall"],
+        "prompt_fidelity": metrics.context_fidelity(fidelity),
         "background": fidelity["background"],
         "shape": fidelity["shape"],
         "subject_fidelity": metrics.subject_fidelity(images, subject.instance_images())["score"],
@@ -111,9 +106,9 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/tradeoff")
     parser.add_argument("--method", default="full", choices=("full", "lora"))
     parser.add_argument("--finetune-steps", type=int, default=800)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (--method lora)")
-    parser.add_argument("--checkpoints", default="100,200,400,800", help="saved steps")
+    parser.add_argument("--checkpoints", default="50,100,200,400,800", help="saved steps")
     parser.add_argument("--context", default="companion", choices=("companion", "background"),
                         help="what the new prompts ask for: a second, named object beside the subject "
                              "(spatial context), or a new background colour (global context)")
@@ -142,7 +137,7 @@ def main() -> None:
                   token=subject.token, prior_preservation=False, num_class_images=0)
     ft = FinetuneConfig(**{**values, **json.loads(args.finetune_json)})
     manifest = ensure_subject(components, subject, str(out / "storage"), ft)
-    prompts = context_prompts(subject, args.context, args.contexts)
+    prompts = subject.context_prompts(args.context, args.contexts)
     seeds = list(range(args.seeds))
     sampler = DreamBlendSampler(components)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)

@@ -30,17 +30,29 @@ from dreamblend_ray.config import check_range
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("G alone", "E alone", "DreamBlend")
+CONTEXT_TEXT = {"companion": "beside a second, named object it was never shown with",
+                "background": "on backgrounds it was never shown on"}
+CONTEXT_NOTE = {
+    "companion": "The second object is spatial context: the model routes an object's word through "
+                 "its cross-attention maps, which is what DreamBlend steers (docs/embedded.md).",
+    "background": "On this model the background colour is not routed through cross-attention maps "
+                  "(the attention over the prompt's tokens is nearly uniform in the background; see "
+                  "docs/embedded.md), so attention guidance has little to steer there: expect "
+                  "DreamBlend to recover little of the background.",
+}
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Settings of the demo. Fine-tuning defaults are tuned for the embedded model on 2 CPU cores.
 
-    The fine-tune is full-UNet DreamBooth (lr 1e-3, batch 4, 800 steps, no prior preservation):
+    The fine-tune is full-UNet DreamBooth (lr 3e-4, batch 4, 800 steps, no prior preservation):
     the embedded UNet has no attention at its finest (16x16) level, so LoRA on the attention
     projections cannot learn a subject's pattern there, and this recipe is the one measured to
-    take a subject from "follows the prompt" (G = step 100) to "overfit to its instance
-    background" (E = step 800); see benchmarks/toy_tradeoff.py.
+    take a subject from "draws the second object the prompt names" (G = step 50) to "draws the
+    subject and drops the rest of the prompt" (E = step 800); see benchmarks/toy_tradeoff.py.
+    ``context`` says what the new prompts add: a second, named object (``companion``, spatial
+    context, the kind DreamBlend's attention guidance carries) or a new background colour.
     """
 
     out: str = "outputs/demo"
@@ -48,25 +60,30 @@ class DemoConfig:
     subjects: tuple[str, ...] = ()  # empty: every demo subject
     method: str = "full"
     finetune_steps: int = 800
-    checkpoint_steps: tuple[int, ...] = (100, 200, 400, 800)
-    guidance_step: int | None = 100
-    learning_rate: float = 1e-3
+    checkpoint_steps: tuple[int, ...] = (50, 100, 200, 400, 800)
+    guidance_step: int | None = 50
+    learning_rate: float = 3e-4
     rank: int = 16
     batch_size: int = 4
-    backgrounds_per_subject: int = 3
+    context: str = "companion"
+    contexts_per_subject: int = 3
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 30
     guidance_scale: float = 3.0
-    alpha: float = 0.25
+    alpha: float = 0.5
+    guidance_fraction: float = 0.6  # guide the first 60% of the steps (K = 18 of 30)
     actors: int = 2
     port: int = 0
     extra_finetune: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_range("finetune_steps", self.finetune_steps, 1, 100_000, integer=True)
-        check_range("backgrounds_per_subject", self.backgrounds_per_subject, 1, 8, integer=True)
+        check_range("contexts_per_subject", self.contexts_per_subject, 1, 8, integer=True)
+        if self.context not in ("companion", "background"):
+            raise ValueError(f"context must be 'companion' or 'background', got {self.context!r}")
         check_range("steps", self.steps, 1, 1000, integer=True)
         check_range("alpha", self.alpha, 0.0, 10.0)
+        check_range("guidance_fraction", self.guidance_fraction, 0.0, 1.0)
         check_range("actors", self.actors, 1, 64, integer=True)
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
@@ -161,8 +178,8 @@ class Cell:
 def requests_for(config: DemoConfig, subjects) -> list[Cell]:
     cells = []
     for subject in subjects:
-        for background in subject.new_backgrounds()[: config.backgrounds_per_subject]:
-            cells += [Cell(subject.subject_id, subject.prompt(background), column) for column in COLUMNS]
+        for prompt in subject.context_prompts(config.context, config.contexts_per_subject):
+            cells += [Cell(subject.subject_id, prompt, column) for column in COLUMNS]
     return cells
 
 
@@ -176,7 +193,7 @@ def request_body(config: DemoConfig, cell: Cell, manifests: dict) -> dict:
     elif cell.column == "E alone":
         body.update(alpha=0.0)
     else:
-        body.update(alpha=config.alpha)
+        body.update(alpha=config.alpha, guidance_steps=round(config.guidance_fraction * config.steps))
     return body
 
 
@@ -225,9 +242,13 @@ def upscale(image: Image.Image, factor: int = 4) -> Image.Image:
 
 
 def draw_grid(rows: list[tuple[str, list[Image.Image]]], headers: list[str], cell: int = 128,
-              label_width: int = 300) -> Image.Image:
-    """A labelled grid: one row per (label, images), one column per header."""
+              label_width: int | None = None) -> Image.Image:
+    """A labelled grid: one row per (label, images), one column per header; the label column is
+    as wide as the longest label unless ``label_width`` is given."""
     pad, header_height = 4, 20
+    if label_width is None:
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        label_width = 8 + max([int(measure.textlength(label)) for label, _ in rows] or [0])
     width = label_width + len(headers) * (cell + pad)
     grid = Image.new("RGB", (width, header_height + len(rows) * (cell + pad)), "white")
     draw = ImageDraw.Draw(grid)
@@ -254,7 +275,7 @@ def column_metrics(subjects, cells: list[Cell], images: dict) -> dict:
         subject = [metrics.subject_fidelity(images[c], by_id[c.subject_id].instance_images())["score"]
                    for c in chosen]
         spread = [metrics.diversity(images[c])["score"] for c in chosen]
-        table[column] = {"prompt_fidelity": prompt["overall"], "background": prompt["background"],
+        table[column] = {"prompt_fidelity": metrics.context_fidelity(prompt), "background": prompt["background"],
                          "all_correct": prompt["all_correct"], "subject_fidelity": float(np.mean(subject)),
                          "diversity": float(np.mean(spread)), "images": len(flat)}
     return table
@@ -265,9 +286,11 @@ def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests:
     lines = ["# DreamBlend demo (embedded shapes-world model)", "",
              f"Subjects fine-tuned ({config.method}, lr {config.learning_rate:g}, batch {config.batch_size}) "
              f"for {config.finetune_steps} steps; G and E are the pair "
-             "recorded in each subject.json. Prompts put the subject on backgrounds it was never shown "
-             f"on; {len(config.seeds)} seeds each, {config.steps} DDIM steps, CFG {config.guidance_scale}, "
-             f"DreamBlend alpha {config.alpha}.", "",
+             f"recorded in each subject.json. Prompts put the subject {CONTEXT_TEXT[config.context]}; "
+             f"{len(config.seeds)} seeds each, {config.steps} DDIM steps, CFG {config.guidance_scale}, "
+             f"DreamBlend alpha {config.alpha}, guided steps K = "
+             f"{round(config.guidance_fraction * config.steps)}. Prompt fidelity is the share of that new context drawn "
+             "right (the second object's shape and colour, or the background colour).", "",
              "| column | prompt fidelity | background correct | all attributes correct | subject fidelity | diversity |",
              "|---|---|---|---|---|---|"]
     for column, row in table.items():
@@ -280,10 +303,7 @@ def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests:
               + ("That is the trade-off DreamBlend addresses." if lost >= 0.1 else
                  "That is too small for the targets below to say much: at these settings the late "
                  "checkpoint has not overfit (see benchmarks/toy_tradeoff.py)."), "",
-              "On this model the background colour is not routed through cross-attention maps (the "
-              "attention over the prompt's tokens is nearly uniform in the background; see "
-              "docs/embedded.md), so attention guidance has little to steer there: expect DreamBlend "
-              "to recover little of the background.", "",
+              CONTEXT_NOTE[config.context], "",
               "Targets (issue #8): DreamBlend keeps prompt fidelity within 10% of G's and subject "
               "fidelity within 10% of E's.", "",
               f"- prompt fidelity: DreamBlend {blend['prompt_fidelity']:.2f} vs G {g['prompt_fidelity']:.2f} "

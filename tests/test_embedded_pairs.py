@@ -471,3 +471,23 @@ def test_stage_five_trains_the_unet_and_keeps_the_vae(tmp_path):
     components = load_components(str(out))
     assert components.default_size == world.IMAGE_SIZE
     assert components.vae.config.scaling_factor == 1.0
+
+
+def test_context_fidelity_reads_the_new_context():
+    from dreamblend_ray.embedded import metrics as m
+
+    assert m.context_fidelity({"background": 1.0, "shape": 0.5, "colour": 0.25}) == 0.375
+    assert m.context_fidelity({"background": 0.75, "shape": None, "colour": None}) == 0.75
+    with pytest.raises(ValueError):
+        m.context_fidelity({"background": None, "shape": None, "colour": None})
+
+
+def test_context_prompts_of_both_kinds():
+    from dreamblend_ray.embedded.subjects import SUBJECTS
+
+    subject = SUBJECTS[0]
+    companions = subject.context_prompts("companion", 3)
+    assert companions == [subject.companion_prompt(*c) for c in subject.companions()[:3]]
+    assert subject.context_prompts("background", 2) == [subject.prompt(b) for b in subject.new_backgrounds()[:2]]
+    with pytest.raises(ValueError, match="context"):
+        subject.context_prompts("sky", 1)

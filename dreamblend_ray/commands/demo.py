@@ -15,7 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per subject")
     parser.add_argument("--alpha", type=float, default=None, help="DreamBlend strength")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps per image")
-    parser.add_argument("--backgrounds", type=int, default=None, help="new backgrounds per subject")
+    parser.add_argument("--context", choices=("companion", "background"), default=None,
+                        help="what the new prompts add: a second, named object (default) or a new "
+                             "background colour")
+    parser.add_argument("--contexts", "--backgrounds", dest="contexts", type=int, default=None,
+                        help="new contexts per subject (default 3)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     values = {"out": args.out, "base": args.base, "subjects": tuple(args.subjects)}
     for name, key in (("finetune_steps", "finetune_steps"), ("alpha", "alpha"), ("steps", "steps"),
-                      ("backgrounds", "backgrounds_per_subject")):
+                      ("context", "context"), ("contexts", "contexts_per_subject")):
         if getattr(args, name) is not None:
             values[key] = getattr(args, name)
     run_demo(DemoConfig(**values))

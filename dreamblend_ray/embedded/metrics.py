@@ -302,6 +302,18 @@ def prompt_fidelity(images, prompts) -> dict:
     return result
 
 
+def context_fidelity(fidelity: dict) -> float:
+    """From a :func:`prompt_fidelity` result, the share of a subject prompt's *new context* drawn
+    right: the second object's shape and colour when the prompt names one (its background is the
+    subject's own, which every checkpoint draws), else the background colour."""
+    if fidelity.get("shape") is not None:
+        parts = [fidelity["shape"]] + ([fidelity["colour"]] if fidelity.get("colour") is not None else [])
+        return float(np.mean(parts))
+    if fidelity.get("background") is None:
+        raise ValueError("the prompts ask for no context (no second object, no background)")
+    return fidelity["background"]
+
+
 # --------------------------------------------------------------------------- subject fidelity
 
 

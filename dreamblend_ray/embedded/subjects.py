@@ -19,7 +19,8 @@ from dreamblend_ray.embedded import world
 
 TOKEN = "sks"
 CLASS_NOUN = "shape"
-INSTANCE_SIZES = (18.0, 24.0)
+INSTANCE_SIZES = (14.0, 18.0)  # small enough to leave room for a second object
+CONTEXTS = ("companion", "background")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,15 @@ class Subject:
         colours that are neither the subject's nor its background's (one shape per colour)."""
         colours = [c for c in world.COLOURS if c != self.background and c not in self.colours]
         return [(world.BASE_SHAPES[i % len(world.BASE_SHAPES)], colour) for i, colour in enumerate(colours)]
+
+    def context_prompts(self, context: str, count: int) -> list[str]:
+        """``count`` prompts in contexts the instance images never showed: ``"companion"`` (a
+        second, named object beside the subject) or ``"background"`` (a new background colour)."""
+        if context == "companion":
+            return [self.companion_prompt(shape, colour) for shape, colour in self.companions()[:count]]
+        if context == "background":
+            return [self.prompt(background) for background in self.new_backgrounds()[:count]]
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
 
     def new_backgrounds(self) -> list[str]:
         """Background colours other than the subject's own and its object colours."""
