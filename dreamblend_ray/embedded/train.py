@@ -426,22 +426,10 @@ def train(out: str | Path, config: TrainConfig = TrainConfig()) -> Path:
 
 def train_decoder_only(directory: str | Path, config: TrainConfig = TrainConfig()) -> Path:
     """Stage 4 alone on the model in ``directory`` (rewritten in place); the rest is unchanged."""
-    from dreamblend_ray.components import load_components
-
-    torch.set_num_threads(config.threads)
-    directory = Path(directory)
-    if not (directory / "model_index.json").is_file():
-        raise ValueError(f"no model in {directory} (model_index.json missing); train one first")
-    components = load_components(str(directory))
+    directory, components = _existing_model(directory, config)
     started = time.time()
     losses = refine_decoder(components.vae, render_pattern_scenes(config.decoder_scenes, config.seed + 5), config)
-    meta_path = directory / "training.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    meta.setdefault("config", {}).update({k: v for k, v in asdict(config).items() if k.startswith("decoder_")})
-    meta.setdefault("timings", {})["decoder_s"] = time.time() - started
-    meta["decoder_loss_last100"] = float(np.mean(losses[-100:])) if losses else None
-    save(directory, components.vae, components.unet, components.text_encoder, components.tokenizer, meta)
-    logger.info("refined the decoder of %s in %.0f s", directory, time.time() - started)
+    _save_stage(directory, components, "decoder", config, time.time() - started, losses)
     return directory
 
 
@@ -460,24 +448,36 @@ def compose(unet, text_encoder, tokenizer, vae, config: TrainConfig):
 
 def train_compose_only(directory: str | Path, config: TrainConfig = TrainConfig()) -> Path:
     """Stage 5 alone on the model in ``directory`` (rewritten in place); VAE unchanged."""
+    directory, components = _existing_model(directory, config)
+    started = time.time()
+    ema, losses = compose(components.unet, components.text_encoder, components.tokenizer, components.vae, config)
+    components.unet, components.text_encoder = ema.shadow
+    _save_stage(directory, components, "compose", config, time.time() - started, losses)
+    return directory
+
+
+def _existing_model(directory: str | Path, config: TrainConfig):
+    """``(directory, components)`` of a model to run one stage on; ValueError if there is none."""
     from dreamblend_ray.components import load_components
 
     torch.set_num_threads(config.threads)
     directory = Path(directory)
     if not (directory / "model_index.json").is_file():
         raise ValueError(f"no model in {directory} (model_index.json missing); train one first")
-    components = load_components(str(directory))
-    started = time.time()
-    ema, losses = compose(components.unet, components.text_encoder, components.tokenizer, components.vae, config)
+    return directory, load_components(str(directory))
+
+
+def _save_stage(directory: Path, components, stage: str, config: TrainConfig, seconds: float,
+                losses: list[float]) -> None:
+    """Rewrite the model in place after one stage, recording that stage's settings, time and loss."""
     meta_path = directory / "training.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    meta.setdefault("config", {}).update({k: v for k, v in asdict(config).items() if k.startswith("compose_")})
-    meta.setdefault("timings", {})["compose_s"] = time.time() - started
-    meta["compose_threads"] = config.threads
-    meta["compose_loss_last100"] = float(np.mean(losses[-100:])) if losses else None
-    save(directory, components.vae, ema.shadow[0], ema.shadow[1], components.tokenizer, meta)
-    logger.info("stage 5 (two objects) on %s took %.0f s", directory, time.time() - started)
-    return directory
+    meta.setdefault("config", {}).update({k: v for k, v in asdict(config).items() if k.startswith(stage + "_")})
+    meta.setdefault("timings", {})[f"{stage}_s"] = seconds
+    meta[f"{stage}_threads"] = config.threads
+    meta[f"{stage}_loss_last100"] = float(np.mean(losses[-100:])) if losses else None
+    save(directory, components.vae, components.unet, components.text_encoder, components.tokenizer, meta)
+    logger.info("stage %s on %s took %.0f s", stage, directory, seconds)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
