@@ -14,15 +14,22 @@ Reading an image (:func:`read_image`):
   ``colours``: the fraction of mask pixels nearest to each palette colour (for patterns),
   counting only pixels close to a palette colour (anti-aliased edge mixtures are left out).
 
+:func:`read_objects` reads every object of an image the same way: each blob of pixels far from
+the background, refined with its own colour's midpoint threshold (images of two objects).
+
 Metrics built on it:
 
 - :func:`prompt_fidelity`: per attribute the prompt asks for (background colour, object shape,
   object colour), the fraction of images where the reading matches; ``overall`` averages over
-  all asked attributes, ``all_correct`` counts images with every asked attribute right.
+  all asked attributes, ``all_correct`` counts images with every asked attribute right. A prompt
+  that names several objects ("a sks shape and a red circle") is scored against every object
+  read: each named world shape must be there, in its named colour; :func:`context_fidelity` picks
+  the part of it that a subject prompt's new context asks for.
 - :func:`subject_fidelity`: agreement of the object with a subject's instance images, compared
   in the object's own box (so position and size do not matter): mask IoU (shape), the fraction of
   overlapping pixels of the same palette colour (pattern) and 1 - total variation between the
-  palette histograms (colours); the score is their mean, 0 when no object is found.
+  palette histograms (colours); the score is their mean for the image's object that agrees best,
+  0 when no object is found.
 - :func:`diversity`: the spread of object position and size across images (seeds).
 """
 
