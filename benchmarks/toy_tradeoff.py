@@ -33,7 +33,7 @@ from dreamblend_ray import checkpoints
 from dreamblend_ray.components import load_components
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig
 from dreamblend_ray.embedded import metrics
-from dreamblend_ray.embedded.subjects import get_subject
+from dreamblend_ray.embedded.subjects import CONTEXTS, get_subject
 from dreamblend_ray.finetune import finetune_subject
 from dreamblend_ray.sampler import DreamBlendSampler
 
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (--method lora)")
     parser.add_argument("--checkpoints", default="50,100,200,400,800", help="saved steps")
-    parser.add_argument("--context", default="companion", choices=("companion", "background"),
+    parser.add_argument("--context", default="companion", choices=CONTEXTS,
                         help="what the new prompts ask for: a second, named object beside the subject "
                              "(spatial context), or a new background colour (global context)")
     parser.add_argument("--backgrounds", "--contexts", dest="contexts", type=int, default=3,

@@ -79,8 +79,10 @@ class DemoConfig:
     def __post_init__(self):
         check_range("finetune_steps", self.finetune_steps, 1, 100_000, integer=True)
         check_range("contexts_per_subject", self.contexts_per_subject, 1, 8, integer=True)
-        if self.context not in ("companion", "background"):
-            raise ValueError(f"context must be 'companion' or 'background', got {self.context!r}")
+        from dreamblend_ray.embedded.subjects import CONTEXTS
+
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
         check_range("steps", self.steps, 1, 1000, integer=True)
         check_range("alpha", self.alpha, 0.0, 10.0)
         check_range("guidance_fraction", self.guidance_fraction, 0.0, 1.0)

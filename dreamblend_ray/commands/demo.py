@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per subject")
     parser.add_argument("--alpha", type=float, default=None, help="DreamBlend strength")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps per image")
-    parser.add_argument("--context", choices=("companion", "background"), default=None,
+    from dreamblend_ray.embedded.subjects import CONTEXTS
+
+    parser.add_argument("--context", choices=CONTEXTS, default=None,
                         help="what the new prompts add: a second, named object (default) or a new "
                              "background colour")
     parser.add_argument("--contexts", "--backgrounds", dest="contexts", type=int, default=None,
