@@ -316,18 +316,21 @@ def add_pair_choice_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--choice-prompts", type=int, help="validation prompts per subject (default 4)")
     group.add_argument("--choice-tolerance", type=float,
                        help="relative prompt-fidelity tolerance for the guidance step (default 0.1)")
+    group.add_argument("--choice-context", choices=("companion", "background"),
+                       help="embedded scorer: prompts add a second object (default) or a new background")
 
 
 def pair_choice_from_args(args: argparse.Namespace) -> PairChoiceOptions | None:
     extra = {"--clip-model": args.clip_model, "--dino-model": args.dino_model,
-             "--choice-prompts": args.choice_prompts, "--choice-tolerance": args.choice_tolerance}
+             "--choice-prompts": args.choice_prompts, "--choice-tolerance": args.choice_tolerance,
+             "--choice-context": args.choice_context}
     if args.choose_pair is None:
         given = [flag for flag, value in extra.items() if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} need(s) --choose-pair")
         return None
     fields = {"clip_model": args.clip_model, "dino_model": args.dino_model, "num_prompts": args.choice_prompts,
-              "tolerance": args.choice_tolerance}
+              "tolerance": args.choice_tolerance, "context": args.choice_context}
     return PairChoiceOptions(args.choose_pair, **{k: v for k, v in fields.items() if v is not None})
 
 

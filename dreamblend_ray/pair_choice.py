@@ -25,7 +25,7 @@ real models, or :class:`EmbeddedScorer` (the embedded model's analytic metrics).
 Wiring (the fine-tuning job): after ``finetune_subject`` has written subject.json, call
 :func:`choose_and_record` with the same base components, a scorer and a few validation prompts
 (e.g. ``benchmark.prompts_for(kind, class_noun, token, limit=4)``, or for the embedded model
-``subject.prompt(background)`` for a few new backgrounds); it rewrites subject.json with the chosen
+:func:`embedded_prompts`: the subject beside a few second objects); it rewrites subject.json with the chosen
 ``guidance_step`` / ``edit_step`` and the scores under ``pair_choice``. ``load_pair`` (sampler,
 Serve endpoint, evaluation) then uses the recorded pair unless told other steps.
 :func:`auto_choose_pair` does this from :class:`PairChoiceOptions` (scorer "embedded" or
@@ -217,7 +217,8 @@ class EmbeddedScorer:
     """Checkpoint scores on the embedded shapes-world model, from its exact analytic metrics.
 
     prompt_fidelity = the pooled accuracy of the attributes the prompts ask for (background colour,
-    shape, colour); subject_fidelity = the shape/pattern/colour agreement with the subject's
+    shape, colour), or, for prompts that add a second object, the share of images with that object's
+    shape and colour right (:func:`context_fidelity`); subject_fidelity = the shape/pattern/colour agreement with the subject's
     instance images (see dreamblend_ray/embedded/metrics.py).
     """
 
@@ -226,7 +227,9 @@ class EmbeddedScorer:
     def __call__(self, images, plain_prompts: list[str]) -> dict:
         from dreamblend_ray.embedded import metrics as analytic
 
-        prompt = analytic.prompt_fidelity(images, plain_prompts)["overall"]
+        fidelity = analytic.prompt_fidelity(images, plain_prompts)
+        second_objects = all(len(analytic.parse_prompt(p).objects) > 1 for p in plain_prompts)
+        prompt = analytic.context_fidelity(fidelity) if second_objects else fidelity["overall"]
         if prompt is None:
             raise ValueError("the validation prompts ask for no attribute the embedded metrics can read "
                              "(use prompts like 'a sks shape on a red background')")
@@ -248,6 +251,7 @@ class PairChoiceOptions:
     from the transformers models at ``clip_model`` / ``dino_model``, local or s3://; both required).
     Every checkpoint and the base model are sampled on ``num_prompts`` validation prompts x ``seeds``
     with ``steps`` DDIM steps at ``guidance_scale``; ``tolerance`` is :func:`choose_pair`'s.
+    ``context``: what the embedded scorer's prompts add (:func:`embedded_prompts`).
     """
 
     scorer: str = "embedded"
@@ -258,9 +262,13 @@ class PairChoiceOptions:
     steps: int = 20
     guidance_scale: float = 2.0
     tolerance: float = 0.1
+    context: str = "companion"
 
     def __post_init__(self):
+        from dreamblend_ray.embedded.subjects import CONTEXTS
+
         check_choice("scorer", self.scorer, SCORERS)
+        check_choice("context", self.context, CONTEXTS)
         if self.scorer == "clip-dino":
             for name in ("clip_model", "dino_model"):
                 value = getattr(self, name)
@@ -299,24 +307,49 @@ def instance_backgrounds(instance_images: list) -> list[str]:
     return [colour for colour, _ in counts.most_common()]
 
 
-def embedded_prompts(instance_images: list, class_noun: str, token: str, num_prompts: int
-                     ) -> tuple[list[str], list[str]]:
-    """Validation prompts for the embedded model: the subject on ``num_prompts`` new backgrounds.
+def embedded_prompts(instance_images: list, class_noun: str, token: str, num_prompts: int,
+                     context: str = "companion") -> tuple[list[str], list[str]]:
+    """Validation prompts for the embedded model, in a context the instance images never showed.
 
-    The backgrounds are world colours other than those of the instance images (in palette order),
-    so prompt fidelity measures whether a checkpoint still follows the prompt rather than
-    reproducing its training images. Returns (prompts with the token, the same without it).
+    ``companion`` (default, as the demo): the subject beside a second, named object on its own
+    background, "a sks shape and a red circle on a blue background"; the object's colour is
+    neither the instance background nor one of the subject's colours. ``background``: the subject
+    on a new background colour (world colours other than the instance background(s), in palette
+    order). Either way prompt fidelity measures whether a checkpoint still follows the prompt
+    rather than reproducing its training images. Returns (prompts with the token, the same
+    without it).
     """
+    from dreamblend_ray.embedded.subjects import CONTEXTS
+
+    check_choice("context", context, CONTEXTS)
+    own = instance_backgrounds(instance_images)
+    contexts = (_companions(instance_images, own[0]) if context == "companion"
+                else [f" on a {bg} background" for bg in _other_colours(set(own))])
+    if num_prompts > len(contexts):
+        raise ValueError(f"num_prompts must be at most {len(contexts)} for the embedded scorer with context "
+                         f"{context!r} (instance background(s) {sorted(own)}), got {num_prompts}")
+    chosen = contexts[:num_prompts]
+    return [f"a {token} {class_noun}{c}" for c in chosen], [f"a {class_noun}{c}" for c in chosen]
+
+
+def _other_colours(used: set[str]) -> list[str]:
     from dreamblend_ray.embedded import world
 
-    own = set(instance_backgrounds(instance_images))
-    backgrounds = [c for c in world.COLOURS if c not in own]
-    if num_prompts > len(backgrounds):
-        raise ValueError(f"num_prompts must be at most {len(backgrounds)} for the embedded scorer (world "
-                         f"colours other than the instance background(s) {sorted(own)}), got {num_prompts}")
-    chosen = backgrounds[:num_prompts]
-    return ([f"a {token} {class_noun} on a {bg} background" for bg in chosen],
-            [f"a {class_noun} on a {bg} background" for bg in chosen])
+    return [c for c in world.COLOURS if c not in used]
+
+
+def _companions(instance_images: list, background: str) -> list[str]:
+    """`` and a <colour> <shape> on a <background> background`` for every base shape in every
+    colour free of the subject, each colour's shapes in turn (one of each colour first)."""
+    from dreamblend_ray.embedded import metrics as analytic, world
+
+    used = {background}
+    for image in instance_images:
+        used |= {name for name, share in analytic.read_image(image).colours.items() if share >= 0.05}
+    free = _other_colours(used)
+    shapes = world.BASE_SHAPES
+    return [f" and a {colour} {shapes[(i + j) % len(shapes)]} on a {background} background"
+            for j in range(len(shapes)) for i, colour in enumerate(free)]
 
 
 @lru_cache(maxsize=1)
@@ -333,7 +366,7 @@ def build_scorer(options: PairChoiceOptions, instance_images: list, class_noun: 
     if not instance_images:
         raise ValueError("instance_images must hold at least one image of the subject")
     if options.scorer == "embedded":
-        prompts, plain = embedded_prompts(instance_images, class_noun, token, options.num_prompts)
+        prompts, plain = embedded_prompts(instance_images, class_noun, token, options.num_prompts, options.context)
         return EmbeddedScorer(list(instance_images)), prompts, plain
     from dreamblend_ray import benchmark
     from dreamblend_ray.metrics import ClipDinoScorer

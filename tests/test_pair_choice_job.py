@@ -8,7 +8,7 @@ from PIL import Image
 
 from dreamblend_ray import checkpoints, storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
-from dreamblend_ray.embedded import world
+from dreamblend_ray.embedded import metrics, world
 from dreamblend_ray.finetune_job import (FinetuneActor, build_parser, pair_choice_from_args,
                                         run_finetune_job, subject_items)
 from dreamblend_ray.job_common import JobResources
@@ -41,11 +41,25 @@ def subject(tmp_path, subject_id="square") -> SubjectSpec:
 
 def test_embedded_prompts_avoid_the_instance_background():
     images = [Image.open(io.BytesIO(subject_png("blue")))]
-    prompts, plain = embedded_prompts(images, "shape", "sks", 5)
+    prompts, plain = embedded_prompts(images, "shape", "sks", 5, context="background")
     assert len(prompts) == 5 and not any("blue" in p for p in prompts)
     assert prompts[0] == "a sks shape on a red background" and plain[0] == "a shape on a red background"
     with pytest.raises(ValueError, match="num_prompts must be at most 5"):
-        embedded_prompts(images, "shape", "sks", 6)
+        embedded_prompts(images, "shape", "sks", 6, context="background")
+
+
+def test_embedded_prompts_add_a_second_object_in_a_free_colour():
+    images = [Image.open(io.BytesIO(subject_png("blue", "red")))]
+    prompts, plain = embedded_prompts(images, "shape", "sks", 8)
+    assert len(set(prompts)) == 8 and [p.replace("sks ", "") for p in prompts] == plain
+    for prompt in prompts:
+        spec = metrics.parse_prompt(prompt)
+        (shape, colour), = spec.named_objects
+        assert spec.background == "blue" and colour not in ("blue", "red")
+    with pytest.raises(ValueError, match="num_prompts must be at most 16"):
+        embedded_prompts(images, "shape", "sks", 17)
+    with pytest.raises(ValueError, match="context"):
+        embedded_prompts(images, "shape", "sks", 1, context="sky")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -56,6 +70,7 @@ def test_embedded_prompts_avoid_the_instance_background():
     ({"seeds": ()}, "seeds"),
     ({"tolerance": 2.0}, "tolerance"),
     ({"steps": 0}, "steps"),
+    ({"context": "sky"}, "context"),
 ])
 def test_options_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -76,6 +91,9 @@ def test_cli_flags_parse():
         pair_choice_from_args(parser.parse_args(["--subjects", "s", "--output", "o", "--choice-prompts", "2"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--subjects", "s", "--output", "o", "--choose-pair", "clip"])
+    background = pair_choice_from_args(parser.parse_args(["--subjects", "s", "--output", "o", "--choose-pair",
+                                                          "embedded", "--choice-context", "background"]))
+    assert background.context == "background" and PairChoiceOptions().context == "companion"
 
 
 def test_job_records_the_chosen_pair(tmp_path, ray_local, tiny_components):
@@ -92,7 +110,8 @@ def test_job_records_the_chosen_pair(tmp_path, ray_local, tiny_components):
     assert {manifest["guidance_step"], manifest["edit_step"]} <= set(manifest["steps"])
     assert [r["step"] for r in choice["scores"]] == manifest["steps"] == [2, 4]
     assert choice["options"]["scorer"] == "embedded" and len(choice["prompts"]) == 2
-    assert all("blue" not in p for p in choice["prompts"])
+    specs = [metrics.parse_prompt(p) for p in choice["prompts"]]  # second objects in colours free of the subject
+    assert all(s.background == "blue" and s.named_objects[0][1] not in ("blue", "red") for s in specs)
     assert storage.read_json(storage.join(output, "runs", result.run_id, "job.json"))["pair_choice"]["num_prompts"] == 2
 
     pair, _ = checkpoints.load_pair(output, "square", tiny_components)
