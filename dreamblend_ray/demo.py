@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dreamblend_ray.config import check_range
+from dreamblend_ray.config import check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ class DemoConfig:
         check_range("contexts_per_subject", self.contexts_per_subject, 1, 8, integer=True)
         from dreamblend_ray.embedded.subjects import CONTEXTS
 
-        if self.context not in CONTEXTS:
-            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+        check_choice("context", self.context, CONTEXTS)
         check_range("steps", self.steps, 1, 1000, integer=True)
         check_range("alpha", self.alpha, 0.0, 10.0)
         check_range("guidance_fraction", self.guidance_fraction, 0.0, 1.0)
@@ -150,10 +149,11 @@ def finetune(config: DemoConfig, subjects, manifest: str):
     from dreamblend_ray.finetune_job import run_finetune_job
     from dreamblend_ray.job_common import JobResources
 
-    drop_stale_subjects(config, subjects, finetune_config(config, subjects))
+    wanted = finetune_config(config, subjects)
+    drop_stale_subjects(config, subjects, wanted)
     resources = JobResources(num_actors=min(config.actors, len(subjects)), cpus_per_actor=1.0)
-    result = run_finetune_job(manifest, config.storage_root, base=config.base,
-                              config=finetune_config(config, subjects), resources=resources)
+    result = run_finetune_job(manifest, config.storage_root, base=config.base, config=wanted,
+                              resources=resources)
     failed = [row for row in result.rows if row["status"] == "failed"]
     if failed:
         raise RuntimeError(f"fine-tuning failed for {[(r['subject_id'], r['error']) for r in failed]}")

@@ -319,12 +319,13 @@ def embedded_prompts(instance_images: list, class_noun: str, token: str, num_pro
     rather than reproducing its training images. Returns (prompts with the token, the same
     without it).
     """
+    from dreamblend_ray.embedded import world
     from dreamblend_ray.embedded.subjects import CONTEXTS
 
     check_choice("context", context, CONTEXTS)
     own = instance_backgrounds(instance_images)
     contexts = (_companions(instance_images, own[0]) if context == "companion"
-                else [f" on a {bg} background" for bg in _other_colours(set(own))])
+                else [f" on a {bg} background" for bg in world.COLOURS if bg not in own])
     if num_prompts > len(contexts):
         raise ValueError(f"num_prompts must be at most {len(contexts)} for the embedded scorer with context "
                          f"{context!r} (instance background(s) {sorted(own)}), got {num_prompts}")
@@ -332,24 +333,15 @@ def embedded_prompts(instance_images: list, class_noun: str, token: str, num_pro
     return [f"a {token} {class_noun}{c}" for c in chosen], [f"a {class_noun}{c}" for c in chosen]
 
 
-def _other_colours(used: set[str]) -> list[str]:
-    from dreamblend_ray.embedded import world
-
-    return [c for c in world.COLOURS if c not in used]
-
-
 def _companions(instance_images: list, background: str) -> list[str]:
-    """`` and a <colour> <shape> on a <background> background`` for every base shape in every
-    colour free of the subject, each colour's shapes in turn (one of each colour first)."""
+    """`` and a <colour> <shape> on a <background> background`` for the world's second objects in
+    the colours the subject does not use (:func:`world.companion_objects`)."""
     from dreamblend_ray.embedded import metrics as analytic, world
 
     used = {background}
     for image in instance_images:
         used |= {name for name, share in analytic.read_image(image).colours.items() if share >= 0.05}
-    free = _other_colours(used)
-    shapes = world.BASE_SHAPES
-    return [f" and a {colour} {shapes[(i + j) % len(shapes)]} on a {background} background"
-            for j in range(len(shapes)) for i, colour in enumerate(free)]
+    return [f" and a {colour} {shape} on a {background} background" for shape, colour in world.companion_objects(used)]
 
 
 @lru_cache(maxsize=1)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from dreamblend_ray.config import check_choice
 from dreamblend_ray.embedded import world
 
 TOKEN = "sks"
@@ -61,8 +62,8 @@ class Subject:
     def companions(self) -> list[tuple[str, str]]:
         """Second objects for :meth:`companion_prompt`, as (shape, colour): base shapes in the
         colours that are neither the subject's nor its background's (one shape per colour)."""
-        colours = [c for c in world.COLOURS if c != self.background and c not in self.colours]
-        return [(world.BASE_SHAPES[i % len(world.BASE_SHAPES)], colour) for i, colour in enumerate(colours)]
+        free = len(world.COLOURS) - len({self.background, *self.colours})
+        return world.companion_objects({self.background, *self.colours})[:free]
 
     def context_prompts(self, context: str, count: int) -> list[str]:
         """``count`` prompts in contexts the instance images never showed: ``"companion"`` (a
@@ -71,7 +72,7 @@ class Subject:
             return [self.companion_prompt(shape, colour) for shape, colour in self.companions()[:count]]
         if context == "background":
             return [self.prompt(background) for background in self.new_backgrounds()[:count]]
-        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+        check_choice("context", context, CONTEXTS)
 
     def new_backgrounds(self) -> list[str]:
         """Background colours other than the subject's own and its object colours."""

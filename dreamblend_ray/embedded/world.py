@@ -394,3 +394,12 @@ def pair_scenes(rng: random.Random, pair: PairCombo) -> tuple[Scene, Scene]:
     """The two objects of ``pair`` at random, separated boxes."""
     boxes = random_boxes(rng, 2)
     return tuple(Scene(c.shape, (c.colour,), c.background, *box) for c, box in zip((pair.first, pair.second), boxes))
+
+
+def companion_objects(used_colours: set[str]) -> list[tuple[str, str]]:
+    """Second objects beside a subject, as (shape, colour): every base shape in every colour not
+    in ``used_colours`` (the subject's colours and background), each colour once per round, the
+    shape shifting by one each round; the first round has one object per free colour."""
+    free = [c for c in COLOURS if c not in used_colours]
+    return [(BASE_SHAPES[(i + j) % len(BASE_SHAPES)], colour)
+            for j in range(len(BASE_SHAPES)) for i, colour in enumerate(free)]
