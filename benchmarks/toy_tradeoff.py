@@ -10,7 +10,7 @@ circle on a blue background"; ``--context background``: on a new background colo
   context drawn right: the second object's shape and colour, or the background), diversity;
 * DreamBlend (G = the manifest's guidance step, E = the last step) for alpha in
   {0, 0.1, 0.25, 0.5, 1} and two guidance windows;
-* a confirmation pass (``--confirm-seeds``, default 8): G, E and the best DreamBlend row measured
+* a confirmation pass (``--confirm-seeds``, default 16): G, E and the best DreamBlend row measured
   again on fresh seeds, since the best of ten noisy rows flatters itself; the target is judged on
   those figures.
 
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--token-indices", default="",
                         help="compare only these 1-based prompt positions (default: every token)")
     parser.add_argument("--finetune-json", default="{}", help="further FinetuneConfig fields (JSON)")
-    parser.add_argument("--confirm-seeds", type=int, default=8,
+    parser.add_argument("--confirm-seeds", type=int, default=16,
                         help="re-measure G, E and the best DreamBlend row on this many fresh seeds "
                              "(the best of many noisy rows is biased upwards); 0 skips it")
     args = parser.parse_args()
