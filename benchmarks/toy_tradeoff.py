@@ -182,10 +182,15 @@ def ratios(blend: dict, g_row: dict, e_row: dict) -> tuple[float, float]:
             blend["subject_fidelity"] / max(e_row["subject_fidelity"], 1e-9))
 
 
+def checkpoint_rows(rows: list[dict], g: int, e: int) -> tuple[dict, dict]:
+    """The rows of G's and E's checkpoints sampled alone."""
+    by_step = {r["step"]: r for r in rows if r["kind"] == "checkpoint"}
+    return by_step[g], by_step[e]
+
+
 def best_blend(rows: list[dict], g: int, e: int) -> dict:
     """The DreamBlend row (alpha > 0) whose worse ratio to the target is the best."""
-    g_row = next(r for r in rows if r["kind"] == "checkpoint" and r["step"] == g)
-    e_row = next(r for r in rows if r["kind"] == "checkpoint" and r["step"] == e)
+    g_row, e_row = checkpoint_rows(rows, g, e)
     blends = [r for r in rows if r["kind"] == "dreamblend" and r["alpha"] > 0]
     return max(blends, key=lambda r: min(ratios(r, g_row, e_row)))
 
@@ -232,8 +237,7 @@ def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str, confirm
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
     plot(rows, out / "tradeoff.png")
     save_grid(rows, out / "images.png")
-    g_row = next(r for r in rows if r["kind"] == "checkpoint" and r["step"] == g)
-    e_row = next(r for r in rows if r["kind"] == "checkpoint" and r["step"] == e)
+    g_row, e_row = checkpoint_rows(rows, g, e)
     best = best_blend(rows, g, e)
     prompt_ratio, subject_ratio = ratios(best, g_row, e_row)
     result = {
