@@ -14,6 +14,11 @@ circle on a blue background"; ``--context background``: on a new background colo
   again on fresh seeds, since the best of ten noisy rows flatters itself; the target is judged on
   those figures.
 
+Each row also splits subject fidelity by whether the image drew the new context ("subj|ok",
+"subj|no"): when a model's own images that keep the context score far lower on likeness than
+those that drop it, the two fidelities conflict image by image: a sampler that keeps the
+context and E's likeness must draw the subject better than E itself does beside a second object.
+
 Writes a PNG plot (prompt fidelity against subject fidelity) and prints a table; the last line is
 ``RESULT {json}``. Target (issue #8): DreamBlend keeps prompt fidelity within 10% of G's and subject
 fidelity within 10% of E's.
@@ -62,11 +67,15 @@ def measure(sampler, pair, subject, prompts, seeds, config: SamplingConfig) -> d
     images = result.images
     per_prompt = [images[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
     fidelity = metrics.prompt_fidelity(images, all_prompts)
+    split = metrics.subject_fidelity_by_context(images, all_prompts, subject.instance_images())
     return {
         "prompt_fidelity": metrics.context_fidelity(fidelity),
         "background": fidelity["background"],
         "shape": fidelity["shape"],
         "subject_fidelity": metrics.subject_fidelity(images, subject.instance_images())["score"],
+        "context_right": split["context_right"],
+        "subject_when_context_right": split["when_right"],
+        "subject_when_context_wrong": split["when_wrong"],
         "diversity": float(np.mean([metrics.diversity(group)["score"] for group in per_prompt])),
         "attention_distance": float(result.attention_distance.mean()) if result.attention_distance.numel() else 0.0,
         "images": images,
@@ -209,9 +218,13 @@ def confirm(sampler, components, root, subject, prompts, seeds, g, e, best, comm
         checkpoints.unload_pair(pair, components)
     prompt_ratio, subject_ratio = ratios(scores["dreamblend"], scores["g"], scores["e"])
     return {"seeds": [seeds[0], seeds[-1]], "alpha": best["alpha"], "window": best["window"],
-            **{f"{name}_{key}": round(scores[name][key], 3) for name in scores
-               for key in ("prompt_fidelity", "subject_fidelity")},
+            **{f"{name}_{key}": rounded(scores[name][key]) for name in scores
+               for key in ("prompt_fidelity", "subject_fidelity", "subject_when_context_right")},
             "prompt_ratio_to_g": round(prompt_ratio, 3), "subject_ratio_to_e": round(subject_ratio, 3)}
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def save_grid(rows: list[dict], path: Path, cell: int = 34) -> None:
@@ -225,15 +238,18 @@ def save_grid(rows: list[dict], path: Path, cell: int = 34) -> None:
 
 
 def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str, confirmed: dict | None) -> None:
-    header = (f"{'row':28s} {'prompt':>7s} {'bg':>5s} {'shape':>5s} {'subject':>8s} {'divers.':>8s} "
-              f"{'attn d':>7s}")
+    header = (f"{'row':28s} {'prompt':>7s} {'bg':>5s} {'shape':>5s} {'subject':>8s} {'ctx ok':>6s} "
+              f"{'subj|ok':>7s} {'subj|no':>7s} {'divers.':>8s} {'attn d':>7s}")
     lines = [f"subject {subject_id}: G = step {g}, E = step {e}", header, "-" * len(header)]
     for r in rows:
         name = (f"checkpoint step {r['step']}" if r["kind"] == "checkpoint"
                 else f"DreamBlend a={r['alpha']} K={r['window']}")
         shape = "-" if r["shape"] is None else f"{r['shape']:.2f}"
+        right, wrong = (("-" if v is None else f"{v:.3f}")
+                        for v in (r["subject_when_context_right"], r["subject_when_context_wrong"]))
         lines.append(f"{name:28s} {r['prompt_fidelity']:7.2f} {r['background']:5.2f} {shape:>5s} "
-                     f"{r['subject_fidelity']:8.3f} {r['diversity']:8.3f} {r['attention_distance']:7.4f}")
+                     f"{r['subject_fidelity']:8.3f} {r['context_right']:6.2f} {right:>7s} {wrong:>7s} "
+                     f"{r['diversity']:8.3f} {r['attention_distance']:7.4f}")
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
     plot(rows, out / "tradeoff.png")
     save_grid(rows, out / "images.png")

@@ -40,6 +40,10 @@ def test_toy_tradeoff_runs_and_reports(tmp_path):
         assert (tmp_path / "t" / name).is_file()
     rows = json.loads((tmp_path / "t" / "tradeoff.json").read_text())
     assert [r["kind"] for r in rows] == ["checkpoint", "checkpoint", "dreamblend"]
+    for row in rows:
+        assert 0.0 <= row["context_right"] <= 1.0
+        assert (row["subject_when_context_right"] is None) == (row["context_right"] == 0.0)
+    assert "g_subject_when_context_right" in confirmed
 
 
 @pytest.mark.slow

@@ -141,6 +141,28 @@ def test_subject_fidelity_separates_subjects_and_solid_shapes():
         assert metrics.subject_fidelity(noise, own)["score"] == 0.0
 
 
+def test_subject_fidelity_by_context_splits_on_the_second_object():
+    subject = subjects.get_subject("striped-star")
+    shape, colour = subject.companions()[0]
+    prompt = subject.companion_prompt(shape, colour)
+    star = world.Scene(subject.shape, subject.colours, subject.background, 9, 9, 14, subject.pattern)
+    companion = world.Scene(shape, (colour,), subject.background, 24, 24, 12)
+    images = [world.render(star, companion), world.render(star), world.render(companion)]
+    own = subject.instance_images()
+    split = metrics.subject_fidelity_by_context(images, [prompt] * 3, own)
+    assert [metrics.context_right(image, prompt) for image in images] == [True, False, True]
+    per_image = [metrics.subject_fidelity([image], own)["score"] for image in images]
+    assert per_image[0] > 0.6 > per_image[2]
+    assert split["context_right"] == pytest.approx(2 / 3)
+    assert split["when_right"] == pytest.approx((per_image[0] + per_image[2]) / 2)
+    assert split["when_wrong"] == pytest.approx(per_image[1])
+    assert metrics.subject_fidelity_by_context(images[1:2], [prompt], own)["when_right"] is None
+    with pytest.raises(ValueError, match="no context"):
+        metrics.context_right(images[0], subject.instance_prompt)
+    with pytest.raises(ValueError, match="equal lengths"):
+        metrics.subject_fidelity_by_context(images, [prompt], own)
+
+
 def test_diversity_grows_with_spread_of_position_and_size():
     same = [world.render(world.Scene("circle", ("red",), "blue", 16, 16, 16))] * 4
     assert metrics.diversity(same)["score"] == 0.0

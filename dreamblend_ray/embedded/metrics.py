@@ -376,15 +376,48 @@ def subject_scores(image, references: list[ObjectCrop]) -> dict[str, float]:
     return best
 
 
-def subject_fidelity(images, instance_images) -> dict:
-    """Mean subject agreement of ``images`` with a subject's ``instance_images`` (see module doc)."""
+def subject_scores_per_image(images, instance_images) -> list[dict[str, float]]:
+    """:func:`subject_scores` of every image against a subject's ``instance_images``."""
     if not images:
         raise ValueError("subject_fidelity needs at least one image")
     references = [crop for crop in map(object_crop, instance_images) if crop is not None]
     if not references:
         raise ValueError("no object found in the instance images")
-    per_image = [subject_scores(image, references) for image in images]
+    return [subject_scores(image, references) for image in images]
+
+
+def subject_fidelity(images, instance_images) -> dict:
+    """Mean subject agreement of ``images`` with a subject's ``instance_images`` (see module doc)."""
+    per_image = subject_scores_per_image(images, instance_images)
     return {name: float(np.mean([s[name] for s in per_image])) for name in per_image[0]} | {"n": len(images)}
+
+
+def context_right(image, prompt: str) -> bool:
+    """Whether ``image`` draws all of the new context a subject prompt asks for: the second
+    object's shape and colour when it names one, else the background (cf. :func:`context_fidelity`)."""
+    scores = score_prompt(image, prompt)
+    asked = [name for name in ("shape", "colour") if name in scores] or ["background"]
+    if not all(name in scores for name in asked):
+        raise ValueError(f"the prompt asks for no context (no second object, no background): {prompt!r}")
+    return all(scores[name] for name in asked)
+
+
+def subject_fidelity_by_context(images, prompts, instance_images) -> dict:
+    """Subject fidelity split by whether the image drew the prompt's new context.
+
+    Returns ``context_right`` (share of images), ``when_right`` and ``when_wrong`` (mean subject
+    score of each group; None for an empty group). It shows whether likeness and context
+    conflict within one model's own samples, which bounds what any sampler can combine.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"images and prompts must have equal lengths, got {len(images)} and {len(prompts)}")
+    right = np.array([context_right(image, prompt) for image, prompt in zip(images, prompts)])
+    scores = np.array([s["score"] for s in subject_scores_per_image(images, instance_images)])
+
+    def mean(selected):
+        return float(scores[selected].mean()) if selected.any() else None
+
+    return {"context_right": float(right.mean()), "when_right": mean(right), "when_wrong": mean(~right)}
 
 
 # --------------------------------------------------------------------------- diversity
