@@ -72,7 +72,7 @@ def measure(sampler, pair, subject, prompts, seeds, config: SamplingConfig) -> d
         "prompt_fidelity": metrics.context_fidelity(fidelity),
         "background": fidelity["background"],
         "shape": fidelity["shape"],
-        "subject_fidelity": metrics.subject_fidelity(images, subject.instance_images())["score"],
+        "subject_fidelity": split["score"],
         "context_right": split["context_right"],
         "subject_when_context_right": split["when_right"],
         "subject_when_context_wrong": split["when_wrong"],

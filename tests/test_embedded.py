@@ -153,6 +153,7 @@ def test_subject_fidelity_by_context_splits_on_the_second_object():
     assert [metrics.context_right(image, prompt) for image in images] == [True, False, True]
     per_image = [metrics.subject_fidelity([image], own)["score"] for image in images]
     assert per_image[0] > 0.6 > per_image[2]
+    assert split["score"] == pytest.approx(metrics.subject_fidelity(images, own)["score"])
     assert split["context_right"] == pytest.approx(2 / 3)
     assert split["when_right"] == pytest.approx((per_image[0] + per_image[2]) / 2)
     assert split["when_wrong"] == pytest.approx(per_image[1])

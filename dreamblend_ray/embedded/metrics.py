@@ -405,9 +405,11 @@ def context_right(image, prompt: str) -> bool:
 def subject_fidelity_by_context(images, prompts, instance_images) -> dict:
     """Subject fidelity split by whether the image drew the prompt's new context.
 
-    Returns ``context_right`` (share of images), ``when_right`` and ``when_wrong`` (mean subject
-    score of each group; None for an empty group). It shows whether likeness and context
-    conflict within one model's own samples, which bounds what any sampler can combine.
+    Returns ``score`` (the mean over all images, as :func:`subject_fidelity`), ``context_right``
+    (share of images), ``when_right`` and ``when_wrong`` (mean subject score of each group; None
+    for an empty group). It shows whether likeness and context conflict within one model's own
+    samples: a sampler that steers that model must then draw the subject better than the model
+    itself does in the images that keep the context.
     """
     if len(images) != len(prompts):
         raise ValueError(f"images and prompts must have equal lengths, got {len(images)} and {len(prompts)}")
@@ -417,7 +419,8 @@ def subject_fidelity_by_context(images, prompts, instance_images) -> dict:
     def mean(selected):
         return float(scores[selected].mean()) if selected.any() else None
 
-    return {"context_right": float(right.mean()), "when_right": mean(right), "when_wrong": mean(~right)}
+    return {"score": float(scores.mean()), "context_right": float(right.mean()),
+            "when_right": mean(right), "when_wrong": mean(~right)}
 
 
 # --------------------------------------------------------------------------- diversity
