@@ -6,8 +6,12 @@
 ray.io/v1 kinds (RayCluster, RayJob, RayService) are checked against the openAPIV3Schema of the
 KubeRay CRDs (../shared/kuberay-crds next to the clone, or $DREAMBLEND_CRDS_DIR), made *strict* the
 way `kubectl apply` (server-side field validation "Strict") treats them: an unknown or misspelled
-field is an error, not silently pruned. Core kinds (Secret, ServiceAccount, ...) and the metadata of
-every object are checked with the `kubernetes-validate` package (its bundled, offline schemas).
+field is an error at any depth ("spec.workerGroupSpecs[0].template.spec.containers[0].imagePullPolicyy:
+unknown field"), not silently pruned, except under a node the CRD marks
+`x-kubernetes-preserve-unknown-fields`. A CRD may describe the embedded pod templates that way
+(free-form) instead of with the full PodSpec schema: those templates are then checked as core
+PodTemplates. Core kinds (Secret, ServiceAccount, ...) and the metadata of every object are checked
+with the `kubernetes-validate` package (its bundled, offline schemas).
 
 Not checked: the CEL rules (`x-kubernetes-validations`) of the CRDs, and anything only the operator
 or the API server decides at admission (quotas, immutability, name collisions).
@@ -29,6 +33,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s"
 CRDS_ENV = "DREAMBLEND_CRDS_DIR"
+DEFAULT_CRDS_DIR = REPO_ROOT.parent / "shared" / "kuberay-crds"
 # Oldest Kubernetes minor the manifests target; kubernetes-validate ships schemas from 1.25 on.
 K8S_VERSION = "1.30"
 RAY_KINDS = {
@@ -44,12 +49,13 @@ _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 def crds_dir() -> Path:
     """The KubeRay CRD directory; FileNotFoundError (never a silent skip) when it is missing."""
     override = os.environ.get(CRDS_ENV)
-    path = Path(override) if override else REPO_ROOT.parent / "shared" / "kuberay-crds"
+    path = Path(override) if override else DEFAULT_CRDS_DIR
     missing = [name for name in RAY_KINDS.values() if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"KubeRay CRDs not found: {path} lacks {', '.join(missing)}. Put the ray.io CRD YAMLs "
-            f"there (they live in ../shared/kuberay-crds next to the clone) or set {CRDS_ENV}."
+            f"there (the ray.io_*.yaml of a KubeRay release, kept in ../shared/kuberay-crds next to the "
+            f"project's clone) or set {CRDS_ENV}=/path/to/kuberay-crds."
         )
     return path
 
@@ -70,9 +76,11 @@ def strict_schema(node: Any) -> Any:
     - `x-kubernetes-int-or-string: true` -> anyOf integer/string (when controller-gen left it out);
     - `nullable: true` -> the type also admits null;
     - `x-kubernetes-list-type: set` -> uniqueItems;
-    - an object with `properties`, no `additionalProperties` and no
-      `x-kubernetes-preserve-unknown-fields` -> `additionalProperties: false` (unknown fields fail,
-      as with kubectl's default strict field validation instead of being pruned).
+    - an object with no `additionalProperties` and no `x-kubernetes-preserve-unknown-fields`
+      -> `additionalProperties: false`, whether or not it lists `properties` (the API server prunes
+      every field its structural schema does not name; kubectl's strict field validation rejects
+      them). Preserving a node does not preserve the named children below it: they stay strict.
+    The object's own `metadata` is left open here; `validation_errors` checks it as ObjectMeta.
     `x-kubernetes-list-map-keys` is enforced by a custom keyword (see `_validator_class`).
     """
     if isinstance(node, list):
@@ -87,12 +95,29 @@ def strict_schema(node: Any) -> Any:
     if out.get("x-kubernetes-list-type") == "set":
         out["uniqueItems"] = True
     if (
-        "properties" in out
+        (out.get("type") == "object" or "properties" in out)
         and "additionalProperties" not in out
         and not out.get("x-kubernetes-preserve-unknown-fields")
     ):
         out["additionalProperties"] = False
     return out
+
+
+def schema_at(schema: dict, path: tuple) -> dict | None:
+    """The (untranslated) schema node that governs `path` of an instance; None when the path runs
+    through fields the schema does not name (kept free-form by `x-kubernetes-preserve-unknown-fields`)."""
+    node = schema
+    for key in path:
+        if isinstance(key, int):
+            node = node.get("items")
+        elif key in node.get("properties", {}):
+            node = node["properties"][key]
+        else:
+            extra = node.get("additionalProperties")
+            node = extra if isinstance(extra, dict) else None
+        if node is None:
+            return None
+    return node
 
 
 def _list_map_keys(validator, keys, instance, schema) -> Iterator[jsonschema.ValidationError]:
@@ -145,32 +170,98 @@ def _crd(kind: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def crd_validator(kind: str, version: str = "v1") -> jsonschema.protocols.Validator:
-    """A strict validator for one ray.io kind at one CRD version (default v1)."""
+def crd_schema(kind: str, version: str = "v1") -> dict:
+    """The openAPIV3Schema of one ray.io kind at one CRD version, as the CRD gives it."""
     crd = _crd(kind)
     versions = {v["name"]: v for v in crd["spec"]["versions"]}
     if version not in versions:
         raise ValueError(f"{crd['metadata']['name']} has no version {version!r}: {sorted(versions)}")
-    schema = strict_schema(copy.deepcopy(versions[version]["schema"]["openAPIV3Schema"]))
+    return versions[version]["schema"]["openAPIV3Schema"]
+
+
+def make_validator(crd_schema_: dict) -> jsonschema.protocols.Validator:
+    """A strict validator for a CRD's openAPIV3Schema (see `strict_schema`)."""
+    schema = strict_schema(copy.deepcopy(crd_schema_))
+    # The object's metadata is ObjectMeta, checked by `validation_errors` with the core schemas.
+    schema.setdefault("properties", {})["metadata"] = {"type": "object"}
     cls = _validator_class()
     cls.check_schema(schema)  # the translation must itself be a valid Draft 4 schema
     return cls(schema, format_checker=_format_checker())
 
 
-def _path(error: jsonschema.ValidationError) -> str:
-    return "/".join(str(p) for p in error.absolute_path) or "<root>"
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str, version: str = "v1") -> jsonschema.protocols.Validator:
+    """A strict validator for one ray.io kind at one CRD version (default v1)."""
+    return make_validator(crd_schema(kind, version))
 
 
-def _core_errors(doc: dict, k8s_version: str) -> list[str]:
+def dotted(path) -> str:
+    """kubectl's spelling of a field path: spec.workerGroupSpecs[0].template."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _messages(error: jsonschema.ValidationError, path: tuple) -> list[str]:
+    """'path: message' lines of one error at `path`; an unknown field is named by its own full path."""
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = error.schema.get("properties", {})
+        return [f"{dotted(path + (name,))}: unknown field (not in the schema: the API server would "
+                "drop it, `kubectl apply --validate=strict` rejects it)"
+                for name in error.instance if name not in known]
+    return [f"{dotted(path)}: {error.message}"]
+
+
+def _core_errors(doc: dict, k8s_version: str, prefix: tuple = (), skip: int = 0) -> list[str]:
+    """kubernetes-validate's first error of a core object; its path's first `skip` parts are
+    replaced by `prefix` (to report a part of a bigger document at its place there)."""
     import kubernetes_validate
 
     try:
         kubernetes_validate.validate(doc, k8s_version, strict=True)
     except kubernetes_validate.ValidationError as e:
-        return [f"{_path(e)}: {e.message}"]
+        return _messages(e, prefix + tuple(e.absolute_path)[skip:])
     except kubernetes_validate.SchemaNotFoundError as e:
         return [e.message]
     return []
+
+
+def pod_templates(doc: dict) -> list[tuple[tuple, dict]]:
+    """(path, template) of every pod template of a ray.io object: head, worker groups, submitter."""
+    spec = doc.get("spec") or {}
+    cluster_key = {"RayCluster": None, "RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}[doc["kind"]]
+    base = ("spec", cluster_key) if cluster_key else ("spec",)
+    cluster = (spec.get(cluster_key) if cluster_key else spec) or {}
+    found = [(base + ("headGroupSpec", "template"), (cluster.get("headGroupSpec") or {}).get("template"))]
+    for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
+        found.append((base + ("workerGroupSpecs", i, "template"), (group or {}).get("template")))
+    if doc["kind"] == "RayJob":
+        found.append((("spec", "submitterPodTemplate"), spec.get("submitterPodTemplate")))
+    return [(path, t) for path, t in found if isinstance(t, dict)]
+
+
+def _free_form(schema: dict, path: tuple) -> bool:
+    """Whether the CRD leaves `path` (or its `spec`) open to any field: the CRD checks nothing there."""
+    for node in (schema_at(schema, path), schema_at(schema, path + ("spec",))):
+        if node is None or node.get("x-kubernetes-preserve-unknown-fields"):
+            return True
+    return False
+
+
+def ray_errors(doc: dict, crd_schema_: dict, k8s_version: str = K8S_VERSION,
+               validator: jsonschema.protocols.Validator | None = None) -> list[str]:
+    """Violations of a ray.io object against its CRD schema, its free-form pod templates checked as
+    core PodTemplates, and its metadata checked as ObjectMeta."""
+    validator = validator or make_validator(crd_schema_)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path])
+    lines = [line for e in errors for line in _messages(e, tuple(e.absolute_path))]
+    for path, template in pod_templates(doc):
+        if _free_form(crd_schema_, path):
+            wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+            lines += _core_errors(wrapper, k8s_version, prefix=path, skip=1)
+    meta_doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata", {})}
+    return lines + _core_errors(meta_doc, k8s_version)
 
 
 def validation_errors(doc: dict, k8s_version: str = K8S_VERSION) -> list[str]:
@@ -181,12 +272,8 @@ def validation_errors(doc: dict, k8s_version: str = K8S_VERSION) -> list[str]:
     if api_version.startswith("ray.io/"):
         if kind not in RAY_KINDS:
             return [f"kind: unknown ray.io kind {kind!r}"]
-        validator = crd_validator(kind, api_version.split("/", 1)[1])
-        errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
-        lines = [f"{_path(e)}: {e.message}" for e in errors]
-        # The CRD leaves metadata free-form; check it as Kubernetes ObjectMeta.
-        meta_doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc.get("metadata", {})}
-        return lines + _core_errors(meta_doc, k8s_version)
+        version = api_version.split("/", 1)[1]
+        return ray_errors(doc, crd_schema(kind, version), k8s_version, crd_validator(kind, version))
     return _core_errors(doc, k8s_version)
 
 
@@ -201,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         for doc in load_documents(path):
             name = f"{path.name}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-            errors = validation_errors(doc)
+            try:
+                errors = validation_errors(doc)
+            except FileNotFoundError as exc:  # no CRDs: say so in one line, no traceback
+                print(exc, file=sys.stderr)
+                return 2
             failed += bool(errors)
             print(f"{'FAIL' if errors else 'ok  '} {name}")
             for line in errors:

@@ -1,8 +1,10 @@
 """KubeRay manifests, the container image and the Serve config, validated offline (issue 7).
 
 - every manifest parses; ray.io kinds validate against the strict openAPIV3Schema of the KubeRay CRDs
-  (../shared/kuberay-crds or $DREAMBLEND_CRDS_DIR: missing CRDs FAIL, they never skip), and broken
-  fields are caught (negative cases); core kinds validate with kubernetes-validate;
+  (../shared/kuberay-crds or $DREAMBLEND_CRDS_DIR), and broken fields are caught (negative cases);
+  core kinds validate with kubernetes-validate. Without CRDs, on a plain clone, only the cases that
+  need them skip, with one line saying how to enable them; with $DREAMBLEND_CRDS_DIR set (CI sets it
+  in .ci/run) missing CRDs FAIL;
 - rayVersion, the Docker base image and constraints.txt agree with the installed Ray; images pinned;
 - the RayJob entrypoint and the Serve import path resolve to files and objects in the repository;
 - serveConfigV2 of rayservice.yaml is exactly what k8s/render_serve_config.py renders from
@@ -66,12 +68,24 @@ def ray_version() -> str:
     return installed
 
 
-@pytest.fixture(scope="module")
-def crds() -> Path:
+CRDS_SKIP = (f"KubeRay CRDs not found in {vm.DEFAULT_CRDS_DIR}: CRD validation skipped; to run it, set "
+             f"{vm.CRDS_ENV}=/path/to/kuberay-crds (the ray.io_*.yaml of a KubeRay release)")
+
+
+def crds_or_skip() -> Path:
+    """The CRD directory; skip when it is absent on a plain clone, FAIL when $DREAMBLEND_CRDS_DIR
+    names it (CI) but it is missing or incomplete."""
     try:
         return vm.crds_dir()
     except FileNotFoundError as e:
-        pytest.fail(str(e), pytrace=False)
+        if os.environ.get(vm.CRDS_ENV):
+            pytest.fail(f"{vm.CRDS_ENV} is set but: {e}", pytrace=False)
+        pytest.skip(CRDS_SKIP)
+
+
+@pytest.fixture(scope="module")
+def crds() -> Path:
+    return crds_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +186,16 @@ def test_missing_crds_fail_loudly(tmp_path, monkeypatch):
     monkeypatch.setenv(vm.CRDS_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=vm.CRDS_ENV):
         vm.crds_dir()
+    with pytest.raises(pytest.fail.Exception, match=f"{vm.CRDS_ENV} is set"):
+        crds_or_skip()  # CI names the directory: a missing one fails, never skips
+    assert vm.main([str(K8S / "raycluster.yaml")]) == 2  # the CLI says so in one line
+
+
+def test_crds_absent_on_a_plain_clone_skip_with_how_to_enable(tmp_path, monkeypatch):
+    monkeypatch.delenv(vm.CRDS_ENV, raising=False)
+    monkeypatch.setattr(vm, "DEFAULT_CRDS_DIR", tmp_path / "shared" / "kuberay-crds")
+    with pytest.raises(pytest.skip.Exception, match=f"set {vm.CRDS_ENV}="):
+        crds_or_skip()
 
 
 def test_every_manifest_parses_into_the_expected_objects(manifests):
@@ -229,14 +253,14 @@ JOB_W0 = "spec.rayClusterSpec.workerGroupSpecs.0"
 @pytest.mark.parametrize("filename, path, value, expected", [
     ("rayjob-finetune.yaml", "spec.rayClusterSpec.rayVersion", 2, "is not of type 'string'"),
     ("rayjob-finetune.yaml", f"{JOB_W0}.replicas", "two", "is not of type 'integer'"),
-    ("rayjob-finetune.yaml", f"{JOB_W0}.minReplica", 0, "'minReplica' was unexpected"),
-    ("rayjob-finetune.yaml", "spec.shutdownAfterJobFinish", True, "'shutdownAfterJobFinish' was unexpected"),
+    ("rayjob-finetune.yaml", f"{JOB_W0}.minReplica", 0, "spec.rayClusterSpec.workerGroupSpecs[0].minReplica: unknown field"),
+    ("rayjob-finetune.yaml", "spec.shutdownAfterJobFinish", True, "spec.shutdownAfterJobFinish: unknown field"),
     ("rayjob-finetune.yaml", f"{JOB_W0}.groupName", _DELETE, "'groupName' is a required property"),
     ("rayjob-finetune.yaml", f"{JOB_W0}.maxReplicas", 2**40, "is not a 'int32'"),
     ("rayjob-finetune.yaml", "spec.rayClusterSpec.autoscalerOptions.upscalingMode", "Fast", "is not one of"),
     ("rayjob-finetune.yaml", "spec.entrypointNumCpus", "1", "is not of type 'number'"),
     ("rayjob-finetune.yaml", f"{JOB_W0}.template.spec.containers.0.resources.limits.cpu", [8], "is not valid under any"),
-    ("rayjob-finetune.yaml", f"{JOB_W0}.template.spec.containers.0.imagePullPolicyy", "Always", "was unexpected"),
+    ("rayjob-finetune.yaml", f"{JOB_W0}.template.spec.containers.0.imagePullPolicyy", "Always", "containers[0].imagePullPolicyy: unknown field"),
     ("rayservice.yaml", "spec.rayClusterConfig.authOptions.mode", "password", "is not one of"),
     ("rayservice.yaml", "spec.serveConfigV2", {"applications": []}, "is not of type 'string'"),
     ("rayservice.yaml", f"{HEAD_C}.0.readinessProbe", {"httpGet": {"path": "/healthz"}}, "'port' is a required"),
@@ -244,16 +268,62 @@ JOB_W0 = "spec.rayClusterSpec.workerGroupSpecs.0"
     ("rayservice.yaml", "metadata.labels", {"tier": 1}, "is not of type 'string'"),
     ("raycluster.yaml", "spec.workerGroupSpecs.0.replicas", "two", "is not of type 'integer'"),
     ("raycluster.yaml", "spec.headGroupSpec.rayStartParams", {"num-cpus": 0}, "is not of type 'string'"),
-    ("serviceaccount.yaml", "automountServiceAccountTokens", True, "was unexpected"),
+    ("serviceaccount.yaml", "automountServiceAccountTokens", True, "automountServiceAccountTokens: unknown field"),
     ("secret-s3.example.yaml", "stringData.AWS_DEFAULT_REGION", 1, "is not of type"),
 ])
-def test_broken_field_fails_validation(crds, manifests, filename, path, value, expected):
+def test_broken_field_fails_validation(manifests, filename, path, value, expected):
     doc = copy.deepcopy(manifests[filename][0])
+    if doc["kind"] in vm.RAY_KINDS:
+        crds_or_skip()
     assert vm.validation_errors(doc) == []
     _set(doc, path, value)
     errors = vm.validation_errors(doc)
     assert errors, f"{filename}: setting {path} = {value!r} should be invalid"
     assert any(expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize("filename", ["rayjob-finetune.yaml", "rayservice.yaml", "raycluster.yaml"])
+@pytest.mark.parametrize("where", ["top", "worker group", "container"])
+def test_misspelt_field_is_rejected_with_its_path(crds, manifests, filename, where):
+    """Issue 22: a misspelling the API server would prune silently fails offline, named by its path."""
+    doc = copy.deepcopy(_one(manifests, filename))
+    group = cluster_spec(doc)["workerGroupSpecs"][0]
+    node = {"top": doc, "worker group": group, "container": group["template"]["spec"]["containers"][0]}[where]
+    node["bogusField"] = 1
+    prefix = {"RayCluster": "spec", "RayJob": "spec.rayClusterSpec", "RayService": "spec.rayClusterConfig"}[doc["kind"]]
+    path = {"top": "bogusField", "worker group": f"{prefix}.workerGroupSpecs[0].bogusField",
+            "container": f"{prefix}.workerGroupSpecs[0].template.spec.containers[0].bogusField"}[where]
+    assert vm.validation_errors(doc) == [f"{path}: unknown field (not in the schema: the API server would "
+                                         "drop it, `kubectl apply --validate=strict` rejects it)"]
+
+
+def test_strictness_follows_preserve_unknown_fields():
+    crd = {"type": "object", "properties": {
+        "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                 "properties": {"named": {"type": "object", "properties": {"a": {"type": "string"}}}}},
+        "empty": {"type": "object"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}}}}
+    validator = vm.make_validator(crd)
+    errors = lambda doc: [vm.dotted(e.absolute_path) for e in validator.iter_errors(doc)]
+    assert errors({"open": {"anything": {"deep": 1}}, "labels": {"x": "y"}}) == []  # preserved / a map
+    assert errors({"open": {"named": {"b": 1}}}) == ["open.named"]  # named children of a preserved node stay strict
+    assert errors({"empty": {"x": 1}}) == ["empty"]  # no properties, not preserved: every field is unknown
+    assert errors({"bogus": 1}) == ["<root>"]
+
+
+def test_pod_templates_the_crd_leaves_free_form_are_checked_as_pods(crds, raycluster):
+    """A CRD may give the embedded PodTemplateSpec as x-kubernetes-preserve-unknown-fields (trimmed
+    CRDs do): the validator then checks the templates against the core Pod schema instead."""
+    schema = copy.deepcopy(vm.crd_schema("RayCluster"))
+    group = schema["properties"]["spec"]["properties"]["workerGroupSpecs"]["items"]
+    group["properties"]["template"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    doc = copy.deepcopy(raycluster)
+    assert vm.ray_errors(doc, schema) == []
+    doc["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    errors = vm.ray_errors(doc, schema)
+    assert errors == ["spec.workerGroupSpecs[1].template.spec.containers[0].imagePullPolicyy: unknown field "
+                      "(not in the schema: the API server would drop it, `kubectl apply --validate=strict` "
+                      "rejects it)"], errors
 
 
 def test_duplicate_list_map_keys_fail(crds, rayservice):
