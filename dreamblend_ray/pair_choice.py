@@ -8,13 +8,15 @@ prompts, and E with the best likeness. The rule (:func:`choose_pair`):
   ``base_prompt_fidelity - tolerance * |base_prompt_fidelity|`` (relative tolerance, default 10%).
   When no checkpoint qualifies, the checkpoint with the highest prompt fidelity (ties: the earliest)
   is taken and ``fallback`` is set.
-- edit step: the checkpoint with the highest subject fidelity; ties go to the EARLIEST of them (an
-  earlier checkpoint is less overfit for the same likeness, so it keeps more prompt fidelity and
-  diversity).
+- edit step: among the checkpoints AT OR AFTER the guidance step, the one with the highest subject
+  fidelity; ties go to the EARLIEST of them (an earlier checkpoint is less overfit for the same
+  likeness, so it keeps more prompt fidelity and diversity). DreamBlend's premise is an early G
+  guiding a late E, so E never comes before G.
 
-The edit step may come out at or before the guidance step (noisy scores, or a subject learnt
-early); the pair is still valid (``identical`` says G == E: DreamBlend then reduces to plain
-sampling of that checkpoint).
+When no later checkpoint is more faithful than G itself, E = G (``identical``: DreamBlend then
+reduces to plain sampling of that checkpoint). ``edit_reason`` records why E was chosen, including
+when a checkpoint before G had the best likeness overall (noisy scores, or a subject learnt early)
+and was passed over.
 
 Scores come from :func:`score_checkpoints`, which samples a few validation prompts per checkpoint
 with the DreamBlend sampler (alpha 0, G == E: plain sampling of that checkpoint) and hands the
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_KEYS = ("prompt_fidelity", "subject_fidelity")
 RULE = ("guidance: latest step with prompt_fidelity >= base - tolerance*|base|; "
-        "edit: highest subject_fidelity, ties to the earliest step")
+        "edit: highest subject_fidelity among steps >= guidance, ties to the earliest step")
 
 
 def _finite(name: str, value) -> float:
@@ -100,11 +102,12 @@ def choose_pair(scores: list[dict], base_prompt_fidelity: float, tolerance: floa
         guidance = max(rows, key=lambda r: (r["prompt_fidelity"], -r["step"]))
         logger.warning("no checkpoint keeps prompt fidelity >= %.4f (base %.4f); guidance falls back "
                        "to the most prompt-faithful step %d", threshold, base, guidance["step"])
-    edit = max(rows, key=lambda r: (r["subject_fidelity"], -r["step"]))
+    edit, edit_reason = choose_edit(rows, guidance["step"])
     return {
         "guidance_step": guidance["step"],
         "edit_step": edit["step"],
         "identical": guidance["step"] == edit["step"],
+        "edit_reason": edit_reason,
         "fallback": fallback,
         "threshold": threshold,
         "base_prompt_fidelity": base,
@@ -112,6 +115,29 @@ def choose_pair(scores: list[dict], base_prompt_fidelity: float, tolerance: floa
         "rule": RULE,
         "scores": rows,
     }
+
+
+def _most_faithful(rows: list[dict]) -> dict:
+    return max(rows, key=lambda r: (r["subject_fidelity"], -r["step"]))
+
+
+def choose_edit(rows: list[dict], guidance_step: int) -> tuple[dict, str]:
+    """The edit checkpoint among ``rows`` (sorted score rows) at or after ``guidance_step``, and why.
+
+    The most subject-faithful row at or after G (ties: the earliest); E = G when nothing later is
+    more faithful. The reason names a more faithful checkpoint before G when one was passed over.
+    """
+    edit = _most_faithful([r for r in rows if r["step"] >= guidance_step])
+    best = _most_faithful(rows)
+    if edit["step"] == guidance_step:
+        reason = f"no checkpoint after the guidance step {guidance_step} is more subject-faithful: E = G"
+    else:
+        reason = (f"step {edit['step']} has the highest subject fidelity ({edit['subject_fidelity']:.4g}) "
+                  f"at or after the guidance step {guidance_step}")
+    if best["step"] < guidance_step and best["subject_fidelity"] > edit["subject_fidelity"]:
+        reason += (f"; step {best['step']} scored higher ({best['subject_fidelity']:.4g}) but comes "
+                   f"before G, and E never precedes G")
+    return edit, reason
 
 
 # --------------------------------------------------------------------------- scoring checkpoints
@@ -207,8 +233,8 @@ def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, pr
     manifest = {**manifest, "guidance_step": choice["guidance_step"], "edit_step": choice["edit_step"],
                 "pair_choice": choice}
     checkpoints.write_manifest(root, subject_id, manifest)
-    logger.info("subject %s: guidance step %d, edit step %d", subject_id, choice["guidance_step"],
-                choice["edit_step"])
+    logger.info("subject %s: guidance step %d, edit step %d (%s)", subject_id, choice["guidance_step"],
+                choice["edit_step"], choice["edit_reason"])
     return manifest
 
 

@@ -68,6 +68,36 @@ def test_identical_pair_when_best_likeness_is_prompt_faithful():
     assert choice["guidance_step"] == choice["edit_step"] == 200 and choice["identical"]
 
 
+def test_edit_never_precedes_guidance():
+    # The most subject-faithful checkpoint (step 20) comes before G (step 40, the latest that keeps
+    # prompt fidelity): E is chosen among steps >= 40, and the reason names the passed-over step.
+    scores = table((20, 0.30, 0.9), (40, 0.29, 0.4), (60, 0.10, 0.6), (80, 0.05, 0.5))
+    choice = choose_pair(scores, 0.30)
+    assert choice["guidance_step"] == 40 and choice["edit_step"] == 60
+    assert not choice["identical"]
+    assert "step 20" in choice["edit_reason"] and "before G" in choice["edit_reason"]
+
+
+def test_edit_equals_guidance_when_nothing_later_is_more_faithful():
+    # The case: a short fine-tune where G = step 20 and the best likeness is at step 2.
+    scores = table((2, 0.10, 0.9), (10, 0.29, 0.3), (20, 0.28, 0.5))
+    choice = choose_pair(scores, 0.30)
+    assert choice["guidance_step"] == choice["edit_step"] == 20 and choice["identical"]
+    assert "E = G" in choice["edit_reason"] and "step 2 " in choice["edit_reason"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_edit_is_at_or_after_guidance_on_random_tables(seed):
+    rng = np.random.default_rng(seed)
+    steps = sorted(rng.choice(np.arange(1, 1000), size=int(rng.integers(1, 8)), replace=False))
+    scores = table(*[(int(s), float(rng.random()), float(rng.random())) for s in steps])
+    choice = choose_pair(scores, float(rng.random()), tolerance=float(rng.random()))
+    assert choice["edit_step"] >= choice["guidance_step"]
+    later = [r["subject_fidelity"] for r in choice["scores"] if r["step"] >= choice["guidance_step"]]
+    edit_row = next(r for r in choice["scores"] if r["step"] == choice["edit_step"])
+    assert edit_row["subject_fidelity"] == max(later)
+
+
 def test_negative_base_uses_relative_magnitude():
     scores = table((1, -0.105, 0.1), (2, -0.2, 0.2))
     choice = choose_pair(scores, base_prompt_fidelity=-0.1, tolerance=0.1)

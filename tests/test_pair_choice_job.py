@@ -108,6 +108,7 @@ def test_job_records_the_chosen_pair(tmp_path, ray_local, tiny_components):
     assert choice["guidance_step"] == manifest["guidance_step"] == row["guidance_step"]
     assert choice["edit_step"] == manifest["edit_step"] == row["edit_step"]
     assert {manifest["guidance_step"], manifest["edit_step"]} <= set(manifest["steps"])
+    assert manifest["edit_step"] >= manifest["guidance_step"] and choice["edit_reason"]
     assert [r["step"] for r in choice["scores"]] == manifest["steps"] == [2, 4]
     assert choice["options"]["scorer"] == "embedded" and len(choice["prompts"]) == 2
     specs = [metrics.parse_prompt(p) for p in choice["prompts"]]  # second objects in colours free of the subject
