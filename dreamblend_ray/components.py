@@ -197,16 +197,28 @@ def default_scheduler() -> DDIMScheduler:
 # --------------------------------------------------------------------------- save / load
 
 def save_components(components: Components, directory: str | os.PathLike) -> Path:
-    """Write ``components`` in StableDiffusionPipeline layout, weights as safetensors."""
-    from diffusers import StableDiffusionPipeline
+    """Write ``components`` in diffusers' StableDiffusionPipeline layout, weights as safetensors.
 
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=components.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(directory), safe_serialization=True)
-    return Path(directory)
+    model_index.json plus one folder per component, as ``StableDiffusionPipeline.save_pretrained``
+    writes them (no safety checker, no feature extractor); the pipeline class itself is not imported,
+    since it pulls in image processors the project never uses.
+    """
+    import diffusers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
+             "requires_safety_checker": False}
+    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
+        part = getattr(components, name)
+        if isinstance(part, torch.nn.Module):
+            part.save_pretrained(directory / name, safe_serialization=True)
+        else:
+            part.save_pretrained(directory / name)
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return directory
 
 
 def embedded_model_dir() -> Path:

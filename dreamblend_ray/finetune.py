@@ -42,8 +42,9 @@ from PIL import Image
 
 from dreamblend_ray import checkpoints, storage
 from dreamblend_ray.components import Components, load_components, model_identity, select_device
-from dreamblend_ray.config import FinetuneConfig, to_dict, validate_class_noun, validate_subject_id
-from dreamblend_ray.pair import adapters_disabled
+from dreamblend_ray.config import FinetuneConfig, SamplingConfig, to_dict, validate_class_noun, validate_subject_id
+from dreamblend_ray.pair import adapters_disabled, single
+from dreamblend_ray.sampler import DreamBlendSampler
 
 logger = logging.getLogger(__name__)
 
@@ -155,23 +156,20 @@ def encode_posterior(components: Components, pixels: torch.Tensor) -> tuple[torc
 
 def generate_class_images(components: Components, prompt: str, seeds: list[int], resolution: int,
                           config: FinetuneConfig) -> list[bytes]:
-    """PNG bytes of base-model samples of ``prompt``, one per seed (DDIM + CFG)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """PNG bytes of base-model samples of ``prompt``, one per seed.
 
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=DDIMScheduler.from_config(components.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    out = []
+    Plain DDIM + CFG through the project's own sampler (alpha 0, adapters disabled), which matches
+    diffusers' StableDiffusionPipeline to float tolerance (tests/test_sampler.py) without importing
+    the pipeline classes and the image processors they pull in.
+    """
+    sampling = SamplingConfig(num_inference_steps=config.class_sampling_steps, alpha=0.0,
+                              guidance_scale=config.class_guidance_scale, height=resolution, width=resolution)
+    sampler, out = DreamBlendSampler(components), []
     with adapters_disabled(components.unet):
         for start in range(0, len(seeds), CLASS_IMAGE_BATCH):
             batch = seeds[start:start + CLASS_IMAGE_BATCH]
-            generators = [torch.Generator(components.device).manual_seed(s) for s in batch]
-            images = pipe([prompt] * len(batch), height=resolution, width=resolution,
-                          num_inference_steps=config.class_sampling_steps,
-                          guidance_scale=config.class_guidance_scale, generator=generators).images
-            for image in images:
+            result = sampler.sample(single(components.unet), [prompt] * len(batch), batch, sampling)
+            for image in result.images:
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
                 out.append(buffer.getvalue())

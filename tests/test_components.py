@@ -61,6 +61,30 @@ def test_save_load_round_trip(tiny_components, tiny_model_dir):
     assert list(tiny_model_dir.glob("unet/*.safetensors"))
 
 
+def test_saved_layout_loads_in_diffusers_pipeline(tiny_components, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert torch.equal(_unet_output(tiny_components), _unet_output(pipe))
+
+
+def test_commands_print_no_library_warnings(tmp_path):
+    """Loading a base and fine-tuning (class images included) import no torchvision-only processors."""
+    import subprocess
+    import sys
+
+    code = ("from dreamblend_ray.components import load_components; "
+            "from dreamblend_ray.finetune import generate_class_images; "
+            "from dreamblend_ray.config import FinetuneConfig; "
+            "c = load_components('tiny'); "
+            "generate_class_images(c, 'a dog', [0], 32, FinetuneConfig(class_sampling_steps=2))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr + done.stdout
+
+
 def test_tokenizer_keeps_words_whole(tiny_components):
     tok = tiny_components.tokenizer
     ids = tok("a photo of sks dog").input_ids
