@@ -74,18 +74,14 @@ CRDS_SKIP = (f"KubeRay CRDs not found in {vm.DEFAULT_CRDS_DIR}: CRD validation s
 
 def crds_or_skip() -> Path:
     """The CRD directory; skip when it is absent on a plain clone, FAIL when $DREAMBLEND_CRDS_DIR
-    names it (CI) but it is missing or incomplete."""
+    names it (CI) but it is missing or incomplete. Call it in the test's body (not from a fixture):
+    pytest then reports every such skip at this one place, as one summary line."""
     try:
         return vm.crds_dir()
     except FileNotFoundError as e:
         if os.environ.get(vm.CRDS_ENV):
             pytest.fail(f"{vm.CRDS_ENV} is set but: {e}", pytrace=False)
         pytest.skip(CRDS_SKIP)
-
-
-@pytest.fixture(scope="module")
-def crds() -> Path:
-    return crds_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +174,8 @@ def flag(argv: list[str], name: str) -> str:
 # the CRDs and the manifests parse
 
 
-def test_crds_are_found(crds):
+def test_crds_are_found():
+    crds = crds_or_skip()
     assert all((crds / f).is_file() for f in vm.RAY_KINDS.values())
 
 
@@ -215,7 +212,8 @@ def test_every_manifest_parses_into_the_expected_objects(manifests):
 
 
 @pytest.mark.parametrize("filename", ["rayjob-finetune.yaml", "rayservice.yaml", "raycluster.yaml"])
-def test_ray_manifest_matches_crd_schema(crds, manifests, filename):
+def test_ray_manifest_matches_crd_schema(manifests, filename):
+    crds_or_skip()
     doc = _one(manifests, filename)
     assert doc["apiVersion"] == "ray.io/v1"
     assert vm.validation_errors(doc) == []
@@ -284,7 +282,8 @@ def test_broken_field_fails_validation(manifests, filename, path, value, expecte
 
 @pytest.mark.parametrize("filename", ["rayjob-finetune.yaml", "rayservice.yaml", "raycluster.yaml"])
 @pytest.mark.parametrize("where", ["top", "worker group", "container"])
-def test_misspelt_field_is_rejected_with_its_path(crds, manifests, filename, where):
+def test_misspelt_field_is_rejected_with_its_path(manifests, filename, where):
+    crds_or_skip()
     """Issue 22: a misspelling the API server would prune silently fails offline, named by its path."""
     doc = copy.deepcopy(_one(manifests, filename))
     group = cluster_spec(doc)["workerGroupSpecs"][0]
@@ -311,7 +310,8 @@ def test_strictness_follows_preserve_unknown_fields():
     assert errors({"bogus": 1}) == ["<root>"]
 
 
-def test_pod_templates_the_crd_leaves_free_form_are_checked_as_pods(crds, raycluster):
+def test_pod_templates_the_crd_leaves_free_form_are_checked_as_pods(raycluster):
+    crds_or_skip()
     """A CRD may give the embedded PodTemplateSpec as x-kubernetes-preserve-unknown-fields (trimmed
     CRDs do): the validator then checks the templates against the core Pod schema instead."""
     schema = copy.deepcopy(vm.crd_schema("RayCluster"))
@@ -326,14 +326,16 @@ def test_pod_templates_the_crd_leaves_free_form_are_checked_as_pods(crds, rayclu
                       "rejects it)"], errors
 
 
-def test_duplicate_list_map_keys_fail(crds, rayservice):
+def test_duplicate_list_map_keys_fail(rayservice):
+    crds_or_skip()
     doc = copy.deepcopy(rayservice)
     head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     head["containers"].append(copy.deepcopy(head["containers"][0]))  # two containers named ray-head
     assert any("share the list-map key" in e for e in vm.validation_errors(doc))
 
 
-def test_unknown_ray_kind_and_version_fail(crds, raycluster):
+def test_unknown_ray_kind_and_version_fail(raycluster):
+    crds_or_skip()
     assert vm.validation_errors({**raycluster, "kind": "RayClusterr"})
     with pytest.raises(ValueError, match="no version"):
         vm.validation_errors({**raycluster, "apiVersion": "ray.io/v9"})
@@ -613,7 +615,8 @@ def test_kustomization_lists_the_deployable_objects_but_not_the_examples():
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not installed")
-def test_kustomize_build_output_validates(crds):
+def test_kustomize_build_output_validates():
+    crds_or_skip()
     out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
