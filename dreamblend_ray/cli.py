@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from dreamblend_ray import __version__
+from dreamblend_ray import __version__, exit_codes
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -36,11 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dreamblend", description="DreamBlend personalized text-to-image generation on Ray.")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    exit_codes.document(parser, exit_codes.FAILED, exit_codes.PARTIAL)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"dreamblend_ray.commands.{module_name}")
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command_parser)
+        exit_codes.document(command_parser, *getattr(module, "EXIT_CODES", ()))
         command_parser.set_defaults(_module=module)
     return parser
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray import checkpoints, storage
+from dreamblend_ray import checkpoints, exit_codes, storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
 from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
                                        write_parquet)
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit 0 even when some subjects failed (they are in the results table)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return parser
+    return exit_codes.document(parser, exit_codes.PARTIAL)
 
 
 def add_resource_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray import checkpoints, storage
+from dreamblend_ray import checkpoints, exit_codes, storage
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict, validate_subject_id
 from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
                                        write_parquet)
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings-json", default="{}", help="further SamplingConfig fields as JSON")
     parser.add_argument("--allow-failures", action="store_true", help="exit 0 even when some images failed")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return parser
+    return exit_codes.document(parser, exit_codes.PARTIAL)
 
 
 def settings_from_args(args: argparse.Namespace) -> dict:

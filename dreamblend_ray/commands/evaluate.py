@@ -17,6 +17,8 @@ import argparse
 import logging
 import sys
 
+from dreamblend_ray import exit_codes
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_arguments(parser)
+    exit_codes.document(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

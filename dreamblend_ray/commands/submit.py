@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from dreamblend_ray import exit_codes
+
 logger = logging.getLogger(__name__)
 
 JOBS = {"finetune": ("jobs/finetune_subjects.py", "dreamblend_ray.finetune_job"),
@@ -29,6 +31,7 @@ EXCLUDES = [".venv", ".venv/**", ".git", "outputs", "**/__pycache__", ".pytest_c
             ".cache", "build", "dist"]
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+EXIT_CODES = (exit_codes.FAILED,)  # with --follow: the job ended other than SUCCEEDED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
