@@ -16,6 +16,7 @@ fail at once with the URI. pyarrow names S3 errors by the AWS SDK's enum (``NO_S
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
@@ -116,7 +117,32 @@ def _s3_filesystem(endpoint: str | None, settings: tuple) -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    _finalize_s3_at_exit()
     return pafs.S3FileSystem(**kwargs)
+
+
+@functools.cache
+def _finalize_s3_at_exit() -> None:
+    """Once S3 is in use: at interpreter exit, drop our cached S3 filesystems and finalize
+    pyarrow's S3 subsystem while the interpreter is still whole.
+
+    Left to static destructors, the AWS SDK's clients (and their threads) are torn down after
+    Python's own state, which aborts the process now and then with ``terminate called without an
+    active exception`` (exit 134) after a script has done its work. ``atexit`` runs handlers last
+    in, first out, so this runs before pyarrow's own ``ensure_s3_finalized`` (registered at import).
+    """
+    atexit.register(_finalize_s3)
+
+
+def _finalize_s3() -> None:
+    import gc
+
+    _s3_filesystem.cache_clear()
+    gc.collect()
+    try:
+        pafs.finalize_s3()
+    except Exception as exc:  # noqa: BLE001 - nothing left to do about it at exit
+        logger.debug("finalize_s3 at exit: %s", exc)
 
 
 def is_permanent(exc: BaseException) -> bool:
