@@ -157,7 +157,7 @@ def validate_manifest(manifest: Any) -> dict:
     base = _require(manifest, "base", dict)
     if not isinstance(base.get("source"), str):
         raise _field_error("base.source", "must be a string", base.get("source"))
-    if not isinstance(base.get("config_sha256"), str) or not SHA256_PATTERN.match(base["config_sha256"]):
+    if not isinstance(base.get("config_sha256"), str) or not SHA256_PATTERN.fullmatch(base["config_sha256"]):
         raise _field_error("base.config_sha256", "must be 64 lowercase hex digits", base.get("config_sha256"))
     if _require(manifest, "kind", str) not in WEIGHT_NAMES:
         raise _field_error("kind", f"must be one of {sorted(WEIGHT_NAMES)}", manifest["kind"])

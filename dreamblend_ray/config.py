@@ -10,6 +10,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+# Anchored so that the same text is a correct JSON Schema (ECMA) pattern in the OpenAPI schema.
+# Python code must test ids with ``fullmatch``: ``re.match`` with ``$`` also accepts a trailing "\n".
 SUBJECT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -35,7 +37,7 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
 
 def validate_subject_id(subject_id: str) -> str:
     """Subject ids become storage keys: only [A-Za-z0-9_-], 1 to 64 characters."""
-    if not isinstance(subject_id, str) or not SUBJECT_ID_PATTERN.match(subject_id):
+    if not isinstance(subject_id, str) or not SUBJECT_ID_PATTERN.fullmatch(subject_id):
         raise ValueError(
             f"subject_id must match [A-Za-z0-9_-] and be 1 to 64 characters long, got {subject_id!r}")
     return subject_id
@@ -124,12 +126,12 @@ class SamplingConfig:
 
 
 CLASS_NOUN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
-TOKEN_PATTERN = re.compile(r"^[^\s]{1,32}$")
+TOKEN_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f]{1,32}$")  # no whitespace, no control characters
 
 
 def validate_class_noun(class_noun: str) -> str:
     """Class nouns become storage keys of the class-image cache: [A-Za-z0-9 _-], 1 to 64 chars."""
-    if not isinstance(class_noun, str) or not CLASS_NOUN_PATTERN.match(class_noun):
+    if not isinstance(class_noun, str) or not CLASS_NOUN_PATTERN.fullmatch(class_noun):
         raise ValueError("class_noun must be 1 to 64 characters of [A-Za-z0-9 _-] starting with a "
                          f"letter or digit, got {class_noun!r}")
     return class_noun
@@ -211,8 +213,9 @@ class FinetuneConfig:
             check_range("lora_alpha", self.lora_alpha, 1e-6, 1e6)
         if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
             raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
-        if not isinstance(self.token, str) or not TOKEN_PATTERN.match(self.token):
-            raise ValueError(f"token must be 1 to 32 characters without whitespace, got {self.token!r}")
+        if not isinstance(self.token, str) or not TOKEN_PATTERN.fullmatch(self.token):
+            raise ValueError(f"token must be 1 to 32 characters without whitespace or control characters, "
+                             f"got {self.token!r}")
         check_range("num_class_images", self.num_class_images,
                     1 if self.prior_preservation else 0, 100_000, integer=True)
         check_range("prior_loss_weight", self.prior_loss_weight, 0.0, 1e3)

@@ -78,7 +78,7 @@ def new_run_id() -> str:
 
 
 def validate_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id) or run_id in (".", ".."):
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id) or run_id in (".", ".."):
         raise ValueError(f"run_id must match [A-Za-z0-9_.-] and be 1 to 128 characters, got {run_id!r}")
     return run_id
 

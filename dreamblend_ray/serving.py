@@ -282,7 +282,7 @@ def model_id_for(subject_id: str, guidance_step: int | None = None, edit_step: i
 def parse_model_id(model_id: str) -> tuple[str, int | None, int | None]:
     """Inverse of ``model_id_for``; ValueError on anything else."""
     subject_id, at, overrides = model_id.partition("@")
-    if not SUBJECT_ID_PATTERN.match(subject_id):
+    if not SUBJECT_ID_PATTERN.fullmatch(subject_id):
         raise ValueError(f"model id {model_id!r} does not start with a valid subject id")
     steps: dict[str, int] = {}
     for part in filter(None, overrides.split(",")):
