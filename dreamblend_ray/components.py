@@ -19,6 +19,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from dreamblend_ray import dtypes
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_BASES = ("tiny", "embedded")
@@ -75,12 +77,10 @@ def select_device(requested: str | None = None) -> torch.device:
 
 
 def select_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that support it, else fp16; or the requested name."""
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if requested:
-        if requested not in names:
-            raise ValueError(f"dtype must be one of {sorted(names)}, got {requested!r}")
-        return names[requested]
+    """fp32 on CPU; bf16 on GPUs that support it, else fp16; or the requested name (the one
+    vocabulary of ``dtypes``: fp32/fp16/bf16, or float32/float16/bfloat16)."""
+    if requested is not None:
+        return dtypes.torch_dtype(requested)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32

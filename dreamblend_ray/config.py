@@ -10,6 +10,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from dreamblend_ray.dtypes import normalize_mixed_precision
+
 # Anchored so that the same text is a correct JSON Schema (ECMA) pattern in the OpenAPI schema.
 # Python code must test ids with ``fullmatch``: ``re.match`` with ``$`` also accepts a trailing "\n".
 SUBJECT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -239,7 +241,8 @@ class FinetuneConfig:
         if self.guidance_step is not None:
             check_range("guidance_step", self.guidance_step, 1, self.steps, integer=True)
         check_range("guidance_fraction", self.guidance_fraction, 0.0, 1.0)
-        check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
+        # One dtype vocabulary (dtypes.py): float16/bfloat16 are aliases, fp32 means "no".
+        object.__setattr__(self, "mixed_precision", normalize_mixed_precision(self.mixed_precision))
         if self.gradient_checkpointing not in (None, True, False):
             raise ValueError(f"gradient_checkpointing must be true, false or null, got "
                              f"{self.gradient_checkpointing!r}")

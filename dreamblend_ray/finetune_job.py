@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from dreamblend_ray import checkpoints, exit_codes, storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
+from dreamblend_ray.dtypes import mixed_precision_argument
 from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
                                        write_parquet)
 from dreamblend_ray.manifests import SubjectSpec, apply_overrides, read_subjects
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--rank", type=int, help="LoRA rank")
     parser.add_argument("--no-prior-preservation", action="store_true", help="skip the class-prior loss")
+    parser.add_argument("--mixed-precision", type=mixed_precision_argument, metavar="{auto,no,fp16,bf16}",
+                        help="autocast on CUDA (default auto; float16/bfloat16 accepted, fp32 means no)")
     parser.add_argument("--num-class-images", type=int)
     parser.add_argument("--config-json", default="{}", help="further FinetuneConfig fields as a JSON object")
     add_pair_choice_arguments(parser)
@@ -347,7 +350,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     if not isinstance(overrides, dict):
         raise ValueError("--config-json must be a JSON object")
     flags = {"steps": args.steps, "checkpoint_steps": args.checkpoint_steps, "method": args.method,
-             "learning_rate": args.learning_rate, "rank": args.rank, "num_class_images": args.num_class_images}
+             "learning_rate": args.learning_rate, "rank": args.rank, "num_class_images": args.num_class_images,
+             "mixed_precision": args.mixed_precision}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if args.no_prior_preservation:
         overrides["prior_preservation"] = False

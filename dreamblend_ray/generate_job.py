@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from dreamblend_ray import checkpoints, exit_codes, storage
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict, validate_subject_id
+from dreamblend_ray.dtypes import add_dtype_argument, normalize_dtype
 from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
                                        write_parquet)
 from dreamblend_ray.manifests import GenerationRequest, read_requests, sampling_config
@@ -74,7 +75,7 @@ class GenerateActor:
     """A Ray Data callable class: base model and sampler loaded once; one (subject, steps) task per row."""
 
     def __init__(self, base: str, checkpoints_root: str, output: str, base_settings: dict, batch_size: int,
-                 torch_threads: int, use_gpu: bool):
+                 torch_threads: int, use_gpu: bool, dtype: str | None = None):
         import torch
 
         from dreamblend_ray.components import load_components, select_device, select_dtype
@@ -82,8 +83,7 @@ class GenerateActor:
 
         torch.set_num_threads(torch_threads)
         device = select_device() if use_gpu else torch.device("cpu")
-        dtype = select_dtype(device) if device.type == "cuda" else None
-        self.components = load_components(base, device=device, dtype=dtype)
+        self.components = load_components(base, device=device, dtype=select_dtype(device, dtype))
         self.sampler = DreamBlendSampler(self.components)
         self.root, self.output, self.batch_size = checkpoints_root, output, batch_size
         self.base_settings = sampling_config(SamplingConfig(), base_settings)
@@ -168,17 +168,20 @@ class GenerateJobResult:
 def run_generate_job(requests: str | list[GenerationRequest], output: str, *, checkpoints_root: str | None = None,
                      base: str = "embedded", settings: dict | None = None, batch_size: int = 8,
                      max_images_per_task: int = 256, resources: JobResources = JobResources(),
-                     run_id: str | None = None, address: str | None = None) -> GenerateJobResult:
+                     run_id: str | None = None, address: str | None = None,
+                     dtype: str | None = None) -> GenerateJobResult:
     """Generate every requested image into ``output``; returns (and writes) the index table.
 
     settings: SamplingConfig fields applied to every row (a row's own settings win).
     checkpoints_root: where the subjects were fine-tuned (default: ``output``).
+    dtype: the actors' weights dtype (``dtypes``: fp32/fp16/bf16 or an alias; None: per device).
     """
     from dreamblend_ray.components import resolve_base
 
     start = time.perf_counter()
     check_range("batch_size", batch_size, 1, 1024, integer=True)
     check_range("max_images_per_task", max_images_per_task, 1, 1_000_000, integer=True)
+    dtype = normalize_dtype(dtype)
     base_settings = settings or {}
     base_config = sampling_config(SamplingConfig(), base_settings)
     rows = read_requests(requests, base_config) if isinstance(requests, str) else list(requests)
@@ -189,7 +192,7 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
     storage.write_json(storage.join(run, "job.json"), {
         "kind": "generate", "run_id": run_id, "base": base, "checkpoints": root, "rows": len(rows),
         "images": sum(r.num_images for r in rows), "settings": to_dict(base_config),
-        "resources": to_dict(resources), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        "resources": to_dict(resources), "dtype": dtype, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     logger.info("run %s: %d rows in %d tasks -> %s", run_id, len(rows), len(tasks), output)
 
     init_ray(address)
@@ -199,7 +202,7 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
         GenerateActor, fn_constructor_kwargs={
             "base": base, "checkpoints_root": root, "output": output, "base_settings": base_settings,
             "batch_size": batch_size, "torch_threads": resources.threads,
-            "use_gpu": resources.gpus_per_actor > 0},
+            "use_gpu": resources.gpus_per_actor > 0, "dtype": dtype},
         **resources.map_batches_args())
     index = [dict(row) for row in dataset.iter_rows()]
     index.sort(key=lambda r: (r["row"], r["k"]))
@@ -231,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, help="guidance strength")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
     parser.add_argument("--settings-json", default="{}", help="further SamplingConfig fields as JSON")
+    add_dtype_argument(parser)
     parser.add_argument("--allow-failures", action="store_true", help="exit 0 even when some images failed")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return exit_codes.document(parser, exit_codes.PARTIAL)
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_generate_job(args.requests, args.output, checkpoints_root=args.checkpoints, base=args.base,
                                   settings=settings_from_args(args), batch_size=args.batch_size,
                                   max_images_per_task=args.max_images_per_task,
-                                  resources=resources_from_args(args), run_id=args.run_id, address=args.address)
+                                  resources=resources_from_args(args), run_id=args.run_id, address=args.address,
+                                  dtype=args.dtype)
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
         logger.error("%s", exc)
         return 2

@@ -29,13 +29,14 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from dreamblend_ray.config import SUBJECT_ID_PATTERN, SamplingConfig
+from dreamblend_ray.dtypes import normalize_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ class AppArgs(BaseModel):
     base: str = Field("embedded", description="base model: 'embedded', 'tiny', a directory or s3:// URI")
     storage_root: str = Field("./dreamblend-storage", description="root holding subjects/{id}/ (path or s3://)")
     device: str | None = Field(None, description="torch device; default CUDA when present, else CPU")
-    dtype: str | None = Field(None, description="fp32 | fp16 | bf16; default fp32 on CPU, half on GPU")
+    dtype: Annotated[str | None, BeforeValidator(normalize_dtype)] = Field(
+        None, description="fp32 | fp16 | bf16 (float32/float16/bfloat16 accepted); default fp32 on CPU, "
+                          "bf16/fp16 on GPU")
     # request limits
     max_images_per_request: int = Field(4, ge=1, le=256)
     max_prompts: int = Field(4, ge=1, le=256)

@@ -108,8 +108,72 @@ def test_incomplete_directory_is_a_clear_error(tmp_path):
 def test_dtype_selection():
     assert select_dtype(torch.device("cpu")) == torch.float32
     assert select_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype"):
-        select_dtype(torch.device("cpu"), "fp8")
+    assert select_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    assert select_dtype(torch.device("cpu"), "Float16") == torch.float16
+    for bad in ("fp8", "float64", "", "half"):
+        with pytest.raises(ValueError, match="dtype must be one of fp32, fp16, bf16"):
+            select_dtype(torch.device("cpu"), bad)
+
+
+def _dtype_flags() -> dict[str, "argparse.Action"]:
+    """Every --dtype and --mixed-precision flag of every command and job script, by where it is."""
+    import argparse
+
+    from dreamblend_ray import cli, finetune_job, generate_job
+    from dreamblend_ray.commands import evaluate
+
+    parsers = {f"dreamblend {name}": sub for action in cli.build_parser()._actions
+               if isinstance(action, argparse._SubParsersAction) for name, sub in action.choices.items()}
+    parsers["jobs/finetune_subjects.py"] = finetune_job.build_parser()
+    parsers["jobs/generate_batch.py"] = generate_job.build_parser()
+    parsers["jobs/evaluate.py"] = argparse.ArgumentParser()
+    evaluate.add_arguments(parsers["jobs/evaluate.py"])
+    return {f"{where} {flag}": action for where, parser in parsers.items() for action in parser._actions
+            for flag in action.option_strings if flag in ("--dtype", "--mixed-precision")}
+
+
+def test_every_dtype_flag_takes_the_same_names():
+    """Issue 16.10: `evaluate --dtype` advertised float32/float16/bfloat16 but took only fp32/fp16/bf16."""
+    import argparse
+
+    from dreamblend_ray.dtypes import ACCEPTED, ALIASES, DTYPES
+
+    flags = _dtype_flags()
+    dtype_flags = {k: a for k, a in flags.items() if k.endswith("--dtype")}
+    assert {"dreamblend generate --dtype", "dreamblend evaluate --dtype", "dreamblend serve --dtype",
+            "jobs/generate_batch.py --dtype", "jobs/evaluate.py --dtype"} <= set(dtype_flags)
+    for where, action in dtype_flags.items():
+        assert action.choices is None and action.default is None, where
+        assert [action.type(name) for name in ACCEPTED] == list(DTYPES) + [ALIASES[a] for a in ALIASES], where
+        assert all(name in action.help for name in ACCEPTED), where
+        for bad in ("fp8", "float64", "auto"):
+            with pytest.raises(argparse.ArgumentTypeError, match="dtype must be one of"):
+                action.type(bad)
+    mixed = {k: a for k, a in flags.items() if k.endswith("--mixed-precision")}
+    assert {"dreamblend finetune --mixed-precision", "jobs/finetune_subjects.py --mixed-precision"} <= set(mixed)
+    for where, action in mixed.items():
+        assert [action.type(v) for v in ("auto", "no", "fp16", "float16", "bf16", "bfloat16", "fp32", "float32")] == [
+            "auto", "no", "fp16", "fp16", "bf16", "bf16", "no", "no"], where
+
+
+def test_dtype_names_reach_the_configs_and_serve_args(tmp_path):
+    from pydantic import ValidationError
+
+    from dreamblend_ray.cli import build_parser
+    from dreamblend_ray.commands.serve import app_args
+    from dreamblend_ray.config import FinetuneConfig
+    from dreamblend_ray.serving import AppArgs
+
+    args = build_parser().parse_args(["generate", "--prompt", "p", "--out", str(tmp_path), "--dtype", "bfloat16"])
+    assert args.dtype == "bf16"
+    assert app_args(build_parser().parse_args(["serve", "--dtype", "float16"])).dtype == "fp16"
+    assert AppArgs(dtype="float32").dtype == "fp32" and AppArgs().dtype is None
+    with pytest.raises(ValidationError, match="dtype must be one of"):
+        AppArgs(dtype="fp64")
+    assert FinetuneConfig(mixed_precision="bfloat16").mixed_precision == "bf16"
+    assert FinetuneConfig(mixed_precision="fp32").mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        FinetuneConfig(mixed_precision="fp64")
 
 
 @pytest.mark.parametrize("order", [0, 1, 2])

@@ -18,6 +18,7 @@ import logging
 import sys
 
 from dreamblend_ray import exit_codes
+from dreamblend_ray.dtypes import add_dtype_argument
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=1, help="Ray Data actors (one per GPU)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
-    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: per device)")
+    add_dtype_argument(parser)
     parser.add_argument("--address", default=None,
                         help="Ray address (default: RAY_ADDRESS, or a new local cluster)")
     parser.add_argument("--no-ray", action="store_true",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from dreamblend_ray.dtypes import mixed_precision_argument
+
 
 def _steps_list(text: str) -> tuple[int, ...]:
     try:
@@ -51,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=None, help="default: the base model's size")
-    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    parser.add_argument("--mixed-precision", default="auto", type=mixed_precision_argument,
+                        metavar="{auto,no,fp16,bf16}",
+                        help="autocast on CUDA: auto (bf16 where supported, else fp16), no, fp16 or bf16 "
+                             "(float16/bfloat16 accepted; fp32 means no)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -18,6 +18,8 @@ import json
 import logging
 from pathlib import Path
 
+from dreamblend_ray.dtypes import add_dtype_argument
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", action="store_true", help="also write G's reference images")
     parser.add_argument("--batch-size", type=int, default=8, help="images per sampling call")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="weights dtype (default: fp32 on CPU, bf16/fp16 on GPU)")
+    add_dtype_argument(parser)
     parser.add_argument("--out", required=True, help="output directory for PNGs and settings.json")
 
 

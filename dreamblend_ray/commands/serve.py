@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+from dreamblend_ray.dtypes import add_dtype_argument
+
 logger = logging.getLogger(__name__)
 
 # flag -> AppArgs field, for the flags that map one to one
-FLAG_FIELDS = ("base", "storage_root", "device", "max_batch_size", "batch_wait_timeout_s",
+FLAG_FIELDS = ("base", "storage_root", "device", "dtype", "max_batch_size", "batch_wait_timeout_s",
                "max_models_per_replica", "min_replicas", "max_replicas", "num_gpus", "num_cpus",
                "default_steps", "request_timeout_s")
 
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None)
     parser.add_argument("--batch-wait-timeout-s", dest="batch_wait_timeout_s", type=float, default=None)
     parser.add_argument("--max-models-per-replica", dest="max_models_per_replica", type=int, default=None)
