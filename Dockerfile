@@ -12,11 +12,11 @@ LABEL org.opencontainers.image.title="dreamblend-ray" \
       org.opencontainers.image.description="DreamBlend personalized text-to-image on Ray (Data, Serve, KubeRay)" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# The repository lives here; the RayJob entrypoint is /home/ray/dreamblend/jobs/finetune_subjects.py
-# and Serve imports deployments.app:build_app, so the checkout root goes on PYTHONPATH.
+# The repository lives here; the RayJob entrypoint is /home/ray/dreamblend/jobs/finetune_subjects.py.
+# Everything runs from the installed package (no PYTHONPATH): Serve imports
+# dreamblend_ray.serve_entry:build_app, exactly as on a cluster where only the package is installed.
 WORKDIR /home/ray/dreamblend
-ENV PYTHONPATH=/home/ray/dreamblend \
-    PIP_NO_CACHE_DIR=1 \
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # torch: constraints.txt pins torch==2.13.0, which on the project's (CPU-only) machines resolves to

@@ -378,7 +378,9 @@ def test_dockerfile_installs_the_package_with_cuda_torch_of_the_tested_version()
     assert "torch==" not in filtered and "ray==" in filtered
     assert re.search(rf"pip install -c {re.escape(grep.group(1))} .*\s\.\s", text), "pip install -c ... ."
     assert re.search(rf"^WORKDIR {APP_DIR}$", text, flags=re.M)
-    assert re.search(rf"PYTHONPATH={APP_DIR}\b", text), "deployments.app must be importable in the image"
+    # the image runs what a cluster with only the package installed runs: nothing from the checkout
+    # on the import path (issue 21: `serve deploy` must not depend on the repository's deployments/)
+    assert not re.search(r"\bPYTHONPATH=", text), "the image must import the installed package"
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv"} <= set(ignored)
 
@@ -506,7 +508,7 @@ def test_serve_application_agrees_with_the_source(serve_source, served):
     src, k8s = app_of(serve_source), app_of(served)
     for key in ("name", "route_prefix", "import_path"):
         assert k8s.get(key) == src.get(key), key
-    assert k8s["import_path"] == "deployments.app:build_app"
+    assert k8s["import_path"] == "dreamblend_ray.serve_entry:build_app"
     assert set(src.get("args") or {}) <= set(k8s.get("args") or {})
     src_deps = {d["name"]: d for d in src.get("deployments") or []}
     k8s_deps = {d["name"]: d for d in k8s.get("deployments") or []}
@@ -528,15 +530,22 @@ def test_serve_config_validates_with_ray_serve_schema(served, ray_version):
 
 
 @pytest.fixture(scope="module")
-def app_module():
-    module_file = REPO / "deployments" / "app.py"
-    if not module_file.is_file():
-        pytest.fail("deployments/app.py (import_path deployments.app:build_app) does not exist", pytrace=False)
+def app_module(served):
+    """The import_path's module, imported as a cluster imports it: from the installed package."""
+    module_name = app_of(served)["import_path"].split(":")[0]
+    assert module_name.split(".")[0] == "dreamblend_ray", (
+        f"{module_name} is not inside the dreamblend_ray package: `serve deploy` on a cluster without "
+        "this repository could not import it")
+    return importlib.import_module(module_name)
+
+
+def test_deployments_app_is_a_thin_re_export(app_module):
     sys.path.insert(0, str(REPO))
     try:
-        return importlib.import_module("deployments.app")
+        legacy = importlib.import_module("deployments.app")
     finally:
         sys.path.remove(str(REPO))
+    assert legacy.build_app is app_module.build_app and legacy.AppArgs is app_module.AppArgs
 
 
 def test_import_path_resolves_and_args_are_accepted(app_module, serve_source, served):
@@ -544,7 +553,7 @@ def test_import_path_resolves_and_args_are_accepted(app_module, serve_source, se
     assert module_name == app_module.__name__
     assert callable(getattr(app_module, attr, None)), f"{module_name} has no callable {attr}"
     app_args = getattr(app_module, "AppArgs", None)
-    assert app_args is not None, "deployments.app should expose its typed args model AppArgs"
+    assert app_args is not None, f"{module_name} should expose its typed args model AppArgs"
     for config in (serve_source, served):
         app_args.model_validate(app_of(config).get("args") or {})
 

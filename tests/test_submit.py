@@ -9,19 +9,16 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from dreamblend_ray.commands import submit
+from local_cluster import VENV_BIN, alive, cluster_pids, start_head, stop_cluster
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 
 
 def parse(argv):
@@ -80,79 +77,6 @@ def test_token_from_environment_or_file(monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- a real cluster
 
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _parents() -> dict[int, int]:
-    parents = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    return parents
-
-
-def cluster_pids(temp_dir: str, token: str | None = None) -> list[int]:
-    """This cluster's processes: those whose command line names its temp dir or whose environment
-    holds its (unique) auth token, and all their descendants. Ray renames some children
-    (``ray::DashboardAgent``) and detaches its client server, so the temp dir alone misses them."""
-    pids = set()
-    marker = f"RAY_AUTH_TOKEN={token}".encode() if token else None
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if temp_dir.encode() in (proc / "cmdline").read_bytes() or (
-                        marker and marker in (proc / "environ").read_bytes()):
-                    pids.add(int(proc.name))
-            except OSError:
-                continue
-    parents = _parents()
-    grew = True
-    while grew:
-        children = {pid for pid, parent in parents.items() if parent in pids and pid != os.getpid()}
-        grew = not children <= pids
-        pids |= children
-    return sorted(pids)
-
-
-def stop_cluster(temp_dir: str, token: str | None = None) -> None:
-    tree = set(cluster_pids(temp_dir, token))
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        pids = tree | set(cluster_pids(temp_dir, token))
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while _alive(pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
-def _alive(pids) -> list[int]:
-    """The pids still running (zombies, already dead, count as gone)."""
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head` on 127.0.0.1 with random ports, its own temp dir and token authentication.
@@ -161,7 +85,6 @@ def ray_head():
     the token only as RAY_AUTH_TOKEN (so `dreamblend submit` must send it itself).
     """
     temp_dir = tempfile.mkdtemp(prefix="dbrs", dir="/tmp")
-    gcs, dash, client, nm, om, agent, agent_grpc, renv, metrics, wmin = free_ports(10)
     token = secrets.token_hex(16)
     # `python` in the job's entrypoint is the cluster's python: put this venv first on its PATH.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
@@ -169,22 +92,15 @@ def ray_head():
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
     client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--include-dashboard", "true", "--ray-client-server-port", str(client),
-           "--node-manager-port", str(nm), "--object-manager-port", str(om),
-           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-           "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
-           "--min-worker-port", str(20000 + wmin % 20000), "--max-worker-port", str(20000 + wmin % 20000 + 50),
-           "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"]
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            pytest.fail(f"ray start failed:\n{out.stdout}\n{out.stderr}")
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "client_env": client_env, "temp_dir": temp_dir}
+        try:
+            address = start_head(temp_dir, env)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield {"address": address, "env": env, "client_env": client_env, "temp_dir": temp_dir}
     finally:
         stop_cluster(temp_dir, token)
-        survivors = _alive(cluster_pids(temp_dir, token))
+        survivors = alive(cluster_pids(temp_dir, token))
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not survivors, f"the test cluster's processes {survivors} outlived the test"
 
