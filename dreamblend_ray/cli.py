@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from dreamblend_ray import __version__, exit_codes
+from dreamblend_ray import __version__, exit_codes, lifecycle
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"dreamblend_ray.commands.{module_name}")
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command_parser)
+        lifecycle.add_arguments(command_parser)
         exit_codes.document(command_parser, *getattr(module, "EXIT_CODES", ()))
         command_parser.set_defaults(_module=module)
     return parser
@@ -49,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module = args._module
+    log_dir = module.log_dir(args) if hasattr(module, "log_dir") else None
     try:
-        return int(args._module.run(args) or 0)
+        return lifecycle.main(args.command, args, lambda: module.run(args), log_dir=log_dir)
     except NotLandedError as exc:
         logging.getLogger("dreamblend").error("%s", exc)
         return 2
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dreamblend").error("%s", exc)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":

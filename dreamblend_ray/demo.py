@@ -228,13 +228,15 @@ def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> d
     args = AppArgs(base=config.base, storage_root=config.storage_root, max_models_per_replica=8,
                    max_images_per_request=max(4, len(config.seeds)), max_batch_size=8,
                    max_ongoing_requests=16, request_timeout_s=600, default_steps=config.steps)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from dreamblend_ray import lifecycle
+
+    lifecycle.start_serve("127.0.0.1", port)
     try:
         serve.run(build_app(args), name="dreamblend-demo", route_prefix="/")
         logger.info("serving on http://127.0.0.1:%d; requesting %d cells", port, len(cells))
         return fetch_images(f"http://127.0.0.1:{port}", config, cells, manifests)
     finally:
-        serve.shutdown()
+        lifecycle.stop_serve()
 
 
 # --------------------------------------------------------------------------- 4. grid and report
@@ -323,16 +325,13 @@ def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests:
 # --------------------------------------------------------------------------- the whole demo
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
-    import ray
-
-    from dreamblend_ray import checkpoints
+    from dreamblend_ray import checkpoints, lifecycle
 
     out, seconds, start = Path(config.out), {}, time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     subjects = demo_subjects(config)
     manifest = write_subjects_manifest(config, subjects)
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, ignore_reinit_error=True,
-             log_to_driver=False)
+    started = lifecycle.init_ray(num_cpus=os.cpu_count() or 2)
     try:
         logger.info("step 1/3: fine-tuning %d subjects", len(subjects))
         result = finetune(config, subjects, manifest)
@@ -343,7 +342,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         images = serve_and_fetch(config, cells, manifests)
         seconds["serving"] = time.perf_counter() - start - seconds["fine-tuning"]
     finally:
-        ray.shutdown()
+        if started:
+            lifecycle.shutdown()
     logger.info("step 3/3: grid and report")
     by_id = {s.subject_id: s for s in subjects}
     rows = []

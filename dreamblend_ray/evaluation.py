@@ -373,6 +373,8 @@ def run_evaluation(subjects_uri: str, checkpoints_root: str, output: str, clip_m
     kwargs = dict(base=base, checkpoints_root=checkpoints_root, output=output, clip_model=clip_model,
                   dino_model=dino_model, config=config, device=device, dtype=dtype)
     if use_ray:
+        from dreamblend_ray.lifecycle import init_ray
+
         init_ray()
         rows = _run_ray(tasks, kwargs, actors, gpus_per_actor)
     else:
@@ -381,15 +383,6 @@ def run_evaluation(subjects_uri: str, checkpoints_root: str, output: str, clip_m
     rows.sort(key=lambda r: (r["subject_id"], r["prompt_index"], METHOD_ORDER.index(r["method"]),
                              r["alpha"], r["seed"]))
     return write_outputs(rows, output, config)
-
-
-def init_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS inside ``ray job submit``), or start a local Ray;
-    a no-op when Ray is already initialised."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
 
 
 def _progress(tasks):

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray import checkpoints, exit_codes, storage
+from dreamblend_ray import checkpoints, exit_codes, lifecycle, storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
 from dreamblend_ray.dtypes import mixed_precision_argument
-from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
+from dreamblend_ray.job_common import (JobResources, error_text, new_run_id, run_uri,
                                        write_parquet)
 from dreamblend_ray.manifests import SubjectSpec, apply_overrides, read_subjects
 from dreamblend_ray.pair_choice import SCORERS, PairChoiceOptions
@@ -209,7 +209,7 @@ def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOpti
 def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResources, address: str | None,
                   total: int, done: int, pair_choice: PairChoiceOptions | None = None) -> list[dict]:
     """Run ``items`` through the FinetuneActor pool; log each subject as its row arrives."""
-    init_ray(address)
+    lifecycle.init_ray(address)
     import ray.data
 
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -297,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit 0 even when some subjects failed (they are in the results table)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    lifecycle.add_arguments(parser)
     return exit_codes.document(parser, exit_codes.PARTIAL)
 
 
@@ -360,7 +361,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return lifecycle.main("finetune-job", args, lambda: run_from_args(args))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     try:
         result = run_finetune_job(args.subjects, args.output, base=args.base, config=config_from_args(args),
                                   resources=resources_from_args(args), run_id=args.run_id,

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray import checkpoints, exit_codes, storage
+from dreamblend_ray import checkpoints, exit_codes, lifecycle, storage
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict, validate_subject_id
 from dreamblend_ray.dtypes import add_dtype_argument, normalize_dtype
-from dreamblend_ray.job_common import (JobResources, error_text, init_ray, new_run_id, run_uri,
+from dreamblend_ray.job_common import (JobResources, error_text, new_run_id, run_uri,
                                        write_parquet)
 from dreamblend_ray.manifests import GenerationRequest, read_requests, sampling_config
 
@@ -195,7 +195,7 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
         "resources": to_dict(resources), "dtype": dtype, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     logger.info("run %s: %d rows in %d tasks -> %s", run_id, len(rows), len(tasks), output)
 
-    init_ray(address)
+    lifecycle.init_ray(address)
     import ray.data
 
     dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_argument(parser)
     parser.add_argument("--allow-failures", action="store_true", help="exit 0 even when some images failed")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    lifecycle.add_arguments(parser)
     return exit_codes.document(parser, exit_codes.PARTIAL)
 
 
@@ -253,10 +254,13 @@ def settings_from_args(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return lifecycle.main("generate-job", args, lambda: run_from_args(args))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     from dreamblend_ray.finetune_job import resources_from_args
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = run_generate_job(args.requests, args.output, checkpoints_root=args.checkpoints, base=args.base,
                                   settings=settings_from_args(args), batch_size=args.batch_size,

@@ -87,15 +87,6 @@ def run_uri(output: str, run_id: str) -> str:
     return storage.join(output, "runs", validate_run_id(run_id))
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to the cluster (``address``, or RAY_ADDRESS inside ``ray job submit``) or start a
-    local one; a no-op when Ray is already initialised (tests, notebooks)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
-
-
 def write_parquet(uri: str, rows: list[dict], schema: pa.Schema) -> str:
     """Write ``rows`` as one Parquet file (atomic, retried) and return ``uri``."""
     import pyarrow.parquet as pq

@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="new contexts per subject (default 3)")
 
 
+def log_dir(args: argparse.Namespace) -> str:
+    """The demo's log file goes beside its outputs."""
+    return args.out
+
+
 def run(args: argparse.Namespace) -> int:
     from dreamblend_ray.demo import DemoConfig, run_demo
 

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from dreamblend_ray import exit_codes
+from dreamblend_ray import exit_codes, lifecycle
 from dreamblend_ray.dtypes import add_dtype_argument
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamblend_ray.evaluation import init_ray, run_evaluation
+    from dreamblend_ray.evaluation import run_evaluation
+    from dreamblend_ray.lifecycle import init_ray
 
     config = config_from_args(args)
     if not args.no_ray:
@@ -108,9 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_arguments(parser)
+    lifecycle.add_arguments(parser)
     exit_codes.document(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return lifecycle.main("evaluate-job", args, lambda: run_from_args(args))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as exc:

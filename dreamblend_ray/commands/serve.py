@@ -1,4 +1,4 @@
-"""`dreamblend serve`: start local Ray and the DreamBlend Serve application, block until Ctrl-C.
+"""`dreamblend serve`: start local Ray and the DreamBlend Serve application, run until SIGTERM or Ctrl-C.
 
 The same application as ``serve run deployments/serve_config.yaml`` (``dreamblend_ray.serve_app``),
 with the arguments taken from flags. ``--config FILE`` reads the ``args:`` block of the first
@@ -74,11 +74,9 @@ def app_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    import ray
     from ray import serve
 
+    from dreamblend_ray import lifecycle
     from dreamblend_ray.components import resolve_base
     from dreamblend_ray.serve_app import build_app
     from dreamblend_ray.serving import load_api_key
@@ -86,17 +84,12 @@ def run(args: argparse.Namespace) -> int:
     settings = app_args(args)
     resolve_base(settings.base)  # fail fast on a bad --base
     load_api_key(settings)  # fail fast when --auth has no key
-    ray.init(address=args.ray_address, include_dashboard=False)
+    lifecycle.init_ray(args.ray_address)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        lifecycle.start_serve(args.host, args.port)
         serve.run(build_app(settings), name="dreamblend", route_prefix="/")
-        logger.info("DreamBlend is serving on http://%s:%d (docs at /docs); Ctrl-C stops it",
-                    args.host, args.port)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        logger.info("stopping")
-        return 0
+        logger.info("DreamBlend is serving on http://%s:%d (API docs at /docs and /redoc); "
+                    "SIGTERM or Ctrl-C stops it", args.host, args.port)
+        lifecycle.wait_for_shutdown()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        lifecycle.stop_serve()  # in-flight requests finish within the grace period; Ray stops after

@@ -1,0 +1,385 @@
+"""How commands stop (issue 23 items 2-3, issue 16 item 8): SIGTERM/SIGINT whatever their inherited
+disposition, a bounded grace period, no process left behind (SIGKILL of the driver included), and a
+console without library chatter.
+
+Processes are looked up by a marker in their environment, never by name: every process a command
+starts (Ray's included) inherits DREAMBLEND_TEST_MARKER from it.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dreamblend_ray import lifecycle
+
+REPO = Path(__file__).resolve().parents[1]
+DREAMBLEND = str(Path(sys.executable).with_name("dreamblend"))
+# Starts argv with SIGINT ignored, as a shell starts a background job.
+IGNORING_SIGINT = ["-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                         "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
+def marked(marker: str) -> list[int]:
+    needle = f"DREAMBLEND_TEST_MARKER={marker}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    if needle in handle.read().split(b"\0"):
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def describe(pids: list[int]) -> list[str]:
+    names = []
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:80].decode()
+            names.append(f"{pid} {command}")
+        except OSError:
+            pass
+    return names
+
+
+def wait_until_gone(marker: str, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        left = marked(marker)
+        if not left:
+            return []
+        time.sleep(0.25)
+    return marked(marker)
+
+
+class Background:
+    """A command started the way a process manager or a shell's `cmd &` starts it."""
+
+    def __init__(self, argv: list[str], tmp_path: Path, **env):
+        self.marker = uuid.uuid4().hex
+        self.output = tmp_path / f"console-{self.marker[:8]}.txt"
+        full_env = {**os.environ, "DREAMBLEND_TEST_MARKER": self.marker, "DREAMBLEND_LOG_DIR": str(tmp_path),
+                    **env}
+        with open(self.output, "wb") as out:
+            self.process = subprocess.Popen([sys.executable, *IGNORING_SIGINT, *argv], cwd=REPO, env=full_env,
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def console(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def wait_for(self, ready, timeout_s: float = 240.0, what: str = "start-up") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"exited with {self.process.returncode} during {what}:\n{self.console()[-3000:]}")
+            if ready():
+                return
+            time.sleep(0.5)
+        self.kill()
+        pytest.fail(f"no {what} within {timeout_s} s:\n{self.console()[-3000:]}")
+
+    def kill(self) -> None:
+        for pid in marked(self.marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture()
+def background(tmp_path):
+    started = []
+
+    def start(argv, **env):
+        started.append(Background(argv, tmp_path, **env))
+        return started[-1]
+
+    yield start
+    for command in started:  # never leave anything behind, whatever the test's outcome
+        command.kill()
+
+
+def healthz_answers(port: int):
+    import httpx
+
+    def ready():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    return ready
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- no Ray: signals and the reaper
+
+DRIVER = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from dreamblend_ray import lifecycle
+
+    lifecycle.setup_logging("test", log_file=sys.argv[1])
+    marker = "{marker}"
+
+    def body():
+        reaper = lifecycle.Reaper(marker)
+        env = dict(os.environ, DREAMBLEND_CLUSTER_ID=marker)
+        stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+        for code in ("import time; time.sleep(600)", stubborn):
+            # a child that outlives its parent, like Ray's agents
+            subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+        print("UP", flush=True)
+        try:
+            lifecycle.wait_for_shutdown()
+        finally:
+            {finally_body}
+            reaper.close(10)
+
+    sys.exit(lifecycle.run_command(body, grace_s={grace}))
+""")
+
+
+def start_driver(background, tmp_path, finally_body="pass", grace=10):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(marker=uuid.uuid4().hex, finally_body=finally_body, grace=grace))
+    command = background([sys.executable, str(script), str(tmp_path / "driver.log")])
+    command.wait_for(lambda: "UP" in command.console(), timeout_s=60)
+    time.sleep(0.5)  # the reaper's interpreter is up
+    return command
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_a_command_that_inherited_sigint_ignored(background, tmp_path, signum, code):
+    command = start_driver(background, tmp_path)
+    assert len(marked(command.marker)) >= 4  # the driver, the reaper, two children
+    command.process.send_signal(signum)
+    assert command.process.wait(timeout=20) == code
+    left = wait_until_gone(command.marker, 10)
+    assert not left, describe(left)
+    assert f"{signal.Signals(signum).name}: shutting down" in command.console()
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_leaves_no_process(background, tmp_path):
+    command = start_driver(background, tmp_path)
+    command.process.kill()
+    left = wait_until_gone(command.marker, 15)
+    assert not left, describe(left)
+
+
+@pytest.mark.slow
+def test_clean_up_that_outruns_the_grace_period_is_cut_short(background, tmp_path):
+    command = start_driver(background, tmp_path, finally_body="time.sleep(600)", grace=2)
+    start = time.monotonic()
+    command.process.terminate()
+    assert command.process.wait(timeout=20) == 143
+    assert time.monotonic() - start < 10
+    left = wait_until_gone(command.marker, 15)
+    assert not left, describe(left)
+    assert "did not finish within the 2 s grace period" in command.console()
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once(background, tmp_path):
+    command = start_driver(background, tmp_path, finally_body="time.sleep(600)", grace=60)
+    command.process.terminate()
+    time.sleep(1.0)
+    command.process.terminate()
+    assert command.process.wait(timeout=10) == 143
+    left = wait_until_gone(command.marker, 15)
+    assert not left, describe(left)
+
+
+# --------------------------------------------------------------------------- logging
+
+@pytest.fixture()
+def our_handlers():
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "dreamblend", False):
+            root.removeHandler(handler)
+            handler.close()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_chatter_goes_to_the_log_file(tmp_path, capsys, our_handlers, verbose):
+    path = lifecycle.setup_logging("test", log_file=str(tmp_path / "x.log"), verbose=verbose)
+    logging.getLogger("httpx").info("HTTP Request: POST http://127.0.0.1/v1/generate")
+    logging.getLogger("ray.serve").info("Started Serve")
+    logging.getLogger("dreamblend_ray.demo").info("step 1/3")
+    logging.getLogger("diffusers").warning("your scheduler config is odd")
+    console, log = capsys.readouterr().err, path.read_text()
+    for line in ("HTTP Request", "Started Serve", "step 1/3", "scheduler config", f"log file: {path}"):
+        assert line in log
+    for line in ("step 1/3", "scheduler config", f"log file: {path}"):
+        assert line in console
+    assert ("HTTP Request" in console) == verbose and ("Started Serve" in console) == verbose
+
+
+def test_grace_period_is_checked(monkeypatch):
+    assert lifecycle.grace_period_s() == lifecycle.DEFAULT_GRACE_S
+    monkeypatch.setenv(lifecycle.GRACE_ENV, "12.5")
+    assert lifecycle.grace_period_s() == 12.5
+    assert lifecycle.grace_period_s(5) == 5.0
+    monkeypatch.setenv(lifecycle.GRACE_ENV, "soon")
+    with pytest.raises(ValueError, match=lifecycle.GRACE_ENV):
+        lifecycle.grace_period_s()
+    with pytest.raises(ValueError, match="grace period"):
+        lifecycle.grace_period_s(0)
+
+
+# --------------------------------------------------------------------------- with Ray (slow)
+
+def log_file(tmp_path: Path, command: str) -> str:
+    paths = sorted(tmp_path.glob(f"{command}-*.log"))
+    assert paths, f"no {command} log file in {tmp_path}"
+    return paths[-1].read_text(errors="replace")
+
+
+def start_serve(background, tmp_path):
+    port = free_port()
+    command = background([DREAMBLEND, "serve", "--base", "tiny", "--storage-root", str(tmp_path / "store"),
+                          "--port", str(port), "--grace-period", "30"])
+    command.wait_for(healthz_answers(port), what="/healthz")
+    return command
+
+
+@pytest.mark.slow
+def test_serve_stops_on_sigterm_in_order_and_leaves_no_process(background, tmp_path):
+    command = start_serve(background, tmp_path)
+    assert any("raylet" in name for name in describe(marked(command.marker)))
+    start = time.monotonic()
+    command.process.terminate()
+    assert command.process.wait(timeout=40) == 143
+    left = wait_until_gone(command.marker, max(1.0, 30 - (time.monotonic() - start)))
+    assert not left, describe(left)
+    console = command.console()
+    assert "(raylet)" not in console and "killed by `ray.kill`" not in console  # an orderly stop
+    assert "Started Serve" not in console  # Serve's INFO chatter is in the log file
+    log = log_file(tmp_path, "serve")
+    assert "Started Serve" in log and "Deleting app" in log
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_serve_driver_leaves_no_process(background, tmp_path):
+    command = start_serve(background, tmp_path)
+    command.process.kill()
+    left = wait_until_gone(command.marker, 15)
+    assert not left, describe(left)
+
+
+SLOW_APP = textwrap.dedent("""
+    import asyncio, sys
+    from ray import serve
+    from dreamblend_ray import lifecycle
+
+    @serve.deployment(graceful_shutdown_timeout_s=20)
+    class Slow:
+        async def __call__(self, request):
+            await asyncio.sleep(float(request.query_params.get("s", "0")))
+            return "done"
+
+    def body():
+        lifecycle.init_ray(num_cpus=2, object_store_memory=200_000_000)
+        try:
+            lifecycle.start_serve("127.0.0.1", int(sys.argv[1]))
+            serve.run(Slow.bind(), name="slow", route_prefix="/")
+            print("UP", flush=True)
+            lifecycle.wait_for_shutdown()
+        finally:
+            lifecycle.stop_serve()
+
+    lifecycle.setup_logging("slow-app")
+    sys.exit(lifecycle.run_command(body, grace_s=30))
+""")
+
+
+@pytest.mark.slow
+def test_in_flight_requests_finish_after_sigterm_and_new_ones_are_turned_away(background, tmp_path):
+    import concurrent.futures
+
+    import httpx
+
+    script, port = tmp_path / "slow_app.py", free_port()
+    script.write_text(SLOW_APP)
+    command = background([sys.executable, str(script), str(port)])
+    command.wait_for(lambda: "UP" in command.console())
+    url = f"http://127.0.0.1:{port}/"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(httpx.get, url, params={"s": 6}, timeout=60)
+        time.sleep(2.0)  # the request is in the replica
+        command.process.terminate()
+        time.sleep(1.0)
+        late = httpx.get(url, timeout=30)
+        answer = in_flight.result()
+    assert answer.status_code == 200 and answer.text == "done"
+    assert late.status_code == 404  # the application is gone; the request was answered, not dropped
+    assert command.process.wait(timeout=40) == 143
+    left = wait_until_gone(command.marker, 20)
+    assert not left, describe(left)
+
+
+def write_subjects(tmp_path: Path) -> Path:
+    import json
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (32, 32), colour).save(images / f"{i}.png")
+    manifest = tmp_path / "subjects.jsonl"
+    manifest.write_text(json.dumps({"subject_id": "alpha", "class_noun": "ball",
+                                    "images": [str(p) for p in sorted(images.iterdir())]}) + "\n")
+    return manifest
+
+
+@pytest.mark.slow
+def test_finetune_job_stops_on_sigterm_and_leaves_no_process(background, tmp_path):
+    manifest = write_subjects(tmp_path)
+    command = background([sys.executable, "jobs/finetune_subjects.py", "--subjects", str(manifest),
+                          "--output", str(tmp_path / "out"), "--base", "tiny", "--steps", "100000",
+                          "--no-prior-preservation", "--grace-period", "30"])
+    command.wait_for(lambda: any("FinetuneActor" in name for name in describe(marked(command.marker))),
+                     what="the fine-tune actor")
+    time.sleep(2.0)
+    start = time.monotonic()
+    command.process.terminate()
+    assert command.process.wait(timeout=40) == 143
+    left = wait_until_gone(command.marker, max(1.0, 30 - (time.monotonic() - start)))
+    assert not left, describe(left)
+    assert "SIGTERM: shutting down" in command.console()
+
+
+@pytest.mark.slow
+def test_demo_console_shows_steps_not_library_chatter(background, tmp_path):
+    out = tmp_path / "demo"
+    command = background([DREAMBLEND, "demo", "--base", "tiny", "--subjects", "striped-star", "--finetune-steps",
+                          "3", "--steps", "3", "--contexts", "1", "--out", str(out)])
+    assert command.process.wait(timeout=600) == 0, command.console()[-3000:]
+    console, log = command.console(), (out / "dreamblend.log").read_text()
+    assert f"log file: {out / 'dreamblend.log'}" in console
+    assert "step 1/3" in console and "grid.png" in console and "demo requests" in console  # steps, bar, outputs
+    for chatter in ("httpx", "HTTP Request", "(raylet)", "Started Serve", "Running Dataset"):
+        assert chatter not in console, chatter
+    assert "HTTP Request: POST" in log and "Started Serve" in log
+    left = wait_until_gone(command.marker, 10)
+    assert not left, describe(left)
