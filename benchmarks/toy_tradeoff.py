@@ -127,7 +127,8 @@ def main() -> None:
                              "(spatial context), or a new background colour (global context)")
     parser.add_argument("--backgrounds", "--contexts", dest="contexts", type=int, default=3,
                         help="how many new contexts (companions or backgrounds)")
-    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=8,
+                        help="seeds per context (default 8: the README and docs figures use it)")
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--windows", default="0.3,0.6", help="guidance windows as fractions of the steps")
