@@ -89,6 +89,18 @@ def under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record comes (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(command: str, *, level: str = "INFO", verbose: bool = False, log_file: str | None = None,
                   log_dir: str | None = None) -> Path:
     """Console and log-file handlers on the root logger (replacing any); returns the file's path.
@@ -99,13 +111,10 @@ def setup_logging(command: str, *, level: str = "INFO", verbose: bool = False, l
     path = Path(log_file) if log_file else default_log_path(command, log_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "dreamblend", False):  # ours from an earlier call (tests call main twice)
-            root.removeHandler(handler)
-            handler.close()
+    teardown_logging()  # ours from an earlier call
     root.setLevel(level)
     to_file = logging.FileHandler(path, encoding="utf-8")
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler()
     if not verbose:
         console.addFilter(ConsoleFilter())
     for handler in (to_file, console):
@@ -118,6 +127,15 @@ def setup_logging(command: str, *, level: str = "INFO", verbose: bool = False, l
     route_library_loggers()
     logger.info("log file: %s", path)
     return path
+
+
+def teardown_logging() -> None:
+    """Remove (and close) the handlers :func:`setup_logging` added."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "dreamblend", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def route_library_loggers() -> None:
@@ -164,6 +182,7 @@ class SignalHandler:
         self.grace_s = grace_s
         self.received: int | None = None
         self.deadline: float | None = None
+        self.previous: dict[int, object] = {}
 
     def __call__(self, signum, frame):
         if self.received is not None:
@@ -186,7 +205,14 @@ class SignalHandler:
 
     def install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self)
+            previous = signal.signal(signum, self)
+            if previous is not self:
+                self.previous.setdefault(signum, previous)
+
+    def uninstall(self) -> None:
+        """Put back the handlers found at the first install (a caller that runs commands in-process)."""
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 _handler: SignalHandler | None = None  # the process's signal handler, once installed
@@ -371,11 +397,16 @@ def shutdown() -> None:
 @contextlib.contextmanager
 def running(grace_s: float | None = None):
     """A command's lifetime: signals handled; Ray (and the local cluster's processes) stopped at the end."""
-    handle_signals(grace_s)
+    global _handler
+    handler = handle_signals(grace_s)
     try:
         yield
     finally:
-        shutdown()
+        try:
+            shutdown()
+        finally:
+            handler.uninstall()
+            _handler = None
 
 
 def run_command(body, grace_s: float | None = None) -> int:

@@ -1,11 +1,14 @@
 """Shared fixtures: the tiny random model, built once per session, and quiet torch threading."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Commands run in-process write their log files here, not into ~/.cache/dreamblend/logs.
+os.environ.setdefault("DREAMBLEND_LOG_DIR", tempfile.mkdtemp(prefix="dreamblend-test-logs-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
