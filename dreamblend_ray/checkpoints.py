@@ -186,20 +186,26 @@ def write_manifest(root: str, subject_id: str, manifest: dict) -> str:
     return uri
 
 
+class ManifestError(ValueError):
+    """A subject's stored manifest is damaged: not UTF-8 JSON, malformed, or another subject's.
+    The message names the URI (for logs and the CLI; the HTTP layer answers without it)."""
+
+
 def read_manifest(root: str, subject_id: str) -> dict:
-    """The validated manifest; FileNotFoundError if the subject has none (absent or incomplete)."""
+    """The validated manifest; FileNotFoundError if the subject has none (absent or incomplete),
+    ManifestError if it is damaged."""
     uri = manifest_uri(root, subject_id)
     try:
         manifest = json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{uri} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{uri} is not valid JSON: {exc}") from exc
     try:
         validate_manifest(manifest)
     except ValueError as exc:
-        raise ValueError(f"{uri}: {exc}") from exc
+        raise ManifestError(f"{uri}: {exc}") from exc
     if manifest["subject_id"] != subject_id:
-        raise ValueError(f"{uri}: subject manifest field 'subject_id' is {manifest['subject_id']!r}, "
-                         f"expected {subject_id!r}")
+        raise ManifestError(f"{uri}: subject manifest field 'subject_id' is {manifest['subject_id']!r}, "
+                            f"expected {subject_id!r}")
     return manifest
 
 
@@ -255,10 +261,15 @@ def _check_base(manifest: dict, components) -> None:
 
     have = model_identity(components)["config_sha256"]
     want = manifest["base"]["config_sha256"]
-    if have != want:
+    if have != want:  # bases named without their paths: this message reaches HTTP clients
         raise ValueError(f"subject {manifest['subject_id']!r} was fine-tuned from base "
-                         f"{manifest['base']['source']!r} (config {want[:12]}), not from the loaded "
-                         f"base {components.source!r} (config {have[:12]})")
+                         f"{base_name(manifest['base']['source'])!r} (config {want[:12]}), not from the loaded "
+                         f"base {base_name(components.source)!r} (config {have[:12]})")
+
+
+def base_name(source: str) -> str:
+    """A base model's name without its location: the last part of its path or URI."""
+    return str(source).rstrip("/").rsplit("/", 1)[-1] or "unknown"
 
 
 def _load_adapter(unet: UNet2DConditionModel, uri: str, adapter_name: str) -> None:

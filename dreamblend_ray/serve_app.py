@@ -64,8 +64,8 @@ class LoadedPair:
                     guidance_step=self.guidance_step, edit_step=self.edit_step)
             except FileNotFoundError as exc:
                 raise SubjectNotFound(f"subject {self.subject_id!r} has no complete checkpoint pair") from exc
-            except ValueError as exc:  # a step that was not saved, or another base model
-                raise FieldError("subject_id", str(exc)) from exc
+            except ValueError as exc:  # a damaged manifest (424), a step not saved or another base (409)
+                raise serving.subject_load_error(self.subject_id, exc) from exc
             self._replica.materialised[self.subject_id] = self
         return self.pair
 

@@ -11,17 +11,16 @@ it); this module holds what can be tested without a cluster:
 - ``group_jobs`` / ``run_group``: how a batch of jobs becomes sampler calls. Jobs share a call only
   when they have the same model id and sampling settings (a missing negative prompt is ""), and
   the sampler is batch invariant, so every request gets exactly the images it would get served alone.
-- PNG encoding, API-key loading and constant-time checking, a request-body size limit.
-- ``make_api(args, backend)``: the FastAPI app (routes, error mapping) over a ``Backend``.
+- PNG encoding, API-key loading and constant-time checking.
+- The exceptions the HTTP layer maps to statuses (FieldError 422, SubjectNotFound 404,
+  SubjectUnusable 424, Overloaded 503, DeadlineExceeded 504).
 
-Error mapping (never a 500 for bad input): unknown subject 404, invalid field 422 (the field is
-named in ``detail[].loc``), body too large 413, missing/wrong API key 401, overload 503, timeout 504.
+The HTTP edge itself (routes, auth middleware, body limit, error bodies, OpenAPI, offline docs) is
+``dreamblend_ray/http_api.py``; ``make_api`` here forwards to it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import hmac
 import io
 import logging
@@ -29,11 +28,10 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 from dreamblend_ray.config import SUBJECT_ID_PATTERN, SamplingConfig
 from dreamblend_ray.dtypes import normalize_dtype
@@ -163,34 +161,65 @@ def key_matches(presented: str | None, expected: str) -> bool:
 # Request body and the job it becomes
 
 
+MAX_PROMPT_CHARS = 2000
+
+
+def _unicode_text(value: str) -> str:
+    """Text that encodes as UTF-8 (JSON's \\ud800 escapes can smuggle in lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_unicode_text)]
+
+
+def _json_number(value):
+    """Numbers as JSON has them: ``true`` and ``"4"`` are not numbers (pydantic's lax mode would take
+    them), while ``4.0`` is a JSON Schema integer (and is taken as 4)."""
+    if isinstance(value, (bool, str, bytes)):
+        raise PydanticCustomError("number_type", "Input should be a JSON number")
+    return value
+
+
+def Int(low: int, high: int):  # noqa: N802 - a type
+    """A JSON integer in [low, high] (the bounds inside the type, so they reach the schema of ``Int | None``)."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_json_number)]
+
+
+def Float(low: float, high: float):  # noqa: N802 - a type
+    """A finite JSON number in [low, high]."""
+    return Annotated[float, Field(ge=low, le=high, allow_inf_nan=False), BeforeValidator(_json_number)]
+NegativePrompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS), AfterValidator(_unicode_text)]
+REQUEST_EXAMPLE = {"subject_id": "dog", "prompt": "a sks dog on the beach", "seed": 42}
+
+
 class GenerateRequest(BaseModel):
-    """Body of ``POST /v1/generate``. Give ``prompt`` or ``prompts``; ``num_images`` per prompt."""
+    """Body of ``POST /v1/generate``. Give exactly one of ``prompt`` or ``prompts``; ``num_images``
+    per prompt. Numbers must be JSON numbers: ``"4"`` and ``true`` are not 4 or 1."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [REQUEST_EXAMPLE]})
 
-    subject_id: str = Field(pattern=SUBJECT_ID_PATTERN.pattern, description="a fine-tuned subject")
-    prompt: str | None = Field(None, min_length=1, max_length=2000)
-    prompts: list[str] | None = Field(None, min_length=1)
-    negative_prompt: str | None = Field(None, max_length=2000)
-    num_images: int = Field(1, ge=1, description="images per prompt")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image k uses seed + k; random if absent")
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
-    alpha: float | None = Field(None, ge=0, le=10, allow_inf_nan=False)
-    guidance_steps: int | None = Field(None, ge=0, description="K: how many first steps are guided")
-    guidance_step: int | None = Field(None, ge=0, description="override: checkpoint step of G")
-    edit_step: int | None = Field(None, ge=0, description="override: checkpoint step of E")
+    subject_id: str = Field(pattern=SUBJECT_ID_PATTERN.pattern, description="a fine-tuned subject",
+                            examples=["dog"])
+    prompt: Prompt | None = Field(None, description="one prompt (or give prompts)")
+    prompts: list[Prompt] | None = Field(None, min_length=1, description="several prompts (or give prompt)")
+    negative_prompt: NegativePrompt | None = Field(None, description="for every image; default ''")
+    num_images: Int(1, 1_000_000) = Field(1, description="images per prompt")
+    seed: Int(0, MAX_SEED) | None = Field(None, description="image k uses seed + k; random if absent")
+    num_inference_steps: Int(1, 1000) | None = Field(None, description="T, DDIM steps")
+    guidance_scale: Float(0, 50) | None = Field(None, description="CFG scale w")
+    alpha: Float(0, 10) | None = Field(None, description="guidance strength")
+    guidance_steps: Int(0, 1000) | None = Field(None,
+                                       description="K: how many first steps are guided; at most T")
+    guidance_step: Int(1, 1_000_000) | None = Field(None,
+                                      description="override: checkpoint step of G (a saved step)")
+    edit_step: Int(1, 1_000_000) | None = Field(None,
+                                  description="override: checkpoint step of E (a saved step)")
     response_format: Literal["auto", "png", "json"] = Field(
         "auto", description="auto: image/png for one image, JSON with base64 PNGs otherwise")
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompts_not_blank(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            for text in value:
-                if not text or len(text) > 2000:
-                    raise ValueError("each prompt must be 1 to 2000 characters long")
-        return value
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> "GenerateRequest":
@@ -201,6 +230,57 @@ class GenerateRequest(BaseModel):
     @property
     def prompt_list(self) -> list[str]:
         return [self.prompt] if self.prompt is not None else list(self.prompts)
+
+
+def _one_source(given: str, json_type: str, other: str) -> dict:
+    """JSON Schema: ``given`` is present and not null; ``other`` is absent or null."""
+    return {"required": [given], "properties": {given: {"type": json_type}, other: {"type": "null"}}}
+
+
+def request_rules(args: AppArgs) -> list[dict]:
+    """The cross-field rules of a request as JSON Schema (what OpenAPI 3.1 can say of them):
+    exactly one of prompt/prompts, prompts x num_images <= max_images_per_request, 'png' means one
+    image, and guidance_steps <= default_steps when num_inference_steps is left out."""
+    rules: list[dict] = [{"oneOf": [_one_source("prompt", "string", "prompts"),
+                                    _one_source("prompts", "array", "prompt")]}]
+    cap = args.max_images_per_request
+    for count in range(2, min(args.max_prompts, cap) + 1):
+        if cap // count < cap // (count - 1):
+            rules.append({"if": {"required": ["prompts"], "properties": {"prompts": {"type": "array",
+                                                                                    "minItems": count}}},
+                          "then": {"properties": {"num_images": {"maximum": cap // count}}}})
+    rules.append({"if": {"required": ["response_format"], "properties": {"response_format": {"const": "png"}}},
+                  "then": {"properties": {"num_images": {"maximum": 1}, "prompts": {"maxItems": 1}}}})
+    rules.append({"if": {"properties": {"num_inference_steps": {"type": "null"}}},  # absent or null
+                  "then": {"properties": {"guidance_steps": {"maximum": args.default_steps}}}})
+    return rules
+
+
+def request_model(args: AppArgs) -> type["_BaseRequest"]:
+    """``GenerateRequest`` with this app's limits in its fields and schema (maximum, maxItems and
+    the cross-field rules), so the OpenAPI schema states what the endpoint accepts."""
+    max_prompts = min(args.max_prompts, args.max_images_per_request)
+    rules = request_rules(args)
+
+    def schema_extra(schema: dict) -> None:
+        schema["examples"] = [REQUEST_EXAMPLE]
+        schema["allOf"] = rules
+
+    class GenerateRequest(_BaseRequest):  # named so: the OpenAPI component is "GenerateRequest"
+        model_config = ConfigDict(extra="forbid", json_schema_extra=schema_extra)
+
+        prompts: list[Prompt] | None = Field(None, min_length=1, max_length=max_prompts,
+                                             description="several prompts (or give prompt)")
+        num_images: Int(1, args.max_images_per_request) = Field(1, description="images per prompt")
+        num_inference_steps: Int(1, args.max_inference_steps) | None = Field(None,
+                                                description=f"T, DDIM steps (default {args.default_steps})")
+        guidance_steps: Int(0, args.max_inference_steps) | None = Field(None,
+                                           description="K: how many first steps are guided; at most T")
+
+    return GenerateRequest
+
+
+_BaseRequest = GenerateRequest
 
 
 class FieldError(ValueError):
@@ -217,6 +297,27 @@ class FieldError(ValueError):
 
 class SubjectNotFound(LookupError):
     """No complete subject (no subject.json, or a missing checkpoint): answered 404."""
+
+
+class SubjectUnusable(SubjectNotFound):
+    """The subject's stored manifest is damaged (not JSON, or another subject's): answered 424."""
+
+
+class SubjectConflict(FieldError):
+    """The request conflicts with what the subject has in storage (a step that was not saved, a
+    base model other than the one loaded): answered 409."""
+
+
+def subject_load_error(subject_id: str, exc: ValueError) -> Exception:
+    """The client-facing error for a ValueError met while loading a subject's pair: a damaged
+    manifest is SubjectUnusable (its storage detail is logged, not returned), else a conflict."""
+    from dreamblend_ray.checkpoints import ManifestError
+
+    if isinstance(exc, (ManifestError, UnicodeDecodeError)):
+        logger.error("subject %r has a damaged manifest: %s", subject_id, exc)
+        return SubjectUnusable(f"subject {subject_id!r} is damaged in storage (its manifest cannot be read); "
+                               "fine-tune it again")
+    return SubjectConflict("subject_id", str(exc))
 
 
 class Overloaded(RuntimeError):
@@ -324,8 +425,8 @@ def canonical_overrides(request: GenerateRequest, manifest: dict) -> GenerateReq
         if value is None:
             continue
         if saved and value not in saved:
-            raise FieldError(name, f"subject {request.subject_id!r} has no checkpoint at step {value} "
-                                   f"(saved: {sorted(saved)})")
+            raise SubjectConflict(name, f"{name} {value} is not a saved checkpoint of subject "
+                                        f"{request.subject_id!r} (saved: {sorted(saved)})")
         if value == manifest.get(name):
             changes[name] = None
     return request.model_copy(update=changes) if changes else request
@@ -433,156 +534,8 @@ class Backend(Protocol):
         """Health of one model replica."""
 
 
-class ManifestCache:
-    """A small TTL cache over ``read_manifest``; FileNotFoundError becomes SubjectNotFound."""
+def make_api(args: AppArgs, backend: Backend, read_manifest):
+    """The FastAPI app of the ingress (routes, auth, errors, OpenAPI, docs): see ``http_api.make_api``."""
+    from dreamblend_ray.http_api import make_api as build
 
-    def __init__(self, read, ttl_s: float, clock=time.monotonic):
-        self._read, self._ttl, self._clock = read, ttl_s, clock
-        self._entries: dict[str, tuple[float, dict]] = {}
-
-    async def get(self, subject_id: str) -> dict:
-        hit = self._entries.get(subject_id)
-        if hit is not None and self._clock() - hit[0] < self._ttl:
-            return hit[1]
-        try:
-            manifest = await asyncio.to_thread(self._read, subject_id)
-        except FileNotFoundError as exc:
-            raise SubjectNotFound(f"subject {subject_id!r} not found") from exc
-        if self._ttl > 0:
-            self._entries[subject_id] = (self._clock(), manifest)
-        return manifest
-
-
-class BodyLimitMiddleware:
-    """ASGI middleware: 413 when Content-Length or the bytes actually received exceed the limit."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await _too_large(self.max_bytes)(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await _too_large(self.max_bytes)(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, sent = b"".join(chunks), False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
-
-
-def _field_error(field_name: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": [
-        {"loc": ["body", field_name], "msg": message, "type": "value_error"}]})
-
-
-def _result_headers(job: GenerationJob, result: GenerationResult) -> dict[str, str]:
-    return {
-        f"{HEADER_PREFIX}Batch-Size": str(result.batch_requests),
-        f"{HEADER_PREFIX}Batch-Images": str(result.batch_images),
-        f"{HEADER_PREFIX}Replica": result.replica,
-        f"{HEADER_PREFIX}Loaded-Models": ",".join(result.loaded_models),
-        f"{HEADER_PREFIX}Model-Id": job.model_id,
-        f"{HEADER_PREFIX}Seed": str(job.seeds[0]),
-        f"{HEADER_PREFIX}Sample-Seconds": f"{result.sample_seconds:.3f}",
-    }
-
-
-def render_result(request: GenerateRequest, job: GenerationJob, result: GenerationResult) -> Response:
-    headers = _result_headers(job, result)
-    if request.response_format == "png" or (request.response_format == "auto" and len(result.pngs) == 1):
-        return Response(content=result.pngs[0], media_type="image/png", headers=headers)
-    body = {
-        "subject_id": request.subject_id,
-        "model_id": job.model_id,
-        "prompts": job.prompts,
-        "seeds": job.seeds,
-        "images": [base64.b64encode(png).decode("ascii") for png in result.pngs],
-        "attention_distance": result.attention_distance,
-        "batch_size": result.batch_requests,
-        "replica": result.replica,
-    }
-    return JSONResponse(body, headers=headers)
-
-
-def make_api(args: AppArgs, backend: Backend, read_manifest) -> FastAPI:
-    """The FastAPI app of the ingress. ``read_manifest(subject_id) -> dict`` is blocking storage I/O."""
-    api_key = load_api_key(args)
-    manifests = ManifestCache(read_manifest, args.manifest_cache_s)
-    api = FastAPI(title="DreamBlend", version="1",
-                  description="DreamBlend images of fine-tuned subjects (Ray Serve). "
-                              "Send the API key as `Authorization: Bearer KEY` or `X-API-Key` when auth is on.")
-
-    @api.middleware("http")
-    async def authenticate(request: Request, call_next):
-        open_paths = ("/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect")
-        if args.auth_enabled and request.url.path not in open_paths:
-            if not key_matches(presented_key(request.headers), api_key):
-                return JSONResponse({"detail": "missing or invalid API key"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
-    api.add_middleware(BodyLimitMiddleware, max_bytes=args.max_body_bytes)
-
-    @api.get("/healthz")
-    async def healthz(deep: bool = False) -> dict:
-        """Liveness of the ingress; ``?deep=true`` also asks one model replica (its loaded models, memory)."""
-        body: dict[str, Any] = {"status": "ok"}
-        if deep:
-            body["model"] = await backend.model_health()
-        return body
-
-    @api.get("/v1/subjects/{subject_id}")
-    async def subject(subject_id: str) -> JSONResponse:
-        """The subject's manifest (subject.json)."""
-        if not SUBJECT_ID_PATTERN.match(subject_id):
-            return _field_error("subject_id", "subject_id must match [A-Za-z0-9_-], 1 to 64 characters")
-        try:
-            return JSONResponse(await manifests.get(subject_id))
-        except SubjectNotFound as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @api.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/json": {}}}})
-    async def generate(request: GenerateRequest) -> Response:
-        """DreamBlend images of a subject. One image: image/png (unless response_format=json)."""
-        try:
-            check_limits(request, args)
-            request = canonical_overrides(request, await manifests.get(request.subject_id))
-            seed = random_seed() if request.seed is None else request.seed
-            job = build_job(request, args, seed)
-            result = await asyncio.wait_for(backend.generate(job), timeout=args.request_timeout_s)
-        except FieldError as exc:
-            return _field_error(exc.field, exc.message)
-        except SubjectNotFound as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=404)
-        except Overloaded as exc:
-            return JSONResponse({"detail": f"overloaded, retry later: {exc}"}, status_code=503,
-                                headers={"Retry-After": "1"})
-        except (asyncio.TimeoutError, TimeoutError):  # DeadlineExceeded included
-            return JSONResponse({"detail": f"generation did not finish within {args.request_timeout_s} s"},
-                                status_code=504)
-        return render_result(request, job, result)
-
-    return api
+    return build(args, backend, read_manifest)

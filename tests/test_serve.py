@@ -173,7 +173,7 @@ def test_step_override_is_a_separate_model(auth_app):
     ({"subject_id": "red", "prompt": "x", "alpha": "strong"}, 422, "alpha"),
     ({"subject_id": "red", "prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps"),
     ({"subject_id": "red", "prompt": "x", "num_inference_steps": 4, "guidance_steps": 5}, 422, "guidance_steps"),
-    ({"subject_id": "red", "prompt": "x", "guidance_step": 3}, 422, "guidance_step"),
+    ({"subject_id": "red", "prompt": "x", "guidance_step": 3}, 409, None),  # not a saved step: a conflict
     ({"subject_id": "red", "prompt": "x" * 5000}, 413, None),
 ])
 def test_bad_input_gets_a_4xx_and_the_endpoint_still_serves(auth_app, body, status, field):
@@ -191,7 +191,8 @@ def test_health_answers_while_the_replica_samples(auth_app, serve_url):
                            json={"subject_id": "red", "prompt": "a ball", "num_inference_steps": 40})
         time.sleep(1.0)
         start = time.monotonic()
-        health = httpx.get(f"{serve_url}/healthz", params={"deep": "true"}, timeout=30)
+        health = httpx.get(f"{serve_url}/healthz", params={"deep": "true"}, timeout=30,
+                           headers=auth_app.headers)  # deep health needs the key when auth is on
         waited = time.monotonic() - start
         finished_first = slow.done()
         assert slow.result().status_code == 200

@@ -7,6 +7,7 @@ deployments and the real sampler are exercised end to end in test_serve.py.
 import asyncio
 import base64
 import io
+import json
 import pickle
 
 import pytest
@@ -14,42 +15,18 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from dreamblend_ray import serving
-from dreamblend_ray.serving import (AppArgs, FieldError, GenerateRequest, GenerationJob, GenerationResult,
-                                    SamplingSettings)
+from dreamblend_ray.http_api import ManifestCache
+from dreamblend_ray.storage import StorageError
+from dreamblend_ray.serving import (AppArgs, FieldError, GenerateRequest, GenerationJob, SamplingSettings,
+                                    SubjectConflict)
 
-MANIFEST = {"subject_id": "dog", "steps": [2, 4, 6], "guidance_step": 2, "edit_step": 6}
-
-
-def png(color=(255, 0, 0)) -> bytes:
-    return serving.encode_png(Image.new("RGB", (8, 8), color))
-
-
-class RecordingBackend:
-    def __init__(self, error: Exception | None = None):
-        self.jobs: list[GenerationJob] = []
-        self.error = error
-
-    async def generate(self, job):
-        self.jobs.append(job)
-        if self.error is not None:
-            raise self.error
-        return GenerationResult(pngs=[png() for _ in job.prompts], seeds=job.seeds, batch_requests=1,
-                                batch_images=len(job.prompts), replica="r1", loaded_models=[job.model_id])
-
-    async def model_health(self):
-        return {"replica": "r1", "loaded_models": []}
-
-
-def read_manifest(subject_id):
-    if subject_id != "dog":
-        raise FileNotFoundError(subject_id)
-    return MANIFEST
+from api_fakes import MANIFEST, RecordingBackend, png, read_manifest  # noqa: E402
 
 
 def client(backend=None, **overrides) -> tuple[TestClient, RecordingBackend]:
     backend = backend or RecordingBackend()
     args = AppArgs(**{"base": "tiny", "max_body_bytes": 1024, **overrides})
-    return TestClient(serving.make_api(args, backend, read_manifest)), backend
+    return TestClient(serving.make_api(args, backend, read_manifest), raise_server_exceptions=False), backend
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -102,7 +79,7 @@ def test_overrides_checked_and_canonical():
     request = GenerateRequest(subject_id="dog", prompt="x", guidance_step=2, edit_step=4)
     canonical = serving.canonical_overrides(request, MANIFEST)
     assert (canonical.guidance_step, canonical.edit_step) == (None, 4)  # 2 is the default G
-    with pytest.raises(FieldError) as info:
+    with pytest.raises(SubjectConflict) as info:  # a conflict with the subject's saved steps: 409
         serving.canonical_overrides(GenerateRequest(subject_id="dog", prompt="x", edit_step=5), MANIFEST)
     assert info.value.field == "edit_step"
 
@@ -177,7 +154,7 @@ def test_manifest_cache_ttl():
         return read_manifest(subject_id)
 
     now = [0.0]
-    cache = serving.ManifestCache(read, ttl_s=5, clock=lambda: now[0])
+    cache = ManifestCache(read, ttl_s=5, clock=lambda: now[0])
     asyncio.run(cache.get("dog"))
     asyncio.run(cache.get("dog"))
     now[0] = 6.0
@@ -188,6 +165,17 @@ def test_manifest_cache_ttl():
 
 
 # ------------------------------------------------------------------------------ HTTP, in process
+
+KEY_HEADERS = {"X-API-Key": "s3cret"}
+
+
+def strict_json(response) -> object:
+    """The body parsed as standard JSON (NaN/Infinity refused): what any client can read."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(response.content, parse_constant=refuse)
+
 
 def test_png_for_one_image_json_for_several():
     http, backend = client()
@@ -211,25 +199,76 @@ def test_png_for_one_image_json_for_several():
     ({"subject_id": "dog", "prompt": "x", "prompts": ["y"]}, 422, None),
     ({"subject_id": "dog", "prompt": "x", "num_images": 0}, 422, "num_images"),
     ({"subject_id": "dog", "prompt": "x", "num_images": 50}, 422, "num_images"),
+    ({"subject_id": "dog", "prompts": ["x", "y"], "num_images": 3}, 422, "num_images"),  # 6 images > 4
     ({"subject_id": "dog", "prompts": ["x"] * 9}, 422, "prompts"),
     ({"subject_id": "dog", "prompt": "x", "alpha": -1}, 422, "alpha"),
     ({"subject_id": "dog", "prompt": "x", "guidance_scale": "high"}, 422, "guidance_scale"),
+    ({"subject_id": "dog", "prompt": "x", "num_images": "2"}, 422, "num_images"),  # a string is not a number
+    ({"subject_id": "dog", "prompt": "x", "num_images": True}, 422, "num_images"),  # nor is true
     ({"subject_id": "dog", "prompt": "x", "seed": -5}, 422, "seed"),
     ({"subject_id": "dog", "prompt": "x", "num_inference_steps": 4, "guidance_steps": 9}, 422, "guidance_steps"),
-    ({"subject_id": "dog", "prompt": "x", "edit_step": 5}, 422, "edit_step"),
+    ({"subject_id": "dog", "prompt": "x", "guidance_steps": 31}, 422, "guidance_steps"),  # > default_steps
+    ({"subject_id": "dog", "prompt": "x", "edit_step": 5}, 409, None),  # not a saved step of dog
+    ({"subject_id": "dog", "prompt": "x", "guidance_step": 0}, 422, "guidance_step"),
     ({"subject_id": "dog", "prompt": "x", "response_format": "gif"}, 422, "response_format"),
+    ({"subject_id": "dog", "prompt": "x", "num_images": 2, "response_format": "png"}, 422, "response_format"),
     ({"subject_id": "dog", "prompt": "x", "colour": "red"}, 422, "colour"),
+    ({"subject_id": "dog", "prompt": "\ud800"}, 422, "prompt"),  # a lone surrogate is not text
+    ({"subject_id": "dog", "prompts": ["ok", "\udfff"]}, 422, "prompts"),
 ])
 def test_bad_input_matrix(body, status, field):
     http, backend = client()
-    response = http.post("/v1/generate", json=body)
+    response = http.post("/v1/generate", content=json.dumps(body),  # \ud800 escapes as JSON allows
+                         headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
+    detail = strict_json(response)["detail"]
     if field is not None:
-        assert field in {str(part) for item in response.json()["detail"] for part in item["loc"]}
+        assert field in {str(part) for item in detail for part in item["loc"]}
+    if status == 409:
+        assert "edit_step 5" in detail and "saved: [2, 4, 6]" in detail
     assert not backend.jobs
 
 
-def test_body_too_large_and_not_json():
+NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
+NUMBER_FIELDS = ["alpha", "guidance_scale", "seed", "num_images", "num_inference_steps", "guidance_steps",
+                 "guidance_step", "edit_step"]
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("field", NUMBER_FIELDS + ["prompt", "negative_prompt", "response_format", "extra"])
+def test_non_finite_numbers_are_a_422_naming_the_field(field, value):
+    """Python's JSON reader takes NaN, Infinity and 1e400 (-> inf); the answer is a 422 naming the
+    field, itself standard JSON: the offending value is never echoed back."""
+    http, backend = client()
+    fields = '"prompt": "a sks dog"' if field == "prompt" else f'"prompt": "a sks dog", "{field}": {value}'
+    raw = ('{"subject_id": "dog", ' + fields + (f', "prompt": {value}' if field == "prompt" else "") + "}")
+    raw = raw.replace('"prompt": "a sks dog", "prompt"', '"prompt"')
+    response = http.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, (raw, response.status_code, response.text)
+    detail = strict_json(response)["detail"]
+    assert field in {str(part) for item in detail for part in item["loc"]}, detail
+    assert all(set(item) == {"loc", "msg", "type"} for item in detail)  # no "input" echo
+    assert not backend.jobs
+
+
+@pytest.mark.parametrize("raw,field", [
+    ('{"subject_id": "dog", "prompts": ["a", NaN]}', "prompts"),
+    ('{"subject_id": NaN, "prompt": "a"}', "subject_id"),
+    ('{"subject_id": "dog", "prompt": "a", "alpha": [Infinity, NaN]}', "alpha"),
+    ('{"subject_id": "dog", "prompt": "a", "\\ud800": NaN}', None),
+    ('[NaN]', None),
+    ('NaN', None),
+])
+def test_no_request_body_makes_the_error_answer_fail(raw, field):
+    http, _ = client()
+    response = http.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    detail = strict_json(response)["detail"]
+    if field is not None:
+        assert field in {str(part) for item in detail for part in item["loc"]}
+
+
+def test_body_too_large_not_json_and_not_utf8():
     http, _ = client()
     response = http.post("/v1/generate", json={"subject_id": "dog", "prompt": "x" * 2000})
     assert response.status_code == 413
@@ -237,19 +276,103 @@ def test_body_too_large_and_not_json():
     response = http.post("/v1/generate", content=chunks, headers={"content-type": "application/json"})
     assert response.status_code == 413  # streamed without Content-Length: counted as it arrives
     response = http.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422
+    assert response.status_code == 422 and "JSON decode error" in response.json()["detail"][0]["msg"]
+    response = http.post("/v1/generate", content=b'{"subject_id": "\xff"}', headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json() == {"detail": "There was an error parsing the body"}
 
 
-@pytest.mark.parametrize("error,status", [(serving.Overloaded("full"), 503),
+@pytest.mark.parametrize("error,status", [(serving.Overloaded("queue full at replica 7f3a"), 503),
                                           (serving.DeadlineExceeded("late"), 504),
-                                          (serving.SubjectNotFound("gone"), 404),
-                                          (FieldError("subject_id", "other base"), 422)])
+                                          (serving.SubjectNotFound("subject 'dog' not found"), 404),
+                                          (serving.SubjectUnusable("subject 'dog' is damaged"), 424),
+                                          (SubjectConflict("subject_id", "another base"), 409),
+                                          (FieldError("num_images", "too many"), 422),
+                                          (StorageError("GET s3://bucket/secret/subjects/dog failed"), 503),
+                                          (RuntimeError("CUDA error at /opt/secret/kernel.cu"), 500)])
 def test_backend_errors_map_to_statuses(error, status):
     http, _ = client(RecordingBackend(error))
     response = http.post("/v1/generate", json={"subject_id": "dog", "prompt": "x"})
     assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
     if status == 503:
         assert response.headers["retry-after"]
+    assert "secret" not in response.text and "7f3a" not in response.text  # nothing internal in the answer
+    if status == 500:
+        assert response.json() == {"detail": "internal error"}
+
+
+def test_subject_is_a_public_view_without_paths_or_versions():
+    http, _ = client()
+    body = http.get("/v1/subjects/dog").json()
+    assert body == {"subject_id": "dog", "class_noun": "dog", "token": "sks", "instance_prompt": "a sks dog",
+                    "kind": "lora", "steps": [2, 4, 6], "guidance_step": 2, "edit_step": 6,
+                    "base": {"name": "tiny-sd", "config_id": "ab" * 6}, "created_at": "2026-12-02T00:00:00Z"}
+    assert http.get("/v1/subjects/cat").status_code == 404
+
+
+def _store_with(tmp_path, text: str | bytes):
+    from functools import partial
+
+    from dreamblend_ray import checkpoints
+
+    path = tmp_path / "subjects" / "dog" / "subject.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    args = AppArgs(base="tiny", manifest_cache_s=0)
+    backend = RecordingBackend()
+    return TestClient(serving.make_api(args, backend, partial(checkpoints.read_manifest, str(tmp_path))),
+                      raise_server_exceptions=False), backend
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({**MANIFEST, "subject_id": "cat"}),
+                                     json.dumps({**MANIFEST, "steps": "2,4"}), b"\xff\xfe{}"])
+def test_a_damaged_subject_is_a_424_naming_the_subject_not_the_path(tmp_path, content):
+    http, backend = _store_with(tmp_path, content)
+    for response in (http.get("/v1/subjects/dog"),
+                     http.post("/v1/generate", json={"subject_id": "dog", "prompt": "a sks dog"})):
+        assert response.status_code == 424, response.text
+        detail = response.json()["detail"]
+        assert "'dog'" in detail and "damaged" in detail
+        assert str(tmp_path) not in response.text and "subject.json" not in response.text
+    assert not backend.jobs
+
+
+def test_the_real_store_serves_a_valid_subject(tmp_path):
+    http, backend = _store_with(tmp_path, json.dumps(MANIFEST))
+    assert http.get("/v1/subjects/dog").json()["steps"] == [2, 4, 6]
+    assert http.post("/v1/generate", json={"subject_id": "dog", "prompt": "a sks dog"}).status_code == 200
+
+
+def test_replica_load_errors_are_named_without_paths():
+    """What the model replica raises when a pair does not load (serve_app.LoadedPair.ensure)."""
+    from dreamblend_ray.checkpoints import ManifestError
+
+    damaged = serving.subject_load_error("dog", ManifestError("/srv/store/subjects/dog/subject.json: bad"))
+    assert isinstance(damaged, serving.SubjectUnusable) and "/srv" not in str(damaged)
+    other = serving.subject_load_error("dog", ValueError("subject 'dog' was fine-tuned from base 'sd15'"))
+    assert isinstance(other, SubjectConflict)
+    assert pickle.loads(pickle.dumps(other)).message == other.message  # crosses Ray as a value
+
+
+def test_base_mismatch_message_names_bases_without_their_paths(tiny_components):
+    from dreamblend_ray import checkpoints
+
+    manifest = {"subject_id": "dog", "base": {"source": "s3://models-bucket/private/sd-1-5/",
+                                              "config_sha256": "0" * 64}}
+    with pytest.raises(ValueError, match="fine-tuned from base 'sd-1-5'") as info:
+        checkpoints._check_base(manifest, tiny_components)
+    assert "models-bucket" not in str(info.value) and "private" not in str(info.value)
+
+
+@pytest.mark.parametrize("tail", ["%0A", "%0D", "%00", "%0D%0A"])
+def test_ids_with_control_tails_are_refused_everywhere(tail):
+    http, backend = client()
+    response = http.get(f"/v1/subjects/dog{tail}")
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["path", "subject_id"]
+    raw_id = {"%0A": "\n", "%0D": "\r", "%00": "\x00", "%0D%0A": "\r\n"}[tail]
+    response = http.post("/v1/generate", json={"subject_id": "dog" + raw_id, "prompt": "x"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "subject_id"]
+    assert not backend.jobs
 
 
 def test_auth_on(monkeypatch):
@@ -258,17 +381,43 @@ def test_auth_on(monkeypatch):
     body = {"subject_id": "dog", "prompt": "x"}
     assert http.post("/v1/generate", json=body).status_code == 401
     assert http.post("/v1/generate", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert http.post("/v1/generate", content=b"{not json").status_code == 401  # the key is checked first
     assert http.get("/v1/subjects/dog").status_code == 401
     assert http.post("/v1/generate", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert http.get("/v1/subjects/dog", headers={"X-API-Key": "s3cret"}).json() == MANIFEST
-    assert http.get("/healthz").status_code == 200  # probes stay open
-    assert http.get("/docs").status_code == 200
+    assert http.get("/v1/subjects/dog", headers=KEY_HEADERS).json()["subject_id"] == "dog"
+    for path in ("/healthz", "/healthz?deep=false", "/docs", "/redoc", "/openapi.json",
+                 "/static-offline-docs/swagger-ui.css"):
+        assert http.get(path).status_code == 200, path  # probes and docs stay open
 
 
-def test_subject_manifest_and_health_and_docs():
+@pytest.mark.parametrize("query", ["deep=true", "deep=1", "deep=yes", "deep=on", "deep=True", "deep=false&deep=true"])
+def test_deep_health_needs_the_key_when_auth_is_on(monkeypatch, query):
+    monkeypatch.setenv("DB_TEST_KEY", "s3cret")
+    http, _ = client(auth_enabled=True, api_key_env="DB_TEST_KEY")
+    response = http.get(f"/healthz?{query}")
+    assert response.status_code == 401 and "dog" not in response.text
+    response = http.get(f"/healthz?{query}", headers=KEY_HEADERS)
+    assert response.status_code == 200 and response.json()["model"]["loaded_models"] == ["dog"]
+    assert http.get("/healthz").json() == {"status": "ok", "model": None}
+
+
+def test_health_and_schema_without_auth():
     http, _ = client()
-    assert http.get("/v1/subjects/dog").json() == MANIFEST
-    assert http.get("/v1/subjects/cat").status_code == 404
     assert http.get("/healthz?deep=true").json()["model"]["replica"] == "r1"
+    assert http.get("/healthz?deep=maybe").status_code == 422
     schema = http.get("/openapi.json").json()
     assert "/v1/generate" in schema["paths"] and "GenerateRequest" in schema["components"]["schemas"]
+    assert "securitySchemes" not in schema.get("components", {})
+    assert "401" not in schema["paths"]["/v1/generate"]["post"]["responses"]
+
+
+def test_deep_health_is_a_503_when_the_model_does_not_answer():
+    class DeadModel(RecordingBackend):
+        async def model_health(self):
+            raise RuntimeError("ActorDiedError: replica at 10.0.0.7 died")
+
+    http, _ = client(DeadModel())
+    response = http.get("/healthz?deep=true")
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert response.json() == {"detail": "the model replica did not answer"}
+    assert http.get("/healthz").status_code == 200

@@ -1,0 +1,447 @@
+"""The HTTP edge of the DreamBlend service: routes, API key, limits, error bodies, OpenAPI, docs.
+
+``make_api(args, backend, read_manifest)`` builds the FastAPI app that the Ray ingress serves
+(``serve_app.DreamBlendIngress``); it runs in-process over any ``serving.Backend``, which is how
+the tests and the Schemathesis run exercise it without Ray.
+
+Every answer is one of the statuses in ``ERRORS`` (declared per route in the OpenAPI schema, with
+its body model), and no answer carries a storage path, a base model's source path or library
+versions: storage faults are logged server-side and the client gets one sentence naming the
+subject. The validation handler never echoes the request's values, so no input (NaN, Infinity,
+lone surrogates, 16 KB of text) can make the error answer itself fail.
+
+The docs (``/docs``, ``/redoc``) load Swagger UI and ReDoc from the ``fastapi-offline`` package,
+served by this app under ``/static-offline-docs``: they render on a network without internet.
+"""
+
+import asyncio
+import base64
+import logging
+import math
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from dreamblend_ray import serving
+from dreamblend_ray.config import SUBJECT_ID_PATTERN
+from dreamblend_ray.serving import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, GenerationJob,
+                                    GenerationResult, Overloaded, SubjectConflict, SubjectNotFound,
+                                    SubjectUnusable)
+from dreamblend_ray.storage import StorageError
+
+logger = logging.getLogger(__name__)
+
+DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts its Swagger UI / ReDoc assets
+OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+HEALTH_TIMEOUT_S = 10.0
+SECURITY = [{"bearer": []}, {"apiKey": []}]
+
+# status -> (when, body model name); the single source of docs/serving.md's error table
+ERRORS: dict[int, str] = {
+    400: "the body cannot be read as JSON text (it is not UTF-8)",
+    401: "auth is on and the API key is missing or wrong (also `/healthz?deep=true`)",
+    404: "no such subject (never fine-tuned, or its fine-tune did not finish)",
+    409: "the request conflicts with the subject's saved state: a guidance_step/edit_step that was not saved, "
+         "or a subject fine-tuned from another base model than the one this service loaded",
+    413: "the request body is larger than `max_body_bytes`",
+    422: "a field is invalid or over a configured limit; `detail[].loc` names it",
+    424: "the subject's saved manifest is damaged (not JSON, or not this subject's); fine-tune it again",
+    500: "a fault in the service (logged there); the body says nothing more",
+    503: "overloaded, storage unreachable or the model unavailable: retry after `Retry-After` seconds",
+    504: "generation did not finish within `request_timeout_s`",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Response bodies (documented in the OpenAPI schema)
+
+
+class ErrorBody(BaseModel):
+    """Every error but 422: one sentence for the client."""
+
+    detail: str = Field(examples=["subject 'dog' not found"])
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="where: 'body' or 'path', then the field (and list index)",
+                                 examples=[["body", "num_images"]])
+    msg: str = Field(examples=["Input should be less than or equal to 4"])
+    type: str = Field(examples=["less_than_equal"])
+
+
+class ValidationErrorBody(BaseModel):
+    """422: one entry per problem; the offending values are never echoed back."""
+
+    detail: list[ValidationIssue]
+
+
+class ImagesBody(BaseModel):
+    """``POST /v1/generate`` as JSON: one base64 PNG per (prompt, image)."""
+
+    subject_id: str
+    model_id: str = Field(description="subject[@g<step>,e<step>]: the checkpoint pair that was used")
+    prompts: list[str]
+    seeds: list[int]
+    images: list[str] = Field(description="base64-encoded PNGs, in the order of prompts and seeds")
+    attention_distance: list[float | None] = Field(
+        description="per image: mean attention distance between E and G over the guided steps")
+    batch_size: int = Field(description="requests that shared the sampler call")
+    replica: str
+
+
+class BaseView(BaseModel):
+    name: str = Field(description="the base model's name (the last part of its source, no path)",
+                      examples=["tiny"])
+    config_id: str = Field(description="first 12 hex digits of the base's config hash", examples=["3f2a9c01d4e5"])
+
+
+class SubjectView(BaseModel):
+    """What a client may know about a subject (not the storage layout or the training machine)."""
+
+    subject_id: str
+    class_noun: str
+    token: str
+    instance_prompt: str
+    kind: Literal["lora", "full"]
+    steps: list[int] = Field(description="saved checkpoint steps: the values guidance_step/edit_step accept")
+    guidance_step: int = Field(description="default G checkpoint")
+    edit_step: int = Field(description="default E checkpoint")
+    base: BaseView
+    created_at: str | None = None
+
+    @classmethod
+    def of(cls, manifest: dict) -> "SubjectView":
+        from dreamblend_ray.checkpoints import base_name
+
+        base = manifest.get("base") or {}
+        return cls(subject_id=manifest["subject_id"], class_noun=manifest["class_noun"], token=manifest["token"],
+                   instance_prompt=manifest["instance_prompt"], kind=manifest["kind"], steps=manifest["steps"],
+                   guidance_step=manifest["guidance_step"], edit_step=manifest["edit_step"],
+                   base=BaseView(name=base_name(base.get("source", "")),
+                                 config_id=str(base.get("config_sha256", ""))[:12]),
+                   created_at=manifest.get("created_at"))
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: dict[str, Any] | None = Field(
+        None, description="deep only: one model replica's id, loaded subjects, batches, device, peak RSS")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _field_error(field_name: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": [
+        {"loc": ["body", field_name], "msg": message, "type": "value_error"}]})
+
+
+def _clean_text(value: Any) -> str:
+    """``str(value)`` that always encodes as UTF-8 (lone surrogates become '?')."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
+
+
+def sanitize_issue(error: dict) -> dict:
+    """A pydantic/FastAPI error without ``input``, ``ctx`` or ``url``: only where and what, as plain
+    JSON. Non-finite numbers, huge strings and lone surrogates in the request stay out of the answer."""
+    loc = [part if isinstance(part, int) and not isinstance(part, bool) else _clean_text(part)[:100]
+           for part in error.get("loc", ())]
+    msg = _clean_text(error.get("msg", "invalid value"))
+    reason = (error.get("ctx") or {}).get("error")
+    if error.get("type") == "json_invalid" and isinstance(reason, str):
+        msg = f"{msg}: {reason}"  # e.g. "JSON decode error: Expecting ',' delimiter"
+    return {"loc": loc, "msg": msg[:500], "type": _clean_text(error.get("type", "value_error"))}
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": [sanitize_issue(e) for e in exc.errors()]})
+
+
+def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
+    retry = {"Retry-After": "1"}
+
+    async def field_error(request, exc: FieldError):
+        return _field_error(exc.field, exc.message)
+
+    async def conflict(request, exc: SubjectConflict):  # handlers match the most derived class first
+        return _error(409, exc.message)
+
+    async def unusable(request, exc: SubjectUnusable):
+        return _error(424, str(exc))
+
+    async def not_found(request, exc: SubjectNotFound):
+        return _error(404, str(exc))
+
+    async def overloaded(request, exc: Overloaded):
+        return _error(503, "overloaded, retry later", retry)
+
+    async def storage_down(request, exc: StorageError):
+        logger.error("storage unavailable: %s", exc)
+        return _error(503, "subject storage is unavailable, retry later", retry)
+
+    async def deadline(request, exc: DeadlineExceeded):
+        return _error(504, f"generation did not finish within {args.request_timeout_s:g} s")
+
+    async def internal(request, exc: Exception):
+        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal error")
+
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    for kind, handler in ((FieldError, field_error), (SubjectConflict, conflict), (SubjectUnusable, unusable), (SubjectNotFound, not_found),
+                          (Overloaded, overloaded), (StorageError, storage_down),
+                          (DeadlineExceeded, deadline), (Exception, internal)):
+        api.add_exception_handler(kind, handler)
+
+
+def _responses(args: AppArgs, *statuses: int) -> dict:
+    """OpenAPI ``responses`` for the given error statuses (401 only when auth is on)."""
+    out: dict[int, dict] = {}
+    for status in statuses:
+        if status == 401 and not args.auth_enabled:
+            continue
+        entry: dict[str, Any] = {"model": ValidationErrorBody if status == 422 else ErrorBody,
+                                 "description": ERRORS[status]}
+        if status == 503:
+            entry["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+        if status == 401:
+            entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        out[status] = entry
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Subjects
+
+
+class ManifestCache:
+    """A small TTL cache over ``read_manifest``.
+
+    FileNotFoundError becomes SubjectNotFound; a manifest that does not parse or is not this
+    subject's (ValueError) becomes SubjectUnusable, with the storage detail logged, not returned.
+    """
+
+    def __init__(self, read, ttl_s: float, clock=time.monotonic):
+        self._read, self._ttl, self._clock = read, ttl_s, clock
+        self._entries: dict[str, tuple[float, dict]] = {}
+
+    async def get(self, subject_id: str) -> dict:
+        hit = self._entries.get(subject_id)
+        if hit is not None and self._clock() - hit[0] < self._ttl:
+            return hit[1]
+        try:
+            manifest = await asyncio.to_thread(self._read, subject_id)
+        except FileNotFoundError as exc:
+            raise SubjectNotFound(f"subject {subject_id!r} not found") from exc
+        except ValueError as exc:
+            logger.error("subject %r has a damaged manifest: %s", subject_id, exc)
+            raise SubjectUnusable(f"subject {subject_id!r} is damaged in storage (its manifest cannot be "
+                                  "read); fine-tune it again") from exc
+        if self._ttl > 0:
+            self._entries[subject_id] = (self._clock(), manifest)
+        return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Middleware: API key, body size
+
+
+def _needs_key(scope) -> bool:
+    path = scope.get("path", "")
+    if path.startswith(DOCS_STATIC + "/"):
+        return False
+    if path == "/healthz":  # shallow health stays open for probes; deep health shows loaded subjects
+        from urllib.parse import parse_qs
+
+        deep = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("deep", [])
+        return any(value.lower() not in ("", "0", "false", "no", "off", "f", "n") for value in deep)
+    return path not in OPEN_PATHS
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware: 401 unless the request carries the key (before the body is even read)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and _needs_key(scope):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+            if not serving.key_matches(serving.presented_key(headers), self.api_key):
+                response = _error(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: 413 when Content-Length or the bytes actually received exceed the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await _too_large(self.max_bytes)(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await _too_large(self.max_bytes)(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error(413, f"request body larger than {limit} bytes")
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+RESULT_HEADERS = {
+    "Batch-Size": "requests that shared the sampler call", "Batch-Images": "images in that call",
+    "Replica": "the model replica that served it", "Loaded-Models": "model ids loaded on that replica",
+    "Model-Id": "subject[@g<step>,e<step>]", "Seed": "the first image's seed (image k: seed + k)",
+    "Sample-Seconds": "time in the sampler",
+}
+
+
+def _result_headers(job: GenerationJob, result: GenerationResult) -> dict[str, str]:
+    values = {"Batch-Size": str(result.batch_requests), "Batch-Images": str(result.batch_images),
+              "Replica": result.replica, "Loaded-Models": ",".join(result.loaded_models),
+              "Model-Id": job.model_id, "Seed": str(job.seeds[0]),
+              "Sample-Seconds": f"{result.sample_seconds:.3f}"}
+    return {f"{serving.HEADER_PREFIX}{name}": value for name, value in values.items()}
+
+
+def _finite(values: list[float]) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def render_result(request: GenerateRequest, job: GenerationJob, result: GenerationResult) -> Response:
+    headers = _result_headers(job, result)
+    if request.response_format == "png" or (request.response_format == "auto" and len(result.pngs) == 1):
+        return Response(content=result.pngs[0], media_type="image/png", headers=headers)
+    body = ImagesBody(subject_id=request.subject_id, model_id=job.model_id, prompts=job.prompts, seeds=job.seeds,
+                      images=[base64.b64encode(png).decode("ascii") for png in result.pngs],
+                      attention_distance=_finite(result.attention_distance),
+                      batch_size=result.batch_requests, replica=result.replica)
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
+def _generate_responses(args: AppArgs) -> dict:
+    headers = {f"{serving.HEADER_PREFIX}{name}": {"description": text, "schema": {"type": "string"}}
+               for name, text in RESULT_HEADERS.items()}
+    ok = {"model": ImagesBody, "headers": headers,
+          "description": "image/png for one image (response_format auto or png), else JSON",
+          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+    return {200: ok, **_responses(args, 400, 401, 404, 409, 413, 422, 424, 500, 503, 504)}
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+
+
+def _add_security(api: FastAPI) -> None:
+    """Declare the API key in the OpenAPI schema: required on /v1, optional (deep only) on /healthz."""
+    build = api.openapi
+
+    def openapi() -> dict:
+        if api.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    operation["security"] = [{}, *SECURITY] if path == "/healthz" else SECURITY
+        return api.openapi_schema
+
+    api.openapi = openapi
+
+
+def make_api(args: AppArgs, backend: serving.Backend, read_manifest) -> FastAPI:
+    """The FastAPI app of the ingress. ``read_manifest(subject_id) -> dict`` is blocking storage I/O."""
+    from fastapi_offline import FastAPIOffline
+
+    api_key = serving.load_api_key(args)
+    manifests = ManifestCache(read_manifest, args.manifest_cache_s)
+    Request_ = serving.request_model(args)
+    api = FastAPIOffline(
+        title="DreamBlend", version="1", static_url=DOCS_STATIC,
+        swagger_ui_parameters={"validatorUrl": None},  # no call to the public validator badge
+        description="DreamBlend images of fine-tuned subjects (Ray Serve). When auth is on, send the API key "
+                    "as `Authorization: Bearer KEY` or `X-API-Key: KEY`. Errors: "
+                    + "; ".join(f"{status} {text}" for status, text in ERRORS.items()) + ".")
+    _install_error_handlers(api, args)
+    api.add_middleware(BodyLimitMiddleware, max_bytes=args.max_body_bytes)
+    if args.auth_enabled:
+        api.add_middleware(ApiKeyMiddleware, api_key=api_key)  # added last: runs first
+        _add_security(api)
+    subject_path = Path(pattern=SUBJECT_ID_PATTERN.pattern, description="a subject id: [A-Za-z0-9_-], 1 to 64",
+                        examples=["dog"])
+
+    @api.get("/healthz", response_model=Health, responses=_responses(args, 401, 422, 500, 503))
+    async def healthz(deep: Annotated[bool, Query(description="also ask one model replica (needs the key "
+                                                               "when auth is on)")] = False) -> Health:
+        """Liveness of the ingress (open to probes); ``?deep=true`` also reports one model replica."""
+        if not deep:
+            return Health()
+        try:
+            model = await asyncio.wait_for(backend.model_health(), timeout=HEALTH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any failure of the replica is "unavailable"
+            logger.warning("deep health: the model replica did not answer: %r", exc)
+            return _error(503, "the model replica did not answer", {"Retry-After": "1"})
+        return Health(model=model)
+
+    @api.get("/v1/subjects/{subject_id}", response_model=SubjectView,
+             responses=_responses(args, 401, 404, 422, 424, 500, 503))
+    async def subject(subject_id: Annotated[str, subject_path]) -> SubjectView:
+        """A subject's public description: saved steps, default pair, base model name."""
+        return SubjectView.of(await manifests.get(subject_id))
+
+    @api.post("/v1/generate", response_model=None, responses=_generate_responses(args))
+    async def generate(request: Request_) -> Response:
+        """DreamBlend images of a subject. One image: image/png (unless response_format=json).
+
+        Rules beyond the schema: ``guidance_steps`` <= the step count (``num_inference_steps`` or the
+        default); ``guidance_step``/``edit_step`` must be saved steps of the subject
+        (``GET /v1/subjects/{id}`` lists them)."""
+        serving.check_limits(request, args)
+        request = serving.canonical_overrides(request, await manifests.get(request.subject_id))
+        seed = serving.random_seed() if request.seed is None else request.seed
+        job = serving.build_job(request, args, seed)
+        try:
+            result = await asyncio.wait_for(backend.generate(job), timeout=args.request_timeout_s)
+        except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError
+            raise DeadlineExceeded(str(exc)) from exc
+        return render_result(request, job, result)
+
+    return api

@@ -1,0 +1,80 @@
+"""A fake model backend and subject store for the HTTP layer, and a loopback uvicorn server.
+
+Used by test_serving.py (in-process TestClient), test_openapi.py (Schemathesis over HTTP) and
+test_docs_offline.py (a headless browser): no Ray, no model.
+"""
+
+import contextlib
+import socket
+import threading
+import time
+
+from PIL import Image
+
+from dreamblend_ray import serving
+from dreamblend_ray.serving import AppArgs, GenerationJob, GenerationResult
+
+MANIFEST = {"version": 1, "subject_id": "dog", "class_noun": "dog", "token": "sks", "instance_prompt": "a sks dog",
+            "base": {"source": "/secret/models/tiny-sd", "config_sha256": "ab" * 32}, "kind": "lora",
+            "steps": [2, 4, 6], "guidance_step": 2, "edit_step": 6, "loss_curve": [0.5, 0.4],
+            "config": {"steps": 6}, "timings": {"train_seconds": 1.0},
+            "library_versions": {"torch": "2.13.0"}, "device": "cpu", "created_at": "2026-12-02T00:00:00Z"}
+
+
+def png(color=(255, 0, 0)) -> bytes:
+    return serving.encode_png(Image.new("RGB", (8, 8), color))
+
+
+class RecordingBackend:
+    """Answers every job with 8x8 PNGs (or raises ``error``); records the jobs it got."""
+
+    def __init__(self, error: Exception | None = None):
+        self.jobs: list[GenerationJob] = []
+        self.error = error
+
+    async def generate(self, job):
+        self.jobs.append(job)
+        if self.error is not None:
+            raise self.error
+        return GenerationResult(pngs=[png() for _ in job.prompts], seeds=job.seeds, batch_requests=1,
+                                batch_images=len(job.prompts), replica="r1", loaded_models=[job.model_id],
+                                attention_distance=[0.5] * len(job.prompts))
+
+    async def model_health(self):
+        return {"replica": "r1", "loaded_models": ["dog"]}
+
+
+def read_manifest(subject_id):
+    """The store: only "dog" exists."""
+    if subject_id != "dog":
+        raise FileNotFoundError(subject_id)
+    return MANIFEST
+
+
+@contextlib.contextmanager
+def serve_on_loopback(app):
+    """Run ``app`` under uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def make_app(backend=None, **overrides):
+    args = AppArgs(**{"base": "tiny", **overrides})
+    return serving.make_api(args, backend or RecordingBackend(), read_manifest)
