@@ -7,6 +7,7 @@ processes that carry that temp dir (never a machine-wide `ray stop`: other clust
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dreamblend_ray.commands import submit
 from local_cluster import VENV_BIN, alive, cluster_pids, start_head, stop_cluster
@@ -34,23 +36,98 @@ def test_options_before_and_after_the_job_name_and_job_args_after_dashes(monkeyp
                   "--subjects", "s3://b/s.jsonl", "--address", "auto"])
     assert (args.address, args.follow) == ("http://h:8265", True)
     sub = submit.build_submission(args)
-    assert sub["entrypoint"] == "python jobs/finetune_subjects.py --subjects s3://b/s.jsonl --address auto"
+    assert sub["entrypoint"] == "python -m dreamblend_ray.job_entry finetune --subjects s3://b/s.jsonl --address auto"
     env = sub["runtime_env"]["env_vars"]
     assert env["DREAMBLEND_S3_ENDPOINT"] == "http://minio:9000" and env["X"] == "1"
     assert "AWS_SECRET_ACCESS_KEY" not in env  # only with --forward-aws-credentials
-    assert sub["runtime_env"]["working_dir"] == str(REPO)
-    assert {".venv", ".git", "outputs"} <= set(sub["runtime_env"]["excludes"])
     args = parse(["--address", "http://h:8265", "generate", "--forward-aws-credentials", "--", "--requests", "r"])
     sub = submit.build_submission(args)
-    assert sub["entrypoint"] == "python jobs/generate_batch.py --requests r"
+    assert sub["entrypoint"] == "python -m dreamblend_ray.job_entry generate --requests r"
     assert sub["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "secret"
 
 
-def test_installed_package_outside_a_checkout_ships_py_modules(monkeypatch):
-    monkeypatch.setattr(submit, "repo_root", lambda: None)
-    sub = submit.build_submission(parse(["generate", "--address", "http://h:8265", "--", "--requests", "r"]))
-    assert sub["entrypoint"] == "python -m dreamblend_ray.generate_job --requests r"
-    assert sub["runtime_env"]["py_modules"][0].endswith("dreamblend_ray")
+def _package_zip(tmp_path, runtime_env) -> tuple[list[str], int]:
+    """The files Ray itself would upload for the runtime_env's py_modules entry (its own packer)."""
+    from ray._private.runtime_env.packaging import create_package
+
+    (module,) = runtime_env["py_modules"]
+    target = tmp_path / "pkg.zip"
+    create_package(module, target, include_gitignore=True, include_parent_dir=True,
+                   excludes=runtime_env["excludes"])
+    import zipfile
+
+    return zipfile.ZipFile(target).namelist(), target.stat().st_size
+
+
+def test_default_ships_only_the_package_without_the_embedded_weights(tmp_path):
+    """Issue 21: not the whole checkout (15.8 MiB with the embedded weights), only the package."""
+    sub = submit.build_submission(parse(["finetune", "--", "--subjects", "s", "--base", "s3://b/model"]))
+    env = sub["runtime_env"]
+    assert "working_dir" not in env
+    assert env["py_modules"] == [str(REPO / "dreamblend_ray")]
+    names, size = _package_zip(tmp_path, env)
+    assert any(n.endswith("dreamblend_ray/finetune_job.py") for n in names)
+    assert any(n.endswith("dreamblend_ray/job_entry.py") for n in names)
+    assert any(n.endswith("dreamblend_ray/data/dreambooth_prompts.json") for n in names)
+    assert not [n for n in names if "/weights/" in n or "__pycache__" in n]
+    assert size < 2 * 2**20, f"{size / 2**20:.1f} MiB shipped"
+    # the embedded base needs its weights: then, and only then, they travel with the package
+    env = submit.build_submission(parse(["finetune", "--", "--subjects", "s"]))["runtime_env"]
+    assert submit.WEIGHTS not in env["excludes"]
+    env = submit.build_submission(parse(["finetune", "--", "--base=tiny", "--subjects", "s"]))["runtime_env"]
+    assert submit.WEIGHTS in env["excludes"]
+
+
+def test_code_installed_ships_nothing_and_pip_passes_through():
+    sub = submit.build_submission(parse(["generate", "--code", "installed", "--pip", "dreamblend-ray==0.1.0",
+                                         "--pip", "boto3>=1.34", "--", "--requests", "r"]))
+    env = sub["runtime_env"]
+    assert not {"py_modules", "working_dir", "excludes"} & set(env)
+    assert env["pip"] == ["dreamblend-ray==0.1.0", "boto3>=1.34"]
+    assert sub["entrypoint"] == "python -m dreamblend_ray.job_entry generate --requests r"
+
+
+def test_working_dir_leaves_out_what_a_job_never_needs(tmp_path):
+    sub = submit.build_submission(parse(["finetune", "--working-dir", str(REPO), "--", "--base", "s3://b/m"]))
+    env = sub["runtime_env"]
+    assert env["working_dir"] == str(REPO) and sub["entrypoint"] == "python jobs/finetune_subjects.py --base s3://b/m"
+    assert {".venv", ".git", "outputs", "tests", "docs", "benchmarks", "dreamblend_ray/embedded/weights/"} <= set(env["excludes"])
+    with pytest.raises(ValueError, match="either --working-dir or --code"):
+        submit.build_submission(parse(["finetune", "--working-dir", str(REPO), "--code", "package", "--", "x"]))
+    with pytest.raises(ValueError, match="has no jobs/finetune_subjects.py"):
+        submit.build_submission(parse(["finetune", "--working-dir", str(tmp_path), "--", "x"]))
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_runtime_env_file_is_merged(tmp_path, suffix, monkeypatch):
+    monkeypatch.delenv("DREAMBLEND_S3_ENDPOINT", raising=False)
+    given = {"env_vars": {"HF_HOME": "/cache", "X": "from-file"}, "conda": {"dependencies": ["pip"]},
+             "config": {"setup_timeout_seconds": 1200}}
+    path = tmp_path / f"env.{suffix}"
+    path.write_text(json.dumps(given) if suffix == "json" else yaml.safe_dump(given))
+    sub = submit.build_submission(parse(["finetune", "--runtime-env", str(path), "--code", "installed",
+                                         "--env", "X=1", "--", "--subjects", "s"]))
+    env = sub["runtime_env"]
+    assert env["env_vars"]["HF_HOME"] == "/cache" and env["env_vars"]["X"] == "1"  # the option wins
+    assert env["conda"] == given["conda"] and env["config"] == given["config"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("pip: [requests]", "'pip', which --pip also sets"),
+    ("py_modules: [x]", "'py_modules', which --code package also sets"),
+    ("- a list", "expected a mapping"),
+    ("pipp: [x]", "unknown runtime_env field"),
+    ("env_vars: {A: 1}", "invalid runtime_env"),
+    ("a: [", "not valid YAML or JSON"),
+])
+def test_bad_runtime_env_files_are_value_errors(tmp_path, content, message):
+    path = tmp_path / "env.yaml"
+    path.write_text(content)
+    argv = ["finetune", "--runtime-env", str(path), "--pip", "x", "--", "--subjects", "s"]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        submit.build_submission(parse(argv))
+    with pytest.raises(ValueError, match="cannot read it"):
+        submit.build_submission(parse(["finetune", "--runtime-env", str(tmp_path / "missing.yaml"), "--", "x"]))
 
 
 def test_bad_submit_arguments_are_value_errors(monkeypatch):
@@ -140,3 +217,12 @@ def test_submit_without_the_token_is_refused(ray_head, tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "cannot submit to" in out.stderr and "Authentication required" in out.stderr
+
+
+def test_job_entry_runs_the_named_job_under_its_module_name(capsys):
+    from dreamblend_ray import job_entry
+
+    assert job_entry.main(["nope"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        job_entry.main(["generate", "--help"])
+    assert exit_info.value.code == 0 and "--requests" in capsys.readouterr().out

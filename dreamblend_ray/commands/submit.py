@@ -3,12 +3,23 @@
     dreamblend submit finetune --address http://HEAD:8265 --follow -- \
         --subjects s3://bucket/subjects.jsonl --output s3://bucket/out --num-actors 4 --gpus-per-actor 1
 
-Everything after ``--`` goes to the job script (jobs/finetune_subjects.py or jobs/generate_batch.py;
-see their --help). The job is submitted through Ray's JobSubmissionClient with this checkout as
-the ``working_dir`` (minus .venv, .git, outputs and caches), or, from an installed package outside
-a checkout, with the package as a ``py_modules`` entry. The storage endpoint and region variables
-of this shell are passed to the job; AWS credentials only with --forward-aws-credentials (they
-would show in the job's runtime_env on the dashboard: prefer the cluster's own IAM role).
+Everything after ``--`` goes to the job (``python -m dreamblend_ray.job_entry finetune|generate``,
+which runs what jobs/finetune_subjects.py and jobs/generate_batch.py run; see their --help). The job is
+submitted through Ray's JobSubmissionClient with a runtime_env that ships only what it needs:
+
+- ``--code package`` (default): this machine's ``dreamblend_ray`` package as a ``py_modules`` entry
+  (about 1 MiB), without the embedded model's weights unless the job's ``--base`` is ``embedded``;
+  the cluster's Python must have the dependencies (the project's image, or ``--pip``);
+- ``--code installed``: nothing; the cluster runs its installed package (the image, or
+  ``--pip dreamblend-ray==VERSION`` from your index);
+- ``--working-dir DIR``: DIR as the ``working_dir``, running its jobs/ script, minus environments,
+  outputs, tests, docs, benchmarks and manifests (``EXCLUDES``).
+
+``--pip PKG`` (repeatable) adds pip packages; ``--runtime-env FILE`` (YAML or JSON) gives any other
+runtime_env fields (conda, image_uri, ...), merged with the above (a field given both ways is an
+error, but env_vars merge). The storage endpoint and region variables of this shell are passed to
+the job; AWS credentials only with --forward-aws-credentials (they would show in the job's
+runtime_env on the dashboard: prefer the cluster's own IAM role).
 Token authentication: RAY_AUTH_TOKEN (or the file at RAY_AUTH_TOKEN_PATH) is sent as a Bearer
 token; with RAY_AUTH_MODE=token Ray's client also finds its default token file itself.
 """
@@ -27,8 +38,17 @@ logger = logging.getLogger(__name__)
 
 JOBS = {"finetune": ("jobs/finetune_subjects.py", "dreamblend_ray.finetune_job"),
         "generate": ("jobs/generate_batch.py", "dreamblend_ray.generate_job")}
-EXCLUDES = [".venv", ".venv/**", ".git", "outputs", "**/__pycache__", ".pytest_cache", "*.egg-info",
-            ".cache", "build", "dist"]
+# --working-dir: what a job never needs (gitwildmatch patterns, relative to the directory).
+EXCLUDES = [".venv", ".venv/**", ".git", "outputs", "dreamblend-storage", "**/__pycache__", ".pytest_cache",
+            "*.egg-info", ".cache", "build", "dist", "tests", "benchmarks", "docs", "k8s", "deployments"]
+# --code package: excluded from the shipped package (relative to dreamblend_ray/).
+PACKAGE_EXCLUDES = ["**/__pycache__", "*.pyc"]
+WEIGHTS = "embedded/weights/"  # the embedded base model's weights (~17 MiB), needed only by --base embedded
+EMBEDDED_BASE, DEFAULT_BASE = "embedded", "embedded"  # the jobs' --base default
+CODE_MODES = ("package", "installed")
+# runtime_env fields dreamblend submit sets itself, and the option that sets each
+OWN_FIELDS = {"pip": "--pip", "py_modules": "--code package", "working_dir": "--working-dir",
+              "excludes": "--code package / --working-dir"}
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 EXIT_CODES = (exit_codes.FAILED,)  # with --follow: the job ended other than SUCCEEDED
@@ -50,8 +70,19 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow", action="store_true",
                         help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
     parser.add_argument("--submission-id", help="a name for the submission (default: Ray picks one)")
-    parser.add_argument("--working-dir", help="directory to ship as the job's working_dir "
-                                              "(default: this checkout, when run from one)")
+    parser.add_argument("--code", choices=CODE_MODES, default=None,
+                        help="what code the job runs: `package` ships this machine's dreamblend_ray as "
+                             "py_modules (default; no embedded weights unless --base embedded), "
+                             "`installed` ships nothing and runs the cluster's installed package "
+                             "(the project's image, or --pip)")
+    parser.add_argument("--working-dir", help="instead of --code: ship this directory as the job's working_dir "
+                                              "(minus tests, docs, environments, outputs) and run its jobs/ script")
+    parser.add_argument("--pip", action="append", default=[], metavar="PKG",
+                        help="pip requirement installed for the job (repeatable), e.g. "
+                             "--pip dreamblend-ray==0.1.0 with --code installed")
+    parser.add_argument("--runtime-env", metavar="FILE",
+                        help="YAML or JSON file of further runtime_env fields (conda, image_uri, env_vars, ...); "
+                             "merged with what the other options set")
     parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                         help="extra environment variable for the job (repeatable; NAME alone copies it)")
     parser.add_argument("--forward-aws-credentials", action="store_true",
@@ -82,10 +113,76 @@ def split_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def repo_root() -> Path | None:
-    """This checkout's root when the package runs from one (it holds jobs/ and pyproject.toml)."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "pyproject.toml").is_file() and (root / JOBS["finetune"][0]).is_file() else None
+def job_base(job_args: list[str]) -> str:
+    """The job's --base (the last one given, as argparse reads it), or its default."""
+    base = DEFAULT_BASE
+    for i, arg in enumerate(job_args):
+        if arg == "--base" and i + 1 < len(job_args):
+            base = job_args[i + 1]
+        elif arg.startswith("--base="):
+            base = arg.split("=", 1)[1]
+    return base
+
+
+def code_env(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """The runtime_env fields that ship the job's code, and the entrypoint's command (without job args)."""
+    script = JOBS[args.job][0]
+    if args.working_dir:
+        if args.code:
+            raise ValueError("give either --working-dir or --code, not both")
+        working_dir = Path(args.working_dir)
+        if not (working_dir / script).is_file():
+            raise ValueError(f"--working-dir {working_dir} has no {script}")
+        excludes = EXCLUDES + ([] if job_base(args.job_args) == EMBEDDED_BASE else [f"dreamblend_ray/{WEIGHTS}"])
+        return {"working_dir": str(working_dir), "excludes": excludes}, ["python", script]
+    if (args.code or "package") == "installed":
+        return {}, ["python", "-m", "dreamblend_ray.job_entry", args.job]
+    import dreamblend_ray
+
+    excludes = PACKAGE_EXCLUDES + ([] if job_base(args.job_args) == EMBEDDED_BASE else [WEIGHTS])
+    return {"py_modules": [str(Path(dreamblend_ray.__file__).parent)], "excludes": excludes}, \
+        ["python", "-m", "dreamblend_ray.job_entry", args.job]
+
+
+def load_runtime_env(path: str) -> dict:
+    """The runtime_env fields of a YAML or JSON file (JSON is YAML); ValueError with one sentence."""
+    import yaml
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--runtime-env {path}: cannot read it ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--runtime-env {path}: not valid YAML or JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--runtime-env {path}: expected a mapping of runtime_env fields, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(RuntimeEnv.known_fields))
+    if unknown:
+        raise ValueError(f"--runtime-env {path}: unknown runtime_env field(s) {unknown}; "
+                         f"known: {sorted(k for k in RuntimeEnv.known_fields if not k.startswith('_'))}")
+    return data
+
+
+def merge_runtime_env(given: dict, own: dict) -> dict:
+    """``own`` (what the options set) on top of ``given`` (--runtime-env): env_vars merge, the
+    options' variables winning; any other field set both ways is an error."""
+    from ray.runtime_env import RuntimeEnv
+
+    merged = dict(given)
+    for key, value in own.items():
+        if key == "env_vars":
+            merged[key] = {**(given.get(key) or {}), **value}
+        elif key in given:
+            raise ValueError(f"--runtime-env sets {key!r}, which {OWN_FIELDS.get(key, 'dreamblend submit')} "
+                             "also sets: give it in one place (e.g. --code installed to ship no code)")
+        else:
+            merged[key] = value
+    try:
+        RuntimeEnv(**merged)  # Ray's own type checks (env_vars strings, pip list, ...)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid runtime_env: {exc}") from exc
+    return merged
 
 
 def job_env(args: argparse.Namespace) -> dict[str, str]:
@@ -109,19 +206,12 @@ def build_submission(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``JobSubmissionClient.submit_job`` for ``args``."""
     import shlex
 
-    script, module = JOBS[args.job]
-    runtime_env: dict = {"env_vars": job_env(args)}
-    working_dir = Path(args.working_dir) if args.working_dir else repo_root()
-    if working_dir is not None:
-        if not (working_dir / script).is_file():
-            raise ValueError(f"--working-dir {working_dir} has no {script}")
-        runtime_env.update(working_dir=str(working_dir), excludes=EXCLUDES)
-        entrypoint = ["python", script]
-    else:
-        import dreamblend_ray
-
-        runtime_env["py_modules"] = [str(Path(dreamblend_ray.__file__).parent)]
-        entrypoint = ["python", "-m", module]
+    own, entrypoint = code_env(args)
+    own["env_vars"] = job_env(args)
+    if args.pip:
+        own["pip"] = list(args.pip)
+    given = load_runtime_env(args.runtime_env) if args.runtime_env else {}
+    runtime_env = merge_runtime_env(given, own)
     entrypoint += list(args.job_args)
     submission = {"entrypoint": shlex.join(entrypoint), "runtime_env": runtime_env,
                   "metadata": {"dreamblend_job": args.job}}
