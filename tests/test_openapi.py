@@ -115,3 +115,12 @@ def test_schemathesis_all_checks_find_nothing(base_url, tmp_path):
     for phase in ("Examples", "Coverage", "Fuzzing"):
         assert f"✅ {phase}" in output, output[-3000:]
     assert "failure" not in output.split("SUMMARY")[-1].lower(), output[-3000:]
+
+
+def test_the_error_table_in_the_docs_lists_every_status():
+    from dreamblend_ray.http_api import ERRORS
+
+    docs = (TESTS.parent / "docs" / "serving.md").read_text()
+    table = docs[docs.index("## Errors"):docs.index("### Health")]
+    rows = set(re.findall(r"^\| (\d{3}) \|", table, flags=re.M))
+    assert rows == {str(status) for status in ERRORS}
