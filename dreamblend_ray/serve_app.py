@@ -215,6 +215,18 @@ class DreamBlendModel:
         return {"replica": self.replica, "loaded_models": self.loaded_models(), "batches": self.batches,
                 "device": str(self.components.device), "peak_rss_mb": round(peak / 2**20, 1)}
 
+    def check_health(self) -> None:
+        """Serve's periodic health check of this replica (every health_check_period_s): raising
+        makes Serve replace it. The deep check that Kubernetes probes must not make: the base
+        model is loaded and, on CUDA, the device still answers (a lost GPU raises here)."""
+        if getattr(self, "components", None) is None or getattr(self, "sampler", None) is None:
+            raise RuntimeError("the base model is not loaded on this replica")
+        device = self.components.device
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.mem_get_info(device)  # a driver query: no sync with the sampling stream
+
 
 @serve.deployment(name="DreamBlendIngress")
 @serve.ingress()
