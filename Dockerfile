@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The dreamblend-ray image the KubeRay manifests (k8s/*.yaml) run: Ray's GPU image + this package.
+# The dreamblend-ray image the KubeRay manifests (k8s/base/*.yaml) run: Ray's GPU image + this package.
 #   docker build -t ghcr.io/dreamblend/dreamblend-ray:0.1.0 .
 # Pinned, never `latest`: the base tag's Ray version equals constraints.txt's ray== pin and the
 # rayVersion of every manifest (tests/test_k8s.py checks all three), and its Python (py311) is the

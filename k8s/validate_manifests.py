@@ -1,7 +1,11 @@
 """Validate the KubeRay manifests in k8s/ offline, without a cluster.
 
-    python k8s/validate_manifests.py            # every k8s/*.yaml
+    python k8s/validate_manifests.py            # k8s/base/*.yaml and every overlay, as built
     python k8s/validate_manifests.py FILE...    # just these
+
+An overlay (k8s/overlays/NAME/kustomization.yaml) is built the way `kubectl kustomize` builds it,
+for what the overlays here use: its resources (the base's objects, its own files) with its patches
+merged in (strategic-merge patches made of mappings only, matched by kind and name).
 
 ray.io/v1 kinds (RayCluster, RayJob, RayService) are checked against the openAPIV3Schema of the
 KubeRay CRDs (../shared/kuberay-crds next to the clone, or $DREAMBLEND_CRDS_DIR), made *strict* the
@@ -32,6 +36,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s"
+BASE_DIR = K8S_DIR / "base"
+OVERLAYS_DIR = K8S_DIR / "overlays"
 CRDS_ENV = "DREAMBLEND_CRDS_DIR"
 DEFAULT_CRDS_DIR = REPO_ROOT.parent / "shared" / "kuberay-crds"
 # Oldest Kubernetes minor the manifests target; kubernetes-validate ships schemas from 1.25 on.
@@ -41,7 +47,7 @@ RAY_KINDS = {
     "RayJob": "ray.io_rayjobs.yaml",
     "RayService": "ray.io_rayservices.yaml",
 }
-# YAML files of k8s/ that are not Kubernetes objects.
+# YAML files of k8s/base that are not Kubernetes objects.
 NOT_OBJECTS = {"kustomization.yaml", "serve_overrides.yaml"}
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 
@@ -277,26 +283,89 @@ def validation_errors(doc: dict, k8s_version: str = K8S_VERSION) -> list[str]:
     return _core_errors(doc, k8s_version)
 
 
-def manifest_files(directory: Path = K8S_DIR) -> list[Path]:
-    """The Kubernetes object files of k8s/ (every *.yaml but NOT_OBJECTS)."""
-    return sorted(p for p in directory.glob("*.yaml") if p.name not in NOT_OBJECTS)
+def kustomization(directory: Path) -> dict:
+    with open(directory / "kustomization.yaml") as f:
+        return yaml.safe_load(f) or {}
+
+
+def _patch_files(directory: Path) -> set[str]:
+    if not (directory / "kustomization.yaml").is_file():
+        return set()
+    return {p["path"] for p in kustomization(directory).get("patches") or [] if "path" in p}
+
+
+def manifest_files(directory: Path = BASE_DIR) -> list[Path]:
+    """The Kubernetes object files of a manifest folder: every *.yaml but NOT_OBJECTS and the
+    kustomization's patches (partial objects)."""
+    skip = NOT_OBJECTS | _patch_files(directory)
+    return sorted(p for p in directory.glob("*.yaml") if p.name not in skip)
+
+
+def merge_patch(doc: dict, patch: Any, where: str = "") -> dict:
+    """A strategic-merge patch made of mappings only, applied to a copy of `doc`: mappings merge
+    key by key, scalars replace. A list in the patch is refused (kustomize merges lists by their
+    patch strategy, which this does not emulate)."""
+    if isinstance(patch, list):
+        raise ValueError(f"patch {where or '<root>'}: lists are not supported here; use `kubectl kustomize`")
+    if not isinstance(patch, dict) or not isinstance(doc, dict):
+        return copy.deepcopy(patch)
+    out = dict(doc)
+    for key, value in patch.items():
+        out[key] = merge_patch(doc.get(key, {}), value, f"{where}.{key}" if where else key)
+    return out
+
+
+def _identity(doc: dict) -> tuple:
+    return doc.get("kind"), (doc.get("metadata") or {}).get("name")
+
+
+def build(directory: Path) -> list[dict]:
+    """The objects of a kustomization folder: its resources (folders built recursively, files
+    loaded) with its patches applied. ValueError when a patch matches no object."""
+    kust = kustomization(directory)
+    docs: list[dict] = []
+    for resource in kust.get("resources") or []:
+        path = (directory / resource).resolve()
+        docs += build(path) if path.is_dir() else load_documents(path)
+    for entry in kust.get("patches") or []:
+        for patch in load_documents(directory / entry["path"]):
+            matches = [i for i, d in enumerate(docs) if _identity(d) == _identity(patch)]
+            if not matches:
+                raise ValueError(f"{directory.name}/{entry['path']}: no {_identity(patch)} among the resources")
+            for i in matches:
+                docs[i] = merge_patch(docs[i], patch)
+    return docs
+
+
+def overlay_dirs() -> list[Path]:
+    return sorted(p.parent for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
+
+
+def _report(name: str, doc: dict) -> bool:
+    errors = validation_errors(doc)
+    print(f"{'FAIL' if errors else 'ok  '} {name}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}")
+    for line in errors:
+        print(f"     {line}")
+    return bool(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = [Path(a) for a in (argv if argv is not None else sys.argv[1:])] or manifest_files()
+    args = argv if argv is not None else sys.argv[1:]
+    named = [(p.name, doc) for p in map(Path, args) for doc in load_documents(p)]
+    if not args:
+        named = [(p.name, doc) for p in manifest_files() for doc in load_documents(p)]
+        for d in overlay_dirs():
+            named += [(f"overlays/{d.name}", doc) for doc in build(d)]
+            listed = set(kustomization(d).get("resources") or [])  # + examples kept beside it
+            named += [(f"overlays/{d.name}/{p.name}", doc) for p in manifest_files(d) if p.name not in listed
+                      for doc in load_documents(p)]
     failed = 0
-    for path in paths:
-        for doc in load_documents(path):
-            name = f"{path.name}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-            try:
-                errors = validation_errors(doc)
-            except FileNotFoundError as exc:  # no CRDs: say so in one line, no traceback
-                print(exc, file=sys.stderr)
-                return 2
-            failed += bool(errors)
-            print(f"{'FAIL' if errors else 'ok  '} {name}")
-            for line in errors:
-                print(f"     {line}")
+    try:
+        for name, doc in named:
+            failed += _report(name, doc)
+    except FileNotFoundError as exc:  # no CRDs: say so in one line, no traceback
+        print(exc, file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

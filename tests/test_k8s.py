@@ -32,6 +32,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
+BASE = K8S / "base"
+HA = K8S / "overlays" / "ha"
 APP_DIR = "/home/ray/dreamblend"  # where the Dockerfile puts the repository
 PROJECT_IMAGE = "ghcr.io/dreamblend/dreamblend-ray"
 S3_SECRET, API_KEY_SECRET = "dreamblend-s3", "dreamblend-api-key"
@@ -185,7 +187,7 @@ def test_missing_crds_fail_loudly(tmp_path, monkeypatch):
         vm.crds_dir()
     with pytest.raises(pytest.fail.Exception, match=f"{vm.CRDS_ENV} is set"):
         crds_or_skip()  # CI names the directory: a missing one fails, never skips
-    assert vm.main([str(K8S / "raycluster.yaml")]) == 2  # the CLI says so in one line
+    assert vm.main([str(BASE / "raycluster.yaml")]) == 2  # the CLI says so in one line
 
 
 def test_crds_absent_on_a_plain_clone_skip_with_how_to_enable(tmp_path, monkeypatch):
@@ -392,7 +394,7 @@ def test_images_are_the_pinned_project_image(manifests):
             for c in containers(doc):
                 assert c["image"] == f"{PROJECT_IMAGE}:{version}", (doc["metadata"]["name"], c["image"])
                 assert c.get("imagePullPolicy") != "Always"
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    kust = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     assert kust["images"] == [{"name": PROJECT_IMAGE, "newTag": version}]
 
 
@@ -500,7 +502,7 @@ def test_serve_config_v2_is_rendered_from_the_source(rayservice):
     assert rayservice["spec"]["serveConfigV2"] == expected, (
         "k8s/rayservice.yaml serveConfigV2 drifted from deployments/serve_config.yaml: "
         "run `python k8s/render_serve_config.py`")
-    text = (K8S / "rayservice.yaml").read_text()
+    text = (BASE / "rayservice.yaml").read_text()
     assert render.replace_block(text, render.block(expected)) == text
 
 
@@ -513,7 +515,7 @@ def test_serve_application_agrees_with_the_source(serve_source, served):
     src_deps = {d["name"]: d for d in src.get("deployments") or []}
     k8s_deps = {d["name"]: d for d in k8s.get("deployments") or []}
     assert set(src_deps) <= set(k8s_deps)
-    overrides = yaml.safe_load((K8S / "serve_overrides.yaml").read_text())
+    overrides = yaml.safe_load((BASE / "serve_overrides.yaml").read_text())
     app_over = overrides["applications"].get(src["name"], {})
     for key, value in (src.get("args") or {}).items():  # only overridden args may differ
         if key not in app_over.get("args", {}):
@@ -559,9 +561,8 @@ def test_import_path_resolves_and_args_are_accepted(app_module, serve_source, se
 
 
 def test_rayservice_probes_key_and_capacity_fit_the_application(rayservice, served):
-    app, args = app_of(served), app_of(served).get("args") or {}
+    args = app_of(served).get("args") or {}
     port = served["http_options"]["port"]
-    health = app["route_prefix"].rstrip("/") + "/healthz"
     spec = rayservice["spec"]["rayClusterConfig"]
     assert spec["enableInTreeAutoscaling"] is True
     api_env = args.get("api_key_env", "DREAMBLEND_API_KEY")
@@ -572,15 +573,57 @@ def test_rayservice_probes_key_and_capacity_fit_the_application(rayservice, serv
     assert args.get("auth_enabled") is True, "the public endpoint must require the API key"
     for g in spec["workerGroupSpecs"]:
         for c in g["template"]["spec"]["containers"]:
-            probe = c["readinessProbe"]["httpGet"]
-            assert (probe["path"], probe["port"]) == (health, port)
+            # KubeRay's injected readiness probe checks the Serve proxy on the port named "serve"
             assert {"containerPort": port, "name": "serve"} in c["ports"]
     # Serve replica bounds fit the GPU worker group: max_replicas GPU replicas can all be placed
     lo, hi, per = args["min_replicas"], args["max_replicas"], float(args["num_gpus"])
     assert 1 <= lo <= hi and per > 0
     capacity = sum(g["maxReplicas"] * gpus(g) for g in gpu_groups(rayservice))
     assert hi * per <= capacity, f"{hi} replicas x {per} GPU > {capacity} GPUs of the worker groups"
-    assert "api-key" in vm.load_documents(K8S / "secret-api-key.example.yaml")[0]["stringData"]
+    assert "api-key" in vm.load_documents(BASE / "secret-api-key.example.yaml")[0]["stringData"]
+
+
+@pytest.mark.parametrize("filename", ["rayjob-finetune.yaml", "rayservice.yaml", "raycluster.yaml"])
+def test_kuberay_keeps_its_own_probes(manifests, filename):
+    """Issue 21: a probe set on a Ray container replaces the one KubeRay injects (raylet health, plus
+    the Serve proxy's /-/healthz on RayService workers, which fails while a pod drains); the
+    application's deep check is Serve's check_health instead."""
+    for c in containers(_one(manifests, filename)):
+        assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(c), (filename, c["name"])
+
+
+def test_the_model_deployment_has_a_serve_health_check():
+    from dreamblend_ray.serve_entry import DreamBlendModel
+
+    assert callable(getattr(DreamBlendModel.func_or_class, "check_health", None))
+
+
+_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(text) -> float:
+    """Bytes of a Kubernetes quantity (e.g. 30Gi)."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text)).groups()
+    return float(number) * _UNITS[unit]
+
+
+@pytest.mark.parametrize("filename", ["rayjob-finetune.yaml", "rayservice.yaml", "raycluster.yaml"])
+def test_every_ray_pod_requests_ephemeral_storage_and_model_pods_fit_their_cache(manifests, filename):
+    """Issue 21: every pod writes Ray's /tmp/ray, and every GPU pod downloads the base into its cache."""
+    doc = _one(manifests, filename)
+    for pod in pod_specs(doc):
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            res = c["resources"]
+            request, limit = quantity(res["requests"]["ephemeral-storage"]), quantity(res["limits"]["ephemeral-storage"])
+            assert 0 < request <= limit, (filename, c["name"])
+            cache = {e["name"]: e.get("value") for e in c.get("env", [])}.get("DREAMBLEND_CACHE")
+            if float(res["limits"].get("nvidia.com/gpu", 0)) > 0:
+                assert cache, f"{filename}: GPU container {c['name']} downloads the base but sets no DREAMBLEND_CACHE"
+            if cache:  # the cache is a volume of its own, whose size fits the container's share
+                (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == cache]
+                size = volumes[mount["name"]].get("emptyDir", {}).get("sizeLimit")
+                assert size is None or quantity(size) <= limit, (filename, c["name"], size)
 
 
 def test_the_service_serves_what_the_job_writes(rayjob, served):
@@ -617,19 +660,92 @@ def test_render_keeps_identity_and_rejects_unknown_applications():
 
 
 def test_kustomization_lists_the_deployable_objects_but_not_the_examples():
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    kust = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     listed = set(kust["resources"])
-    assert all((K8S / r).is_file() for r in listed)
+    assert all((BASE / r).is_file() for r in listed)
     assert listed == {p.name for p in vm.manifest_files()} - EXAMPLE_FILES
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not installed")
 def test_kustomize_build_output_validates():
     crds_or_skip()
-    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["kubectl", "kustomize", str(BASE)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert sorted(d["kind"] for d in docs) == ["RayCluster", "RayJob", "RayService", "ServiceAccount"]
     for doc in docs:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dreamblend-ray"
         assert vm.validation_errors(doc) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the high-availability overlay (GCS fault tolerance with Redis)
+
+
+@pytest.fixture(scope="module")
+def ha_docs() -> list[dict]:
+    return vm.build(HA)
+
+
+def _ha(ha_docs, kind, name) -> dict:
+    (doc,) = [d for d in ha_docs if (d["kind"], d["metadata"]["name"]) == (kind, name)]
+    return doc
+
+
+def test_ha_overlay_turns_on_gcs_fault_tolerance_and_validates(ha_docs):
+    crds_or_skip()
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in ha_docs) == sorted([
+        ("RayJob", "dreamblend-finetune"), ("RayService", "dreamblend"), ("RayCluster", "dreamblend-shared"),
+        ("ServiceAccount", "dreamblend"), ("Service", "redis"), ("StatefulSet", "redis")])
+    for doc in ha_docs:
+        assert vm.validation_errors(doc) == [], (doc["kind"], vm.validation_errors(doc))
+    service = copy.deepcopy(_ha(ha_docs, "RayService", "dreamblend"))
+    base = vm.load_documents(BASE / "rayservice.yaml")[0]
+    ft = service["spec"]["rayClusterConfig"].pop("gcsFaultToleranceOptions")
+    assert service == base, "the overlay must change nothing of the RayService but GCS fault tolerance"
+    host, port = ft["redisAddress"].split(":")
+    redis = _ha(ha_docs, "Service", "redis")
+    assert host == redis["metadata"]["name"] and int(port) in [p["port"] for p in redis["spec"]["ports"]]
+    secret = vm.load_documents(HA / "secret-redis.example.yaml")[0]
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    (container,) = _ha(ha_docs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": ref["name"], "key": ref["key"]}
+    assert "$(REDIS_PASSWORD)" in container["args"] and re.fullmatch(r"redis:\d+\.\d+\.\d+", container["image"])
+    assert "secret-redis.example.yaml" not in vm.kustomization(HA)["resources"]
+
+
+def test_ha_patch_is_checked_like_the_manifests(tmp_path):
+    crds_or_skip()
+    shutil.copytree(HA, tmp_path / "ha")
+    shutil.copytree(BASE, tmp_path / "base")
+    kust = vm.kustomization(tmp_path / "ha")
+    kust["resources"] = ["../base", "redis.yaml"]
+    (tmp_path / "ha" / "kustomization.yaml").write_text(yaml.safe_dump(kust))
+    patch = tmp_path / "ha" / "rayservice-gcs-ft.yaml"
+    patch.write_text(patch.read_text().replace("redisAddress:", "redisAdress:"))
+    service = [d for d in vm.build(tmp_path / "ha") if d["kind"] == "RayService"][0]
+    assert vm.validation_errors(service) == [
+        "spec.rayClusterConfig.gcsFaultToleranceOptions.redisAdress: unknown field (not in the schema: the API "
+        "server would drop it, `kubectl apply --validate=strict` rejects it)"]
+    with pytest.raises(ValueError, match="lists are not supported"):
+        vm.merge_patch({"a": {"b": [1]}}, {"a": {"b": [2]}})
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not installed")
+def test_kustomize_build_of_the_ha_overlay_validates_and_matches_the_offline_build(ha_docs):
+    crds_or_skip()
+    out = subprocess.run(["kubectl", "kustomize", str(HA)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    for doc in docs:
+        assert vm.validation_errors(doc) == []
+    built = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    for doc in ha_docs:  # the same objects; kustomize adds the base's labels
+        theirs = copy.deepcopy(built[(doc["kind"], doc["metadata"]["name"])])
+        theirs["metadata"].get("labels", {}).pop("app.kubernetes.io/part-of", None)
+        ours = copy.deepcopy(doc)
+        ours["metadata"].get("labels", {}).pop("app.kubernetes.io/part-of", None)
+        assert (theirs["metadata"].get("labels") or None) == (ours["metadata"].get("labels") or None)
+        assert theirs.get("spec") == ours.get("spec"), doc["metadata"]["name"]
