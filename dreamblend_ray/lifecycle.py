@@ -343,9 +343,12 @@ def stop_serve(timeout_s: float | None = None) -> None:
     client = context._get_global_client(raise_if_no_controller_running=False)
     if client is None:
         return
-    client.shutdown_cached_handles()
-    drain_applications(client, deadline)
-    stop_controller(client, deadline)
+    try:
+        client.shutdown_cached_handles()
+        drain_applications(client, deadline)
+        stop_controller(client, deadline)
+    except Exception as exc:  # noqa: BLE001 - a broken Serve must not stop the rest of the shutdown
+        logger.warning("Serve did not stop in order (%s); stopping Ray", exc)
     context._disconnect()
 
 
