@@ -11,7 +11,9 @@ subject. The validation handler never echoes the request's values, so no input (
 lone surrogates, 16 KB of text) can make the error answer itself fail.
 
 The docs (``/docs``, ``/redoc``) load Swagger UI and ReDoc from the ``fastapi-offline`` package,
-served by this app under ``/static-offline-docs``: they render on a network without internet.
+served by this app under ``/static-offline-docs``, and carry a Content-Security-Policy that confines
+them to this server (ReDoc's sidebar would otherwise fetch a logo from its CDN): they render on a
+network without internet.
 """
 
 import asyncio
@@ -36,7 +38,13 @@ from dreamblend_ray.storage import StorageError
 logger = logging.getLogger(__name__)
 
 DOCS_STATIC = "/static-offline-docs"  # where fastapi-offline mounts its Swagger UI / ReDoc assets
-OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
+OPEN_PATHS = ("/healthz", "/openapi.json", *DOCS_PAGES)
+# The docs pages may load nothing from outside this server: ReDoc's sidebar, for one, shows a logo
+# from its CDN. The browser enforces the policy (inline script and styles are the pages' own).
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+            "base-uri 'self'; form-action 'self'; frame-ancestors 'self'")
 HEALTH_TIMEOUT_S = 10.0
 SECURITY = [{"bearer": []}, {"apiKey": []}]
 
@@ -281,6 +289,25 @@ class ApiKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
+class DocsPolicyMiddleware:
+    """ASGI middleware: the docs pages carry DOCS_CSP (nothing loads from outside the server)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in DOCS_PAGES:
+            return await self.app(scope, receive, send)
+
+        async def with_policy(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"content-security-policy", DOCS_CSP.encode())]}
+            await send(message)
+
+        return await self.app(scope, receive, with_policy)
+
+
 class BodyLimitMiddleware:
     """ASGI middleware: 413 when Content-Length or the bytes actually received exceed the limit."""
 
@@ -398,17 +425,20 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest) -> FastAPI:
         title="DreamBlend", version="1", static_url=DOCS_STATIC,
         swagger_ui_parameters={"validatorUrl": None},  # no call to the public validator badge
         description="DreamBlend images of fine-tuned subjects (Ray Serve). When auth is on, send the API key "
-                    "as `Authorization: Bearer KEY` or `X-API-Key: KEY`. Errors: "
-                    + "; ".join(f"{status} {text}" for status, text in ERRORS.items()) + ".")
+                    "as `Authorization: Bearer KEY` or `X-API-Key: KEY`.\n\nErrors (JSON; 422 lists the fields "
+                    "in `detail[].loc`, the others say one sentence in `detail`):\n\n"
+                    + "\n".join(f"- **{status}** {text}" for status, text in ERRORS.items()))
     _install_error_handlers(api, args)
     api.add_middleware(BodyLimitMiddleware, max_bytes=args.max_body_bytes)
+    api.add_middleware(DocsPolicyMiddleware)
     if args.auth_enabled:
         api.add_middleware(ApiKeyMiddleware, api_key=api_key)  # added last: runs first
         _add_security(api)
     subject_path = Path(pattern=SUBJECT_ID_PATTERN.pattern, description="a subject id: [A-Za-z0-9_-], 1 to 64",
                         examples=["dog"])
 
-    @api.get("/healthz", response_model=Health, responses=_responses(args, 401, 422, 500, 503))
+    @api.get("/healthz", response_model=Health, summary="Liveness; deep: one model replica",
+             responses=_responses(args, 401, 422, 500, 503))
     async def healthz(deep: Annotated[bool, Query(description="also ask one model replica (needs the key "
                                                                "when auth is on)")] = False) -> Health:
         """Liveness of the ingress (open to probes); ``?deep=true`` also reports one model replica."""
@@ -421,13 +451,14 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest) -> FastAPI:
             return _error(503, "the model replica did not answer", {"Retry-After": "1"})
         return Health(model=model)
 
-    @api.get("/v1/subjects/{subject_id}", response_model=SubjectView,
+    @api.get("/v1/subjects/{subject_id}", response_model=SubjectView, summary="A subject's saved steps and base",
              responses=_responses(args, 401, 404, 422, 424, 500, 503))
     async def subject(subject_id: Annotated[str, subject_path]) -> SubjectView:
         """A subject's public description: saved steps, default pair, base model name."""
         return SubjectView.of(await manifests.get(subject_id))
 
-    @api.post("/v1/generate", response_model=None, responses=_generate_responses(args))
+    @api.post("/v1/generate", response_model=None, summary="DreamBlend images of a subject",
+              responses=_generate_responses(args))
     async def generate(request: Request_) -> Response:
         """DreamBlend images of a subject. One image: image/png (unless response_format=json).
 
