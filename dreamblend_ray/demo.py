@@ -225,7 +225,7 @@ def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> d
     from dreamblend_ray.serving import AppArgs
 
     port = config.port or free_port()
-    args = AppArgs(base=config.base, storage_root=config.storage_root, max_models_per_replica=8,
+    args = AppArgs(base=config.base, storage_root=os.path.abspath(config.storage_root), max_models_per_replica=8,
                    max_images_per_request=max(4, len(config.seeds)), max_batch_size=8,
                    max_ongoing_requests=16, request_timeout_s=600, default_steps=config.steps)
     from dreamblend_ray import lifecycle

@@ -21,22 +21,45 @@ are named by subject and step and shared between pairs of the same subject.
 
 import asyncio
 import logging
+import os
 import resource
 import sys
 import threading
 import time
 from functools import partial
 
+import ray
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve import Application
-from ray.serve.exceptions import BackPressureError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from dreamblend_ray import serving
 from dreamblend_ray.serving import (AppArgs, DeadlineExceeded, FieldError, GenerationJob, GenerationResult,
-                                    Overloaded, SubjectNotFound)
+                                    Overloaded, ReplicaUnavailable, SubjectNotFound)
 
 logger = logging.getLogger(__name__)
+
+RETRY_MARGIN_S = 0.5  # a retry must be able to finish this long before the request's deadline
+
+
+def cluster_node_count() -> int:
+    """Alive nodes of the Ray cluster this process belongs to."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """True when a model call failed because its replica died or vanished (the job itself is fine).
+
+    Through a DeploymentHandle Ray 2.60 raises ``ActorDiedError`` (the worker was killed),
+    ``ActorUnavailableError`` (unreachable, maybe restarting; both ``RayActorError``),
+    ``WorkerCrashedError``, Serve's ``ReplicaUnavailableError``, or a ``RayTaskError`` wrapping one.
+    """
+    if isinstance(exc, RayTaskError):
+        exc = getattr(exc, "cause", None) or exc
+    return isinstance(exc, (RayActorError, WorkerCrashedError, ReplicaUnavailableError))
 
 
 class LoadedPair:
@@ -98,6 +121,7 @@ class DreamBlendModel:
         from dreamblend_ray.sampler import DreamBlendSampler
 
         self.args = AppArgs.model_validate(args)
+        serving.check_storage_root(self.args.storage_root, cluster_node_count())
         device = select_device(self.args.device)
         self.components = load_components(self.args.base, device=device,
                                            dtype=select_dtype(device, self.args.dtype))
@@ -208,6 +232,10 @@ class DreamBlendModel:
         with self.unet_lock:
             return serving.run_group(self.sampler, handle.ensure(), jobs, callback=callback)
 
+    def process_id(self) -> int:
+        """This replica's worker process id (for operators and the replica-loss test)."""
+        return os.getpid()
+
     async def health(self) -> dict:
         """This replica's id, loaded models, batches served and memory (peak RSS)."""
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -235,6 +263,7 @@ class DreamBlendIngress:
 
     def __init__(self, model: DeploymentHandle, args: dict):
         self.args = AppArgs.model_validate(args)
+        serving.check_storage_root(self.args.storage_root, cluster_node_count())
         self.model = model
 
     def __serve_build_asgi_app__(self):
@@ -244,10 +273,37 @@ class DreamBlendIngress:
                                 read_manifest=partial(checkpoints.read_manifest, self.args.storage_root))
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
+        """The job's result. Generation is deterministic given the job's seeds, so a job whose replica
+        died is sent once more (Serve routes it to another replica, or waits for the replacement);
+        ReplicaUnavailable (503) when that fails too or could not finish before the deadline."""
+        try:
+            return await self._generate_once(job)
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            if not replica_lost(exc):
+                raise
+            budget = job.deadline - time.time() - RETRY_MARGIN_S
+            logger.warning("model replica lost during a %s job (%s); %s", job.model_id, type(exc).__name__,
+                           "retrying once" if budget > 0 else "no time left to retry")
+            if budget <= 0:
+                raise ReplicaUnavailable("the model replica was lost; no time left to retry") from exc
+        try:
+            return await asyncio.wait_for(self._generate_once(job), timeout=budget)
+        except DeadlineExceeded:
+            raise
+        except TimeoutError as exc:
+            raise ReplicaUnavailable("the model replica was lost and the retry did not finish in time") from exc
+        except Exception as exc:  # noqa: BLE001 - sorted here
+            if replica_lost(exc):
+                raise ReplicaUnavailable("the model replica was lost twice") from exc
+            raise
+
+    async def _generate_once(self, job: GenerationJob) -> GenerationResult:
         response = self.model.options(multiplexed_model_id=job.model_id).generate.remote(job)
         try:
             result = await response
         except BackPressureError as exc:
+            raise Overloaded(str(exc)) from exc
+        except DeploymentUnavailableError as exc:  # the model deployment failed to deploy
             raise Overloaded(str(exc)) from exc
         except asyncio.CancelledError:  # the request timed out or the client went away
             response.cancel()
@@ -269,15 +325,20 @@ def build_app(args: AppArgs) -> Application:
         args = AppArgs.model_validate(args or {})
     fields = args.model_dump()
     runtime_env = {"env_vars": dict(args.env_vars)} if args.env_vars else {}
+    router = RequestRouterConfig(initial_backoff_s=min(0.01, args.router_max_backoff_s),
+                                 max_backoff_s=args.router_max_backoff_s)
     model = DreamBlendModel.options(
         autoscaling_config=args.autoscaling_config(),
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "runtime_env": runtime_env},
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         graceful_shutdown_timeout_s=max(5.0, min(args.request_timeout_s, 60.0)),
+        health_check_period_s=args.health_check_period_s,
+        request_router_config=router,
     ).bind(fields)
     return DreamBlendIngress.options(
         num_replicas=args.ingress_replicas,
         ray_actor_options={"num_cpus": args.ingress_num_cpus, "runtime_env": runtime_env},
         max_ongoing_requests=max(64, 4 * args.max_ongoing_requests),
+        request_router_config=router,
     ).bind(model, fields)

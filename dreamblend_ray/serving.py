@@ -86,6 +86,12 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="per caller of the model; -1 = unbounded")
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.25, ge=0)
+    router_max_backoff_s: float = Field(
+        0.05, gt=0, le=5, description="longest pause of Serve's router between tries to place a waiting "
+                                      "request on a full replica (Ray's default, 0.5 s, starves batches)")
+    health_check_period_s: float = Field(2.0, gt=0, le=60,
+                                         description="how often Serve checks a model replica (a dead one is "
+                                                     "replaced at the next check)")
     env_vars: dict[str, str] = Field(default_factory=dict,
                                      description="extra environment of both deployments' replicas")
     # auth
@@ -119,6 +125,50 @@ class AppArgs(BaseModel):
         if self.initial_replicas is not None:
             config["initial_replicas"] = self.initial_replicas
         return config
+
+
+# --------------------------------------------------------------------------------------------
+# Where the subjects are: one store for every node
+
+
+RELATIVE_ROOT_HELP = ("use an s3:// URI, or an absolute path on a mount that every node shares "
+                      "(`dreamblend serve` resolves a relative --storage-root itself when it serves on one node)")
+
+
+def is_relative_local(root: str) -> bool:
+    """True for a local storage root given as a relative path (``s3://`` and absolute paths are not)."""
+    if root.startswith("s3://"):
+        return False
+    path = root[len("file://"):] if root.startswith("file://") else root
+    return not os.path.isabs(os.path.expanduser(path))
+
+
+def check_storage_root(root: str, node_count: int) -> None:
+    """Run where the application starts (every replica of both deployments).
+
+    A relative local root is refused whatever the cluster: each replica would resolve it against its
+    own node's working directory, so the store would silently split across nodes (or land in Ray's
+    temporary directories under ``serve deploy``). An absolute local root on several nodes is
+    accepted with a warning: it must be a shared mount.
+    """
+    if is_relative_local(root):
+        raise ValueError(f"storage_root {root!r} is a relative local path, which each node would resolve "
+                         f"on its own disk: {RELATIVE_ROOT_HELP}")
+    if not root.startswith("s3://") and node_count > 1:
+        logger.warning("storage_root %r is a local path on a %d-node cluster: every node must see the same "
+                       "files there (a shared mount)", root, node_count)
+
+
+def resolve_local_root(root: str, node_count: int, cwd: str | None = None) -> str:
+    """``dreamblend serve``: a relative local root becomes absolute (against ``cwd``, default the
+    current directory) when the cluster has one node; on more nodes it is refused (ValueError)."""
+    if not is_relative_local(root):
+        return root
+    if node_count > 1:
+        raise ValueError(f"--storage-root {root!r} is a relative local path and the Ray cluster has "
+                         f"{node_count} nodes, whose replicas would each use their own disk: {RELATIVE_ROOT_HELP}")
+    path = root[len("file://"):] if root.startswith("file://") else root
+    return os.path.normpath(os.path.join(cwd or os.getcwd(), os.path.expanduser(path)))
 
 
 def load_api_key(args: AppArgs) -> str | None:
@@ -321,7 +371,12 @@ def subject_load_error(subject_id: str, exc: ValueError) -> Exception:
 
 
 class Overloaded(RuntimeError):
-    """The model deployment's queue is full: answered 503 with Retry-After."""
+    """The model deployment cannot take the job now: answered 503 with Retry-After."""
+
+
+class ReplicaUnavailable(Overloaded):
+    """The model replica died with the job, and the one retry failed too or would miss the deadline
+    (503 with Retry-After, like a full queue)."""
 
 
 class DeadlineExceeded(TimeoutError):

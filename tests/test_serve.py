@@ -9,6 +9,8 @@ and a short timeout (503, 504, the replica survives), and autoscaling 1 -> 2 -> 
 
 import concurrent.futures as futures
 import io
+import logging
+import os
 import socket
 import time
 
@@ -256,3 +258,203 @@ def test_autoscales_one_to_two_and_back(serve_url, storage_root):
     while running_replicas() > 1 and time.monotonic() < deadline:
         time.sleep(1.0)
     assert running_replicas() == 1, "no scale-down within 60 s after the load stopped"
+
+
+# --------------------------------------------------------------------------- replica loss: retry or 503
+
+class FakeResponse:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def __await__(self):
+        async def resolve():
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            if callable(self.outcome):
+                return await self.outcome()
+            return self.outcome
+        return resolve().__await__()
+
+    def cancel(self):
+        pass
+
+
+class FakeModel:
+    """A model handle whose calls give the queued outcomes in turn (an exception is raised)."""
+
+    def __init__(self, *outcomes):
+        self.outcomes, self.calls = list(outcomes), 0
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, job):
+        self.calls += 1
+        return FakeResponse(self.outcomes.pop(0))
+
+
+def ingress_with(model):
+    from dreamblend_ray.serve_app import DreamBlendIngress
+    from dreamblend_ray.serving import AppArgs
+
+    ingress = object.__new__(DreamBlendIngress.func_or_class)
+    ingress.args, ingress.model = AppArgs(storage_root="/data"), model
+    return ingress
+
+
+def a_job(deadline_in_s: float):
+    from dreamblend_ray.serving import GenerationJob, SamplingSettings
+
+    return GenerationJob(model_id="red", prompts=["a ball"], seeds=[1], deadline=time.time() + deadline_in_s,
+                         settings=SamplingSettings(num_inference_steps=2, guidance_scale=3.0, alpha=0.0,
+                                                   guidance_steps=None))
+
+
+def replica_death():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return [ActorDiedError(), ActorUnavailableError("restarting", None), ReplicaUnavailableError("r1"),
+            RayTaskError("generate", "traceback", ActorDiedError())]
+
+
+@pytest.mark.parametrize("death", range(4))
+def test_a_job_whose_replica_died_is_retried_once(death):
+    import asyncio
+
+    model = FakeModel(replica_death()[death], "images")
+    assert asyncio.run(ingress_with(model).generate(a_job(60))) == "images"
+    assert model.calls == 2
+
+
+def test_replica_lost_twice_or_without_time_left_is_503_not_500():
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from dreamblend_ray.serving import Overloaded, ReplicaUnavailable
+
+    model = FakeModel(ActorDiedError(), ActorDiedError(), "unused")
+    with pytest.raises(ReplicaUnavailable):
+        asyncio.run(ingress_with(model).generate(a_job(60)))
+    assert model.calls == 2
+    model = FakeModel(ActorDiedError(), "unused")  # past the deadline's margin: no retry at all
+    with pytest.raises(ReplicaUnavailable):
+        asyncio.run(ingress_with(model).generate(a_job(0.2)))
+    assert model.calls == 1
+
+    async def never():
+        await asyncio.sleep(30)
+
+    model = FakeModel(ActorDiedError(), never)  # the retry would outlive the deadline
+    start = time.monotonic()
+    with pytest.raises(ReplicaUnavailable):
+        asyncio.run(ingress_with(model).generate(a_job(2.0)))
+    assert time.monotonic() - start < 5
+    assert issubclass(ReplicaUnavailable, Overloaded)  # the ingress answers 503 with Retry-After
+
+
+def test_other_failures_are_not_retried():
+    import asyncio
+
+    from dreamblend_ray.serving import DeadlineExceeded
+
+    for failure in (RuntimeError("boom"), DeadlineExceeded("late")):
+        model = FakeModel(failure, "unused")
+        with pytest.raises(type(failure)):
+            asyncio.run(ingress_with(model).generate(a_job(60)))
+        assert model.calls == 1
+
+
+# --------------------------------------------------------------------------- storage root: one store for all nodes
+
+@pytest.mark.parametrize("root", ["./dreamblend-storage", "store", "file://store", "../x"])
+def test_relative_local_storage_root_is_refused_on_any_cluster(root, caplog):
+    from dreamblend_ray.serving import check_storage_root, resolve_local_root
+
+    for nodes in (1, 2, 5):
+        with pytest.raises(ValueError, match="relative local path.*s3://.*every node shares"):
+            check_storage_root(root, node_count=nodes)
+    assert resolve_local_root(root, node_count=1, cwd="/home/me") == \
+        os.path.normpath(os.path.join("/home/me", root.removeprefix("file://")))
+    with pytest.raises(ValueError, match="2 nodes.*s3://.*every node shares"):
+        resolve_local_root(root, node_count=2, cwd="/home/me")
+
+
+def test_absolute_and_s3_roots_are_accepted_with_a_warning_for_local_paths_on_several_nodes(caplog):
+    from dreamblend_ray.serving import check_storage_root, resolve_local_root
+
+    for root in ("/mnt/shared/store", "file:///mnt/store", "~/store", "s3://bucket/prefix"):
+        for nodes in (1, 3):
+            caplog.clear()
+            check_storage_root(root, node_count=nodes)
+            warned = any("shared mount" in r.message for r in caplog.records)
+            assert warned == (nodes > 1 and not root.startswith("s3://")), (root, nodes)
+            assert resolve_local_root(root, node_count=nodes, cwd="/elsewhere") == root
+
+
+@pytest.mark.slow
+def test_the_app_refuses_a_relative_storage_root_when_it_starts(serve_url):
+    """As `serve run`/`serve deploy` of a config with ``storage_root: ./dreamblend-storage``."""
+    from ray import serve
+
+    from dreamblend_ray.serve_app import build_app
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="Deploying application dreamblend failed"):
+        serve.run(build_app({"base": "tiny", "storage_root": "./dreamblend-storage", "num_cpus": 0.1,
+                             "ingress_num_cpus": 0.1}), name="dreamblend", route_prefix="/")
+    deployments = serve.status().applications["dreamblend"].deployments
+    message = " ".join(d.message for d in deployments.values())
+    assert "relative local path" in message and "s3://" in message, message
+    logging.getLogger(__name__).info("refused in %.1f s", time.monotonic() - start)
+
+
+@pytest.mark.slow
+def test_a_model_replica_killed_mid_request_gives_images_or_503_never_500(serve_url, storage_root):
+    """SIGKILL of the model replica's worker while 4 requests sample on it (issue 16 item 2)."""
+    import signal
+
+    from ray import serve
+
+    deploy(storage_root, max_batch_size=4, request_timeout_s=90)
+    body = {"subject_id": "red", "prompt": "a sks ball", "num_inference_steps": 30}
+    warm = httpx.post(f"{serve_url}/v1/generate", json={**body, "seed": 0, "num_inference_steps": 2}, timeout=60)
+    assert warm.status_code == 200, warm.text  # the pair is loaded; the next requests go straight to sampling
+    old = warm.headers["x-dreamblend-replica"]
+    pid = serve.get_deployment_handle("DreamBlendModel", app_name="dreamblend").process_id.remote().result()
+    done_at = {}
+
+    def post(seed):
+        response = httpx.post(f"{serve_url}/v1/generate", json={**body, "seed": seed}, timeout=120)
+        done_at[seed] = time.monotonic()
+        return response
+
+    with futures.ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(post, seed) for seed in range(10, 14)]
+        time.sleep(1.0)  # routed at once to the idle replica, whose 30-step batch takes longer than this
+        assert not any(p.done() for p in pending)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        responses = [p.result() for p in pending]
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, [(r.status_code, r.text[:200]) for r in responses]
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] and response.json()["detail"]
+    served = [(seed, r) for seed, r in zip(range(10, 14), responses) if r.status_code == 200]
+    assert all(r.headers["x-dreamblend-replica"] != old for _, r in served)  # sampled again on the new one
+    if served:
+        recovery = min(done_at[seed] for seed, _ in served) - killed_at
+        logging.getLogger(__name__).warning("replica killed: %s; first 200 from the new replica %.1f s after "
+                                            "the kill", codes, recovery)
+        seed, retried = served[0]
+        again = httpx.post(f"{serve_url}/v1/generate", json={**body, "seed": seed}, timeout=120)
+        diff = np.abs(pixels(retried.content) - pixels(again.content))
+        assert diff.max() <= 1, diff.max()  # the retry gave the images the request asked for
+    after = httpx.post(f"{serve_url}/v1/generate", json={**body, "seed": 1, "num_inference_steps": 2}, timeout=60)
+    assert after.status_code == 200

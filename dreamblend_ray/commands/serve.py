@@ -78,14 +78,16 @@ def run(args: argparse.Namespace) -> int:
 
     from dreamblend_ray import lifecycle
     from dreamblend_ray.components import resolve_base
-    from dreamblend_ray.serve_app import build_app
-    from dreamblend_ray.serving import load_api_key
+    from dreamblend_ray.serve_app import build_app, cluster_node_count
+    from dreamblend_ray.serving import load_api_key, resolve_local_root
 
     settings = app_args(args)
     resolve_base(settings.base)  # fail fast on a bad --base
     load_api_key(settings)  # fail fast when --auth has no key
     lifecycle.init_ray(args.ray_address)
     try:
+        root = resolve_local_root(settings.storage_root, cluster_node_count())  # ValueError on several nodes
+        settings = settings.model_copy(update={"storage_root": root})
         lifecycle.start_serve(args.host, args.port)
         serve.run(build_app(settings), name="dreamblend", route_prefix="/")
         logger.info("DreamBlend is serving on http://%s:%d (API docs at /docs and /redoc); "
