@@ -298,11 +298,16 @@ class FakeModel:
 
 
 def ingress_with(model):
+    """The ingress's own generate/_generate_once over a fake model handle (no Serve replica)."""
+    from types import MethodType, SimpleNamespace
+
     from dreamblend_ray.serve_app import DreamBlendIngress
     from dreamblend_ray.serving import AppArgs
 
-    ingress = object.__new__(DreamBlendIngress.func_or_class)
-    ingress.args, ingress.model = AppArgs(storage_root="/data"), model
+    cls = DreamBlendIngress.func_or_class
+    ingress = SimpleNamespace(args=AppArgs(storage_root="/data"), model=model)
+    ingress._generate_once = MethodType(cls._generate_once, ingress)
+    ingress.generate = MethodType(cls.generate, ingress)
     return ingress
 
 
