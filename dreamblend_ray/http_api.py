@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from dreamblend_ray import serving
 from dreamblend_ray.config import SUBJECT_ID_PATTERN
@@ -190,7 +190,7 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
         return _error(404, str(exc))
 
     async def overloaded(request, exc: Overloaded):
-        return _error(503, "overloaded, retry later", retry)
+        return _error(503, "the model cannot take the request now (overloaded or restarting), retry later", retry)
 
     async def storage_down(request, exc: StorageError):
         logger.error("storage unavailable: %s", exc)
@@ -204,7 +204,8 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
         return _error(500, "internal error")
 
     api.add_exception_handler(RequestValidationError, _validation_error)
-    for kind, handler in ((FieldError, field_error), (SubjectConflict, conflict), (SubjectUnusable, unusable), (SubjectNotFound, not_found),
+    for kind, handler in ((FieldError, field_error), (SubjectConflict, conflict), (SubjectUnusable, unusable),
+                          (SubjectNotFound, not_found),
                           (Overloaded, overloaded), (StorageError, storage_down),
                           (DeadlineExceeded, deadline), (Exception, internal)):
         api.add_exception_handler(kind, handler)

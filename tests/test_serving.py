@@ -20,7 +20,7 @@ from dreamblend_ray.storage import StorageError
 from dreamblend_ray.serving import (AppArgs, FieldError, GenerateRequest, GenerationJob, SamplingSettings,
                                     SubjectConflict)
 
-from api_fakes import MANIFEST, RecordingBackend, png, read_manifest  # noqa: E402
+from api_fakes import MANIFEST, RecordingBackend, read_manifest  # noqa: E402
 
 
 def client(backend=None, **overrides) -> tuple[TestClient, RecordingBackend]:
@@ -277,7 +277,8 @@ def test_body_too_large_not_json_and_not_utf8():
     assert response.status_code == 413  # streamed without Content-Length: counted as it arrives
     response = http.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and "JSON decode error" in response.json()["detail"][0]["msg"]
-    response = http.post("/v1/generate", content=b'{"subject_id": "\xff"}', headers={"content-type": "application/json"})
+    response = http.post("/v1/generate", content=b'{"subject_id": "\xff"}',
+                         headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json() == {"detail": "There was an error parsing the body"}
 
 
