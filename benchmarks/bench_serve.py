@@ -1,14 +1,22 @@
-"""Throughput and latency of the DreamBlend Serve endpoint, with and without request batching.
+"""Throughput and latency of the DreamBlend Serve endpoint: batching, and load beyond a replica's slots.
 
 Starts local Ray and Serve on loopback, fine-tunes one subject on the base model for a few LoRA
-steps into a temporary storage root, deploys the same application twice (``max_batch_size`` N,
-then 1) and drives it with closed-loop HTTP clients at each concurrency level (default 1, 4, 16).
-Each request asks for one image with its own seed. Prints a table and, last, ``RESULT {json}``
-with images/s and p50/p95 latency per (mode, concurrency), the peak RSS of the model replica, and
-the batched/unbatched throughput ratio at the highest concurrency. Measures; never passes or fails.
+steps into a temporary storage root, and deploys the same application several times, each driven
+by closed-loop HTTP clients at each concurrency level (one image per request, its own seed):
 
-    .venv/bin/python benchmarks/bench_serve.py                 # tiny model, 10 DDIM steps
-    .venv/bin/python benchmarks/bench_serve.py --steps 20 --concurrency 1 8 32
+- ``batched``: the app's defaults (``max_batch_size`` 8, ``max_ongoing_requests`` 16 per replica,
+  ``max_queued_requests`` 64), at 1, 4, 16 and 64 clients. At 64, 48 requests wait in Serve's
+  router for a slot on the replica, so this row measures how fast the router refills a replica.
+- ``ray-backoff``: the same, but with Ray's default router backoff (``router_max_backoff_s`` 0.5,
+  the app's default is 0.05), at 16 and 64: the configuration behind issue 16's c=64 drop.
+- ``unbatched``: ``max_batch_size`` 1 (``max_ongoing_requests`` 16), at 1, 4 and 16.
+
+Prints a table and, last, ``RESULT {json}`` with images/s, p50/p95 latency and mean batch per
+(mode, concurrency), the peak RSS of the model replica, and the ratios: c=64 to c=16 throughput
+(batched and ray-backoff) and batched to unbatched at c=16. Measures; never passes or fails.
+
+    .venv/bin/python benchmarks/bench_serve.py                 # tiny model, 5 DDIM steps
+    .venv/bin/python benchmarks/bench_serve.py --steps 10 --modes batched --concurrency 16 64
 """
 
 from __future__ import annotations
@@ -23,6 +31,12 @@ import tempfile
 import time
 
 import httpx
+
+MODES = {  # name -> (app args over the common ones, concurrency levels when --concurrency is not given)
+    "batched": ({}, [1, 4, 16, 64]),
+    "ray-backoff": ({"router_max_backoff_s": 0.5}, [16, 64]),
+    "unbatched": ({"max_batch_size": 1}, [1, 4, 16]),
+}
 
 
 def free_port() -> int:
@@ -78,7 +92,7 @@ def drive(url: str, body: dict, concurrency: int, total: int) -> dict:
             "mean_batch": round(statistics.mean(batch_sizes), 2)}
 
 
-def bench_mode(url: str, app_args: dict, body: dict, levels: list[int], rounds: int) -> tuple[list, dict]:
+def bench_mode(url: str, name: str, app_args: dict, body: dict, levels: list[int], rounds: int) -> dict:
     from ray import serve
 
     from dreamblend_ray.serve_app import build_app
@@ -88,19 +102,44 @@ def bench_mode(url: str, app_args: dict, body: dict, levels: list[int], rounds: 
     rows = []
     for concurrency in levels:
         row = drive(url, body, concurrency, max(4, rounds * concurrency))
-        logging.getLogger("bench").info("batch %s: %s", app_args["max_batch_size"], row)
+        logging.getLogger("bench").info("%s: %s", name, row)
         rows.append(row)
     health = httpx.get(f"{url}/healthz", params={"deep": "true"}, timeout=60).json()["model"]
-    return rows, health
+    return {"max_batch_size": app_args.get("max_batch_size", 8),
+            "router_max_backoff_s": app_args.get("router_max_backoff_s", 0.05),
+            "levels": rows, "peak_replica_rss_mb": health.get("peak_rss_mb")}
+
+
+def rate(results: dict, mode: str, concurrency: int) -> float | None:
+    rows = results.get(mode, {}).get("levels", [])
+    return next((r["images_per_s"] for r in rows if r["concurrency"] == concurrency), None)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return round(numerator / denominator, 2) if numerator and denominator else None
+
+
+def print_table(results: dict, base: str, steps: int) -> None:
+    print(f"\nDreamBlend Serve, base={base}, {steps} DDIM steps, 1 image/request, one model replica "
+          "(max_ongoing_requests 16, max_queued_requests 64)")
+    print(f"{'mode':<12} {'batch':>5} {'backoff':>7} {'conc':>4} {'reqs':>5} {'img/s':>7} {'p50 s':>7} "
+          f"{'p95 s':>7} {'mean batch':>10}")
+    for mode, result in results.items():
+        for row in result["levels"]:
+            print(f"{mode:<12} {result['max_batch_size']:>5} {result['router_max_backoff_s']:>7} "
+                  f"{row['concurrency']:>4} {row['requests']:>5} {row['images_per_s']:>7.3f} {row['p50_s']:>7.3f} "
+                  f"{row['p95_s']:>7.3f} {row['mean_batch']:>10.2f}")
+        print(f"{mode:<12} peak replica RSS {result['peak_replica_rss_mb']} MiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="tiny", help="base model (default tiny)")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per request")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--steps", type=int, default=5, help="DDIM steps per request")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="levels for every mode (default: each mode's own, see above)")
     parser.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
-    parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     args = parser.parse_args()
@@ -120,32 +159,24 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     body = {"subject_id": subject, "prompt": "a sks ball on the grass", "num_inference_steps": args.steps}
     common = {"base": args.base, "storage_root": root, "num_cpus": 1, "ingress_num_cpus": 0.1,
-              "max_queued_requests": -1, "max_ongoing_requests": max(16, args.max_batch_size, *args.concurrency),
               "batch_wait_timeout_s": args.batch_wait_timeout_s, "request_timeout_s": 600}
     results = {}
     try:
-        for mode, size in (("batched", args.max_batch_size), ("unbatched", 1)):
-            rows, health = bench_mode(url, {**common, "max_batch_size": size}, body, args.concurrency, args.rounds)
-            results[mode] = {"max_batch_size": size, "levels": rows, "peak_replica_rss_mb": health["peak_rss_mb"]}
+        for mode in args.modes:
+            overrides, levels = MODES[mode]
+            results[mode] = bench_mode(url, mode, {**common, **overrides}, body, args.concurrency or levels,
+                                       args.rounds)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\nDreamBlend Serve, base={args.base}, {args.steps} DDIM steps, 1 image/request, "
-          f"torch threads per replica: default")
-    print(f"{'mode':<10} {'conc':>4} {'reqs':>5} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} {'batch':>6}")
-    for mode, result in results.items():
-        for row in result["levels"]:
-            print(f"{mode:<10} {row['concurrency']:>4} {row['requests']:>5} {row['images_per_s']:>7.3f} "
-                  f"{row['p50_s']:>7.3f} {row['p95_s']:>7.3f} {row['mean_batch']:>6.2f}")
-        print(f"{mode:<10} peak replica RSS {result['peak_replica_rss_mb']} MiB")
-    top = max(args.concurrency)
-    rate = {mode: next(r["images_per_s"] for r in res["levels"] if r["concurrency"] == top)
-            for mode, res in results.items()}
-    ratio = round(rate["batched"] / rate["unbatched"], 2)
-    print(f"batched/unbatched throughput at concurrency {top}: {ratio}x")
-    print("RESULT " + json.dumps({"base": args.base, "steps": args.steps, "results": results,
-                                  f"ratio_batched_unbatched_at_{top}": ratio}))
+    print_table(results, args.base, args.steps)
+    ratios = {"batched_64_to_16": ratio(rate(results, "batched", 64), rate(results, "batched", 16)),
+              "ray_backoff_64_to_16": ratio(rate(results, "ray-backoff", 64), rate(results, "ray-backoff", 16)),
+              "batched_to_unbatched_at_16": ratio(rate(results, "batched", 16), rate(results, "unbatched", 16))}
+    print("throughput ratios: " + ", ".join(f"{name} {'n/a' if value is None else f'{value}x'}"
+                                            for name, value in ratios.items()))
+    print("RESULT " + json.dumps({"base": args.base, "steps": args.steps, "results": results, "ratios": ratios}))
 
 
 if __name__ == "__main__":

@@ -58,3 +58,12 @@ def test_bench_gpu_runs_on_cpu(tmp_path):
     result = run_script("bench_gpu.py", "--finetune-steps", "4", "--steps", "2", cwd=tmp_path)
     assert result["device"] == "cpu" and result["all_losses_finite"] and not result["any_nan_image"]
     assert set(result["finetune_steps_per_s"]) == {"fp32 lora", "fp32 full"}
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_and_reports(tmp_path):
+    result = run_script("bench_serve.py", "--modes", "batched", "--concurrency", "1", "4", "--rounds", "1",
+                        "--steps", "1", cwd=tmp_path)
+    rows = result["results"]["batched"]["levels"]
+    assert [r["concurrency"] for r in rows] == [1, 4] and all(r["images_per_s"] > 0 for r in rows)
+    assert set(result["ratios"]) == {"batched_64_to_16", "ray_backoff_64_to_16", "batched_to_unbatched_at_16"}
