@@ -199,7 +199,9 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise TypeError(f"write_bytes({uri}) needs bytes, got {type(data).__name__}")
     fs, path = filesystem(uri)
     if not is_s3(uri):
-        _write_local_atomic(Path(path), data)
+        # Through with_retries too: an unwritable root (a file in the path, no permission) is a
+        # StorageError naming the URI, like on S3.
+        with_retries("write", uri, lambda: _write_local_atomic(Path(path), data))
         return
 
     def write():

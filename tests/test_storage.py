@@ -192,3 +192,12 @@ def test_a_script_reading_s3_exits_cleanly_every_time(s3_server, s3_bucket):
         assert "'subject_id': 'a'" in done.stdout, done.stderr[-2000:]
         codes.append((done.returncode, done.stderr.strip().splitlines()[-1:] if done.returncode else ""))
     assert codes == [(0, "")] * 10
+
+
+def test_an_unwritable_local_root_is_a_storage_error_naming_the_uri(tmp_path):
+    """A local root that cannot hold files (here a path through a regular file; as root,
+    permissions do not stop writes) fails like S3 does: a StorageError with the URI, no raw OSError."""
+    (tmp_path / "a-file").write_text("x")
+    uri = str(tmp_path / "a-file" / "out" / "job.json")
+    with pytest.raises(storage.StorageError, match=f"write {uri} failed: .*Not a directory"):
+        storage.write_text(uri, "{}")
