@@ -10,8 +10,16 @@ Pipeline (``run_finetune_job``)::
              with pair choice on: then auto_choose_pair rewrites subject.json with the
              chosen guidance/edit steps (a complete subject without a pair_choice entry is
              only scored, not re-trained)
-      └─ driver streams the result rows (a log line per subject) and writes
-         {output}/runs/{run_id}/results.parquet
+      └─ each finished subject's row is saved at once to {output}/runs/{run_id}/rows/{id}.parquet
+         (by its actor; by the driver for a skipped one), so a run whose driver dies can be read
+      └─ driver streams the result rows (a log line per subject) and gathers them into
+         {output}/runs/{run_id}/results.parquet; if the execution fails, the subjects that did not
+         finish become failed rows with the reason, and the table is still written
+
+Before any actor starts, the driver checks the subjects file, the base model (a local folder or an
+s3:// prefix must hold model_index.json) and the output root (job.json is written there first), so
+those mistakes fail in seconds with one line. ``gather_results`` (``--gather --run-id ID``) builds
+the results table of a run whose driver died, from the rows it left.
 
 Checkpoints land under ``{output}/subjects/{id}/`` (see ``checkpoints``).
 
@@ -31,11 +39,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray import checkpoints, exit_codes, lifecycle, storage
+from dreamblend_ray import checkpoints, exit_codes, lifecycle, run_records, storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
 from dreamblend_ray.dtypes import mixed_precision_argument
-from dreamblend_ray.job_common import (JobResources, error_text, new_run_id, run_uri,
-                                       write_parquet)
+from dreamblend_ray.job_common import (TASK_RETRIES, JobResources, check_base, error_text, new_run_id, read_parquet,
+                                       run_uri, write_parquet)
 from dreamblend_ray.manifests import SubjectSpec, apply_overrides, read_subjects
 from dreamblend_ray.pair_choice import SCORERS, PairChoiceOptions
 
@@ -90,23 +98,29 @@ class FinetuneActor:
     """A Ray Data callable class: loads the base model once, then fine-tunes one subject per row.
 
     ``pair_choice``: a ``PairChoiceOptions`` as a dict (``config.to_dict``), or None for no choice.
+    ``run``: the run's URI; each subject's row is saved under it as soon as the subject ends
+    (``run_records``). None saves nothing.
     """
 
     def __init__(self, base: str, output: str, torch_threads: int, use_gpu: bool,
-                 pair_choice: dict | None = None):
+                 pair_choice: dict | None = None, run: str | None = None):
         import torch
 
         from dreamblend_ray.components import load_components, select_device
 
         torch.set_num_threads(torch_threads)
-        self.output = output
+        self.output, self.run = output, run
         self.pair_choice = PairChoiceOptions.from_dict(pair_choice) if pair_choice else None
         self.components = load_components(base, device=select_device() if use_gpu else "cpu")
         logger.info("finetune actor ready: base %s on %s, %d torch threads", self.components.source,
                     self.components.device, torch_threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self.run_one(row) for row in batch.to_pylist()]
+        rows = []
+        for item in batch.to_pylist():
+            rows.append(self.run_one(item))
+            if self.run:
+                run_records.save_row(self.run, rows[-1], RESULT_SCHEMA)
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
     def run_one(self, row: dict) -> dict:
@@ -186,11 +200,12 @@ def subject_items(specs: list[SubjectSpec], base_config: FinetuneConfig) -> list
     return items
 
 
-def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOptions | None = None
-                     ) -> list[dict]:
+def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOptions | None = None,
+                     run: str | None = None) -> list[dict]:
     """"skipped" rows for subjects whose manifest exists (checked concurrently, from the driver,
     so a finished rerun starts no actors); actors check again before they train. With pair choice
-    on, a subject whose manifest has no ``pair_choice`` entry is not done yet."""
+    on, a subject whose manifest has no ``pair_choice`` entry is not done yet. Each row is saved
+    under ``run`` (when given), like the actors' rows."""
     from concurrent.futures import ThreadPoolExecutor
 
     def check(item):
@@ -200,15 +215,22 @@ def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOpti
         manifest = checkpoints.read_manifest(output, item["subject_id"])
         if needs_pair_choice(manifest, pair_choice):
             return None
-        return result_row(item["subject_id"], "skipped", output, time.perf_counter() - start, manifest)
+        row = result_row(item["subject_id"], "skipped", output, time.perf_counter() - start, manifest)
+        if run:
+            run_records.save_row(run, row, RESULT_SCHEMA)
+        return row
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return [row for row in pool.map(check, items) if row is not None]
 
 
 def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResources, address: str | None,
-                  total: int, done: int, pair_choice: PairChoiceOptions | None = None) -> list[dict]:
-    """Run ``items`` through the FinetuneActor pool; log each subject as its row arrives."""
+                  total: int, done: int, pair_choice: PairChoiceOptions | None = None, run: str | None = None,
+                  rows: list[dict] | None = None) -> list[dict]:
+    """Run ``items`` through the FinetuneActor pool; log each subject as its row arrives.
+
+    Rows are appended to ``rows`` (a new list by default) as they arrive, so a caller keeps the
+    ones that came before a failure of the execution."""
     lifecycle.init_ray(address)
     import ray.data
 
@@ -216,9 +238,13 @@ def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResou
         FinetuneActor, fn_constructor_kwargs={"base": base, "output": output,
                                               "torch_threads": resources.threads,
                                               "use_gpu": resources.gpus_per_actor > 0,
-                                              "pair_choice": to_dict(pair_choice) if pair_choice else None},
+                                              "pair_choice": to_dict(pair_choice) if pair_choice else None,
+                                              "run": run},
         **resources.map_batches_args())
-    rows = []
+    # A task whose actor died more than TASK_RETRIES times loses its block; the other subjects go
+    # on, and the driver gives the lost one a failed row (ACTOR_DIED).
+    dataset.context.max_errored_blocks = -1
+    rows = [] if rows is None else rows
     for row in dataset.iter_rows():
         rows.append(dict(row))
         logger.info("[%d/%d] %s: %s%s (%.1fs)", done + len(rows), total, row["subject_id"], row["status"],
@@ -236,39 +262,76 @@ def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: st
     (guidance, edit) pair is recorded in its subject.json (see ``pair_choice.auto_choose_pair``);
     the rows' guidance/edit steps are the chosen ones.
     """
-    from dreamblend_ray.components import resolve_base
-
     if pair_choice is not None and not isinstance(pair_choice, PairChoiceOptions):
         raise ValueError(f"pair_choice must be a PairChoiceOptions or None, got {type(pair_choice).__name__}")
 
     start = time.perf_counter()
     specs = read_subjects(subjects) if isinstance(subjects, str) else list(subjects)
     items = subject_items(specs, config)
-    base = resolve_base(base)
+    base = check_base(base)
     run_id = run_id or new_run_id()
     run = run_uri(output, run_id)
-    # Written first: a missing bucket or denied access fails here, before any actor starts.
+    # Written first: a missing bucket, denied access or an unwritable root fails here, before any actor starts.
     storage.write_json(storage.join(run, "job.json"), {
         "kind": "finetune", "run_id": run_id, "base": base, "subjects": len(items),
+        "subject_ids": [item["subject_id"] for item in items],
         "source": subjects if isinstance(subjects, str) else None, "config": to_dict(config),
         "resources": to_dict(resources), "pair_choice": to_dict(pair_choice) if pair_choice else None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     logger.info("run %s: %d subjects -> %s on %d actor(s)", run_id, len(items), output, resources.num_actors)
 
-    rows = already_complete(items, output, pair_choice)
+    rows = already_complete(items, output, pair_choice, run)
     todo = [item for item in items if item["subject_id"] not in {r["subject_id"] for r in rows}]
     logger.info("run %s: %d of %d subjects already complete, %d to fine-tune", run_id, len(rows),
                 len(items), len(todo))
+    reason = UNFINISHED
     if todo:
-        rows += fine_tune_all(todo, output, base, resources, address, total=len(items), done=len(rows),
-                              pair_choice=pair_choice)
-    rows.sort(key=lambda r: r["subject_id"])
-    results_uri = write_parquet(storage.join(run, "results.parquet"), rows, RESULT_SCHEMA)
-    result = FinetuneJobResult(run_id, results_uri, rows, time.perf_counter() - start)
+        try:
+            fine_tune_all(todo, output, base, resources, address, total=len(items), done=len(rows),
+                          pair_choice=pair_choice, run=run, rows=rows)
+        except Exception as exc:  # noqa: BLE001 - what finished is kept; the rest become failed rows
+            logger.error("run %s: the job failed after %d of %d subjects ended: %s", run_id, len(rows),
+                         len(items), error_text(exc))
+            reason = f"the job failed before this subject finished ({error_text(exc, 1000)}); rerun to complete it"
+        else:
+            reason = ACTOR_DIED
+    return gather_results(output, run_id, [item["subject_id"] for item in items], rows, reason, start)
+
+
+UNFINISHED = "unfinished: the run ended before this subject did (no result row); rerun to complete it"
+ACTOR_DIED = (f"no result: the actor fine-tuning this subject died {TASK_RETRIES + 1} times (killed, out of "
+              "memory, or its node was lost); rerun to try again")
+
+
+def gather_results(output: str, run_id: str, subject_ids: list[str] | None = None, rows: list[dict] = (),
+                   reason: str = UNFINISHED, start: float | None = None) -> FinetuneJobResult:
+    """The results table of a run, gathered from ``rows`` and the rows saved under the run, and
+    written to ``runs/{run_id}/results.parquet``.
+
+    ``subject_ids``: the run's subjects (default: those recorded in its job.json). A subject with no
+    row becomes a failed row whose error is ``reason``. Reads a run whose driver died, too
+    (``jobs/finetune_subjects.py --gather --run-id ID``); starts no Ray.
+    """
+    start = time.perf_counter() if start is None else start
+    run = run_uri(output, run_id)
+    if subject_ids is None:
+        subject_ids = list(storage.read_json(storage.join(run, "job.json"))["subject_ids"])
+    by_id = {row["subject_id"]: row for row in rows}
+    missing = [s for s in subject_ids if s not in by_id]
+    if missing:
+        by_id.update(run_records.read_rows(run, missing))
+    gathered = [by_id.get(s) or result_row(s, "failed", output, 0.0, error=reason) for s in sorted(subject_ids)]
+    results_uri = write_parquet(storage.join(run, "results.parquet"), gathered, RESULT_SCHEMA)
+    result = FinetuneJobResult(run_id, results_uri, gathered, time.perf_counter() - start)
     logger.info("run %s done in %.1fs: %d succeeded, %d skipped, %d failed; results %s", run_id,
                 result.seconds, result.count("succeeded"), result.count("skipped"), result.count("failed"),
                 results_uri)
     return result
+
+
+def read_results(output: str, run_id: str) -> list[dict]:
+    """The rows of a run's results.parquet (see ``gather_results`` for a run that did not end)."""
+    return read_parquet(storage.join(run_uri(output, run_id), "results.parquet"))
 
 
 # --------------------------------------------------------------------------- command line
@@ -277,9 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jobs/finetune_subjects.py",
         description="Fine-tune every subject of a manifest (JSONL/Parquet) on a Ray Data actor pool.")
-    parser.add_argument("--subjects", required=True, help="subjects manifest URI (.jsonl or .parquet)")
+    parser.add_argument("--subjects", help="subjects manifest URI (.jsonl or .parquet); required unless --gather")
     parser.add_argument("--output", required=True, help="output root (local path or s3://bucket/prefix)")
     parser.add_argument("--run-id", help="name of this run's folder under {output}/runs/ (default: time-based)")
+    parser.add_argument("--gather", action="store_true",
+                        help="start nothing: gather the saved rows of run --run-id (e.g. one whose driver died) "
+                             "into its results.parquet; subjects without a row become failed rows")
     parser.add_argument("--base", default="embedded", help="base model: embedded, tiny, a directory or s3:// URI")
     add_resource_arguments(parser)
     parser.add_argument("--steps", type=int, help="fine-tuning steps per subject")
@@ -364,11 +430,21 @@ def main(argv: list[str] | None = None) -> int:
     return lifecycle.main("finetune-job", args, lambda: run_from_args(args))
 
 
+def job_from_args(args: argparse.Namespace) -> FinetuneJobResult:
+    if args.gather:
+        if not args.run_id:
+            raise ValueError("--gather needs --run-id (the folder under {output}/runs/ to read)")
+        return gather_results(args.output, args.run_id)
+    if not args.subjects:
+        raise ValueError("--subjects is required (or --gather --run-id ID to read an earlier run)")
+    return run_finetune_job(args.subjects, args.output, base=args.base, config=config_from_args(args),
+                            resources=resources_from_args(args), run_id=args.run_id,
+                            address=args.address, pair_choice=pair_choice_from_args(args))
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     try:
-        result = run_finetune_job(args.subjects, args.output, base=args.base, config=config_from_args(args),
-                                  resources=resources_from_args(args), run_id=args.run_id,
-                                  address=args.address, pair_choice=pair_choice_from_args(args))
+        result = job_from_args(args)
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
         logger.error("%s", exc)
         return 2

@@ -29,7 +29,7 @@ import pyarrow as pa
 from dreamblend_ray import checkpoints, exit_codes, lifecycle, storage
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict, validate_subject_id
 from dreamblend_ray.dtypes import add_dtype_argument, normalize_dtype
-from dreamblend_ray.job_common import (JobResources, error_text, new_run_id, run_uri,
+from dreamblend_ray.job_common import (JobResources, check_base, error_text, new_run_id, run_uri,
                                        write_parquet)
 from dreamblend_ray.manifests import GenerationRequest, read_requests, sampling_config
 
@@ -153,6 +153,13 @@ def group_tasks(requests: list[GenerationRequest], max_images_per_task: int) -> 
             for s, g, e, chunk in tasks]
 
 
+def unfinished_rows(requests: list[GenerationRequest], index: list[dict], reason: str) -> list[dict]:
+    """Failed index rows, with ``reason``, for every requested image that ``index`` lacks."""
+    done = {(r["row"], r["k"]) for r in index}
+    return [index_row(asdict(request), k, 0.0, error=reason) for request in requests
+            for k in range(request.num_images) if (request.row, k) not in done]
+
+
 @dataclass
 class GenerateJobResult:
     run_id: str
@@ -176,8 +183,6 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
     checkpoints_root: where the subjects were fine-tuned (default: ``output``).
     dtype: the actors' weights dtype (``dtypes``: fp32/fp16/bf16 or an alias; None: per device).
     """
-    from dreamblend_ray.components import resolve_base
-
     start = time.perf_counter()
     check_range("batch_size", batch_size, 1, 1024, integer=True)
     check_range("max_images_per_task", max_images_per_task, 1, 1_000_000, integer=True)
@@ -186,7 +191,7 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
     base_config = sampling_config(SamplingConfig(), base_settings)
     rows = read_requests(requests, base_config) if isinstance(requests, str) else list(requests)
     tasks = group_tasks(rows, max_images_per_task)
-    base, root = resolve_base(base), checkpoints_root or output
+    base, root = check_base(base), checkpoints_root or output
     run_id = run_id or new_run_id()
     run = run_uri(output, run_id)
     storage.write_json(storage.join(run, "job.json"), {
@@ -204,7 +209,12 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
             "batch_size": batch_size, "torch_threads": resources.threads,
             "use_gpu": resources.gpus_per_actor > 0, "dtype": dtype},
         **resources.map_batches_args())
-    index = [dict(row) for row in dataset.iter_rows()]
+    index: list[dict] = []
+    try:
+        index.extend(dict(row) for row in dataset.iter_rows())
+    except Exception as exc:  # noqa: BLE001 - the images made are kept; the rest become failed rows
+        logger.error("run %s: the job failed after %d images: %s", run_id, len(index), error_text(exc))
+        index += unfinished_rows(rows, index, f"the job failed before this image was made ({error_text(exc, 1000)})")
     index.sort(key=lambda r: (r["row"], r["k"]))
     index_uri = write_parquet(storage.join(run, "index.parquet"), index, INDEX_SCHEMA)
     result = GenerateJobResult(run_id, index_uri, index, time.perf_counter() - start)

@@ -28,6 +28,10 @@ PASSTHROUGH_VARIABLES = storage.ENDPOINT_VARIABLES + ("AWS_REGION", "AWS_DEFAULT
                                                       "DREAMBLEND_STORAGE_RETRY_SECONDS")
 
 
+# Retries of a task whose actor died; the subject is then a failed row (see finetune_job).
+TASK_RETRIES = 2
+
+
 @dataclass(frozen=True)
 class JobResources:
     """How a job's actor pool is sized.
@@ -55,11 +59,16 @@ class JobResources:
 
     def map_batches_args(self) -> dict:
         """Arguments for ``Dataset.map_batches``: a fixed actor pool, one task at a time per actor
-        (so a slow subject never queues others behind it), one row per call."""
+        (so a slow subject never queues others behind it), one row per call.
+
+        An actor that dies (SIGKILL, out of memory, a lost node) is restarted and its task retried,
+        but at most ``TASK_RETRIES`` times: Ray Data's default is to retry forever, so one subject
+        that kills its actor every time would keep the job from ever ending."""
         import ray.data
 
         args = {"compute": ray.data.ActorPoolStrategy(size=self.num_actors, max_tasks_in_flight_per_actor=1),
-                "batch_size": 1, "batch_format": "pyarrow", "num_cpus": self.cpus_per_actor}
+                "batch_size": 1, "batch_format": "pyarrow", "num_cpus": self.cpus_per_actor,
+                "max_restarts": -1, "max_task_retries": TASK_RETRIES}
         if self.gpus_per_actor:
             args["num_gpus"] = self.gpus_per_actor
         env = storage_env()
@@ -85,6 +94,20 @@ def validate_run_id(run_id: str) -> str:
 
 def run_uri(output: str, run_id: str) -> str:
     return storage.join(output, "runs", validate_run_id(run_id))
+
+
+def check_base(base: str) -> str:
+    """``base`` resolved (``components.resolve_base``) and checked from the driver, before any actor
+    starts: a local folder or an s3:// prefix must hold model_index.json. ValueError otherwise."""
+    from dreamblend_ray.components import embedded_model_dir, resolve_base
+
+    base = resolve_base(base)
+    index = (storage.join(base, "model_index.json") if storage.is_s3(base)
+             else str(embedded_model_dir() / "model_index.json") if base == "embedded" else None)
+    if index is not None and not storage.exists(index):
+        raise ValueError(f"base model {base!r} has no model_index.json (expected a diffusers "
+                         "StableDiffusionPipeline folder)")
+    return base
 
 
 def write_parquet(uri: str, rows: list[dict], schema: pa.Schema) -> str:
