@@ -14,9 +14,11 @@ frozen VAE encodes each image once (we keep the posterior's mean and std and sam
 ``mean + std * eps`` each step, the same distribution as ``latent_dist.sample()``), and the
 frozen text encoder encodes the two prompts once.
 
-Class images for prior preservation come from the base model itself (DDIM sampling with
-diffusers' ``StableDiffusionPipeline``) and are cached per base model and class noun under
-``{output_root}/class_images/``, so every subject of a class shares them.
+Class images for prior preservation come from the base model itself (plain DDIM + CFG through
+the project's sampler, equal to diffusers' ``StableDiffusionPipeline``) and are cached per base
+model and class noun under ``{output_root}/class_images/``, so every subject of a class shares them.
+Prior preservation is on by default (the DreamBooth paper's recipe; diffusers' scripts leave it
+off): docs/finetuning.md says why and what it costs.
 
 LoRA trains on the caller's UNet: the adapter is added at the start and deleted at the end,
 so one ``Components`` object serves many fine-tunes (not concurrently, and not while it

@@ -354,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=["lora", "full"], help="LoRA (default) or full fine-tuning")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--rank", type=int, help="LoRA rank")
-    parser.add_argument("--no-prior-preservation", action="store_true", help="skip the class-prior loss")
+    parser.add_argument("--no-prior-preservation", action="store_true",
+                        help="skip the class-prior loss (on by default, with 50 class images generated once per "
+                             "base model and class noun and cached under OUTPUT/class_images/; "
+                             "docs/finetuning.md: why, and the cost)")
     parser.add_argument("--mixed-precision", type=mixed_precision_argument, metavar="{auto,no,fp16,bf16}",
                         help="autocast on CUDA (default auto; float16/bfloat16 accepted, fp32 means no)")
     parser.add_argument("--num-class-images", type=int)

@@ -45,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     parser.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of LoRA")
     parser.add_argument("--prior-images", type=int, default=50,
-                        help="class images for prior preservation; 0 turns it off (default 50)")
+                        help="class images for the prior-preservation loss (default 50: ON, the DreamBooth "
+                             "paper's recipe; diffusers' scripts default it off); 0 turns it off. Generated "
+                             "once per base model and class noun, cached under OUTPUT/class_images/, and "
+                             "each step then trains on a class image too (docs/finetuning.md: the cost)")
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
     parser.add_argument("--class-prompt", default=None, help="default: 'a photo of {class noun}'")
     parser.add_argument("--token", default="sks", help="rare identifier token (default sks)")
