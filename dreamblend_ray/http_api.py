@@ -31,8 +31,8 @@ from pydantic import BaseModel, Field
 from dreamblend_ray import serving
 from dreamblend_ray.config import SUBJECT_ID_PATTERN
 from dreamblend_ray.serving import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, GenerationJob,
-                                    GenerationResult, Overloaded, SubjectConflict, SubjectNotFound,
-                                    SubjectUnusable)
+                                    GenerationResult, Overloaded, ReplicaUnavailable, SubjectConflict,
+                                    SubjectNotFound, SubjectUnusable)
 from dreamblend_ray.storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 's
             "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
             "base-uri 'self'; form-action 'self'; frame-ancestors 'self'")
 HEALTH_TIMEOUT_S = 10.0
+REPLICA_RETRY_AFTER_S = 10  # a replacement model replica is noticed in ~1 s, then loads its model
 SECURITY = [{"bearer": []}, {"apiKey": []}]
 
 # status -> (when, body model name); the single source of docs/serving.md's error table
@@ -189,6 +190,10 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
     async def not_found(request, exc: SubjectNotFound):
         return _error(404, str(exc))
 
+    async def replica_lost(request, exc: ReplicaUnavailable):  # a replacement replica loads the model first
+        return _error(503, "the model replica was lost and is being replaced, retry later",
+                      {"Retry-After": str(REPLICA_RETRY_AFTER_S)})
+
     async def overloaded(request, exc: Overloaded):
         return _error(503, "the model cannot take the request now (overloaded or restarting), retry later", retry)
 
@@ -205,7 +210,7 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
 
     api.add_exception_handler(RequestValidationError, _validation_error)
     for kind, handler in ((FieldError, field_error), (SubjectConflict, conflict), (SubjectUnusable, unusable),
-                          (SubjectNotFound, not_found),
+                          (SubjectNotFound, not_found), (ReplicaUnavailable, replica_lost),
                           (Overloaded, overloaded), (StorageError, storage_down),
                           (DeadlineExceeded, deadline), (Exception, internal)):
         api.add_exception_handler(kind, handler)

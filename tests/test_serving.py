@@ -302,6 +302,17 @@ def test_backend_errors_map_to_statuses(error, status):
         assert response.json() == {"detail": "internal error"}
 
 
+def test_a_lost_replica_asks_for_a_longer_wait_than_a_full_queue():
+    from dreamblend_ray.http_api import REPLICA_RETRY_AFTER_S
+
+    lost, _ = client(RecordingBackend(serving.ReplicaUnavailable("replica 7f3a died twice")))
+    response = lost.post("/v1/generate", json={"subject_id": "dog", "prompt": "x"})
+    assert response.status_code == 503 and "being replaced" in response.json()["detail"]
+    assert int(response.headers["retry-after"]) == REPLICA_RETRY_AFTER_S > 1
+    full, _ = client(RecordingBackend(serving.Overloaded("queue full")))
+    assert full.post("/v1/generate", json={"subject_id": "dog", "prompt": "x"}).headers["retry-after"] == "1"
+
+
 def test_subject_is_a_public_view_without_paths_or_versions():
     http, _ = client()
     body = http.get("/v1/subjects/dog").json()
