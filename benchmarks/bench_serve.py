@@ -4,16 +4,19 @@ Starts local Ray and Serve on loopback, fine-tunes one subject on the base model
 steps into a temporary storage root, and deploys the same application several times, each driven
 by closed-loop HTTP clients at each concurrency level (one image per request, its own seed):
 
-- ``batched``: the app's defaults (``max_batch_size`` 8, ``max_ongoing_requests`` 16 per replica,
-  ``max_queued_requests`` 64), at 1, 4, 16 and 64 clients. At 64, 48 requests wait in Serve's
-  router for a slot on the replica, so this row measures how fast the router refills a replica.
-- ``ray-backoff``: the same, but with Ray's default router backoff (``router_max_backoff_s`` 0.5,
-  the app's default is 0.05), at 16 and 64: the configuration behind issue 16's c=64 drop.
-- ``unbatched``: ``max_batch_size`` 1 (``max_ongoing_requests`` 16), at 1, 4 and 16.
+- ``batched``: the app's defaults (``max_batch_size`` 8, ``max_ongoing_requests`` 64 per replica,
+  ``max_queued_requests`` 64), at 1, 4, 16 and 64 clients: waiting requests queue on the replica
+  itself, in arrival order, for its next batch.
+- ``router-queue``: ``max_ongoing_requests`` 16 (the earlier default), at 16 and 64: at 64, 48
+  requests wait in Serve's router for a slot, so this row measures how fast the router refills a
+  replica (with the app's ``router_max_backoff_s`` 0.05).
+- ``ray-backoff``: ``max_ongoing_requests`` 16 with Ray's default router backoff
+  (``router_max_backoff_s`` 0.5), at 16 and 64: the configuration behind issue 16's c=64 drop.
+- ``unbatched``: ``max_batch_size`` 1, at 1, 4 and 16.
 
 Prints a table and, last, ``RESULT {json}`` with images/s, p50/p95 latency and mean batch per
 (mode, concurrency), the peak RSS of the model replica, and the ratios: c=64 to c=16 throughput
-(batched and ray-backoff) and batched to unbatched at c=16. Measures; never passes or fails.
+(batched, router-queue and ray-backoff) and batched to unbatched at c=16. Measures; never passes or fails.
 
     .venv/bin/python benchmarks/bench_serve.py                 # tiny model, 5 DDIM steps
     .venv/bin/python benchmarks/bench_serve.py --steps 10 --modes batched --concurrency 16 64
@@ -34,7 +37,8 @@ import httpx
 
 MODES = {  # name -> (app args over the common ones, concurrency levels when --concurrency is not given)
     "batched": ({}, [1, 4, 16, 64]),
-    "ray-backoff": ({"router_max_backoff_s": 0.5}, [16, 64]),
+    "router-queue": ({"max_ongoing_requests": 16}, [16, 64]),
+    "ray-backoff": ({"max_ongoing_requests": 16, "router_max_backoff_s": 0.5}, [16, 64]),
     "unbatched": ({"max_batch_size": 1}, [1, 4, 16]),
 }
 
@@ -121,7 +125,7 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 def print_table(results: dict, base: str, steps: int) -> None:
     print(f"\nDreamBlend Serve, base={base}, {steps} DDIM steps, 1 image/request, one model replica "
-          "(max_ongoing_requests 16, max_queued_requests 64)")
+          "(app defaults: max_ongoing_requests 64, max_queued_requests 64; modes override them)")
     print(f"{'mode':<12} {'batch':>5} {'backoff':>7} {'conc':>4} {'reqs':>5} {'img/s':>7} {'p50 s':>7} "
           f"{'p95 s':>7} {'mean batch':>10}")
     for mode, result in results.items():
@@ -172,6 +176,7 @@ def main() -> None:
 
     print_table(results, args.base, args.steps)
     ratios = {"batched_64_to_16": ratio(rate(results, "batched", 64), rate(results, "batched", 16)),
+              "router_queue_64_to_16": ratio(rate(results, "router-queue", 64), rate(results, "router-queue", 16)),
               "ray_backoff_64_to_16": ratio(rate(results, "ray-backoff", 64), rate(results, "ray-backoff", 16)),
               "batched_to_unbatched_at_16": ratio(rate(results, "batched", 16), rate(results, "unbatched", 16))}
     print("throughput ratios: " + ", ".join(f"{name} {'n/a' if value is None else f'{value}x'}"

@@ -82,7 +82,9 @@ class AppArgs(BaseModel):
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0)
-    max_ongoing_requests: int = Field(16, ge=1, description="per model replica; >= max_batch_size")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="per model replica; >= max_batch_size. Waiting requests queue on the replica "
+                              "in arrival order for its next batch, not in Serve's router (bench_serve.py)")
     max_queued_requests: int = Field(64, ge=-1, description="per caller of the model; -1 = unbounded")
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.25, ge=0)

@@ -66,4 +66,5 @@ def test_bench_serve_runs_and_reports(tmp_path):
                         "--steps", "1", cwd=tmp_path)
     rows = result["results"]["batched"]["levels"]
     assert [r["concurrency"] for r in rows] == [1, 4] and all(r["images_per_s"] > 0 for r in rows)
-    assert set(result["ratios"]) == {"batched_64_to_16", "ray_backoff_64_to_16", "batched_to_unbatched_at_16"}
+    assert set(result["ratios"]) == {"batched_64_to_16", "router_queue_64_to_16", "ray_backoff_64_to_16",
+                                     "batched_to_unbatched_at_16"}
