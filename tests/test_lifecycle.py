@@ -353,11 +353,17 @@ def write_subjects(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_finetune_job_stops_on_sigterm_and_leaves_no_process(background, tmp_path):
-    manifest = write_subjects(tmp_path)
-    command = background([sys.executable, "jobs/finetune_subjects.py", "--subjects", str(manifest),
-                          "--output", str(tmp_path / "out"), "--base", "tiny", "--steps", "100000",
-                          "--no-prior-preservation", "--grace-period", "30"])
+@pytest.mark.parametrize("command_line", ["job", "demo"])
+def test_finetune_job_stops_on_sigterm_and_leaves_no_process(background, tmp_path, command_line):
+    """The fine-tune job, alone or inside `dreamblend demo`, stopped while its actor trains."""
+    if command_line == "job":
+        argv = [sys.executable, "jobs/finetune_subjects.py", "--subjects", str(write_subjects(tmp_path)),
+                "--output", str(tmp_path / "out"), "--base", "tiny", "--steps", "100000",
+                "--no-prior-preservation", "--grace-period", "30"]
+    else:
+        argv = [DREAMBLEND, "demo", "--base", "tiny", "--subjects", "striped-star", "--finetune-steps", "100000",
+                "--out", str(tmp_path / "demo"), "--grace-period", "30"]
+    command = background(argv)
     command.wait_for(lambda: any("FinetuneActor" in name for name in describe(marked(command.marker))),
                      what="the fine-tune actor")
     time.sleep(2.0)
