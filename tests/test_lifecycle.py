@@ -376,6 +376,35 @@ def test_finetune_job_stops_on_sigterm_and_leaves_no_process(background, tmp_pat
 
 
 @pytest.mark.slow
+def test_generate_job_stops_on_sigterm_and_leaves_no_process(background, tmp_path):
+    """The generate job stopped while its actor samples (1000 DDIM steps: long enough to catch)."""
+    import json
+
+    from PIL import Image
+
+    from dreamblend_ray.config import FinetuneConfig
+    from dreamblend_ray.finetune import finetune_subject
+
+    store = tmp_path / "store"
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    finetune_subject("tiny", [str(image)], "ball", "alpha", str(store),
+                     FinetuneConfig(steps=2, prior_preservation=False), progress=False)
+    requests_file = tmp_path / "requests.jsonl"
+    requests_file.write_text(json.dumps({"subject_id": "alpha", "prompt": "a sks ball", "seed": 0}) + "\n")
+    command = background([sys.executable, "jobs/generate_batch.py", "--requests", str(requests_file),
+                          "--output", str(store), "--base", "tiny", "--steps", "1000", "--grace-period", "30"])
+    command.wait_for(lambda: any("GenerateActor" in name for name in describe(marked(command.marker))),
+                     what="the generate actor")
+    time.sleep(2.0)
+    start = time.monotonic()
+    command.process.terminate()
+    assert command.process.wait(timeout=40) == 143
+    left = wait_until_gone(command.marker, max(1.0, 30 - (time.monotonic() - start)))
+    assert not left, describe(left)
+
+
+@pytest.mark.slow
 def test_demo_console_shows_steps_not_library_chatter(background, tmp_path):
     out = tmp_path / "demo"
     command = background([DREAMBLEND, "demo", "--base", "tiny", "--subjects", "striped-star", "--finetune-steps",
