@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from dreamblend_ray import __version__, exit_codes, lifecycle
+from dreamblend_ray import exit_codes, lifecycle
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return lifecycle.main(args.command, args, lambda: module.run(args), log_dir=log_dir)
     except NotLandedError as exc:
         logging.getLogger("dreamblend").error("%s", exc)
-        return 2
+        return exit_codes.USAGE
     except (ValueError, FileNotFoundError) as exc:
         logging.getLogger("dreamblend").error("%s", exc)
-        return 2
+        return exit_codes.USAGE
     except KeyboardInterrupt:
         return exit_codes.INTERRUPTED
 

@@ -450,8 +450,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         result = job_from_args(args)
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
         logger.error("%s", exc)
-        return 2
-    return 0 if result.ok or args.allow_failures else 3
+        return exit_codes.USAGE
+    return exit_codes.OK if result.ok or args.allow_failures else exit_codes.PARTIAL
 
 
 if __name__ == "__main__":

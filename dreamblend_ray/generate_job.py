@@ -279,8 +279,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                                   dtype=args.dtype)
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
         logger.error("%s", exc)
-        return 2
-    return 0 if result.failed == 0 or args.allow_failures else 3
+        return exit_codes.USAGE
+    return exit_codes.OK if result.failed == 0 or args.allow_failures else exit_codes.PARTIAL
 
 
 if __name__ == "__main__":

@@ -120,4 +120,4 @@ def run_from_args(args: argparse.Namespace) -> int:
         return run(args)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
-        return 2
+        return exit_codes.USAGE

@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         submission_id = client.submit_job(**submission)
     except (AuthenticationError, ConnectionError, RuntimeError) as exc:
         logger.error("cannot submit to %s: %s", args.address, exc)
-        return 2
+        return exit_codes.USAGE
     logger.info("submitted %s job %s to %s: %s", args.job, submission_id, args.address, submission["entrypoint"])
     print(submission_id, flush=True)
     if not args.follow:
@@ -276,4 +276,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     status = follow(client, submission_id)
     logger.info("job %s finished: %s", submission_id, status)
-    return 0 if status == "SUCCEEDED" else 1
+    return exit_codes.OK if status == "SUCCEEDED" else exit_codes.FAILED
