@@ -138,6 +138,9 @@ def teardown_logging() -> None:
             handler.close()
 
 
+HF_LOGGING = ("diffusers.utils.logging", "transformers.utils.logging")
+
+
 def route_library_loggers() -> None:
     """Send the loggers that carry their own stream handlers to the root logger's handlers; Ray
     and Ray Serve configure theirs when imported, so this runs again after they are."""
@@ -150,6 +153,10 @@ def route_library_loggers() -> None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 library.removeHandler(handler)
         library.propagate = True
+    for name in HF_LOGGING:  # imported already: they keep their own stderr handler and stop propagation
+        if name in sys.modules:
+            sys.modules[name].disable_default_handler()
+            sys.modules[name].enable_propagation()
 
 
 def verbose_requested() -> bool:
