@@ -500,7 +500,7 @@ def test_serve_config_v2_is_rendered_from_the_source(rayservice):
         pytest.fail(f"Serve config {path} is missing", pytrace=False)
     expected = render.render_text(path)
     assert rayservice["spec"]["serveConfigV2"] == expected, (
-        "k8s/rayservice.yaml serveConfigV2 drifted from deployments/serve_config.yaml: "
+        "k8s/base/rayservice.yaml serveConfigV2 drifted from deployments/serve_config.yaml: "
         "run `python k8s/render_serve_config.py`")
     text = (BASE / "rayservice.yaml").read_text()
     assert render.replace_block(text, render.block(expected)) == text
