@@ -352,6 +352,17 @@ def write_subjects(tmp_path: Path) -> Path:
     return manifest
 
 
+def sigterm_while_actor_runs(command, actor: str, grace_s: float = 30) -> None:
+    """SIGTERM once ``actor`` runs; the command exits 143 and leaves no marked process within the grace."""
+    command.wait_for(lambda: any(actor in name for name in describe(marked(command.marker))), what=actor)
+    time.sleep(2.0)
+    start = time.monotonic()
+    command.process.terminate()
+    assert command.process.wait(timeout=grace_s + 10) == 143
+    left = wait_until_gone(command.marker, max(1.0, grace_s - (time.monotonic() - start)))
+    assert not left, describe(left)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command_line", ["job", "demo"])
 def test_finetune_job_stops_on_sigterm_and_leaves_no_process(background, tmp_path, command_line):
@@ -364,14 +375,7 @@ def test_finetune_job_stops_on_sigterm_and_leaves_no_process(background, tmp_pat
         argv = [DREAMBLEND, "demo", "--base", "tiny", "--subjects", "striped-star", "--finetune-steps", "100000",
                 "--out", str(tmp_path / "demo"), "--grace-period", "30"]
     command = background(argv)
-    command.wait_for(lambda: any("FinetuneActor" in name for name in describe(marked(command.marker))),
-                     what="the fine-tune actor")
-    time.sleep(2.0)
-    start = time.monotonic()
-    command.process.terminate()
-    assert command.process.wait(timeout=40) == 143
-    left = wait_until_gone(command.marker, max(1.0, 30 - (time.monotonic() - start)))
-    assert not left, describe(left)
+    sigterm_while_actor_runs(command, "FinetuneActor")
     assert "SIGTERM: shutting down" in command.console()
 
 
@@ -394,14 +398,7 @@ def test_generate_job_stops_on_sigterm_and_leaves_no_process(background, tmp_pat
     requests_file.write_text(json.dumps({"subject_id": "alpha", "prompt": "a sks ball", "seed": 0}) + "\n")
     command = background([sys.executable, "jobs/generate_batch.py", "--requests", str(requests_file),
                           "--output", str(store), "--base", "tiny", "--steps", "1000", "--grace-period", "30"])
-    command.wait_for(lambda: any("GenerateActor" in name for name in describe(marked(command.marker))),
-                     what="the generate actor")
-    time.sleep(2.0)
-    start = time.monotonic()
-    command.process.terminate()
-    assert command.process.wait(timeout=40) == 143
-    left = wait_until_gone(command.marker, max(1.0, 30 - (time.monotonic() - start)))
-    assert not left, describe(left)
+    sigterm_while_actor_runs(command, "GenerateActor")
 
 
 @pytest.mark.slow
