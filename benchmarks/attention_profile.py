@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from dreamblend_ray import checkpoints
-from dreamblend_ray.attention import Recorder, cross_attention_layers, recording
-from dreamblend_ray.components import load_components
+from dreamblend_ray.training import checkpoints
+from dreamblend_ray.method.attention import Recorder, cross_attention_layers, recording
+from dreamblend_ray.models.components import load_components
 from dreamblend_ray.embedded import metrics
-from dreamblend_ray.guidance import cfg_combine
-from dreamblend_ray.sampler import decode_latents, encode_prompts, initial_latents
+from dreamblend_ray.method.guidance import cfg_combine
+from dreamblend_ray.method.sampler import decode_latents, encode_prompts, initial_latents
 
 logger = logging.getLogger("attention_profile")
 

@@ -8,7 +8,7 @@ shared machine; equal to wall-clock on an idle one with one thread). Ours and th
 for ``--rounds`` rounds and each side reports its best round, which evens out other processes'
 load on a shared machine. Peak memory is the largest over rounds.
 
-"ours" runs ``dreamblend_ray.finetune.finetune_subject`` end to end (checkpoint only at the last
+"ours" runs ``dreamblend_ray.training.finetune.finetune_subject`` end to end (checkpoint only at the last
 step) and times the steps between ``--warmup`` and the last through its step callback.
 "reference" reproduces, in this process, the inner training step of diffusers'
 ``examples/dreambooth/train_dreambooth_lora.py`` (``train_dreambooth.py`` for full fine-tuning):
@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreamblend_ray.components import build_tiny_components
+from dreamblend_ray.models.components import build_tiny_components
 from dreamblend_ray.config import FinetuneConfig
-from dreamblend_ray.finetune import finetune_subject, to_tensor
+from dreamblend_ray.training.finetune import finetune_subject, to_tensor
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -235,7 +235,7 @@ def best(a: dict, b: dict) -> dict:
 
 
 def measure(components, images, args, root: str) -> dict:
-    from dreamblend_ray.finetune import class_images
+    from dreamblend_ray.training.finetune import class_images
 
     prior_images = class_images(components, "dog", root, 32, FinetuneConfig(
         num_class_images=4, class_sampling_steps=2))  # cached for ours, reused by the reference

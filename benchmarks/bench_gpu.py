@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampler import PeakMemory, add_adapters  # noqa: E402
 
 from dreamblend_ray import checkpoints  # noqa: E402
-from dreamblend_ray.components import Components, build_tokenizer, default_scheduler, load_components  # noqa: E402
+from dreamblend_ray.models.components import Components, build_tokenizer, default_scheduler, load_components  # noqa: E402
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig  # noqa: E402
 from dreamblend_ray.embedded import metrics  # noqa: E402
 from dreamblend_ray.embedded.subjects import get_subject  # noqa: E402
-from dreamblend_ray.finetune import finetune_subject  # noqa: E402
-from dreamblend_ray.pair import AdapterPair  # noqa: E402
-from dreamblend_ray.sampler import DreamBlendSampler  # noqa: E402
+from dreamblend_ray.training.finetune import finetune_subject  # noqa: E402
+from dreamblend_ray.method.pair import AdapterPair  # noqa: E402
+from dreamblend_ray.method.sampler import DreamBlendSampler  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

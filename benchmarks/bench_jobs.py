@@ -29,7 +29,7 @@ from PIL import Image
 
 
 def make_subjects(root: Path, n: int) -> list:
-    from dreamblend_ray.manifests import SubjectSpec
+    from dreamblend_ray.jobs.manifests import SubjectSpec
 
     specs = []
     for i in range(n):
@@ -48,8 +48,8 @@ def make_subjects(root: Path, n: int) -> list:
 def plain_loop(specs, output: str, config) -> float:
     import torch
 
-    from dreamblend_ray.components import load_components
-    from dreamblend_ray.finetune import finetune_subject
+    from dreamblend_ray.models.components import load_components
+    from dreamblend_ray.training.finetune import finetune_subject
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -61,8 +61,8 @@ def plain_loop(specs, output: str, config) -> float:
 
 
 def job(specs, output: str, config, actors: int) -> tuple[float, list[dict]]:
-    from dreamblend_ray.finetune_job import run_finetune_job
-    from dreamblend_ray.job_common import JobResources
+    from dreamblend_ray.jobs.finetune import run_finetune_job
+    from dreamblend_ray.jobs.common import JobResources
 
     start = time.perf_counter()
     result = run_finetune_job(specs, output, base="tiny", config=config, run_id=f"bench-{actors}",

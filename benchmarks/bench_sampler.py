@@ -19,11 +19,11 @@ import psutil
 import torch
 from peft import LoraConfig
 
-from dreamblend_ray.attention import cross_attention_layers
-from dreamblend_ray.components import load_components, select_device
+from dreamblend_ray.method.attention import cross_attention_layers
+from dreamblend_ray.models.components import load_components, select_device
 from dreamblend_ray.config import SamplingConfig
-from dreamblend_ray.pair import AdapterPair
-from dreamblend_ray.sampler import DreamBlendSampler
+from dreamblend_ray.method.pair import AdapterPair
+from dreamblend_ray.method.sampler import DreamBlendSampler
 
 logger = logging.getLogger("bench_sampler")
 PROMPT = "a photo of sks dog on the beach"

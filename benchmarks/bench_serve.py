@@ -54,7 +54,7 @@ def make_subject(base: str, root: str) -> str:
     from PIL import Image, ImageDraw
 
     from dreamblend_ray.config import FinetuneConfig
-    from dreamblend_ray.finetune import finetune_subject
+    from dreamblend_ray.training.finetune import finetune_subject
 
     images = []
     for shift in range(3):
@@ -99,7 +99,7 @@ def drive(url: str, body: dict, concurrency: int, total: int) -> dict:
 def bench_mode(url: str, name: str, app_args: dict, body: dict, levels: list[int], rounds: int) -> dict:
     from ray import serve
 
-    from dreamblend_ray.serve_app import build_app
+    from dreamblend_ray.serving.app import build_app
 
     serve.run(build_app(app_args), name="dreamblend", route_prefix="/")
     drive(url, body, 1, 2)  # warm-up: loads the subject's pair, first-call overheads

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from dreamblend_ray import checkpoints
-from dreamblend_ray.components import load_components
+from dreamblend_ray.training import checkpoints
+from dreamblend_ray.models.components import load_components
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig
 from dreamblend_ray.embedded import metrics
 from dreamblend_ray.embedded.subjects import CONTEXTS, get_subject
-from dreamblend_ray.finetune import finetune_subject
-from dreamblend_ray.sampler import DreamBlendSampler
+from dreamblend_ray.training.finetune import finetune_subject
+from dreamblend_ray.method.sampler import DreamBlendSampler
 
 logger = logging.getLogger("toy_tradeoff")
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 1.0)

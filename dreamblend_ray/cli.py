@@ -12,7 +12,9 @@ import importlib
 import logging
 import sys
 
-from dreamblend_ray import exit_codes, lifecycle
+from dreamblend_ray.runtime import exit_codes
+
+from dreamblend_ray.runtime import lifecycle
 
 # name -> (module, one-line help)
 COMMANDS = {

@@ -141,7 +141,7 @@ def validate_class_noun(class_noun: str) -> str:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """DreamBooth fine-tuning of one subject (see dreamblend_ray/finetune.py).
+    """DreamBooth fine-tuning of one subject (see dreamblend_ray/training/finetune.py).
 
     method: "lora" (peft LoRA on the UNet attention projections, the default) or "full" (every
         UNet weight; checkpoints are whole UNets).

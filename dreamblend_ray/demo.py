@@ -133,7 +133,8 @@ def finetune_config(config: DemoConfig, subjects):
 
 def drop_stale_subjects(config: DemoConfig, subjects, wanted) -> list[str]:
     """Forget finished subjects fine-tuned with other settings, so the job trains them again."""
-    from dreamblend_ray import checkpoints, storage
+    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.io import storage
 
     stale = []
     for subject in subjects:
@@ -146,8 +147,8 @@ def drop_stale_subjects(config: DemoConfig, subjects, wanted) -> list[str]:
 
 
 def finetune(config: DemoConfig, subjects, manifest: str):
-    from dreamblend_ray.finetune_job import run_finetune_job
-    from dreamblend_ray.job_common import JobResources
+    from dreamblend_ray.jobs.finetune import run_finetune_job
+    from dreamblend_ray.jobs.common import JobResources
 
     wanted = finetune_config(config, subjects)
     drop_stale_subjects(config, subjects, wanted)
@@ -221,14 +222,14 @@ def fetch_images(url: str, config: DemoConfig, cells: list[Cell], manifests: dic
 def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> dict:
     from ray import serve
 
-    from dreamblend_ray.serve_app import build_app
-    from dreamblend_ray.serving import AppArgs
+    from dreamblend_ray.serving.app import build_app
+    from dreamblend_ray.serving.requests import AppArgs
 
     port = config.port or free_port()
     args = AppArgs(base=config.base, storage_root=os.path.abspath(config.storage_root), max_models_per_replica=8,
                    max_images_per_request=max(4, len(config.seeds)), max_batch_size=8,
                    max_ongoing_requests=16, request_timeout_s=600, default_steps=config.steps)
-    from dreamblend_ray import lifecycle
+    from dreamblend_ray.runtime import lifecycle
 
     lifecycle.start_serve("127.0.0.1", port)
     try:
@@ -325,7 +326,8 @@ def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests:
 # --------------------------------------------------------------------------- the whole demo
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
-    from dreamblend_ray import checkpoints, lifecycle
+    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.runtime import lifecycle
 
     out, seconds, start = Path(config.out), {}, time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOB_MODULES = {"finetune": "dreamblend_ray.finetune_job", "generate": "dreamblend_ray.generate_job"}
+JOB_MODULES = {"finetune": "dreamblend_ray.jobs.finetune", "generate": "dreamblend_ray.jobs.generate"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,11 @@ this module rather than the repository's ``deployments/`` folder (which re-expor
       import_path: dreamblend_ray.serve_entry:build_app
       args: {base: s3://bucket/model, storage_root: s3://bucket/personalized}
 
-``build_app`` validates ``args`` into ``AppArgs``; see ``dreamblend_ray.serve_app`` for the deployments.
+``build_app`` validates ``args`` into ``AppArgs``; see ``dreamblend_ray.serving.app`` for the deployments.
 """
 
-from dreamblend_ray.serve_app import DreamBlendIngress, DreamBlendModel, build_app
-from dreamblend_ray.serving import AppArgs
+from dreamblend_ray.serving.app import DreamBlendIngress, DreamBlendModel, build_app
+from dreamblend_ray.serving.requests import AppArgs
 
 IMPORT_PATH = "dreamblend_ray.serve_entry:build_app"
 

@@ -1,4 +1,4 @@
-"""Ray job entry point: the DreamBooth-protocol evaluation (see dreamblend_ray/evaluation.py).
+"""Ray job entry point: the DreamBooth-protocol evaluation (see dreamblend_ray/jobs/evaluate.py).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/evaluate.py --subjects s3://bucket/eval/subjects.jsonl --checkpoints s3://bucket/out \

@@ -1,4 +1,4 @@
-"""Ray job entry point: fine-tune every subject of a manifest (see dreamblend_ray/finetune_job.py).
+"""Ray job entry point: fine-tune every subject of a manifest (see dreamblend_ray/jobs/finetune.py).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/finetune_subjects.py --subjects s3://bucket/subjects.jsonl --output s3://bucket/out \
@@ -9,7 +9,7 @@ or `dreamblend submit finetune --address http://HEAD:8265 -- --subjects ... --ou
 
 import sys
 
-from dreamblend_ray.finetune_job import main
+from dreamblend_ray.jobs.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

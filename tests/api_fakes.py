@@ -11,8 +11,8 @@ import time
 
 from PIL import Image
 
-from dreamblend_ray import serving
-from dreamblend_ray.serving import AppArgs, GenerationJob, GenerationResult
+from dreamblend_ray.serving import requests as serving
+from dreamblend_ray.serving.requests import AppArgs, GenerationJob, GenerationResult
 
 MANIFEST = {"version": 1, "subject_id": "dog", "class_noun": "dog", "token": "sks", "instance_prompt": "a sks dog",
             "base": {"source": "/secret/models/tiny-sd", "config_sha256": "ab" * 32}, "kind": "lora",

@@ -14,7 +14,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_components():
-    from dreamblend_ray.components import build_tiny_components
+    from dreamblend_ray.models.components import build_tiny_components
 
     return build_tiny_components(seed=0)
 
@@ -22,7 +22,7 @@ def tiny_components():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_components):
     """The tiny model saved in diffusers layout, for tests that load from a path."""
-    from dreamblend_ray.components import save_components
+    from dreamblend_ray.models.components import save_components
 
     return save_components(tiny_components, tmp_path_factory.mktemp("tiny-model"))
 

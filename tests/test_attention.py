@@ -2,10 +2,10 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from dreamblend_ray.attention import (
+from dreamblend_ray.method.attention import (
     Recorder, StopForward, cross_attention_layers, recording, select_layers,
 )
-from dreamblend_ray.components import build_tiny_components
+from dreamblend_ray.models.components import build_tiny_components
 from dreamblend_ray.config import LayerSelection
 
 

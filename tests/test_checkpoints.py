@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamblend_ray import checkpoints, storage
-from dreamblend_ray.components import build_tiny_components
+from dreamblend_ray.training import checkpoints
+
+from dreamblend_ray.io import storage
+from dreamblend_ray.models.components import build_tiny_components
 from dreamblend_ray.config import FinetuneConfig
-from dreamblend_ray.finetune import finetune_subject
-from dreamblend_ray.pair import AdapterPair, TwoUNetPair
+from dreamblend_ray.training.finetune import finetune_subject
+from dreamblend_ray.method.pair import AdapterPair, TwoUNetPair
 
 
 # One thread: tiny training steps gain nothing from two, and CPU results stay bitwise reproducible.

@@ -34,7 +34,7 @@ def _exit_codes_listed(help_text: str) -> set[int]:
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_subcommand_lists_its_exit_codes(command, capsys):
-    from dreamblend_ray import exit_codes
+    from dreamblend_ray.runtime import exit_codes
 
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -50,7 +50,7 @@ def test_every_subcommand_lists_its_exit_codes(command, capsys):
 def test_every_job_script_lists_its_exit_codes(script, partial):
     from pathlib import Path
 
-    from dreamblend_ray import exit_codes
+    from dreamblend_ray.runtime import exit_codes
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True,

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dreamblend_ray.components import (
+from dreamblend_ray.models.components import (
     build_tiny_components, load_components, model_identity, resolve_base, select_dtype,
 )
 
@@ -75,8 +75,8 @@ def test_commands_print_no_library_warnings(tmp_path):
     import subprocess
     import sys
 
-    code = ("from dreamblend_ray.components import load_components; "
-            "from dreamblend_ray.finetune import generate_class_images; "
+    code = ("from dreamblend_ray.models.components import load_components; "
+            "from dreamblend_ray.training.finetune import generate_class_images; "
             "from dreamblend_ray.config import FinetuneConfig; "
             "c = load_components('tiny'); "
             "generate_class_images(c, 'a dog', [0], 32, FinetuneConfig(class_sampling_steps=2))")
@@ -119,7 +119,11 @@ def _dtype_flags() -> dict[str, "argparse.Action"]:
     """Every --dtype and --mixed-precision flag of every command and job script, by where it is."""
     import argparse
 
-    from dreamblend_ray import cli, finetune_job, generate_job
+    from dreamblend_ray import cli
+
+    from dreamblend_ray.jobs import finetune as finetune_job
+
+    from dreamblend_ray.jobs import generate as generate_job
     from dreamblend_ray.commands import evaluate
 
     parsers = {f"dreamblend {name}": sub for action in cli.build_parser()._actions
@@ -162,7 +166,7 @@ def test_dtype_names_reach_the_configs_and_serve_args(tmp_path):
     from dreamblend_ray.cli import build_parser
     from dreamblend_ray.commands.serve import app_args
     from dreamblend_ray.config import FinetuneConfig
-    from dreamblend_ray.serving import AppArgs
+    from dreamblend_ray.serving.requests import AppArgs
 
     args = build_parser().parse_args(["generate", "--prompt", "p", "--out", str(tmp_path), "--dtype", "bfloat16"])
     assert args.dtype == "bf16"
@@ -180,7 +184,7 @@ def test_dtype_names_reach_the_configs_and_serve_args(tmp_path):
 def test_every_word_is_one_token_whatever_the_order(order):
     import random
 
-    from dreamblend_ray.components import build_tokenizer
+    from dreamblend_ray.models.components import build_tokenizer
 
     words = ["triangle", "striped", "star", "stripe", "a", "tr", "sks", "background", "ground"]
     random.Random(order).shuffle(words)

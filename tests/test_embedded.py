@@ -233,7 +233,7 @@ def test_train_config_validates():
 
 @pytest.mark.slow
 def test_training_writes_a_loadable_model(tmp_path):
-    from dreamblend_ray.components import load_components
+    from dreamblend_ray.models.components import load_components
     from dreamblend_ray.embedded.train import TrainConfig, train
 
     config = TrainConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, batch=4,
@@ -286,7 +286,7 @@ def test_cli_train_embedded_parses_and_validates(capsys):
 
 @pytest.fixture(scope="module")
 def embedded():
-    from dreamblend_ray.components import load_components
+    from dreamblend_ray.models.components import load_components
 
     return load_components("embedded")
 
@@ -299,7 +299,7 @@ def test_embedded_model_loads_like_stable_diffusion(embedded):
     for word in world.vocabulary():
         assert len(tokenizer(word).input_ids) == 3, word
     weights = sum(p.stat().st_size for p in __import__("pathlib").Path(
-        __import__("dreamblend_ray.components", fromlist=["x"]).embedded_model_dir()).rglob("*.safetensors"))
+        __import__("dreamblend_ray.models.components", fromlist=["x"]).embedded_model_dir()).rglob("*.safetensors"))
     assert weights <= 25 * 1024 * 1024
 
 

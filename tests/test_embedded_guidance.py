@@ -6,13 +6,13 @@ objects' masks) toward G's reference image, compared with alpha = 0 from the sam
 import numpy as np
 import pytest
 
-from dreamblend_ray import checkpoints
-from dreamblend_ray.components import load_components
+from dreamblend_ray.training import checkpoints
+from dreamblend_ray.models.components import load_components
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig
 from dreamblend_ray.embedded import metrics
 from dreamblend_ray.embedded.subjects import get_subject
-from dreamblend_ray.finetune import finetune_subject
-from dreamblend_ray.sampler import DreamBlendSampler
+from dreamblend_ray.training.finetune import finetune_subject
+from dreamblend_ray.method.sampler import DreamBlendSampler
 
 
 def _masks(images):

@@ -432,7 +432,7 @@ def _state(path) -> dict[str, torch.Tensor]:
 
 
 def test_stage_five_trains_the_unet_and_keeps_the_vae(tmp_path):
-    from dreamblend_ray.components import load_components
+    from dreamblend_ray.models.components import load_components
     from dreamblend_ray.embedded.train import TrainConfig, train, train_compose_only
 
     threads = torch.get_num_threads()

@@ -10,9 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dreamblend_ray import benchmark, metrics, storage
+from dreamblend_ray.evaluation import protocol as benchmark
+
+from dreamblend_ray.evaluation import metrics
+
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import SamplingConfig
-from dreamblend_ray.evaluation import EvalConfig, markdown_table, run_evaluation, subject_tasks, summarize
+from dreamblend_ray.jobs.evaluate import EvalConfig, markdown_table, run_evaluation, subject_tasks, summarize
 
 SEEDS = (0, 1)
 CONFIG = EvalConfig(alphas=(0.5,), seeds=SEEDS, num_prompts=1, grid_prompts=2,
@@ -27,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def setup(tmp_path_factory):
     """A fine-tuned tiny subject (LoRA, checkpoints at steps 2 and 6), its images, and scorers."""
     from dreamblend_ray.config import FinetuneConfig
-    from dreamblend_ray.finetune import finetune_subject
+    from dreamblend_ray.training.finetune import finetune_subject
 
     root = tmp_path_factory.mktemp("eval")
     image_dir = root / "images"
@@ -181,9 +185,9 @@ def test_ray_data_run_matches_the_inline_run(setup, inline_run, ray_local, s3_bu
 
 @pytest.mark.slow
 def test_choose_and_record_writes_the_pair_into_the_manifest(setup, tmp_path):
-    from dreamblend_ray import checkpoints
-    from dreamblend_ray.components import load_components
-    from dreamblend_ray.pair_choice import choose_and_record, choose_pair
+    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.models.components import load_components
+    from dreamblend_ray.evaluation.pair_choice import choose_and_record, choose_pair
 
     root = str(tmp_path / "ckpt")
     storage.copy_dir(setup["ckpt"], root)

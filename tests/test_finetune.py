@@ -5,10 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamblend_ray import checkpoints, storage
-from dreamblend_ray.components import build_tiny_components
+from dreamblend_ray.training import checkpoints
+
+from dreamblend_ray.io import storage
+from dreamblend_ray.models.components import build_tiny_components
 from dreamblend_ray.config import FinetuneConfig
-from dreamblend_ray.finetune import finetune_subject, image_uris
+from dreamblend_ray.training.finetune import finetune_subject, image_uris
 
 FAST = dict(prior_preservation=False, learning_rate=1e-2)
 
@@ -151,7 +153,7 @@ def test_prior_preservation_generates_then_reuses_class_images(components, image
     def fail(*args, **kwargs):
         raise AssertionError("class images should come from the cache")
 
-    monkeypatch.setattr("dreamblend_ray.finetune.generate_class_images", fail)
+    monkeypatch.setattr("dreamblend_ray.training.finetune.generate_class_images", fail)
     again = run(components, images, tmp_path, subject="other", **prior)
     assert again["num_class_images"] == 2
 

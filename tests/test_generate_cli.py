@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamblend_ray import checkpoints
+from dreamblend_ray.training import checkpoints
 from dreamblend_ray.cli import main
 from dreamblend_ray.config import FinetuneConfig
-from dreamblend_ray.finetune import finetune_subject
+from dreamblend_ray.training.finetune import finetune_subject
 
 
 @pytest.fixture(scope="module")

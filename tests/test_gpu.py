@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from dreamblend_ray import checkpoints
-from dreamblend_ray.components import load_components
+from dreamblend_ray.training import checkpoints
+from dreamblend_ray.models.components import load_components
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig
-from dreamblend_ray.finetune import finetune_subject
-from dreamblend_ray.sampler import DreamBlendSampler
+from dreamblend_ray.training.finetune import finetune_subject
+from dreamblend_ray.method.sampler import DreamBlendSampler
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

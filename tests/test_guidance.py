@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dreamblend_ray import guidance
+from dreamblend_ray.method import guidance
 
 
 def test_cfg_combine():

@@ -3,9 +3,9 @@ passes (``re.match`` with ``$`` accepted "alpha\\n", which reached storage as ``
 
 import pytest
 
-from dreamblend_ray import serving
+from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.config import FinetuneConfig, validate_class_noun, validate_subject_id
-from dreamblend_ray.job_common import validate_run_id
+from dreamblend_ray.jobs.common import validate_run_id
 
 TAILS = ["\n", "\r", "\x00", "\r\n"]
 
@@ -37,7 +37,7 @@ def test_model_id_with_a_control_tail_is_refused(tail):
 
 
 def test_manifest_config_hash_with_a_newline_is_refused():
-    from dreamblend_ray.checkpoints import validate_manifest
+    from dreamblend_ray.training.checkpoints import validate_manifest
 
     manifest = {"version": 1, "subject_id": "alpha", "class_noun": "dog", "token": "sks",
                 "instance_prompt": "a sks dog", "base": {"source": "tiny", "config_sha256": "ab" * 32},

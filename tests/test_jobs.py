@@ -13,10 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dreamblend_ray import checkpoints, storage
+from dreamblend_ray.training import checkpoints
+
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import FinetuneConfig
-from dreamblend_ray.job_common import JobResources, read_parquet
-from dreamblend_ray.manifests import (GenerationRequest, SubjectSpec, apply_overrides, read_requests,
+from dreamblend_ray.jobs.common import JobResources, read_parquet
+from dreamblend_ray.jobs.manifests import (GenerationRequest, SubjectSpec, apply_overrides, read_requests,
                                       read_subjects)
 
 TINY_FINETUNE = FinetuneConfig(steps=4, checkpoint_steps=(2, 4), prior_preservation=False, rank=2, seed=0)
@@ -105,7 +107,7 @@ def test_requests_are_validated_against_sampling_config(tmp_path):
 
 
 def test_generation_groups_one_task_per_subject_and_batches_by_settings():
-    from dreamblend_ray.generate_job import group_tasks, sampler_batches
+    from dreamblend_ray.jobs.generate import group_tasks, sampler_batches
 
     requests = [GenerationRequest(0, "a", "p0", num_images=3), GenerationRequest(1, "b", "p1"),
                 GenerationRequest(2, "a", "p2", settings={"alpha": 0.0}),
@@ -120,7 +122,7 @@ def test_generation_groups_one_task_per_subject_and_batches_by_settings():
 
 
 def test_job_cli_rejects_bad_input_before_starting_ray(tmp_path, s3_server):
-    from dreamblend_ray.finetune_job import main
+    from dreamblend_ray.jobs.finetune import main
 
     manifest = write_jsonl(str(tmp_path / "s.jsonl"), [{"subject_id": "a b", "class_noun": "dog", "images": ["x.png"]}])
     assert main(["--subjects", manifest, "--output", str(tmp_path / "out"), "--base", "tiny"]) == 2
@@ -130,7 +132,7 @@ def test_job_cli_rejects_bad_input_before_starting_ray(tmp_path, s3_server):
 
 
 def test_generate_cli_rejects_bad_input_before_starting_ray(tmp_path):
-    from dreamblend_ray.generate_job import main
+    from dreamblend_ray.jobs.generate import main
 
     requests = write_jsonl(str(tmp_path / "r.jsonl"), [{"subject_id": "a", "prompt": "p", "settings": {"alpha": 99}}])
     assert main(["--requests", requests, "--output", str(tmp_path / "out"), "--base", "tiny"]) == 2
@@ -152,7 +154,7 @@ def two_subjects(tmp_path) -> str:
 @pytest.fixture()
 def no_ray(monkeypatch):
     """Fails the test if anything tries to start or join a Ray cluster."""
-    from dreamblend_ray import lifecycle
+    from dreamblend_ray.runtime import lifecycle
 
     monkeypatch.setattr(lifecycle, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
 
@@ -160,7 +162,7 @@ def no_ray(monkeypatch):
 def test_bad_inputs_fail_in_the_driver_before_any_actor(tmp_path, s3_server, no_ray, caplog):
     """Issue 21.3: a bad base, an unwritable output root and a missing or invalid subjects file
     fail in the driver with one line, before Ray starts."""
-    from dreamblend_ray.finetune_job import main
+    from dreamblend_ray.jobs.finetune import main
 
     subjects = two_subjects(tmp_path)
     (tmp_path / "no-model").mkdir()
@@ -214,7 +216,8 @@ def test_a_bad_base_fails_the_job_script_in_seconds_with_one_line(tmp_path, s3_s
 def test_a_failure_after_actors_start_keeps_what_finished(tmp_path, monkeypatch):
     """Issue 21.3 / 16.8: when the execution fails, the finished subject keeps its row and the
     others become failed rows with the reason; the table is written."""
-    from dreamblend_ray import finetune_job, run_records
+    from dreamblend_ray.jobs import finetune as finetune_job
+    from dreamblend_ray.jobs import run_records
 
     def one_then_crash(items, output, *args, run=None, rows=None, **kwargs):
         row = finetune_job.result_row(items[0]["subject_id"], "succeeded", output, 1.0)
@@ -234,7 +237,8 @@ def test_a_failure_after_actors_start_keeps_what_finished(tmp_path, monkeypatch)
 
 def test_gather_reads_a_run_whose_driver_died(tmp_path, no_ray):
     """The rows a dead run left become its results table; subjects without one are failed rows."""
-    from dreamblend_ray import finetune_job, run_records
+    from dreamblend_ray.jobs import finetune as finetune_job
+    from dreamblend_ray.jobs import run_records
 
     out = str(tmp_path / "out")
     run = storage.join(out, "runs", "dead")
@@ -253,7 +257,7 @@ def test_gather_reads_a_run_whose_driver_died(tmp_path, no_ray):
 @pytest.fixture(scope="module")
 def finetuned(s3_server, ray_local):
     """Two subjects and a corrupt one fine-tuned by two actors into a fresh bucket."""
-    from dreamblend_ray.finetune_job import run_finetune_job
+    from dreamblend_ray.jobs.finetune import run_finetune_job
 
     root = f"s3://{s3_server.new_bucket('jobs')}"
     upload_subject_images(root)
@@ -288,7 +292,7 @@ def test_subjects_finetune_in_parallel_into_s3_and_a_corrupt_one_fails_alone(fin
 
 
 def test_rerun_skips_finished_subjects_without_starting_actors(finetuned, monkeypatch):
-    from dreamblend_ray import finetune_job
+    from dreamblend_ray.jobs import finetune as finetune_job
 
     output = finetuned["output"]
     before = storage.read_bytes(checkpoints.weight_uri(output, "red", 4, "lora"))
@@ -303,7 +307,7 @@ def test_rerun_skips_finished_subjects_without_starting_actors(finetuned, monkey
 
 
 def test_actor_skips_a_subject_finished_meanwhile(finetuned):
-    from dreamblend_ray.finetune_job import FinetuneActor
+    from dreamblend_ray.jobs.finetune import FinetuneActor
 
     actor = FinetuneActor(base="tiny", output=finetuned["output"], torch_threads=1, use_gpu=False)
     row = actor.run_one({"subject_id": "red", "class_noun": "box", "images": ["unused.png"], "config": "{}"})
@@ -312,7 +316,7 @@ def test_actor_skips_a_subject_finished_meanwhile(finetuned):
 
 @pytest.mark.slow
 def test_job_survives_an_endpoint_that_refuses_connections_for_a_moment(s3_server, ray_local, finetuned):
-    from dreamblend_ray.finetune_job import run_finetune_job
+    from dreamblend_ray.jobs.finetune import run_finetune_job
 
     output = f"s3://{s3_server.new_bucket('outage')}/out"
     spec = SubjectSpec("red", "box", (storage.join(finetuned["root"], "images/red/0.png"),))
@@ -329,7 +333,7 @@ def test_job_survives_an_endpoint_that_refuses_connections_for_a_moment(s3_serve
 
 @pytest.mark.slow
 def test_generation_writes_images_and_index(finetuned, ray_local):
-    from dreamblend_ray.generate_job import run_generate_job
+    from dreamblend_ray.jobs.generate import run_generate_job
 
     root, output = finetuned["root"], finetuned["output"]
     requests = write_jsonl(storage.join(root, "requests.jsonl"), [
@@ -396,7 +400,7 @@ def test_s3_refusing_connections_for_20s_mid_job_leaves_each_subject_complete_or
     """Issue 16, "also run": the endpoint goes down (connections refused) for 20 s while subjects
     are uploading; every subject ends complete or as a failed row with its reason, and a rerun
     completes the rest."""
-    from dreamblend_ray.finetune_job import run_finetune_job
+    from dreamblend_ray.jobs.finetune import run_finetune_job
 
     root = f"s3://{s3_server.new_bucket('refuse')}"
     names = ("s0", "s1", "s2", "s3")
@@ -449,7 +453,7 @@ def test_sigkill_of_a_finetune_actor_mid_subject_leaves_each_subject_complete_or
     import threading
     import time
 
-    from dreamblend_ray.finetune_job import run_finetune_job
+    from dreamblend_ray.jobs.finetune import run_finetune_job
 
     root = f"s3://{s3_server.new_bucket('kill')}"
     names = ("k0", "k1", "k2")
@@ -491,7 +495,7 @@ def test_sigkill_of_the_driver_after_one_subject_leaves_its_row_readable(tmp_pat
     import time
     from pathlib import Path
 
-    from dreamblend_ray.finetune_job import gather_results
+    from dreamblend_ray.jobs.finetune import gather_results
 
     repo = Path(__file__).resolve().parents[1]
     for name, color in (("quick", (255, 0, 0)), ("slow", (0, 0, 255))):
@@ -537,8 +541,8 @@ def test_a_subject_whose_actor_keeps_dying_becomes_a_failed_row(s3_server, ray_l
     import threading
     import time
 
-    from dreamblend_ray.finetune_job import ACTOR_DIED, run_finetune_job
-    from dreamblend_ray.job_common import TASK_RETRIES
+    from dreamblend_ray.jobs.finetune import ACTOR_DIED, run_finetune_job
+    from dreamblend_ray.jobs.common import TASK_RETRIES
 
     # Long enough to be killed mid-training, short enough that a 7th try would finish (before the fix).
     manifest = fault_subjects(str(tmp_path / "in"), ("doomed",), steps=200)
@@ -573,7 +577,9 @@ def test_generate_job_keeps_its_images_when_the_execution_fails(tmp_path, monkey
     writes the index, with the images made and a failed row (with the reason) for the rest."""
     import ray.data
 
-    from dreamblend_ray import generate_job, lifecycle
+    from dreamblend_ray.jobs import generate as generate_job
+
+    from dreamblend_ray.runtime import lifecycle
 
     class Failing:
         def map_batches(self, *args, **kwargs):

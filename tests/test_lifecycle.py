@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamblend_ray import lifecycle
+from dreamblend_ray.runtime import lifecycle
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBLEND = str(Path(sys.executable).with_name("dreamblend"))
@@ -132,7 +132,7 @@ def free_port() -> int:
 
 DRIVER = textwrap.dedent("""
     import os, subprocess, sys, time
-    from dreamblend_ray import lifecycle
+    from dreamblend_ray.runtime import lifecycle
 
     lifecycle.setup_logging("test", log_file=sys.argv[1])
     marker = "{marker}"
@@ -289,7 +289,7 @@ def test_sigkill_of_the_serve_driver_leaves_no_process(background, tmp_path):
 SLOW_APP = textwrap.dedent("""
     import asyncio, sys
     from ray import serve
-    from dreamblend_ray import lifecycle
+    from dreamblend_ray.runtime import lifecycle
 
     @serve.deployment(graceful_shutdown_timeout_s=20)
     class Slow:
@@ -387,7 +387,7 @@ def test_generate_job_stops_on_sigterm_and_leaves_no_process(background, tmp_pat
     from PIL import Image
 
     from dreamblend_ray.config import FinetuneConfig
-    from dreamblend_ray.finetune import finetune_subject
+    from dreamblend_ray.training.finetune import finetune_subject
 
     store = tmp_path / "store"
     image = tmp_path / "red.png"

@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamblend_ray import benchmark, metrics
+from dreamblend_ray.evaluation import protocol as benchmark
+
+from dreamblend_ray.evaluation import metrics
 
 
 
@@ -123,7 +125,7 @@ def test_missing_model_path_names_the_option(tmp_path, loader, option):
 
 
 def test_load_from_s3(s3_bucket, model_dirs, tmp_path, monkeypatch):
-    from dreamblend_ray import storage
+    from dreamblend_ray.io import storage
 
     monkeypatch.setenv("DREAMBLEND_CACHE", str(tmp_path / "cache"))
     uri = f"{s3_bucket}/models/dino"

@@ -118,7 +118,7 @@ def test_schemathesis_all_checks_find_nothing(base_url, tmp_path):
 
 
 def test_the_error_table_in_the_docs_lists_every_status():
-    from dreamblend_ray.http_api import ERRORS
+    from dreamblend_ray.serving.http import ERRORS
 
     docs = (TESTS.parent / "docs" / "serving.md").read_text()
     table = docs[docs.index("## Errors"):docs.index("### Health")]

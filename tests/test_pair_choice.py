@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dreamblend_ray.config import SamplingConfig
-from dreamblend_ray.pair_choice import choose_pair, score_checkpoints, score_model, validate_scores
+from dreamblend_ray.evaluation.pair_choice import choose_pair, score_checkpoints, score_model, validate_scores
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -181,8 +181,8 @@ def test_score_model_checks_the_scorer_and_inputs():
 @pytest.mark.slow
 def test_score_checkpoints_with_the_real_sampler(tiny_components):
     """The hook drives the DreamBlend sampler on the tiny model (G == E: plain sampling)."""
-    from dreamblend_ray.pair import single
-    from dreamblend_ray.sampler import DreamBlendSampler
+    from dreamblend_ray.method.pair import single
+    from dreamblend_ray.method.sampler import DreamBlendSampler
 
     seen = []
 
@@ -202,7 +202,7 @@ def test_score_checkpoints_with_the_real_sampler(tiny_components):
 def test_embedded_scorer_on_rendered_subject_images():
     subjects = pytest.importorskip("dreamblend_ray.embedded.subjects")
     pytest.importorskip("dreamblend_ray.embedded.metrics")
-    from dreamblend_ray.pair_choice import EmbeddedScorer
+    from dreamblend_ray.evaluation.pair_choice import EmbeddedScorer
 
     subject = subjects.SUBJECTS[0]
     images = subject.instance_images()

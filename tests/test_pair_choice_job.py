@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamblend_ray import checkpoints, storage
+from dreamblend_ray.training import checkpoints
+
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
 from dreamblend_ray.embedded import metrics, world
-from dreamblend_ray.finetune_job import (FinetuneActor, build_parser, pair_choice_from_args,
+from dreamblend_ray.jobs.finetune import (FinetuneActor, build_parser, pair_choice_from_args,
                                         run_finetune_job, subject_items)
-from dreamblend_ray.job_common import JobResources
-from dreamblend_ray.manifests import SubjectSpec
-from dreamblend_ray.pair_choice import PairChoiceOptions, embedded_prompts
+from dreamblend_ray.jobs.common import JobResources
+from dreamblend_ray.jobs.manifests import SubjectSpec
+from dreamblend_ray.evaluation.pair_choice import PairChoiceOptions, embedded_prompts
 
 TINY_FINETUNE = FinetuneConfig(steps=4, checkpoint_steps=(2, 4), prior_preservation=False, rank=2, seed=0)
 EMBEDDED = PairChoiceOptions("embedded", num_prompts=2, seeds=(0,), steps=3)

@@ -6,10 +6,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
-from dreamblend_ray.components import build_tiny_components
+from dreamblend_ray.models.components import build_tiny_components
 from dreamblend_ray.config import SamplingConfig
-from dreamblend_ray.pair import AdapterPair, TwoUNetPair, single
-from dreamblend_ray.sampler import DreamBlendSampler, plain_sample
+from dreamblend_ray.method.pair import AdapterPair, TwoUNetPair, single
+from dreamblend_ray.method.sampler import DreamBlendSampler, plain_sample
 
 STEPS = 8
 PROMPTS = ["a photo of sks dog on the beach", "a red cat in the snow", "a toy"]

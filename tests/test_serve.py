@@ -43,7 +43,7 @@ def ball_images(color) -> list:
 def storage_root(tmp_path_factory, tiny_components):
     """Three subjects, LoRA-fine-tuned 4 steps each, checkpoints at steps 2 (G) and 4 (E)."""
     from dreamblend_ray.config import FinetuneConfig
-    from dreamblend_ray.finetune import finetune_subject
+    from dreamblend_ray.training.finetune import finetune_subject
 
     root = str(tmp_path_factory.mktemp("serve-storage"))
     config = FinetuneConfig(steps=4, learning_rate=5e-2, prior_preservation=False, checkpoint_steps=(2, 4),
@@ -69,7 +69,7 @@ def serve_url(ray_local):
 def deploy(storage_root, **overrides):
     from ray import serve
 
-    from dreamblend_ray.serve_app import build_app
+    from dreamblend_ray.serving.app import build_app
 
     args = {"base": "tiny", "storage_root": storage_root, "default_steps": STEPS, "num_cpus": 0.1,
             "ingress_num_cpus": 0.1, "max_models_per_replica": 2, "manifest_cache_s": 0, **overrides}
@@ -301,8 +301,8 @@ def ingress_with(model):
     """The ingress's own generate/_generate_once over a fake model handle (no Serve replica)."""
     from types import MethodType, SimpleNamespace
 
-    from dreamblend_ray.serve_app import DreamBlendIngress
-    from dreamblend_ray.serving import AppArgs
+    from dreamblend_ray.serving.app import DreamBlendIngress
+    from dreamblend_ray.serving.requests import AppArgs
 
     cls = DreamBlendIngress.func_or_class
     ingress = SimpleNamespace(args=AppArgs(storage_root="/data"), model=model)
@@ -312,7 +312,7 @@ def ingress_with(model):
 
 
 def a_job(deadline_in_s: float):
-    from dreamblend_ray.serving import GenerationJob, SamplingSettings
+    from dreamblend_ray.serving.requests import GenerationJob, SamplingSettings
 
     return GenerationJob(model_id="red", prompts=["a ball"], seeds=[1], deadline=time.time() + deadline_in_s,
                          settings=SamplingSettings(num_inference_steps=2, guidance_scale=3.0, alpha=0.0,
@@ -341,7 +341,7 @@ def test_replica_lost_twice_or_without_time_left_is_503_not_500():
 
     from ray.exceptions import ActorDiedError
 
-    from dreamblend_ray.serving import Overloaded, ReplicaUnavailable
+    from dreamblend_ray.serving.requests import Overloaded, ReplicaUnavailable
 
     model = FakeModel(ActorDiedError(), ActorDiedError(), "unused")
     with pytest.raises(ReplicaUnavailable):
@@ -366,7 +366,7 @@ def test_replica_lost_twice_or_without_time_left_is_503_not_500():
 def test_other_failures_are_not_retried():
     import asyncio
 
-    from dreamblend_ray.serving import DeadlineExceeded
+    from dreamblend_ray.serving.requests import DeadlineExceeded
 
     for failure in (RuntimeError("boom"), DeadlineExceeded("late")):
         model = FakeModel(failure, "unused")
@@ -379,7 +379,7 @@ def test_other_failures_are_not_retried():
 
 @pytest.mark.parametrize("root", ["./dreamblend-storage", "store", "file://store", "../x"])
 def test_relative_local_storage_root_is_refused_on_any_cluster(root, caplog):
-    from dreamblend_ray.serving import check_storage_root, resolve_local_root
+    from dreamblend_ray.serving.requests import check_storage_root, resolve_local_root
 
     for nodes in (1, 2, 5):
         with pytest.raises(ValueError, match="relative local path.*s3://.*every node shares"):
@@ -391,7 +391,7 @@ def test_relative_local_storage_root_is_refused_on_any_cluster(root, caplog):
 
 
 def test_absolute_and_s3_roots_are_accepted_with_a_warning_for_local_paths_on_several_nodes(caplog):
-    from dreamblend_ray.serving import check_storage_root, resolve_local_root
+    from dreamblend_ray.serving.requests import check_storage_root, resolve_local_root
 
     for root in ("/mnt/shared/store", "file:///mnt/store", "~/store", "s3://bucket/prefix"):
         for nodes in (1, 3):
@@ -407,7 +407,7 @@ def test_the_app_refuses_a_relative_storage_root_when_it_starts(serve_url):
     """As `serve run`/`serve deploy` of a config with ``storage_root: ./dreamblend-storage``."""
     from ray import serve
 
-    from dreamblend_ray.serve_app import build_app
+    from dreamblend_ray.serving.app import build_app
 
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="Deploying application dreamblend failed"):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dreamblend_ray.serve_app import DreamBlendModel
+from dreamblend_ray.serving.app import DreamBlendModel
 
 Replica = DreamBlendModel.func_or_class  # the class Serve instantiates per replica
 

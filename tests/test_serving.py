@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dreamblend_ray import serving
-from dreamblend_ray.http_api import ManifestCache
-from dreamblend_ray.storage import StorageError
-from dreamblend_ray.serving import (AppArgs, FieldError, GenerateRequest, GenerationJob, SamplingSettings,
+from dreamblend_ray.serving import requests as serving
+from dreamblend_ray.serving.http import ManifestCache
+from dreamblend_ray.io.storage import StorageError
+from dreamblend_ray.serving.requests import (AppArgs, FieldError, GenerateRequest, GenerationJob, SamplingSettings,
                                     SubjectConflict)
 
 from api_fakes import MANIFEST, RecordingBackend, read_manifest  # noqa: E402
@@ -303,7 +303,7 @@ def test_backend_errors_map_to_statuses(error, status):
 
 
 def test_a_lost_replica_asks_for_a_longer_wait_than_a_full_queue():
-    from dreamblend_ray.http_api import REPLICA_RETRY_AFTER_S
+    from dreamblend_ray.serving.http import REPLICA_RETRY_AFTER_S
 
     lost, _ = client(RecordingBackend(serving.ReplicaUnavailable("replica 7f3a died twice")))
     response = lost.post("/v1/generate", json={"subject_id": "dog", "prompt": "x"})
@@ -325,7 +325,7 @@ def test_subject_is_a_public_view_without_paths_or_versions():
 def _store_with(tmp_path, text: str | bytes):
     from functools import partial
 
-    from dreamblend_ray import checkpoints
+    from dreamblend_ray.training import checkpoints
 
     path = tmp_path / "subjects" / "dog" / "subject.json"
     path.parent.mkdir(parents=True)
@@ -357,7 +357,7 @@ def test_the_real_store_serves_a_valid_subject(tmp_path):
 
 def test_replica_load_errors_are_named_without_paths():
     """What the model replica raises when a pair does not load (serve_app.LoadedPair.ensure)."""
-    from dreamblend_ray.checkpoints import ManifestError
+    from dreamblend_ray.training.checkpoints import ManifestError
 
     damaged = serving.subject_load_error("dog", ManifestError("/srv/store/subjects/dog/subject.json: bad"))
     assert isinstance(damaged, serving.SubjectUnusable) and "/srv" not in str(damaged)
@@ -367,7 +367,7 @@ def test_replica_load_errors_are_named_without_paths():
 
 
 def test_base_mismatch_message_names_bases_without_their_paths(tiny_components):
-    from dreamblend_ray import checkpoints
+    from dreamblend_ray.training import checkpoints
 
     manifest = {"subject_id": "dog", "base": {"source": "s3://models-bucket/private/sd-1-5/",
                                               "config_sha256": "0" * 64}}

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from dreamblend_ray import storage
+from dreamblend_ray.io import storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -155,7 +155,7 @@ def test_cached_download_is_shared_between_threads(s3_server, s3_bucket, tmp_pat
 def test_reading_a_directory_fails_at_once(tmp_path, monkeypatch):
     import time
 
-    from dreamblend_ray import storage
+    from dreamblend_ray.io import storage
 
     monkeypatch.setenv("DREAMBLEND_STORAGE_RETRY_SECONDS", "30")
     start = time.monotonic()
@@ -166,7 +166,7 @@ def test_reading_a_directory_fails_at_once(tmp_path, monkeypatch):
 
 READ_RESULTS_SCRIPT = """
 import sys
-from dreamblend_ray.job_common import read_parquet
+from dreamblend_ray.jobs.common import read_parquet
 print(read_parquet(sys.argv[1]))
 """
 
@@ -185,7 +185,7 @@ def test_a_script_reading_s3_exits_cleanly_every_time(s3_server, s3_bucket):
 
     import pyarrow as pa
 
-    from dreamblend_ray.job_common import write_parquet
+    from dreamblend_ray.jobs.common import write_parquet
 
     uri = write_parquet(storage.join(s3_bucket, "runs/r/results.parquet"), [{"subject_id": "a"}],
                         pa.schema([("subject_id", pa.string())]))

@@ -66,7 +66,7 @@ def test_default_ships_only_the_package_without_the_embedded_weights(tmp_path):
     assert "working_dir" not in env
     assert env["py_modules"] == [str(REPO / "dreamblend_ray")]
     names, size = _package_zip(tmp_path, env)
-    assert any(n.endswith("dreamblend_ray/finetune_job.py") for n in names)
+    assert any(n.endswith("dreamblend_ray/jobs/finetune.py") for n in names)
     assert any(n.endswith("dreamblend_ray/job_entry.py") for n in names)
     assert any(n.endswith("dreamblend_ray/data/dreambooth_prompts.json") for n in names)
     assert not [n for n in names if "/weights/" in n or "__pycache__" in n]

@@ -2,7 +2,7 @@
 
 Every subject of the list is sampled on its DreamBooth prompts (25 per kind, or the first
 ``--num-prompts``) and ``--seeds`` with its guidance checkpoint alone, its edit checkpoint alone and
-DreamBlend at each ``--alphas``; see dreamblend_ray/evaluation.py for the outputs. Example::
+DreamBlend at each ``--alphas``; see dreamblend_ray/jobs/evaluate.py for the outputs. Example::
 
     dreamblend evaluate --subjects s3://bucket/eval/subjects.jsonl --checkpoints s3://bucket/dreamblend \\
         --output s3://bucket/eval/run1 --base s3://bucket/models/sd15 \\
@@ -17,7 +17,9 @@ import argparse
 import logging
 import sys
 
-from dreamblend_ray import exit_codes, lifecycle
+from dreamblend_ray.runtime import exit_codes
+
+from dreamblend_ray.runtime import lifecycle
 from dreamblend_ray.dtypes import add_dtype_argument
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from dreamblend_ray.config import SamplingConfig
-    from dreamblend_ray.evaluation import EvalConfig
+    from dreamblend_ray.jobs.evaluate import EvalConfig
 
     sampling = SamplingConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                               guidance_fraction=args.guidance_fraction, step_size=args.step_size)
@@ -84,8 +86,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamblend_ray.evaluation import run_evaluation
-    from dreamblend_ray.lifecycle import init_ray
+    from dreamblend_ray.jobs.evaluate import run_evaluation
+    from dreamblend_ray.runtime.lifecycle import init_ray
 
     config = config_from_args(args)
     if not args.no_ray:
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def open_table(uri: str) -> str:
-    from dreamblend_ray import storage
+    from dreamblend_ray.io import storage
 
     return storage.read_text(uri)
 

@@ -79,10 +79,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamblend_ray.checkpoints import manifest_uri
-    from dreamblend_ray.components import resolve_base
+    from dreamblend_ray.training.checkpoints import manifest_uri
+    from dreamblend_ray.models.components import resolve_base
     from dreamblend_ray.config import validate_class_noun, validate_subject_id
-    from dreamblend_ray.finetune import finetune_subject, image_uris
+    from dreamblend_ray.training.finetune import finetune_subject, image_uris
 
     config = config_from_args(args)
     validate_subject_id(args.subject_id)

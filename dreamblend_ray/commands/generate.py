@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_pair_from_args(args, components):
-    from dreamblend_ray import checkpoints
+    from dreamblend_ray.training import checkpoints
 
     by_subject = args.subject_root or args.subject_id
     by_uri = args.guidance_ckpt or args.edit_ckpt
@@ -78,9 +78,9 @@ def sampling_config(args):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from dreamblend_ray.components import load_components, model_identity, select_device, select_dtype
+    from dreamblend_ray.models.components import load_components, model_identity, select_device, select_dtype
     from dreamblend_ray.config import check_range, to_dict
-    from dreamblend_ray.sampler import DreamBlendSampler
+    from dreamblend_ray.method.sampler import DreamBlendSampler
 
     check_range("--num-images", args.num_images, 1, 64, integer=True)
     check_range("--batch-size", args.batch_size, 1, 256, integer=True)

@@ -1,6 +1,6 @@
 """`dreamblend serve`: start local Ray and the DreamBlend Serve application, run until SIGTERM or Ctrl-C.
 
-The same application as ``serve run deployments/serve_config.yaml`` (``dreamblend_ray.serve_app``),
+The same application as ``serve run deployments/serve_config.yaml`` (``dreamblend_ray.serving.app``),
 with the arguments taken from flags. ``--config FILE`` reads the ``args:`` block of the first
 application of a Serve config file instead; flags given explicitly override it.
 """
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def app_args(args: argparse.Namespace):
     """AppArgs from --config (if given) overlaid with the explicitly given flags."""
-    from dreamblend_ray.serving import AppArgs
+    from dreamblend_ray.serving.requests import AppArgs
 
     values: dict = {}
     if args.config:
@@ -76,10 +76,10 @@ def app_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from dreamblend_ray import lifecycle
-    from dreamblend_ray.components import resolve_base
-    from dreamblend_ray.serve_app import build_app, cluster_node_count
-    from dreamblend_ray.serving import load_api_key, resolve_local_root
+    from dreamblend_ray.runtime import lifecycle
+    from dreamblend_ray.models.components import resolve_base
+    from dreamblend_ray.serving.app import build_app, cluster_node_count
+    from dreamblend_ray.serving.requests import load_api_key, resolve_local_root
 
     settings = app_args(args)
     resolve_base(settings.base)  # fail fast on a bad --base

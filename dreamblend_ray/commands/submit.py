@@ -32,12 +32,12 @@ import os
 import sys
 from pathlib import Path
 
-from dreamblend_ray import exit_codes
+from dreamblend_ray.runtime import exit_codes
 
 logger = logging.getLogger(__name__)
 
-JOBS = {"finetune": ("jobs/finetune_subjects.py", "dreamblend_ray.finetune_job"),
-        "generate": ("jobs/generate_batch.py", "dreamblend_ray.generate_job")}
+JOBS = {"finetune": ("jobs/finetune_subjects.py", "dreamblend_ray.jobs.finetune"),
+        "generate": ("jobs/generate_batch.py", "dreamblend_ray.jobs.generate")}
 # --working-dir: what a job never needs (gitwildmatch patterns, relative to the directory).
 EXCLUDES = [".venv", ".venv/**", ".git", "outputs", "dreamblend-storage", "**/__pycache__", ".pytest_cache",
             "*.egg-info", ".cache", "build", "dist", "tests", "benchmarks", "docs", "k8s", "deployments"]
@@ -187,7 +187,7 @@ def merge_runtime_env(given: dict, own: dict) -> dict:
 
 def job_env(args: argparse.Namespace) -> dict[str, str]:
     """Variables for the job: storage endpoint/region, optionally credentials, and --env entries."""
-    from dreamblend_ray.job_common import storage_env
+    from dreamblend_ray.jobs.common import storage_env
 
     env = storage_env()
     if args.forward_aws_credentials:

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamblend_ray.components import embedded_model_dir
+    from dreamblend_ray.models.components import embedded_model_dir
     from dreamblend_ray.embedded.train import config_from_args, runner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

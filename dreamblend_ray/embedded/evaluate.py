@@ -91,7 +91,7 @@ def grid(images: list[Image.Image], columns: int, scale: int = 3) -> Image.Image
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreamblend_ray.components import load_components
+    from dreamblend_ray.models.components import load_components
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded", help="embedded, tiny or a model directory")

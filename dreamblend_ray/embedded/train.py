@@ -323,7 +323,7 @@ def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
 def train_unet(unet, text_encoder, tokenizer, latents, combos, config: TrainConfig,
                on_checkpoint=None) -> tuple[EMA, list[float]]:
     """Denoising training of UNet + text encoder on cached latent posteriors ``(mean, std)``."""
-    from dreamblend_ray.components import default_scheduler
+    from dreamblend_ray.models.components import default_scheduler
 
     means, stds = latents
     alphas = default_scheduler().alphas_cumprod.float()
@@ -377,7 +377,7 @@ def _unet_loss(unet, text_encoder, tokenizer, means, stds, combos, alphas, gener
 
 
 def save(out: Path, vae, unet, text_encoder, tokenizer, meta: dict) -> None:
-    from dreamblend_ray.components import Components, default_scheduler, save_components
+    from dreamblend_ray.models.components import Components, default_scheduler, save_components
 
     components = Components(unet, vae, text_encoder, tokenizer, default_scheduler(), "embedded")
     save_components(components, out)
@@ -458,7 +458,7 @@ def train_compose_only(directory: str | Path, config: TrainConfig = TrainConfig(
 
 def _existing_model(directory: str | Path, config: TrainConfig):
     """``(directory, components)`` of a model to run one stage on; ValueError if there is none."""
-    from dreamblend_ray.components import load_components
+    from dreamblend_ray.models.components import load_components
 
     torch.set_num_threads(config.threads)
     directory = Path(directory)
@@ -507,7 +507,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreamblend_ray.components import embedded_model_dir
+    from dreamblend_ray.models.components import embedded_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from dreamblend_ray import storage
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import check_range, validate_class_noun, validate_subject_id
 
 MAX_PROMPT_CHARS = 1000

@@ -1,6 +1,6 @@
 """The DreamBooth-protocol evaluation: subjects x prompts x seeds, each checkpoint alone and DreamBlend.
 
-For every subject (a line of the subject list, see :mod:`dreamblend_ray.benchmark`) and every prompt
+For every subject (a line of the subject list, see :mod:`dreamblend_ray.evaluation.protocol`) and every prompt
 template of its kind, each seed is sampled with
 
 - ``guidance``: the guidance checkpoint G alone (G == E, alpha 0: plain sampling of G),
@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dreamblend_ray import benchmark, storage
+from dreamblend_ray.evaluation import protocol as benchmark
+
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict
 
 logger = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def subject_tasks(subject: benchmark.EvalSubject, manifest: dict, config: EvalCo
 
 def build_tasks(subjects: list[benchmark.EvalSubject], checkpoints_root: str, config: EvalConfig) -> list[dict]:
     """All (subject, prompt) tasks; ValueError when a subject has no complete checkpoint pair."""
-    from dreamblend_ray import checkpoints
+    from dreamblend_ray.training import checkpoints
 
     tasks = []
     for subject in subjects:
@@ -145,7 +147,7 @@ def build_tasks(subjects: list[benchmark.EvalSubject], checkpoints_root: str, co
 
 def alone(pair, which: str):
     """A pair whose G and E are both ``pair``'s G (``which="guidance"``) or E (``"edit"``)."""
-    from dreamblend_ray.pair import AdapterPair, TwoUNetPair
+    from dreamblend_ray.method.pair import AdapterPair, TwoUNetPair
 
     if isinstance(pair, AdapterPair):
         name = pair.guidance_adapter if which == "guidance" else pair.edit_adapter
@@ -172,9 +174,9 @@ class Evaluator:
     def __init__(self, base: str, checkpoints_root: str, output: str, clip_model: str,
                  dino_model: str, config: EvalConfig, device: str | None = None,
                  dtype: str | None = None):
-        from dreamblend_ray import metrics
-        from dreamblend_ray.components import load_components, select_device, select_dtype
-        from dreamblend_ray.sampler import DreamBlendSampler
+        from dreamblend_ray.evaluation import metrics
+        from dreamblend_ray.models.components import load_components, select_device, select_dtype
+        from dreamblend_ray.method.sampler import DreamBlendSampler
 
         dev = select_device(device)
         self.components = load_components(base, device=dev, dtype=select_dtype(dev, dtype))
@@ -185,7 +187,7 @@ class Evaluator:
         self._subject, self._pair, self._real = None, None, None
 
     def _use_subject(self, task: dict) -> None:
-        from dreamblend_ray import checkpoints
+        from dreamblend_ray.training import checkpoints
 
         key = (task["subject_id"], task["guidance_step"], task["edit_step"])
         if self._subject == key:
@@ -205,7 +207,7 @@ class Evaluator:
 
     def score(self, images, plain_prompt: str) -> dict:
         """Per-image DINO, CLIP-I (mean over the real images), CLIP-T, and the group's diversity."""
-        from dreamblend_ray import metrics
+        from dreamblend_ray.evaluation import metrics
 
         clip_emb = self.clip.image_embeddings(images)
         dino_emb = self.dino.image_embeddings(images)
@@ -361,7 +363,7 @@ def run_evaluation(subjects_uri: str, checkpoints_root: str, output: str, clip_m
     The model paths are checked before any work starts (a missing one is a ValueError naming
     --clip-model / --dino-model). ``use_ray=False`` runs the tasks inline in this process.
     """
-    from dreamblend_ray.metrics import resolve_model_path
+    from dreamblend_ray.evaluation.metrics import resolve_model_path
 
     resolve_model_path(clip_model, "--clip-model")
     resolve_model_path(dino_model, "--dino-model")
@@ -373,7 +375,7 @@ def run_evaluation(subjects_uri: str, checkpoints_root: str, output: str, clip_m
     kwargs = dict(base=base, checkpoints_root=checkpoints_root, output=output, clip_model=clip_model,
                   dino_model=dino_model, config=config, device=device, dtype=dtype)
     if use_ray:
-        from dreamblend_ray.lifecycle import init_ray
+        from dreamblend_ray.runtime.lifecycle import init_ray
 
         init_ray()
         rows = _run_ray(tasks, kwargs, actors, gpus_per_actor)

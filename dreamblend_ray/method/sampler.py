@@ -25,11 +25,11 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from dreamblend_ray import guidance
-from dreamblend_ray.attention import Recorder, StopForward, recording, select_layers
-from dreamblend_ray.components import Components
+from dreamblend_ray.method import guidance
+from dreamblend_ray.method.attention import Recorder, StopForward, recording, select_layers
+from dreamblend_ray.models.components import Components
 from dreamblend_ray.config import SamplingConfig
-from dreamblend_ray.pair import single
+from dreamblend_ray.method.pair import single
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from dreamblend_ray import serving
-from dreamblend_ray.serving import (AppArgs, DeadlineExceeded, FieldError, GenerationJob, GenerationResult,
+from dreamblend_ray.serving import requests as serving
+from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, GenerationJob, GenerationResult,
                                     Overloaded, ReplicaUnavailable, SubjectNotFound)
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class LoadedPair:
         """Blocking; call with the replica's UNet lock held. Returns the pair."""
         if self.pair is None:
             self._replica.release_subject(self.subject_id, keep=self)
-            from dreamblend_ray import checkpoints
+            from dreamblend_ray.training import checkpoints
 
             try:
                 self.pair, self.manifest = checkpoints.load_pair(
@@ -97,7 +97,7 @@ class LoadedPair:
         with self._replica.unet_lock:
             if self.pair is None:
                 return
-            from dreamblend_ray import checkpoints
+            from dreamblend_ray.training import checkpoints
 
             checkpoints.unload_pair(self.pair, self._replica.components)
             self.pair = None
@@ -117,8 +117,8 @@ class DreamBlendModel:
     """Base components once per replica; subject pairs multiplexed; requests batched."""
 
     def __init__(self, args: dict):
-        from dreamblend_ray.components import load_components, select_device, select_dtype
-        from dreamblend_ray.sampler import DreamBlendSampler
+        from dreamblend_ray.models.components import load_components, select_device, select_dtype
+        from dreamblend_ray.method.sampler import DreamBlendSampler
 
         self.args = AppArgs.model_validate(args)
         serving.check_storage_root(self.args.storage_root, cluster_node_count())
@@ -267,7 +267,7 @@ class DreamBlendIngress:
         self.model = model
 
     def __serve_build_asgi_app__(self):
-        from dreamblend_ray import checkpoints
+        from dreamblend_ray.training import checkpoints
 
         return serving.make_api(self.args, backend=self,
                                 read_manifest=partial(checkpoints.read_manifest, self.args.storage_root))

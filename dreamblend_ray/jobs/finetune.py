@@ -39,13 +39,21 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray import checkpoints, exit_codes, lifecycle, run_records, storage
+from dreamblend_ray.training import checkpoints
+
+from dreamblend_ray.runtime import exit_codes
+
+from dreamblend_ray.runtime import lifecycle
+
+from dreamblend_ray.jobs import run_records
+
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
 from dreamblend_ray.dtypes import mixed_precision_argument
-from dreamblend_ray.job_common import (TASK_RETRIES, JobResources, check_base, error_text, new_run_id, read_parquet,
+from dreamblend_ray.jobs.common import (TASK_RETRIES, JobResources, check_base, error_text, new_run_id, read_parquet,
                                        run_uri, write_parquet)
-from dreamblend_ray.manifests import SubjectSpec, apply_overrides, read_subjects
-from dreamblend_ray.pair_choice import SCORERS, PairChoiceOptions
+from dreamblend_ray.jobs.manifests import SubjectSpec, apply_overrides, read_subjects
+from dreamblend_ray.evaluation.pair_choice import SCORERS, PairChoiceOptions
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +114,7 @@ class FinetuneActor:
                  pair_choice: dict | None = None, run: str | None = None):
         import torch
 
-        from dreamblend_ray.components import load_components, select_device
+        from dreamblend_ray.models.components import load_components, select_device
 
         torch.set_num_threads(torch_threads)
         self.output, self.run = output, run
@@ -124,7 +132,7 @@ class FinetuneActor:
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
     def run_one(self, row: dict) -> dict:
-        from dreamblend_ray.finetune import finetune_subject, image_uris, read_image
+        from dreamblend_ray.training.finetune import finetune_subject, image_uris, read_image
 
         start = time.perf_counter()
         subject_id = row["subject_id"]
@@ -154,7 +162,7 @@ class FinetuneActor:
 
     def choose_pair(self, row: dict, manifest: dict, images: list, start: float) -> dict:
         """Score the checkpoints and record the pair; a failure keeps the (complete) manifest."""
-        from dreamblend_ray.pair_choice import auto_choose_pair
+        from dreamblend_ray.evaluation.pair_choice import auto_choose_pair
 
         subject_id = row["subject_id"]
         try:

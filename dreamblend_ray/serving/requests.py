@@ -1,6 +1,6 @@
 """The HTTP serving logic of DreamBlend, independent of Ray.
 
-Ray Serve wiring lives in ``dreamblend_ray/serve_app.py`` (and ``deployments/app.py`` re-exports
+Ray Serve wiring lives in ``dreamblend_ray/serving/app.py`` (and ``deployments/app.py`` re-exports
 it); this module holds what can be tested without a cluster:
 
 - ``AppArgs``: the typed arguments of the application builder (limits, batching, autoscaling, auth).
@@ -16,7 +16,7 @@ it); this module holds what can be tested without a cluster:
   SubjectUnusable 424, Overloaded 503, DeadlineExceeded 504).
 
 The HTTP edge itself (routes, auth middleware, body limit, error bodies, OpenAPI, offline docs) is
-``dreamblend_ray/http_api.py``; ``make_api`` here forwards to it.
+``dreamblend_ray/serving/http.py``; ``make_api`` here forwards to it.
 """
 
 from __future__ import annotations
@@ -363,7 +363,7 @@ class SubjectConflict(FieldError):
 def subject_load_error(subject_id: str, exc: ValueError) -> Exception:
     """The client-facing error for a ValueError met while loading a subject's pair: a damaged
     manifest is SubjectUnusable (its storage detail is logged, not returned), else a conflict."""
-    from dreamblend_ray.checkpoints import ManifestError
+    from dreamblend_ray.training.checkpoints import ManifestError
 
     if isinstance(exc, (ManifestError, UnicodeDecodeError)):
         logger.error("subject %r has a damaged manifest: %s", subject_id, exc)
@@ -593,6 +593,6 @@ class Backend(Protocol):
 
 def make_api(args: AppArgs, backend: Backend, read_manifest):
     """The FastAPI app of the ingress (routes, auth, errors, OpenAPI, docs): see ``http_api.make_api``."""
-    from dreamblend_ray.http_api import make_api as build
+    from dreamblend_ray.serving.http import make_api as build
 
     return build(args, backend, read_manifest)

@@ -10,7 +10,7 @@
   (different seeds); 0 for identical images.
 
 Models come only from a path the user gives: a local directory in Hugging Face layout or an
-``s3://`` URI (downloaded once through :func:`dreamblend_ray.storage.cached_download`). Nothing is
+``s3://`` URI (downloaded once through :func:`dreamblend_ray.io.storage.cached_download`). Nothing is
 fetched from a model hub. Image preprocessing uses transformers' PIL image processors (no
 torchvision).
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreamblend_ray import storage
+from dreamblend_ray.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def save_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32) -
     """
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from dreamblend_ray.components import TINY_WORDS, build_tokenizer
+    from dreamblend_ray.models.components import TINY_WORDS, build_tokenizer
 
     tokenizer = build_tokenizer(list(TINY_WORDS) + ["jungle", "sidewalk", "street"], max_length=32)
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

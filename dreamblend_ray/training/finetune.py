@@ -42,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreamblend_ray import checkpoints, storage
-from dreamblend_ray.components import Components, load_components, model_identity, select_device
+from dreamblend_ray.training import checkpoints
+
+from dreamblend_ray.io import storage
+from dreamblend_ray.models.components import Components, load_components, model_identity, select_device
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig, to_dict, validate_class_noun, validate_subject_id
-from dreamblend_ray.pair import adapters_disabled, single
-from dreamblend_ray.sampler import DreamBlendSampler
+from dreamblend_ray.method.pair import adapters_disabled, single
+from dreamblend_ray.method.sampler import DreamBlendSampler
 
 logger = logging.getLogger(__name__)
 

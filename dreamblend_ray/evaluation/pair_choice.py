@@ -21,7 +21,7 @@ and was passed over.
 Scores come from :func:`score_checkpoints`, which samples a few validation prompts per checkpoint
 with the DreamBlend sampler (alpha 0, G == E: plain sampling of that checkpoint) and hands the
 images to a pluggable scorer: ``scorer(images, plain_prompts) -> {"prompt_fidelity",
-"subject_fidelity"}``; e.g. :class:`dreamblend_ray.metrics.ClipDinoScorer` (CLIP-T and DINO) for
+"subject_fidelity"}``; e.g. :class:`dreamblend_ray.evaluation.metrics.ClipDinoScorer` (CLIP-T and DINO) for
 real models, or :class:`EmbeddedScorer` (the embedded model's analytic metrics).
 
 Wiring (the fine-tuning job): after ``finetune_subject`` has written subject.json, call
@@ -47,7 +47,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from dreamblend_ray.config import check_choice, check_range
-from dreamblend_ray.pair import adapters_disabled
+from dreamblend_ray.method.pair import adapters_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def score_checkpoints(sampler, pair_for_step: Callable[[int], object], steps: li
     ``pair_for_step(step)`` returns a pair whose G and E are both that checkpoint (e.g.
     ``AdapterPair(unet, name, name)``); ``release(pair)``, when given, is called after scoring it
     (to unload adapters). The base model's prompt fidelity, which :func:`choose_pair` also needs,
-    is :func:`score_model` on ``dreamblend_ray.pair.single(base_unet)`` with the same prompts.
+    is :func:`score_model` on ``dreamblend_ray.method.pair.single(base_unet)`` with the same prompts.
     """
     rows = []
     for step in tqdm(list(steps), desc="scoring checkpoints", disable=not progress):
@@ -213,9 +213,9 @@ def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, pr
     (scores, threshold, base scores, rule) is stored under ``pair_choice``. The manifest is rewritten
     atomically; returns it. ``extra`` (JSON-ready) is added to the ``pair_choice`` entry.
     """
-    from dreamblend_ray import checkpoints
-    from dreamblend_ray.pair import single
-    from dreamblend_ray.sampler import DreamBlendSampler
+    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.method.pair import single
+    from dreamblend_ray.method.sampler import DreamBlendSampler
 
     manifest = checkpoints.read_manifest(root, subject_id)
     sampler = DreamBlendSampler(components)
@@ -373,7 +373,7 @@ def _companions(instance_images: list, background: str) -> list[str]:
 @lru_cache(maxsize=1)
 def _clip_dino_models(clip_model: str, dino_model: str, device: str):
     """CLIP and DINO loaded once per process (an actor scores many subjects)."""
-    from dreamblend_ray.metrics import load_clip, load_dino
+    from dreamblend_ray.evaluation.metrics import load_clip, load_dino
 
     return load_clip(clip_model, device, option="--clip-model"), load_dino(dino_model, device, option="--dino-model")
 
@@ -386,8 +386,8 @@ def build_scorer(options: PairChoiceOptions, instance_images: list, class_noun: 
     if options.scorer == "embedded":
         prompts, plain = embedded_prompts(instance_images, class_noun, token, options.num_prompts, options.context)
         return EmbeddedScorer(list(instance_images)), prompts, plain
-    from dreamblend_ray import benchmark
-    from dreamblend_ray.metrics import ClipDinoScorer
+    from dreamblend_ray.evaluation import protocol as benchmark
+    from dreamblend_ray.evaluation.metrics import ClipDinoScorer
 
     prompts, plain = benchmark.prompts_for("object", class_noun, token, limit=options.num_prompts)
     clip, dino = _clip_dino_models(options.clip_model, options.dino_model, str(device or "cpu"))

@@ -24,7 +24,7 @@ from importlib import resources
 
 from PIL import Image
 
-from dreamblend_ray import storage
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import check_choice, validate_subject_id
 
 KINDS = ("live", "object")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray import storage
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import check_range
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_uri(output: str, run_id: str) -> str:
 def check_base(base: str) -> str:
     """``base`` resolved (``components.resolve_base``) and checked from the driver, before any actor
     starts: a local folder or an s3:// prefix must hold model_index.json. ValueError otherwise."""
-    from dreamblend_ray.components import embedded_model_dir, resolve_base
+    from dreamblend_ray.models.components import embedded_model_dir, resolve_base
 
     base = resolve_base(base)
     index = (storage.join(base, "model_index.json") if storage.is_s3(base)

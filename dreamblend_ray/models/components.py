@@ -222,7 +222,7 @@ def save_components(components: Components, directory: str | os.PathLike) -> Pat
 
 
 def embedded_model_dir() -> Path:
-    return Path(__file__).parent / "embedded" / "weights"
+    return Path(__file__).parents[1] / "embedded" / "weights"
 
 
 def resolve_base(base: str) -> str:
@@ -253,7 +253,7 @@ def load_components(base: str = "embedded", device: str | torch.device | None = 
         components = _load_directory(directory)
         components.source = "embedded"
     elif base.startswith("s3://"):
-        from dreamblend_ray import storage
+        from dreamblend_ray.io import storage
 
         components = _load_directory(storage.cached_download(base))
         components.source = base

@@ -16,7 +16,7 @@
 - :func:`stop_serve` / :func:`shutdown`: an orderly stop, Serve first (its replicas finish their
   in-flight requests), then Ray, then the reaper's sweep, all within the grace period.
 
-The reaper is this module run as a script (``python -m dreamblend_ray.lifecycle``), so the module
+The reaper is this module run as a script (``python -m dreamblend_ray.runtime.lifecycle``), so the module
 imports nothing heavy at the top.
 """
 
@@ -123,7 +123,7 @@ def setup_logging(command: str, *, level: str = "INFO", verbose: bool = False, l
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
     logging.captureWarnings(True)
-    os.environ.setdefault(RAY_DATA_CONFIG_ENV, str(Path(__file__).with_name("data") / "ray_data_logging.yaml"))
+    os.environ.setdefault(RAY_DATA_CONFIG_ENV, str(Path(__file__).parents[1] / "data" / "ray_data_logging.yaml"))
     route_library_loggers()
     logger.info("log file: %s", path)
     return path
@@ -265,7 +265,7 @@ class Reaper:
         self.marker = marker
         env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dreamblend_ray.lifecycle", "--reap", str(os.getpid()), marker],
+            [sys.executable, "-m", "dreamblend_ray.runtime.lifecycle", "--reap", str(os.getpid()), marker],
             stdin=subprocess.PIPE, env=env, start_new_session=True)
 
     def close(self, timeout_s: float) -> None:
@@ -503,4 +503,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--reap":
         reap(int(sys.argv[2]), sys.argv[3])
     else:
-        sys.exit("usage: python -m dreamblend_ray.lifecycle --reap DRIVER_PID MARKER")
+        sys.exit("usage: python -m dreamblend_ray.runtime.lifecycle --reap DRIVER_PID MARKER")

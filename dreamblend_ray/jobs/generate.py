@@ -26,12 +26,18 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray import checkpoints, exit_codes, lifecycle, storage
+from dreamblend_ray.training import checkpoints
+
+from dreamblend_ray.runtime import exit_codes
+
+from dreamblend_ray.runtime import lifecycle
+
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict, validate_subject_id
 from dreamblend_ray.dtypes import add_dtype_argument, normalize_dtype
-from dreamblend_ray.job_common import (JobResources, check_base, error_text, new_run_id, run_uri,
+from dreamblend_ray.jobs.common import (JobResources, check_base, error_text, new_run_id, run_uri,
                                        write_parquet)
-from dreamblend_ray.manifests import GenerationRequest, read_requests, sampling_config
+from dreamblend_ray.jobs.manifests import GenerationRequest, read_requests, sampling_config
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +84,8 @@ class GenerateActor:
                  torch_threads: int, use_gpu: bool, dtype: str | None = None):
         import torch
 
-        from dreamblend_ray.components import load_components, select_device, select_dtype
-        from dreamblend_ray.sampler import DreamBlendSampler
+        from dreamblend_ray.models.components import load_components, select_device, select_dtype
+        from dreamblend_ray.method.sampler import DreamBlendSampler
 
         torch.set_num_threads(torch_threads)
         device = select_device() if use_gpu else torch.device("cpu")
@@ -226,7 +232,7 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
 # --------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from dreamblend_ray.finetune_job import add_resource_arguments
+    from dreamblend_ray.jobs.finetune import add_resource_arguments
 
     parser = argparse.ArgumentParser(
         prog="jobs/generate_batch.py",
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from dreamblend_ray.finetune_job import resources_from_args
+    from dreamblend_ray.jobs.finetune import resources_from_args
 
     try:
         result = run_generate_job(args.requests, args.output, checkpoints_root=args.checkpoints, base=args.base,

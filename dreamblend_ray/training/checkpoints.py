@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from dreamblend_ray import storage
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import validate_subject_id
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def _resolve_steps(manifest: dict, guidance_step: int | None, edit_step: int | N
 
 
 def _check_base(manifest: dict, components) -> None:
-    from dreamblend_ray.components import model_identity
+    from dreamblend_ray.models.components import model_identity
 
     have = model_identity(components)["config_sha256"]
     want = manifest["base"]["config_sha256"]
@@ -294,7 +294,7 @@ def load_pair(root: str, subject_id: str, components, guidance_step: int | None 
     manifest's ``guidance_step`` / ``edit_step`` and must be saved steps. The base must be the
     model the subject was fine-tuned from (same config hash).
     """
-    from dreamblend_ray.pair import AdapterPair, TwoUNetPair
+    from dreamblend_ray.method.pair import AdapterPair, TwoUNetPair
 
     manifest = read_manifest(root, subject_id)
     g, e = _resolve_steps(manifest, guidance_step, edit_step)
@@ -323,7 +323,7 @@ def load_checkpoint_pair(components, guidance_uri: str, edit_uri: str):
     LoRA checkpoints become adapters named after their URIs on ``components.unet``
     (an AdapterPair); full fine-tunes become UNets (a TwoUNetPair). Both must be of one kind.
     """
-    from dreamblend_ray.pair import AdapterPair, TwoUNetPair
+    from dreamblend_ray.method.pair import AdapterPair, TwoUNetPair
 
     kinds = [_checkpoint_kind(uri) for uri in (guidance_uri, edit_uri)]
     if kinds[0] != kinds[1]:
@@ -357,7 +357,7 @@ def unload_pair(pair, components) -> None:
     the same subject and steps (the Serve LRU keys pairs by subject and steps).
     Full-fine-tune pairs own their UNets; dropping the pair frees them.
     """
-    from dreamblend_ray.pair import AdapterPair
+    from dreamblend_ray.method.pair import AdapterPair
 
     if not isinstance(pair, AdapterPair):
         return

@@ -28,12 +28,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from dreamblend_ray import serving
+from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.config import SUBJECT_ID_PATTERN
-from dreamblend_ray.serving import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, GenerationJob,
+from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, GenerationJob,
                                     GenerationResult, Overloaded, ReplicaUnavailable, SubjectConflict,
                                     SubjectNotFound, SubjectUnusable)
-from dreamblend_ray.storage import StorageError
+from dreamblend_ray.io.storage import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class SubjectView(BaseModel):
 
     @classmethod
     def of(cls, manifest: dict) -> "SubjectView":
-        from dreamblend_ray.checkpoints import base_name
+        from dreamblend_ray.training.checkpoints import base_name
 
         base = manifest.get("base") or {}
         return cls(subject_id=manifest["subject_id"], class_noun=manifest["class_noun"], token=manifest["token"],

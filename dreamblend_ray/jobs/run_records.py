@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from dreamblend_ray import storage
+from dreamblend_ray.io import storage
 from dreamblend_ray.config import validate_subject_id
-from dreamblend_ray.job_common import error_text, read_parquet, write_parquet
+from dreamblend_ray.jobs.common import error_text, read_parquet, write_parquet
 
 logger = logging.getLogger(__name__)
 
