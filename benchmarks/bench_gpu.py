@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampler import PeakMemory, add_adapters  # noqa: E402
 
-from dreamblend_ray import checkpoints  # noqa: E402
+from dreamblend_ray.training import checkpoints  # noqa: E402
 from dreamblend_ray.models.components import Components, build_tokenizer, default_scheduler, load_components  # noqa: E402
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig  # noqa: E402
 from dreamblend_ray.embedded import metrics  # noqa: E402

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from dreamblend_ray.training import checkpoints
+from dreamblend_ray.training import checkpoints, layout
 from dreamblend_ray.models.components import load_components
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig
 from dreamblend_ray.embedded import metrics
@@ -51,9 +51,9 @@ CONFIRM_SEED0 = 1000  # the confirmation seeds start here, far from the sweep's 
 
 
 def ensure_subject(components, subject, root: str, config: FinetuneConfig) -> dict:
-    if checkpoints.finetuned_with(root, subject.subject_id, config):
-        return checkpoints.read_manifest(root, subject.subject_id)
-    if checkpoints.is_complete(root, subject.subject_id):
+    if layout.finetuned_with(root, subject.subject_id, config):
+        return layout.read_manifest(root, subject.subject_id)
+    if layout.is_complete(root, subject.subject_id):
         logger.info("%s was fine-tuned with other settings; fine-tuning it again", subject.subject_id)
     return finetune_subject(components, subject.instance_images(), subject.class_noun, subject.subject_id,
                             root, config, progress=True)

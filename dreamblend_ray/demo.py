@@ -133,15 +133,15 @@ def finetune_config(config: DemoConfig, subjects):
 
 def drop_stale_subjects(config: DemoConfig, subjects, wanted) -> list[str]:
     """Forget finished subjects fine-tuned with other settings, so the job trains them again."""
-    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.training import layout
     from dreamblend_ray.io import storage
 
     stale = []
     for subject in subjects:
         root, subject_id = config.storage_root, subject.subject_id
-        if checkpoints.is_complete(root, subject_id) and not checkpoints.finetuned_with(root, subject_id, wanted):
+        if layout.is_complete(root, subject_id) and not layout.finetuned_with(root, subject_id, wanted):
             logger.info("%s was fine-tuned with other settings; fine-tuning it again", subject_id)
-            storage.delete(checkpoints.manifest_uri(root, subject_id))
+            storage.delete(layout.manifest_uri(root, subject_id))
             stale.append(subject_id)
     return stale
 
@@ -326,7 +326,7 @@ def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests:
 # --------------------------------------------------------------------------- the whole demo
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
-    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.training import layout
     from dreamblend_ray.runtime import lifecycle
 
     out, seconds, start = Path(config.out), {}, time.perf_counter()
@@ -338,7 +338,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         logger.info("step 1/3: fine-tuning %d subjects", len(subjects))
         result = finetune(config, subjects, manifest)
         seconds["fine-tuning"] = time.perf_counter() - start
-        manifests = {s.subject_id: checkpoints.read_manifest(config.storage_root, s.subject_id) for s in subjects}
+        manifests = {s.subject_id: layout.read_manifest(config.storage_root, s.subject_id) for s in subjects}
         cells = requests_for(config, subjects)
         logger.info("step 2/3: serving and requesting %d image sets over HTTP", len(cells))
         images = serve_and_fetch(config, cells, manifests)

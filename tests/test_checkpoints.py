@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamblend_ray.training import checkpoints
+from dreamblend_ray.training import checkpoints, layout
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.models.components import build_tiny_components
@@ -48,32 +48,32 @@ def probe(unet):
 
 
 def test_layout():
-    assert checkpoints.subject_uri("s3://b/p", "rex") == "s3://b/p/subjects/rex"
-    assert checkpoints.checkpoint_uri("s3://b/p/", "rex", 40) == "s3://b/p/subjects/rex/checkpoints/step-40"
-    assert checkpoints.manifest_uri("/data", "rex") == "/data/subjects/rex/subject.json"
-    assert checkpoints.weight_uri("/d", "rex", 5, "lora").endswith("step-5/pytorch_lora_weights.safetensors")
-    assert checkpoints.weight_uri("/d", "rex", 5, "full").endswith("step-5/unet.safetensors")
+    assert layout.subject_uri("s3://b/p", "rex") == "s3://b/p/subjects/rex"
+    assert layout.checkpoint_uri("s3://b/p/", "rex", 40) == "s3://b/p/subjects/rex/checkpoints/step-40"
+    assert layout.manifest_uri("/data", "rex") == "/data/subjects/rex/subject.json"
+    assert layout.weight_uri("/d", "rex", 5, "lora").endswith("step-5/pytorch_lora_weights.safetensors")
+    assert layout.weight_uri("/d", "rex", 5, "full").endswith("step-5/unet.safetensors")
     with pytest.raises(ValueError, match="subject_id"):
-        checkpoints.subject_uri("/d", "../etc")
+        layout.subject_uri("/d", "../etc")
 
 
 def test_manifest_round_trip(trained):
-    manifest = checkpoints.read_manifest(trained, "rex")
+    manifest = layout.read_manifest(trained, "rex")
     assert manifest["version"] == 1 and manifest["steps"] == [2, 4, 6]
     assert (manifest["guidance_step"], manifest["edit_step"]) == (2, 6)
     assert manifest["base"]["source"] == "tiny" and len(manifest["base"]["config_sha256"]) == 64
     assert manifest["config"]["checkpoint_steps"] == [2, 4, 6]
-    assert checkpoints.is_complete(trained, "rex")
-    assert not checkpoints.is_complete(trained, "nobody")
+    assert layout.is_complete(trained, "rex")
+    assert not layout.is_complete(trained, "nobody")
     with pytest.raises(FileNotFoundError):
-        checkpoints.read_manifest(trained, "nobody")
+        layout.read_manifest(trained, "nobody")
 
 
 def test_finetuned_with_compares_the_recorded_settings(trained):
     same = FinetuneConfig(learning_rate=5e-2, steps=6, checkpoint_steps=(2, 4, 6), prior_preservation=False)
-    assert checkpoints.finetuned_with(trained, "rex", same)
-    assert not checkpoints.finetuned_with(trained, "rex", FinetuneConfig(**{**same.__dict__, "learning_rate": 1e-2}))
-    assert not checkpoints.finetuned_with(trained, "nobody", same)
+    assert layout.finetuned_with(trained, "rex", same)
+    assert not layout.finetuned_with(trained, "rex", FinetuneConfig(**{**same.__dict__, "learning_rate": 1e-2}))
+    assert not layout.finetuned_with(trained, "nobody", same)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -83,25 +83,25 @@ def test_finetuned_with_compares_the_recorded_settings(trained):
     ("instance_prompt", ""), ("class_noun", None),
 ])
 def test_malformed_manifest_names_the_field(trained, field, value):
-    manifest = copy.deepcopy(checkpoints.read_manifest(trained, "rex"))
+    manifest = copy.deepcopy(layout.read_manifest(trained, "rex"))
     manifest[field] = value
     with pytest.raises(ValueError, match=field):
-        checkpoints.validate_manifest(manifest)
+        layout.validate_manifest(manifest)
 
 
 def test_missing_field_and_bad_json(trained, tmp_path):
-    manifest = copy.deepcopy(checkpoints.read_manifest(trained, "rex"))
+    manifest = copy.deepcopy(layout.read_manifest(trained, "rex"))
     del manifest["timings"]
     with pytest.raises(ValueError, match="timings"):
-        checkpoints.validate_manifest(manifest)
-    storage.write_text(checkpoints.manifest_uri(str(tmp_path), "rex"), "{not json")
+        layout.validate_manifest(manifest)
+    storage.write_text(layout.manifest_uri(str(tmp_path), "rex"), "{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        checkpoints.read_manifest(str(tmp_path), "rex")
+        layout.read_manifest(str(tmp_path), "rex")
 
 
 def test_lora_checkpoint_is_diffusers_format(trained):
     tensors, metadata = checkpoints.decode_safetensors(
-        storage.read_bytes(checkpoints.weight_uri(trained, "rex", 6, "lora")))
+        storage.read_bytes(layout.weight_uri(trained, "rex", 6, "lora")))
     assert tensors and all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in tensors)
     config = json.loads(metadata["lora_adapter_metadata"])
     assert config["unet.r"] == 4 and config["unet.target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
@@ -152,9 +152,9 @@ def test_load_pair_full(trained, components):
 
 
 def test_load_pair_refuses_another_base(trained, components, tmp_path):
-    storage.copy_dir(checkpoints.subject_uri(trained, "rex"), checkpoints.subject_uri(str(tmp_path), "rex"))
-    manifest = checkpoints.read_manifest(str(tmp_path), "rex")
+    storage.copy_dir(layout.subject_uri(trained, "rex"), layout.subject_uri(str(tmp_path), "rex"))
+    manifest = layout.read_manifest(str(tmp_path), "rex")
     manifest["base"]["config_sha256"] = "0" * 64
-    checkpoints.write_manifest(str(tmp_path), "rex", manifest)
+    layout.write_manifest(str(tmp_path), "rex", manifest)
     with pytest.raises(ValueError, match="fine-tuned from base"):
         checkpoints.load_pair(str(tmp_path), "rex", components)

@@ -185,7 +185,7 @@ def test_ray_data_run_matches_the_inline_run(setup, inline_run, ray_local, s3_bu
 
 @pytest.mark.slow
 def test_choose_and_record_writes_the_pair_into_the_manifest(setup, tmp_path):
-    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.training import checkpoints, layout
     from dreamblend_ray.models.components import load_components
     from dreamblend_ray.evaluation.pair_choice import choose_and_record, choose_pair
 
@@ -201,7 +201,7 @@ def test_choose_and_record_writes_the_pair_into_the_manifest(setup, tmp_path):
     assert [r["step"] for r in choice["scores"]] == [2, 6]
     expected = choose_pair(choice["scores"], choice["base_scores"]["prompt_fidelity"], 0.5)
     assert (choice["guidance_step"], choice["edit_step"]) == (expected["guidance_step"], expected["edit_step"])
-    stored = checkpoints.read_manifest(root, "toy1")
+    stored = layout.read_manifest(root, "toy1")
     assert stored["pair_choice"] == json.loads(json.dumps(choice))
     assert (stored["guidance_step"], stored["edit_step"]) == (choice["guidance_step"], choice["edit_step"])
     assert not (getattr(components.unet, "peft_config", None) or {})  # adapters unloaded again

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamblend_ray.training import checkpoints
+from dreamblend_ray.training import checkpoints, layout
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.models.components import build_tiny_components
@@ -62,8 +62,8 @@ def test_layout_and_manifest(components, image_dir, tmp_path):
     assert manifest["steps"] == [3, 6, 8]
     assert (manifest["guidance_step"], manifest["edit_step"]) == (3, 8)
     for step in manifest["steps"]:
-        assert storage.exists(checkpoints.weight_uri(str(tmp_path), "subj", step, "lora"))
-    assert checkpoints.read_manifest(str(tmp_path), "subj") == manifest
+        assert storage.exists(layout.weight_uri(str(tmp_path), "subj", step, "lora"))
+    assert layout.read_manifest(str(tmp_path), "subj") == manifest
     assert manifest["instance_prompt"] == "a photo of sks dog"
     assert manifest["num_instance_images"] == 3 and manifest["kind"] == "lora"
     assert {"torch", "diffusers", "peft"} <= set(manifest["library_versions"])
@@ -103,14 +103,14 @@ def test_lora_loads_in_plain_diffusers_pipeline(components, images, tmp_path, ti
                     generator=torch.Generator().manual_seed(0)).images
 
     plain = sample()
-    pipe.load_lora_weights(checkpoints.checkpoint_uri(str(tmp_path), "subj", 6))
+    pipe.load_lora_weights(layout.checkpoint_uri(str(tmp_path), "subj", 6))
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(latents, t, embeds).sample, probe["out"], atol=1e-5, rtol=1e-5)
     tuned = sample()
     assert np.abs(tuned - plain).max() > 1e-4
     pipe.unload_lora_weights()
     np.testing.assert_array_equal(sample(), plain)
-    pipe.load_lora_weights(checkpoints.checkpoint_uri(str(tmp_path), "subj", 6))
+    pipe.load_lora_weights(layout.checkpoint_uri(str(tmp_path), "subj", 6))
     np.testing.assert_array_equal(sample(), tuned)
 
 
@@ -118,7 +118,7 @@ def test_same_seed_same_checkpoints(components, images, tmp_path):
     def blobs(root, seed):
         manifest = run(components, images, root, seed=seed, steps=4, checkpoint_steps=(2, 4))
         return manifest["loss_curve"], [
-            checkpoints.decode_safetensors(storage.read_bytes(checkpoints.weight_uri(str(root), "subj", s, "lora")))
+            checkpoints.decode_safetensors(storage.read_bytes(layout.weight_uri(str(root), "subj", s, "lora")))
             for s in manifest["steps"]]
 
     curve, first = blobs(tmp_path / "a", 3)
@@ -137,7 +137,7 @@ def test_full_finetune_leaves_base_untouched(components, images, tmp_path):
                    checkpoint_steps=(2, 4))
     assert manifest["kind"] == "full"
     tensors, _ = checkpoints.decode_safetensors(
-        storage.read_bytes(checkpoints.weight_uri(str(tmp_path), "subj", 4, "full")))
+        storage.read_bytes(layout.weight_uri(str(tmp_path), "subj", 4, "full")))
     assert set(tensors) == set(before)
     assert any(not torch.equal(tensors[k], before[k]) for k in before)
     assert all(torch.equal(v, before[k]) for k, v in components.unet.state_dict().items())
@@ -161,7 +161,7 @@ def test_prior_preservation_generates_then_reuses_class_images(components, image
 def test_interrupted_run_leaves_no_manifest(components, images, tmp_path):
     root = str(tmp_path)
     run(components, images, tmp_path, steps=4)
-    assert checkpoints.is_complete(root, "subj")
+    assert layout.is_complete(root, "subj")
 
     def interrupt(step, loss):
         if step == 4:
@@ -170,10 +170,10 @@ def test_interrupted_run_leaves_no_manifest(components, images, tmp_path):
     config = FinetuneConfig(steps=8, checkpoint_steps=(3, 8), **FAST)
     with pytest.raises(KeyboardInterrupt):
         finetune_subject(components, images, "dog", "subj", root, config, progress=False, callback=interrupt)
-    assert storage.exists(checkpoints.checkpoint_uri(root, "subj", 3))
-    assert not checkpoints.is_complete(root, "subj")  # the old pair's manifest went first
+    assert storage.exists(layout.checkpoint_uri(root, "subj", 3))
+    assert not layout.is_complete(root, "subj")  # the old pair's manifest went first
     with pytest.raises(FileNotFoundError):
-        checkpoints.read_manifest(root, "subj")
+        layout.read_manifest(root, "subj")
     assert not getattr(components.unet, "peft_config", None)
 
 
@@ -224,7 +224,7 @@ def test_cli_finetune(image_dir, tmp_path):
                "--subject-id", "cli-subj", "--output", str(out), "--steps", "3", "--checkpoint-steps",
                "1,3", "--prior-images", "0", "--no-progress"])
     assert rc == 0
-    manifest = checkpoints.read_manifest(str(out), "cli-subj")
+    manifest = layout.read_manifest(str(out), "cli-subj")
     assert manifest["steps"] == [1, 3] and manifest["num_class_images"] == 0
     assert main(["finetune", "--base", "tiny", "--images", str(image_dir), "--class-noun", "dog",
                  "--subject-id", "bad id", "--output", str(out), "--steps", "3"]) == 2
@@ -234,7 +234,7 @@ def test_gradient_checkpointing_gives_the_same_checkpoints(components, images, t
     def weights(root, checkpointing):
         run(components, images, root, steps=3, checkpoint_steps=(3,), gradient_checkpointing=checkpointing)
         return checkpoints.decode_safetensors(
-            storage.read_bytes(checkpoints.weight_uri(str(root), "subj", 3, "lora")))[0]
+            storage.read_bytes(layout.weight_uri(str(root), "subj", 3, "lora")))[0]
 
     plain, recomputed = weights(tmp_path / "a", False), weights(tmp_path / "b", True)
     for key, value in plain.items():
@@ -246,8 +246,8 @@ def test_s3_output_root(components, images, s3_bucket):
     root = f"{s3_bucket}/runs/a"
     manifest = run(components, images, root, steps=3, checkpoint_steps=(1, 3), prior_preservation=True,
                    num_class_images=1, class_sampling_steps=2)
-    assert checkpoints.read_manifest(root, "subj") == manifest
-    assert storage.exists(checkpoints.weight_uri(root, "subj", 1, "lora"))
+    assert layout.read_manifest(root, "subj") == manifest
+    assert storage.exists(layout.weight_uri(root, "subj", 1, "lora"))
     assert len(storage.list_files(f"{root}/class_images")) == 1
     pair, _ = checkpoints.load_pair(root, "subj", components)
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamblend_ray.training import checkpoints
+from dreamblend_ray.training import layout
 from dreamblend_ray.cli import main
 from dreamblend_ray.config import FinetuneConfig
 from dreamblend_ray.training.finetune import finetune_subject
@@ -46,8 +46,8 @@ def test_generate_from_checkpoint_uris_matches_subject_pair(subject_root, tmp_pa
     common = ["--prompt", "a photo of sks dog", "--seed", "3", "--alpha", "0.4"]
     assert _run("--subject-root", subject_root, "--subject-id", "rex", "--guidance-step", "2",
                 "--edit-step", "4", *common, "--out", str(tmp_path / "a")) == 0
-    assert _run("--guidance-ckpt", checkpoints.checkpoint_uri(subject_root, "rex", 2),
-                "--edit-ckpt", checkpoints.checkpoint_uri(subject_root, "rex", 4),
+    assert _run("--guidance-ckpt", layout.checkpoint_uri(subject_root, "rex", 2),
+                "--edit-ckpt", layout.checkpoint_uri(subject_root, "rex", 4),
                 *common, "--out", str(tmp_path / "b")) == 0
     a = np.asarray(Image.open(tmp_path / "a" / "0000.png"), dtype=int)
     b = np.asarray(Image.open(tmp_path / "b" / "0000.png"), dtype=int)

@@ -37,7 +37,7 @@ def test_model_id_with_a_control_tail_is_refused(tail):
 
 
 def test_manifest_config_hash_with_a_newline_is_refused():
-    from dreamblend_ray.training.checkpoints import validate_manifest
+    from dreamblend_ray.training.layout import validate_manifest
 
     manifest = {"version": 1, "subject_id": "alpha", "class_noun": "dog", "token": "sks",
                 "instance_prompt": "a sks dog", "base": {"source": "tiny", "config_sha256": "ab" * 32},

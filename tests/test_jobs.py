@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dreamblend_ray.training import checkpoints
+from dreamblend_ray.training import layout
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.config import FinetuneConfig
@@ -284,10 +284,10 @@ def test_subjects_finetune_in_parallel_into_s3_and_a_corrupt_one_fails_alone(fin
     for subject in ("red", "blue"):
         row = rows[subject]
         assert row["steps"] == 4 and np.isfinite(row["final_loss"]) and row["seconds"] > 0
-        assert checkpoints.is_complete(output, subject)
+        assert layout.is_complete(output, subject)
         for uri in row["checkpoint_uris"]:
-            assert storage.exists(storage.join(uri, checkpoints.LORA_WEIGHT_NAME))
-    assert not checkpoints.is_complete(output, "broken")
+            assert storage.exists(storage.join(uri, layout.LORA_WEIGHT_NAME))
+    assert not layout.is_complete(output, "broken")
     assert storage.read_json(storage.join(output, "runs/first/job.json"))["subjects"] == 3
 
 
@@ -295,14 +295,14 @@ def test_rerun_skips_finished_subjects_without_starting_actors(finetuned, monkey
     from dreamblend_ray.jobs import finetune as finetune_job
 
     output = finetuned["output"]
-    before = storage.read_bytes(checkpoints.weight_uri(output, "red", 4, "lora"))
+    before = storage.read_bytes(layout.weight_uri(output, "red", 4, "lora"))
     specs = [s for s in read_subjects(finetuned["manifest"]) if s.subject_id != "broken"]
     monkeypatch.setattr(finetune_job, "fine_tune_all", lambda *a, **k: pytest.fail("started actors"))
     result = finetune_job.run_finetune_job(specs, output, base="tiny", config=TINY_FINETUNE,
                                            resources=TWO_ACTORS, run_id="second")
     assert {row["subject_id"]: row["status"] for row in result.rows} == {"red": "skipped", "blue": "skipped"}
     assert {r["subject_id"]: r["saved_steps"] for r in result.rows} == {"red": [2, 4], "blue": [1, 4]}
-    assert storage.read_bytes(checkpoints.weight_uri(output, "red", 4, "lora")) == before
+    assert storage.read_bytes(layout.weight_uri(output, "red", 4, "lora")) == before
     assert len(read_parquet(storage.join(output, "runs/second/results.parquet"))) == 2
 
 
@@ -328,7 +328,7 @@ def test_job_survives_an_endpoint_that_refuses_connections_for_a_moment(s3_serve
     assert s3_server.proxy.outages == outages + 1
     (row,) = result.rows
     assert row["status"] == "succeeded", row["error"]
-    assert checkpoints.is_complete(output, "red")
+    assert layout.is_complete(output, "red")
 
 
 @pytest.mark.slow
@@ -374,11 +374,11 @@ def assert_complete_or_failed(output: str, subject_ids: list[str], rows: list[di
         if row["status"] == "failed":
             assert row["error"], row
         else:
-            assert checkpoints.is_complete(output, subject_id), row
-        if checkpoints.is_complete(output, subject_id):
-            manifest = checkpoints.read_manifest(output, subject_id)
+            assert layout.is_complete(output, subject_id), row
+        if layout.is_complete(output, subject_id):
+            manifest = layout.read_manifest(output, subject_id)
             for step in manifest["steps"]:
-                assert storage.exists(checkpoints.weight_uri(output, subject_id, step, manifest["kind"])), (
+                assert storage.exists(layout.weight_uri(output, subject_id, step, manifest["kind"])), (
                     subject_id, step)
 
 
@@ -465,7 +465,7 @@ def test_sigkill_of_a_finetune_actor_mid_subject_leaves_each_subject_complete_or
     def kill_when_k1_is_half_done():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            if storage.exists(checkpoints.weight_uri(output, "k1", 2, "lora")):
+            if storage.exists(layout.weight_uri(output, "k1", 2, "lora")):
                 for pid in sorted(finetune_actor_pids(marker, busy=True))[:1]:  # one; the other goes on
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
@@ -569,7 +569,7 @@ def test_a_subject_whose_actor_keeps_dying_becomes_a_failed_row(s3_server, ray_l
     (row,) = result.rows
     assert row["status"] == "failed" and row["error"] == ACTOR_DIED, (killed, row)
     assert len(killed) == TASK_RETRIES + 1  # one death per try, then no more tries
-    assert not checkpoints.is_complete(output, "doomed")
+    assert not layout.is_complete(output, "doomed")
 
 
 def test_generate_job_keeps_its_images_when_the_execution_fails(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamblend_ray.training import checkpoints
+from dreamblend_ray.training import checkpoints, layout
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
@@ -105,7 +105,7 @@ def test_job_records_the_chosen_pair(tmp_path, ray_local, tiny_components):
                               pair_choice=EMBEDDED)
     (row,) = result.rows
     assert row["status"] == "succeeded", row["error"]
-    manifest = checkpoints.read_manifest(output, "square")
+    manifest = layout.read_manifest(output, "square")
     choice = manifest["pair_choice"]
     assert choice["guidance_step"] == manifest["guidance_step"] == row["guidance_step"]
     assert choice["edit_step"] == manifest["edit_step"] == row["edit_step"]
@@ -137,15 +137,15 @@ def test_scoring_failure_keeps_the_checkpoints_and_a_rerun_only_scores(tmp_path)
     row = actor.run_one(item)
     assert row["status"] == "failed"
     assert "pair choice failed" in row["error"] and "--clip-model" in row["error"]
-    manifest = checkpoints.read_manifest(output, "ring")  # the fine-tuning's manifest stays valid
+    manifest = layout.read_manifest(output, "ring")  # the fine-tuning's manifest stays valid
     assert "pair_choice" not in manifest and row["guidance_step"] == manifest["guidance_step"]
     assert not getattr(actor.components.unet, "peft_config", None)
-    weights = storage.read_bytes(checkpoints.weight_uri(output, "ring", 4, "lora"))
+    weights = storage.read_bytes(layout.weight_uri(output, "ring", 4, "lora"))
 
     actor.pair_choice = EMBEDDED
     row = actor.run_one(item)
     assert row["status"] == "succeeded", row["error"]
-    manifest = checkpoints.read_manifest(output, "ring")
+    manifest = layout.read_manifest(output, "ring")
     assert manifest["pair_choice"]["edit_step"] == manifest["edit_step"] == row["edit_step"]
     assert manifest["loss_curve"] and storage.read_bytes(
-        checkpoints.weight_uri(output, "ring", 4, "lora")) == weights
+        layout.weight_uri(output, "ring", 4, "lora")) == weights

@@ -325,14 +325,14 @@ def test_subject_is_a_public_view_without_paths_or_versions():
 def _store_with(tmp_path, text: str | bytes):
     from functools import partial
 
-    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.training import layout
 
     path = tmp_path / "subjects" / "dog" / "subject.json"
     path.parent.mkdir(parents=True)
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     args = AppArgs(base="tiny", manifest_cache_s=0)
     backend = RecordingBackend()
-    return TestClient(serving.make_api(args, backend, partial(checkpoints.read_manifest, str(tmp_path))),
+    return TestClient(serving.make_api(args, backend, partial(layout.read_manifest, str(tmp_path))),
                       raise_server_exceptions=False), backend
 
 
@@ -357,7 +357,7 @@ def test_the_real_store_serves_a_valid_subject(tmp_path):
 
 def test_replica_load_errors_are_named_without_paths():
     """What the model replica raises when a pair does not load (serve_app.LoadedPair.ensure)."""
-    from dreamblend_ray.training.checkpoints import ManifestError
+    from dreamblend_ray.training.layout import ManifestError
 
     damaged = serving.subject_load_error("dog", ManifestError("/srv/store/subjects/dog/subject.json: bad"))
     assert isinstance(damaged, serving.SubjectUnusable) and "/srv" not in str(damaged)

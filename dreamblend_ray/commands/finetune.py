@@ -79,7 +79,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamblend_ray.training.checkpoints import manifest_uri
+    from dreamblend_ray.training.layout import manifest_uri
     from dreamblend_ray.models.components import resolve_base
     from dreamblend_ray.config import validate_class_noun, validate_subject_id
     from dreamblend_ray.training.finetune import finetune_subject, image_uris

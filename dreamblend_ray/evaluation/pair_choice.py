@@ -213,11 +213,11 @@ def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, pr
     (scores, threshold, base scores, rule) is stored under ``pair_choice``. The manifest is rewritten
     atomically; returns it. ``extra`` (JSON-ready) is added to the ``pair_choice`` entry.
     """
-    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.training import checkpoints, layout
     from dreamblend_ray.method.pair import single
     from dreamblend_ray.method.sampler import DreamBlendSampler
 
-    manifest = checkpoints.read_manifest(root, subject_id)
+    manifest = layout.read_manifest(root, subject_id)
     sampler = DreamBlendSampler(components)
     with adapters_disabled(components.unet):
         base = score_model(sampler, single(components.unet), prompts, plain_prompts, seeds, scorer, config)
@@ -232,7 +232,7 @@ def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, pr
     choice.update(base_scores=base, prompts=list(prompts), seeds=list(seeds), **(extra or {}))
     manifest = {**manifest, "guidance_step": choice["guidance_step"], "edit_step": choice["edit_step"],
                 "pair_choice": choice}
-    checkpoints.write_manifest(root, subject_id, manifest)
+    layout.write_manifest(root, subject_id, manifest)
     logger.info("subject %s: guidance step %d, edit step %d (%s)", subject_id, choice["guidance_step"],
                 choice["edit_step"], choice["edit_reason"])
     return manifest

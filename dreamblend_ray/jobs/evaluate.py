@@ -130,12 +130,12 @@ def subject_tasks(subject: benchmark.EvalSubject, manifest: dict, config: EvalCo
 
 def build_tasks(subjects: list[benchmark.EvalSubject], checkpoints_root: str, config: EvalConfig) -> list[dict]:
     """All (subject, prompt) tasks; ValueError when a subject has no complete checkpoint pair."""
-    from dreamblend_ray.training import checkpoints
+    from dreamblend_ray.training import layout
 
     tasks = []
     for subject in subjects:
         try:
-            manifest = checkpoints.read_manifest(checkpoints_root, subject.id)
+            manifest = layout.read_manifest(checkpoints_root, subject.id)
         except FileNotFoundError as exc:
             raise ValueError(f"subject {subject.id}: no subject.json under {checkpoints_root} "
                              "(fine-tune it first)") from exc

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from dreamblend_ray.training import checkpoints
+from dreamblend_ray.training import checkpoints, layout
 
 from dreamblend_ray.runtime import exit_codes
 
@@ -81,12 +81,12 @@ def result_row(subject_id: str, status: str, output: str, seconds: float, manife
         losses = manifest.get("loss_curve") or []
         last = losses[-1] if losses else None
         row.update(steps=max(saved), saved_steps=saved, guidance_step=manifest["guidance_step"],
-                   edit_step=manifest["edit_step"], manifest_uri=checkpoints.manifest_uri(output, subject_id),
+                   edit_step=manifest["edit_step"], manifest_uri=layout.manifest_uri(output, subject_id),
                    final_loss=float(last[-1] if isinstance(last, (list, tuple)) else last)
                    if last is not None else None,
-                   checkpoint_uris=[checkpoints.checkpoint_uri(output, subject_id, s) for s in saved],
-                   guidance_checkpoint=checkpoints.checkpoint_uri(output, subject_id, manifest["guidance_step"]),
-                   edit_checkpoint=checkpoints.checkpoint_uri(output, subject_id, manifest["edit_step"]))
+                   checkpoint_uris=[layout.checkpoint_uri(output, subject_id, s) for s in saved],
+                   guidance_checkpoint=layout.checkpoint_uri(output, subject_id, manifest["guidance_step"]),
+                   edit_checkpoint=layout.checkpoint_uri(output, subject_id, manifest["edit_step"]))
     return row
 
 
@@ -137,8 +137,8 @@ class FinetuneActor:
         start = time.perf_counter()
         subject_id = row["subject_id"]
         try:
-            if checkpoints.is_complete(self.output, subject_id):
-                manifest = checkpoints.read_manifest(self.output, subject_id)
+            if layout.is_complete(self.output, subject_id):
+                manifest = layout.read_manifest(self.output, subject_id)
                 if not needs_pair_choice(manifest, self.pair_choice):
                     logger.info("subject %s: already complete, skipped", subject_id)
                     return result_row(subject_id, "skipped", self.output, time.perf_counter() - start, manifest)
@@ -218,9 +218,9 @@ def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOpti
 
     def check(item):
         start = time.perf_counter()
-        if not checkpoints.is_complete(output, item["subject_id"]):
+        if not layout.is_complete(output, item["subject_id"]):
             return None
-        manifest = checkpoints.read_manifest(output, item["subject_id"])
+        manifest = layout.read_manifest(output, item["subject_id"])
         if needs_pair_choice(manifest, pair_choice):
             return None
         row = result_row(item["subject_id"], "skipped", output, time.perf_counter() - start, manifest)

@@ -267,10 +267,10 @@ class DreamBlendIngress:
         self.model = model
 
     def __serve_build_asgi_app__(self):
-        from dreamblend_ray.training import checkpoints
+        from dreamblend_ray.training import layout
 
         return serving.make_api(self.args, backend=self,
-                                read_manifest=partial(checkpoints.read_manifest, self.args.storage_root))
+                                read_manifest=partial(layout.read_manifest, self.args.storage_root))
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """The job's result. Generation is deterministic given the job's seeds, so a job whose replica

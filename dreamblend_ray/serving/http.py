@@ -124,7 +124,7 @@ class SubjectView(BaseModel):
 
     @classmethod
     def of(cls, manifest: dict) -> "SubjectView":
-        from dreamblend_ray.training.checkpoints import base_name
+        from dreamblend_ray.training.layout import base_name
 
         base = manifest.get("base") or {}
         return cls(subject_id=manifest["subject_id"], class_noun=manifest["class_noun"], token=manifest["token"],

@@ -363,7 +363,7 @@ class SubjectConflict(FieldError):
 def subject_load_error(subject_id: str, exc: ValueError) -> Exception:
     """The client-facing error for a ValueError met while loading a subject's pair: a damaged
     manifest is SubjectUnusable (its storage detail is logged, not returned), else a conflict."""
-    from dreamblend_ray.training.checkpoints import ManifestError
+    from dreamblend_ray.training.layout import ManifestError
 
     if isinstance(exc, (ManifestError, UnicodeDecodeError)):
         logger.error("subject %r has a damaged manifest: %s", subject_id, exc)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreamblend_ray.training import checkpoints
+from dreamblend_ray.training import checkpoints, layout
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.models.components import Components, load_components, model_identity, select_device
@@ -198,7 +198,7 @@ def class_images(components: Components, class_noun: str, root: str, resolution:
     prompt and the sampling settings, shared by every subject of the class.
     """
     sha = model_identity(components)["config_sha256"]
-    folder = checkpoints.class_images_uri(root, sha, class_cache_dir(class_noun, config))
+    folder = layout.class_images_uri(root, sha, class_cache_dir(class_noun, config))
     names = [f"{i:04d}.png" for i in range(config.num_class_images)]
     present = set(storage.list_dir(folder))
     missing = [i for i, name in enumerate(names) if name not in present]
@@ -432,14 +432,14 @@ def library_versions() -> dict:
 def build_manifest(components: Components, subject_id: str, class_noun: str, config: FinetuneConfig,
                    result: RunResult, timings: dict, num_instance: int, num_class: int,
                    resolution: int) -> dict:
-    """The subject manifest (schema: ``checkpoints.validate_manifest``, version 1)."""
+    """The subject manifest (schema: ``layout.validate_manifest``, version 1)."""
     guidance_step, edit_step = config.default_pair()
     return {
-        "version": checkpoints.MANIFEST_VERSION, "subject_id": subject_id, "class_noun": class_noun,
+        "version": layout.MANIFEST_VERSION, "subject_id": subject_id, "class_noun": class_noun,
         "token": config.token, "instance_prompt": config.instance_prompt(class_noun),
         "class_prompt": config.class_prompt_for(class_noun) if config.prior_preservation else None,
         "base": model_identity(components), "kind": config.method,
-        "weight_name": checkpoints.WEIGHT_NAMES[config.method],
+        "weight_name": layout.WEIGHT_NAMES[config.method],
         "steps": result.steps_saved, "guidance_step": guidance_step, "edit_step": edit_step,
         "guidance_rule": f"saved step nearest {config.guidance_fraction:g} of the run"
         if config.guidance_step is None else "configured",
@@ -469,11 +469,11 @@ def training_resolution(components: Components, config: FinetuneConfig) -> int:
 
 def _clear_previous(root: str, subject_id: str) -> None:
     """Drop an old manifest first (the pair is incomplete from now on), then old checkpoints."""
-    uri = checkpoints.manifest_uri(root, subject_id)
+    uri = layout.manifest_uri(root, subject_id)
     if storage.exists(uri):
         logger.info("replacing the existing fine-tune of %s", subject_id)
         storage.delete(uri)
-    storage.delete(storage.join(checkpoints.subject_uri(root, subject_id), "checkpoints"))
+    storage.delete(storage.join(layout.subject_uri(root, subject_id), "checkpoints"))
 
 
 def finetune_subject(base: Components | str, images: list, class_noun: str, subject_id: str,
@@ -527,7 +527,7 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
     timings["total_s"] = time.perf_counter() - t_start
     manifest = build_manifest(components, subject_id, class_noun, config, result, timings,
                               num_instance=len(instance), num_class=len(prior), resolution=resolution)
-    checkpoints.write_manifest(output_root, subject_id, manifest)
+    layout.write_manifest(output_root, subject_id, manifest)
     logger.info("fine-tuned %s: %d steps in %.1fs, checkpoints %s (G=%d, E=%d)", subject_id,
                 config.steps, result.train_seconds, result.steps_saved, manifest["guidance_step"],
                 manifest["edit_step"])
