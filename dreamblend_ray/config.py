@@ -1,20 +1,46 @@
-"""Frozen, validated configuration dataclasses.
+"""Every setting, declared once: frozen, validated configuration dataclasses.
 
-Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` naming the field
-and the allowed range, so a CLI flag, an HTTP body or a manifest fails with one clear sentence.
+Each field is declared with :func:`setting`: its default, its bounds or choices and its help text.
+From that one declaration come the validation (``__post_init__``), the command-line flags of every
+command and job (:func:`add_arguments`, :func:`from_args`: one flag name per setting everywhere),
+the HTTP request fields and Serve argument bounds (:func:`spec`, read by ``serving/requests.py``)
+and the JSON saved in settings.json, subject.json and Parquet rows (:func:`to_dict` /
+:func:`from_dict`, which round-trip exactly, nested dataclasses included).
+
+A bad value raises ``ValueError`` naming the field and the allowed range, so a CLI flag, an HTTP
+body or a manifest fails with one clear sentence. Values are validated once, where they enter;
+after that the frozen object itself is passed on (and serves as a hashable batching key).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from functools import cache
+from typing import Any, Callable
 
-from dreamblend_ray.dtypes import normalize_mixed_precision
+from dreamblend_ray.dtypes import MIXED_PRECISION, normalize_mixed_precision
 
 # Anchored so that the same text is a correct JSON Schema (ECMA) pattern in the OpenAPI schema.
 # Python code must test ids with ``fullmatch``: ``re.match`` with ``$`` also accepts a trailing "\n".
 SUBJECT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CLASS_NOUN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
+TOKEN_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f]{1,32}$")  # no whitespace, no control characters
+
+# One seed range everywhere (CLI, jobs, HTTP, manifests): the largest integer a JSON number holds
+# exactly in every client (JavaScript's Number.MAX_SAFE_INTEGER). Image k of a request uses
+# (seed + k) modulo MAX_SEED + 1.
+MAX_SEED = 2**53 - 1
+# One prompt length limit everywhere (characters; the tokenizer truncates to its own length).
+MAX_PROMPT_CHARS = 2000
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
@@ -45,79 +71,315 @@ def validate_subject_id(subject_id: str) -> str:
     return subject_id
 
 
+def validate_class_noun(class_noun: str) -> str:
+    """Class nouns become storage keys of the class-image cache: [A-Za-z0-9 _-], 1 to 64 chars."""
+    if not isinstance(class_noun, str) or not CLASS_NOUN_PATTERN.fullmatch(class_noun):
+        raise ValueError("class_noun must be 1 to 64 characters of [A-Za-z0-9 _-] starting with a "
+                         f"letter or digit, got {class_noun!r}")
+    return class_noun
+
+
+# --------------------------------------------------------------------------------------------
+# Declaring a setting
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one field declares besides its type and default (``dataclasses.field`` metadata).
+
+    low/high: inclusive bounds of a number (or of every item of a tuple of numbers).
+    choices: allowed values, or a zero-argument callable returning them (a registry, looked up
+        when first needed, e.g. ``method/guidance.py``'s distances).
+    pattern: a regex a string (or every string item) must ``fullmatch``.
+    aliases: older flag spellings that keep working on the command line.
+    normalize: maps accepted spellings to the canonical value before the checks (e.g. the dtype
+        vocabulary's aliases); it raises ValueError for anything else.
+    """
+
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | Callable[[], tuple] | None = None
+    pattern: str | None = None
+    aliases: tuple[str, ...] = ()
+    normalize: Callable[[Any], Any] | None = None
+
+    def allowed(self) -> tuple | None:
+        return self.choices() if callable(self.choices) else self.choices
+
+
+def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING,  # noqa: A002
+            low: float | None = None, high: float | None = None, choices=None, pattern: str | None = None,
+            aliases: tuple[str, ...] = (), normalize: Callable[[Any], Any] | None = None):
+    """A dataclass field carrying its :class:`Spec`."""
+    meta = {"spec": Spec(help, low, high, choices, pattern, tuple(aliases), normalize)}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FieldType:
+    """A field's annotation, taken apart: ``int | None`` -> base int, optional; ``tuple[int, ...]``
+    -> base int, sequence; a nested config dataclass -> base that class."""
+
+    base: type
+    optional: bool = False
+    sequence: bool = False
+
+
+@cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls, name: str) -> FieldType:
+    hint = _hints(cls)[name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if typing.get_origin(hint) is tuple:
+        return FieldType(typing.get_args(hint)[0], optional, sequence=True)
+    return FieldType(hint, optional)
+
+
+def spec(cls, name: str) -> Spec:
+    """The declared :class:`Spec` of ``cls.name`` (KeyError for an undeclared field)."""
+    return {f.name: f for f in fields(cls)}[name].metadata["spec"]
+
+
+def settings_of(cls) -> list[str]:
+    """The names of the fields declared with :func:`setting`, in declaration order."""
+    return [f.name for f in fields(cls) if "spec" in f.metadata]
+
+
+def check_value(name: str, value: Any, kind: FieldType, rule: Spec) -> None:
+    """Validate one value against its declared type and :class:`Spec` (ValueError naming ``name``)."""
+    if value is None:
+        if not kind.optional:
+            raise ValueError(f"{name} must be given (not null)")
+        return
+    if kind.sequence:
+        if not isinstance(value, tuple):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        for item in value:
+            check_value(name, item, FieldType(kind.base), rule)
+        return
+    if kind.base is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif kind.base in (int, float):
+        check_range(name, value, rule.low, rule.high, integer=kind.base is int)
+    elif kind.base is str:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if rule.pattern and not re.fullmatch(rule.pattern, value):
+            raise ValueError(f"{name} {value!r} does not match {rule.pattern}")
+    elif is_dataclass(kind.base) and not isinstance(value, kind.base):
+        raise ValueError(f"{name} must be a {kind.base.__name__}, got {value!r}")
+    allowed = rule.allowed()
+    if allowed is not None:
+        check_choice(name, value, tuple(allowed))
+
+
+def validate(config) -> None:
+    """Check every declared field of a config dataclass instance (called by ``__post_init__``).
+
+    Lists become tuples and a nested config given as a dict becomes its dataclass (the frozen
+    object stays hashable); everything else must already have the declared type.
+    """
+    cls = type(config)
+    prefix = getattr(cls, "_prefix", "")
+    for name in settings_of(cls):
+        kind, value, rule = field_type(cls, name), getattr(config, name), spec(cls, name)
+        if rule.normalize is not None and value is not None:
+            object.__setattr__(config, name, value := rule.normalize(value))
+        if kind.sequence and isinstance(value, list):
+            object.__setattr__(config, name, value := tuple(value))
+        elif is_dataclass(kind.base) and isinstance(value, dict):
+            object.__setattr__(config, name, value := from_dict(kind.base, value))
+        check_value(prefix + name, value, kind, rule)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON: to_dict / from_dict round-trip exactly
+
+
 def to_dict(config) -> dict:
-    """A JSON-ready dict of a config dataclass (tuples become lists)."""
-    out = {}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
+    """A JSON-ready dict of a config dataclass: nested dataclasses become dicts, tuples lists."""
+    def plain(value):
+        if is_dataclass(value) and not isinstance(value, type):
+            return to_dict(value)
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in fields(config)}
+
+
+def from_dict(cls, data: dict):
+    """The inverse of :func:`to_dict`: ``from_dict(type(c), to_dict(c)) == c``. Unknown keys are a
+    ValueError naming them (a typo must not silently fall back to a default)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} settings must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings {unknown} (known: {sorted(known)})")
+    return cls(**{name: _from_json(cls, name, value) for name, value in data.items()})
+
+
+def _from_json(cls, name: str, value: Any) -> Any:
+    kind = field_type(cls, name)
+    if value is None:
+        return None
+    if is_dataclass(kind.base) and isinstance(value, dict):
+        return from_dict(kind.base, value)
+    if kind.sequence and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: one flag per setting, named after the field
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _help(cls, name: str) -> str:
+    rule, default = spec(cls, name), {f.name: f for f in fields(cls)}[name]
+    value = default.default if default.default is not MISSING else default.default_factory()
+    bounds = ""
+    if rule.low is not None or rule.high is not None:
+        bounds = f" [{'-inf' if rule.low is None else rule.low}, {'inf' if rule.high is None else rule.high}]"
+    shown = "auto" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return f"{rule.help}{bounds} (default: {shown})".replace("%", "%%")
+
+
+def _argument_type(normalize: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return normalize(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return parse
+
+
+def add_arguments(parser, cls, names: list[str] | None = None) -> None:
+    """Add ``--field-name`` flags for ``names`` (default: every declared setting of ``cls``).
+
+    Every flag defaults to None ("not given"), so the dataclass's own default applies in
+    :func:`from_args`; the help text shows that default and the bounds.
+    """
+    for name in names or settings_of(cls):
+        kind, rule = field_type(cls, name), spec(cls, name)
+        options = dict(dest=name, default=None, help=_help(cls, name))
+        if rule.normalize is not None:
+            options["type"] = _argument_type(rule.normalize)
+        elif kind.base is bool:
+            options["type"] = _parse_bool
+            options["nargs"] = "?"
+            options["const"] = True
+            options["metavar"] = "BOOL"
+        elif kind.base in (int, float, str):
+            options["type"] = kind.base
+            if isinstance(rule.choices, tuple):  # a registry's names are checked by the config
+                options["choices"] = list(rule.choices)
+        else:
+            raise TypeError(f"{cls.__name__}.{name} ({kind.base}) has no command-line form")
+        if kind.sequence:
+            options["nargs"] = "+"
+        parser.add_argument(flag_name(name), *rule.aliases, **options)
+
+
+def from_args(cls, args: argparse.Namespace, names: list[str] | None = None, **extra):
+    """Build ``cls`` from the flags of :func:`add_arguments` that were given, plus ``extra``."""
+    given = {name: getattr(args, name) for name in names or settings_of(cls)
+             if getattr(args, name, None) is not None}
+    given = {name: tuple(v) if isinstance(v, list) else v for name, v in given.items()}
+    return cls(**given, **extra)
+
+
+# --------------------------------------------------------------------------------------------
+# The settings
+
+
+def _guidance_choices(registry: str) -> Callable[[], tuple]:
+    def names() -> tuple:
+        # Deferred: method/guidance.py imports torch, and parsing flags or an HTTP body must not.
+        from dreamblend_ray.method import guidance
+
+        return tuple(getattr(guidance, registry))
+    return names
 
 
 @dataclass(frozen=True)
 class LayerSelection:
-    """Which cross-attention layers the guidance compares.
+    """Which cross-attention layers the guidance compares."""
 
-    places: subset of ("down", "mid", "up").
-    resolutions: latent side lengths (e.g. (8, 16)); empty means "the lowest ``num_lowest``
-        resolutions that have cross-attention" (the default: the two lowest).
-    name_contains: optional substrings; when given, a layer is kept only if its processor name
-        contains one of them (e.g. "up_blocks.1").
-    """
+    _prefix = "layers."
 
-    places: tuple[str, ...] = ("down", "mid", "up")
-    resolutions: tuple[int, ...] = ()
-    num_lowest: int = 2
-    name_contains: tuple[str, ...] = ()
+    places: tuple[str, ...] = setting(("down", "mid", "up"), choices=("down", "mid", "up"),
+                                      help="UNet parts whose cross-attention layers are compared")
+    resolutions: tuple[int, ...] = setting((), low=1, high=4096,
+                                           help="latent side lengths to compare (empty: the lowest num_lowest)")
+    num_lowest: int = setting(2, low=1, high=16,
+                              help="with no resolutions given, how many of the lowest cross-attention "
+                                   "resolutions are compared")
+    name_contains: tuple[str, ...] = setting((), help="keep only layers whose processor name contains one "
+                                                      "of these (e.g. up_blocks.1)")
 
     def __post_init__(self):
         if not self.places:
             raise ValueError("layers.places must name at least one of ['down', 'mid', 'up']")
-        for place in self.places:
-            check_choice("layers.places", place, ("down", "mid", "up"))
-        for res in self.resolutions:
-            check_range("layers.resolutions", res, 1, 4096, integer=True)
-        check_range("layers.num_lowest", self.num_lowest, 1, 16, integer=True)
+        validate(self)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """Settings of one DreamBlend sampling call (see ARCHITECTURE.md, "The method").
 
-    alpha: strength of the attention guidance; 0 disables it (plain DDIM+CFG sampling of E).
-    guidance_steps: K, the number of first steps that are guided; None means
-        ``round(guidance_fraction * num_inference_steps)``.
-    step_size: eta, the base step of the latent update; scaled per step by ``eta_schedule``.
+    Frozen and hashable: serving groups requests that can share one sampler call by it.
     """
 
-    num_inference_steps: int = 30
-    guidance_scale: float = 3.0
-    alpha: float = 0.25
-    guidance_steps: int | None = None
-    guidance_fraction: float = 0.3
-    step_size: float = 1.0
-    eta_schedule: str = "linear"
-    token_indices: tuple[int, ...] = ()
-    layers: LayerSelection = field(default_factory=LayerSelection)
-    height: int | None = None
-    width: int | None = None
-    return_reference: bool = False
+    num_inference_steps: int = setting(30, low=1, high=1000, aliases=("--steps",), help="T, the DDIM steps")
+    guidance_scale: float = setting(3.0, low=0.0, high=50.0, help="classifier-free guidance scale w")
+    alpha: float = setting(0.25, low=0.0, high=10.0,
+                           help="strength of the attention guidance; 0 is plain DDIM+CFG sampling of E")
+    guidance_steps: int | None = setting(None, low=0, high=1000,
+                                         help="K, how many first steps are guided (at most T; "
+                                              "auto: guidance_fraction x T)")
+    guidance_fraction: float = setting(0.3, low=0.0, high=1.0,
+                                       help="K as a fraction of T when guidance_steps is not given")
+    step_size: float = setting(1.0, low=0.0, high=1e4, help="eta, the base step of the latent update")
+    eta_schedule: str = setting("linear", choices=_guidance_choices("ETA_SCHEDULES"),
+                                help="how eta decays over the guided steps")
+    distance: str = setting("l1", choices=_guidance_choices("DISTANCES"),
+                            help="distance between E's and G's attention maps")
+    token_indices: tuple[int, ...] = setting((), low=1, high=1024,
+                                             help="1-based prompt token positions to compare (empty: all)")
+    layers: LayerSelection = setting(default_factory=LayerSelection,
+                                     help="which cross-attention layers are compared")
+    height: int | None = setting(None, low=8, high=4096, help="image height in pixels (auto: the model's)")
+    width: int | None = setting(None, low=8, high=4096, help="image width in pixels (auto: the model's)")
+    return_reference: bool = setting(False, aliases=("--reference",), help="also return G's reference images")
 
     def __post_init__(self):
-        check_range("num_inference_steps", self.num_inference_steps, 1, 1000, integer=True)
-        check_range("guidance_scale", self.guidance_scale, 0.0, 50.0)
-        check_range("alpha", self.alpha, 0.0, 10.0)
-        check_range("guidance_fraction", self.guidance_fraction, 0.0, 1.0)
+        validate(self)
         if self.guidance_steps is not None:
             check_range("guidance_steps", self.guidance_steps, 0, self.num_inference_steps, integer=True)
-        check_range("step_size", self.step_size, 0.0, 1e4)
-        check_choice("eta_schedule", self.eta_schedule, ("constant", "linear", "cosine"))
-        for idx in self.token_indices:
-            check_range("token_indices", idx, 1, 1024, integer=True)
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None:
-                check_range(name, value, 8, 4096, integer=True)
 
     @property
     def window(self) -> int:
@@ -127,125 +389,83 @@ class SamplingConfig:
         return int(round(self.guidance_fraction * self.num_inference_steps))
 
 
-CLASS_NOUN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
-TOKEN_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f]{1,32}$")  # no whitespace, no control characters
-
-
-def validate_class_noun(class_noun: str) -> str:
-    """Class nouns become storage keys of the class-image cache: [A-Za-z0-9 _-], 1 to 64 chars."""
-    if not isinstance(class_noun, str) or not CLASS_NOUN_PATTERN.fullmatch(class_noun):
-        raise ValueError("class_noun must be 1 to 64 characters of [A-Za-z0-9 _-] starting with a "
-                         f"letter or digit, got {class_noun!r}")
-    return class_noun
+DEFAULT_CHECKPOINT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """DreamBooth fine-tuning of one subject (see dreamblend_ray/training/finetune.py).
 
-    method: "lora" (peft LoRA on the UNet attention projections, the default) or "full" (every
-        UNet weight; checkpoints are whole UNets).
-    steps: optimizer steps; each consumes ``batch_size * gradient_accumulation_steps`` instance
-        images (and as many class images with prior preservation).
-    learning_rate: AdamW learning rate (constant after ``lr_warmup_steps`` of linear warm-up).
-        1e-4 suits LoRA; full fine-tunes of SD usually want about 5e-6.
-    rank, lora_alpha: LoRA rank and alpha (None: alpha = rank, i.e. scale 1).
-    target_modules: the UNet linear layers that get LoRA adapters.
-    token: the rare identifier in the instance prompt "a photo of {token} {class_noun}".
-    prior_preservation: add the class-prior loss on images the base model generates for
-        ``class_prompt`` (default "a photo of {class_noun}"); ``num_class_images`` of them are
-        generated once per base model and class noun and cached under the output root.
-    class_sampling_steps, class_guidance_scale: DDIM steps and CFG scale of that generation.
-    resolution: training side length (None: the base model's native size); images are resized
-        on the shorter side and centre-cropped. Images whose shorter side is below
-        ``min_image_size`` (None: half the resolution) are rejected.
-    checkpoint_steps / checkpoint_every: the save schedule, an explicit list of steps or every N
-        steps (the last step is always saved). Neither: 10%, 25%, 50%, 75% and 100% of the run.
-    guidance_step: the default G checkpoint written to the manifest; None picks the saved step
-        nearest ``guidance_fraction * steps`` (default 25%, an underfit model that still follows
-        the prompt). The default E checkpoint is the last step. Both are overridable at
-        generation time.
-    mixed_precision: "auto" (bf16 autocast on CUDA where supported, else fp16; fp32 elsewhere),
-        "no", "fp16" or "bf16" (ignored off CUDA).
-    gradient_checkpointing: None means on with CUDA, off on CPU.
-    device: where to train when ``finetune_subject`` loads the base itself (None: best available).
+    Checkpoints: ``checkpoint_steps`` or ``checkpoint_every`` (the last step is always saved);
+    neither: 10%, 25%, 50%, 75% and 100% of the run. The default G checkpoint is
+    ``guidance_step`` or the saved step nearest ``guidance_fraction * steps`` (an underfit model
+    that still follows the prompt); the default E is the last step. Both are overridable at
+    generation time.
     """
 
-    method: str = "lora"
-    steps: int = 400
-    learning_rate: float = 1e-4
-    lr_warmup_steps: int = 0
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    seed: int = 0
-    rank: int = 4
-    lora_alpha: float | None = None
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    token: str = "sks"
-    prior_preservation: bool = True
-    num_class_images: int = 50
-    prior_loss_weight: float = 1.0
-    class_prompt: str | None = None
-    class_sampling_steps: int = 25
-    class_guidance_scale: float = 3.0
-    resolution: int | None = None
-    min_image_size: int | None = None
-    random_flip: bool = False
-    max_grad_norm: float = 1.0
-    adam_weight_decay: float = 1e-2
-    checkpoint_steps: tuple[int, ...] = ()
-    checkpoint_every: int | None = None
-    guidance_step: int | None = None
-    guidance_fraction: float = 0.25
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool | None = None
-    device: str | None = None
+    method: str = setting("lora", choices=("lora", "full"),
+                          help="lora: peft LoRA on the UNet attention projections; full: every UNet weight")
+    steps: int = setting(400, low=1, high=1_000_000, help="optimizer steps")
+    learning_rate: float = setting(1e-4, low=0.0, high=1.0, aliases=("--lr",),
+                                   help="AdamW learning rate (1e-4 suits LoRA; full fine-tunes of SD want ~5e-6)")
+    lr_warmup_steps: int = setting(0, low=0, high=1_000_000, help="steps of linear learning-rate warm-up")
+    batch_size: int = setting(1, low=1, high=1024, help="instance images per step")
+    gradient_accumulation_steps: int = setting(1, low=1, high=1024, help="micro-batches per optimizer step")
+    seed: int = setting(0, low=0, high=MAX_SEED, help="seed of the run")
+    rank: int = setting(4, low=1, high=1024, help="LoRA rank")
+    lora_alpha: float | None = setting(None, low=1e-6, high=1e6, help="LoRA alpha (auto: the rank, scale 1)")
+    target_modules: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"),
+                                              help="UNet linear layers that get LoRA adapters")
+    token: str = setting("sks", pattern=TOKEN_PATTERN.pattern,
+                         help="rare identifier in the instance prompt 'a photo of {token} {class_noun}'")
+    prior_preservation: bool = setting(True, help="add the class-prior loss on images the base model "
+                                                  "generates for class_prompt")
+    num_class_images: int = setting(50, low=0, high=100_000,
+                                    help="class images, generated once per base model and class noun, cached")
+    prior_loss_weight: float = setting(1.0, low=0.0, high=1e3, help="weight of the class-prior loss")
+    class_prompt: str | None = setting(None, help="prompt of the class images (auto: 'a photo of {class_noun}')")
+    class_sampling_steps: int = setting(25, low=1, high=1000, help="DDIM steps of the class images")
+    class_guidance_scale: float = setting(3.0, low=0.0, high=50.0, help="CFG scale of the class images")
+    resolution: int | None = setting(None, low=8, high=4096,
+                                     help="training side length (auto: the base model's native size)")
+    min_image_size: int | None = setting(None, low=1, high=65536,
+                                         help="reject images whose shorter side is below this (auto: "
+                                              "half the resolution)")
+    random_flip: bool = setting(False, help="flip instance images horizontally at random")
+    max_grad_norm: float = setting(1.0, low=0.0, high=1e6, help="gradient clipping norm")
+    adam_weight_decay: float = setting(1e-2, low=0.0, high=1.0, help="AdamW weight decay")
+    checkpoint_steps: tuple[int, ...] = setting((), low=1, high=1_000_000,
+                                                help="steps at which checkpoints are saved")
+    checkpoint_every: int | None = setting(None, low=1, high=1_000_000, help="save a checkpoint every N steps")
+    guidance_step: int | None = setting(None, low=1, high=1_000_000,
+                                        help="the default G checkpoint (a saved step; auto: nearest "
+                                             "guidance_fraction of the run)")
+    guidance_fraction: float = setting(0.25, low=0.0, high=1.0,
+                                       help="where the default G checkpoint sits in the run")
+    mixed_precision: str = setting("auto", choices=MIXED_PRECISION, normalize=normalize_mixed_precision,
+                                   help="auto: bf16 autocast on CUDA where supported, else fp16; fp32 "
+                                        "elsewhere (float16/bfloat16/fp32 accepted; ignored off CUDA)")
+    gradient_checkpointing: bool | None = setting(None, help="auto: on with CUDA, off on CPU")
+    device: str | None = setting(None, help="where to train when the base is loaded here (auto: best available)")
 
     def __post_init__(self):
-        check_choice("method", self.method, ("lora", "full"))
-        check_range("steps", self.steps, 1, 1_000_000, integer=True)
-        check_range("learning_rate", self.learning_rate, 0.0, 1.0)
+        validate(self)
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        self._check_against_steps()
+        if self.prior_preservation and self.num_class_images < 1:
+            raise ValueError(f"num_class_images must be in [1, 100000] with prior preservation, "
+                             f"got {self.num_class_images}")
+
+    def _check_against_steps(self) -> None:
         check_range("lr_warmup_steps", self.lr_warmup_steps, 0, self.steps, integer=True)
-        check_range("batch_size", self.batch_size, 1, 1024, integer=True)
-        check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 1024,
-                    integer=True)
-        check_range("seed", self.seed, 0, 2**63 - 1, integer=True)
-        check_range("rank", self.rank, 1, 1024, integer=True)
-        if self.lora_alpha is not None:
-            check_range("lora_alpha", self.lora_alpha, 1e-6, 1e6)
-        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-            raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
-        if not isinstance(self.token, str) or not TOKEN_PATTERN.fullmatch(self.token):
-            raise ValueError(f"token must be 1 to 32 characters without whitespace or control characters, "
-                             f"got {self.token!r}")
-        check_range("num_class_images", self.num_class_images,
-                    1 if self.prior_preservation else 0, 100_000, integer=True)
-        check_range("prior_loss_weight", self.prior_loss_weight, 0.0, 1e3)
-        if self.class_prompt is not None and not (isinstance(self.class_prompt, str)
-                                                  and self.class_prompt.strip()):
-            raise ValueError(f"class_prompt must be a non-empty string or None, got {self.class_prompt!r}")
-        check_range("class_sampling_steps", self.class_sampling_steps, 1, 1000, integer=True)
-        check_range("class_guidance_scale", self.class_guidance_scale, 0.0, 50.0)
-        if self.resolution is not None:
-            check_range("resolution", self.resolution, 8, 4096, integer=True)
-        if self.min_image_size is not None:
-            check_range("min_image_size", self.min_image_size, 1, 65536, integer=True)
-        check_range("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
-        check_range("adam_weight_decay", self.adam_weight_decay, 0.0, 1.0)
         for step in self.checkpoint_steps:
             check_range("checkpoint_steps", step, 1, self.steps, integer=True)
         if self.checkpoint_steps and self.checkpoint_every is not None:
             raise ValueError("give checkpoint_steps or checkpoint_every, not both")
-        if self.checkpoint_every is not None:
-            check_range("checkpoint_every", self.checkpoint_every, 1, self.steps, integer=True)
-        if self.guidance_step is not None:
-            check_range("guidance_step", self.guidance_step, 1, self.steps, integer=True)
-        check_range("guidance_fraction", self.guidance_fraction, 0.0, 1.0)
-        # One dtype vocabulary (dtypes.py): float16/bfloat16 are aliases, fp32 means "no".
-        object.__setattr__(self, "mixed_precision", normalize_mixed_precision(self.mixed_precision))
-        if self.gradient_checkpointing not in (None, True, False):
-            raise ValueError(f"gradient_checkpointing must be true, false or null, got "
-                             f"{self.gradient_checkpointing!r}")
+        for name in ("checkpoint_every", "guidance_step"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 1, self.steps, integer=True)
 
     @property
     def alpha(self) -> float:
@@ -279,6 +499,3 @@ class FinetuneConfig:
             return self.guidance_step, schedule[-1]
         target = self.guidance_fraction * self.steps
         return min(schedule, key=lambda s: (abs(s - target), s)), schedule[-1]
-
-
-DEFAULT_CHECKPOINT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)

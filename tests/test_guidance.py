@@ -74,3 +74,16 @@ def test_step_size_schedules():
     assert guidance.step_size("linear", 2.0, 0, 0) == 0.0
     with pytest.raises(ValueError, match="eta_schedule"):
         guidance.step_size("exp", 1.0, 0, 10)
+
+
+def test_registries_name_the_choices_and_refuse_unknown_names():
+    import pytest
+
+    assert set(guidance.ETA_SCHEDULES) >= {"constant", "linear", "cosine"}
+    assert guidance.step_size("linear", 2.0, 1, 4) == pytest.approx(1.5)
+    assert guidance.step_size("cosine", 2.0, 2, 4) == pytest.approx(1.0)
+    assert guidance.step_size("constant", 2.0, 3, 4) == 2.0
+    with pytest.raises(ValueError, match="eta_schedule must be one of"):
+        guidance.step_size("exponential", 1.0, 0, 4)
+    with pytest.raises(ValueError, match="already registered"):
+        guidance.register(guidance.DISTANCES, "l1")(lambda *a: None)

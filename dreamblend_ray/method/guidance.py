@@ -1,14 +1,42 @@
 """Pure tensor maths of DreamBlend guidance: CFG, token masks, the attention distance,
 the latent update and the step-size schedule. No models, no state.
 
+The choices are registries by name: ``DISTANCES`` (attention-map distances) and ``ETA_SCHEDULES``
+(step-size schedules). ``SamplingConfig.distance`` / ``.eta_schedule`` are validated against
+them and the sampler looks them up, so adding one is a decorated function here (and its test).
+
 Shapes: B = samples, P = pixels of a layer (H*W), T = text tokens, C/H/W = latent dims.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+Distance = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+Schedule = Callable[[float], float]
+
+DISTANCES: dict[str, Distance] = {}
+ETA_SCHEDULES: dict[str, Schedule] = {}
+
+
+def register(registry: dict, name: str):
+    """Decorator: add a function to a registry under ``name`` (a name is registered once)."""
+    def add(fn):
+        if name in registry:
+            raise ValueError(f"{name!r} is already registered")
+        registry[name] = fn
+        return fn
+    return add
+
+
+def lookup(registry: dict, kind: str, name: str):
+    """``registry[name]``, or a ValueError listing the registered names."""
+    if name not in registry:
+        raise ValueError(f"{kind} must be one of {sorted(registry)}, got {name!r}")
+    return registry[name]
 
 
 def cfg_combine(noise: torch.Tensor, scale: float) -> torch.Tensor:
@@ -42,7 +70,16 @@ def prompt_token_mask(input_ids: torch.Tensor, eos_token_id: int,
 
 
 def attention_distance(maps_e: dict[str, torch.Tensor], maps_g: dict[str, torch.Tensor],
-                       token_mask: torch.Tensor) -> torch.Tensor:
+                       token_mask: torch.Tensor, name: str = "l1") -> torch.Tensor:
+    """The registered distance ``name`` between E's and G's maps, per sample: ``(B,)``."""
+    if set(maps_e) != set(maps_g):
+        raise ValueError(f"layers differ: {sorted(set(maps_e) ^ set(maps_g))}")
+    return lookup(DISTANCES, "distance", name)(maps_e, maps_g, token_mask)
+
+
+@register(DISTANCES, "l1")
+def l1_distance(maps_e: dict[str, torch.Tensor], maps_g: dict[str, torch.Tensor],
+                token_mask: torch.Tensor) -> torch.Tensor:
     """Per-sample L1 distance between E's and G's cross-attention maps: ``(B,)``.
 
     maps_*: layer name -> ``(B, P, T)`` attention probabilities (softmax over T, head mean).
@@ -54,8 +91,6 @@ def attention_distance(maps_e: dict[str, torch.Tensor], maps_g: dict[str, torch.
     their mass on different tokens. It does not grow with resolution, layer count or prompt length,
     which keeps one alpha meaningful across models and prompts.
     """
-    if set(maps_e) != set(maps_g):
-        raise ValueError(f"layers differ: {sorted(set(maps_e) ^ set(maps_g))}")
     weight = token_mask[:, None, :].to(torch.float32)
     per_layer = [((maps_e[name].float() - maps_g[name].float()).abs() * weight).sum(-1).mean(-1)
                  for name in sorted(maps_e)]
@@ -83,19 +118,24 @@ def latent_update(latents: torch.Tensor, grad: torch.Tensor, distance: torch.Ten
 
 
 def step_size(schedule: str, base: float, index: int, window: int) -> float:
-    """eta_i for guided step ``index`` of ``window``.
-
-    constant: ``base``; linear: ``base * (1 - index / window)``;
-    cosine: ``base * (1 + cos(pi * index / window)) / 2``. The decaying schedules fade the
-    guidance out before the window ends, so releasing it does not jolt the trajectory.
-    """
+    """eta_i for guided step ``index`` of ``window``: ``base`` times the registered schedule's
+    factor at ``index / window``. The decaying schedules fade the guidance out before the window
+    ends, so releasing it does not jolt the trajectory."""
     if window <= 0:
         return 0.0
-    frac = index / window
-    if schedule == "constant":
-        return base
-    if schedule == "linear":
-        return base * (1.0 - frac)
-    if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * frac))
-    raise ValueError(f"eta_schedule must be one of ['constant', 'linear', 'cosine'], got {schedule!r}")
+    return base * lookup(ETA_SCHEDULES, "eta_schedule", schedule)(index / window)
+
+
+@register(ETA_SCHEDULES, "constant")
+def constant_schedule(frac: float) -> float:
+    return 1.0
+
+
+@register(ETA_SCHEDULES, "linear")
+def linear_schedule(frac: float) -> float:
+    return 1.0 - frac
+
+
+@register(ETA_SCHEDULES, "cosine")
+def cosine_schedule(frac: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * frac))

@@ -170,7 +170,8 @@ class DreamBlendSampler:
 
     @staticmethod
     def guide(unet, recorder: Recorder, latents, t, cond: Conditioning, maps_g: dict,
-              mask: torch.Tensor, last_layer: str, alpha: float, eta: float) -> torch.Tensor:
+              mask: torch.Tensor, last_layer: str, alpha: float, eta: float,
+              distance_name: str = "l1") -> torch.Tensor:
         """One attention-guidance step on E's latents (gradient through E's cond branch only)."""
         cond_only = cond.cond_only()
         z = latents.detach().requires_grad_(True)
@@ -181,7 +182,7 @@ class DreamBlendSampler:
                      added_cond_kwargs=cond_only.added_cond_kwargs)
             except StopForward:
                 pass  # the rest of the UNet does not affect the selected maps
-            distance = guidance.attention_distance(store.maps, maps_g, mask)
+            distance = guidance.attention_distance(store.maps, maps_g, mask, distance_name)
             (grad,) = torch.autograd.grad(distance.sum(), z)
         return guidance.latent_update(latents, grad, distance.detach(), alpha, eta)
 
@@ -225,11 +226,12 @@ class DreamBlendSampler:
                     if guided:
                         eta = guidance.step_size(config.eta_schedule, config.step_size, i, window)
                         z_e = self.guide(unet_e, recorder, z_e, t, cond, maps_g, mask,
-                                         layers[-1].name, config.alpha, eta)
+                                         layers[-1].name, config.alpha, eta, config.distance)
                     eps_e, maps_e = self.predict_noise(unet_e, recorder, z_e, t, cond,
                                                        config.guidance_scale, record=measured)
                 if measured:
-                    distances.append(guidance.attention_distance(maps_e, maps_g, mask).cpu())
+                    distances.append(guidance.attention_distance(maps_e, maps_g, mask,
+                                                                 config.distance).cpu())
                 z_e = scheduler.step(eps_e, t, z_e).prev_sample
                 if callback is not None:
                     callback(i + 1, total)
