@@ -11,6 +11,7 @@ import time
 
 from PIL import Image
 
+from dreamblend_ray.io.images import encode_png
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.requests import AppArgs, GenerationJob, GenerationResult
 
@@ -22,7 +23,7 @@ MANIFEST = {"version": 1, "subject_id": "dog", "class_noun": "dog", "token": "sk
 
 
 def png(color=(255, 0, 0)) -> bytes:
-    return serving.encode_png(Image.new("RGB", (8, 8), color))
+    return encode_png(Image.new("RGB", (8, 8), color))
 
 
 class RecordingBackend:

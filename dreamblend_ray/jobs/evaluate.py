@@ -35,6 +35,7 @@ import numpy as np
 from dreamblend_ray.evaluation import protocol as benchmark
 
 from dreamblend_ray.io import storage
+from dreamblend_ray.io.images import encode_png
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict
 
 logger = logging.getLogger(__name__)
@@ -158,12 +159,6 @@ def alone(pair, which: str):
     raise ValueError(f"unsupported pair type {type(pair).__name__}")
 
 
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class Evaluator:
     """Generates and scores tasks; one instance per device (a Ray Data actor or inline).
 
@@ -233,7 +228,7 @@ class Evaluator:
             for b, seed in enumerate(seeds):
                 uri = storage.join(self.output, "images", task["subject_id"], method_key(method, alpha),
                                    f"p{task['prompt_index']:02d}-s{seed}.png")
-                storage.write_bytes(uri, png_bytes(result.images[b]))
+                storage.write_bytes(uri, encode_png(result.images[b]))
                 rows.append({**common, "method": method, "label": method_label(method, alpha),
                              "alpha": alpha, "seed": seed, "dino": scores["dino"][b],
                              "clip_i": scores["clip_i"][b], "clip_t": scores["clip_t"][b],
@@ -342,7 +337,7 @@ def write_outputs(rows: list[dict], output: str, config: EvalConfig) -> dict:
     storage.write_text(storage.join(output, "results.md"), text)
     for subject_id in subjects:
         grid = image_grid(rows, subject_id, max_prompts=config.grid_prompts)
-        storage.write_bytes(storage.join(output, "grids", f"{subject_id}.png"), png_bytes(grid))
+        storage.write_bytes(storage.join(output, "grids", f"{subject_id}.png"), encode_png(grid))
     report = {"summary": summary, "per_subject": per_subject, "config": config.to_json(),
               "subjects": subjects, "outputs": {
                   "scores": storage.join(output, "scores.parquet"),

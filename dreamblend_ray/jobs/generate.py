@@ -18,7 +18,6 @@ batching never changes a picture.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import time
@@ -33,6 +32,7 @@ from dreamblend_ray.runtime import exit_codes
 from dreamblend_ray.runtime import lifecycle
 
 from dreamblend_ray.io import storage
+from dreamblend_ray.io.images import encode_png
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict, validate_subject_id
 from dreamblend_ray.dtypes import add_dtype_argument, normalize_dtype
 from dreamblend_ray.jobs.common import (JobResources, check_base, error_text, new_run_id, run_uri,
@@ -51,12 +51,6 @@ INDEX_SCHEMA = pa.schema([
 
 def image_uri(output: str, subject_id: str, row: int, k: int) -> str:
     return storage.join(output, "images", validate_subject_id(subject_id), f"{int(row)}-{int(k)}.png")
-
-
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def index_row(request: dict, k: int, seconds: float, uri: str | None = None, error: str | None = None,
@@ -130,7 +124,7 @@ class GenerateActor:
             rows = []
             for (request, k), image in zip(entries, result.images):
                 uri = image_uri(self.output, request["subject_id"], request["row"], k)
-                storage.write_bytes(uri, png_bytes(image))
+                storage.write_bytes(uri, encode_png(image))
                 rows.append(index_row(request, k, per_image, uri, steps=steps))
             return rows
         except Exception as exc:  # noqa: BLE001 - this batch fails, the rest go on

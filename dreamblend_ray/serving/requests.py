@@ -22,7 +22,6 @@ The HTTP edge itself (routes, auth middleware, body limit, error bodies, OpenAPI
 from __future__ import annotations
 
 import hmac
-import io
 import logging
 import os
 import random
@@ -35,6 +34,7 @@ from pydantic_core import PydanticCustomError
 
 from dreamblend_ray.config import SUBJECT_ID_PATTERN, SamplingConfig
 from dreamblend_ray.dtypes import normalize_dtype
+from dreamblend_ray.io.images import encode_png
 
 logger = logging.getLogger(__name__)
 
@@ -537,12 +537,6 @@ def take_group(pending: list[GenerationJob], max_requests: int) -> list[int]:
         return []
     key = pending[0].group_key
     return [i for i, job in enumerate(pending) if job.group_key == key][:max_requests]
-
-
-def encode_png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[tuple[list[bytes], list[float], float]]:

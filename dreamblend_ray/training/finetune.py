@@ -28,7 +28,6 @@ bitwise identical on CPU.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import platform
@@ -45,6 +44,7 @@ from PIL import Image
 from dreamblend_ray.training import checkpoints, layout
 
 from dreamblend_ray.io import storage
+from dreamblend_ray.io.images import decode_image, encode_png
 from dreamblend_ray.models.components import Components, load_components, model_identity, select_device
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig, to_dict, validate_class_noun, validate_subject_id
 from dreamblend_ray.method.pair import adapters_disabled, single
@@ -79,15 +79,6 @@ def image_uris(sources: list[str]) -> list[str]:
     if not uris:
         raise ValueError("no instance images given")
     return uris
-
-
-def decode_image(data: bytes, name: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        raise ValueError(f"{name} is not a readable image ({exc})") from exc
 
 
 def read_image(uri: str) -> Image.Image:
@@ -173,10 +164,7 @@ def generate_class_images(components: Components, prompt: str, seeds: list[int],
         for start in range(0, len(seeds), CLASS_IMAGE_BATCH):
             batch = seeds[start:start + CLASS_IMAGE_BATCH]
             result = sampler.sample(single(components.unet), [prompt] * len(batch), batch, sampling)
-            for image in result.images:
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                out.append(buffer.getvalue())
+            out.extend(encode_png(image) for image in result.images)
     return out
 
 
