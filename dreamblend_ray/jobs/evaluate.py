@@ -36,6 +36,7 @@ from dreamblend_ray.evaluation import protocol as benchmark
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import encode_png
+from dreamblend_ray.runtime import lifecycle
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict
 
 logger = logging.getLogger(__name__)
@@ -370,9 +371,7 @@ def run_evaluation(subjects_uri: str, checkpoints_root: str, output: str, clip_m
     kwargs = dict(base=base, checkpoints_root=checkpoints_root, output=output, clip_model=clip_model,
                   dino_model=dino_model, config=config, device=device, dtype=dtype)
     if use_ray:
-        from dreamblend_ray.runtime.lifecycle import init_ray
-
-        init_ray()
+        lifecycle.init_ray()  # a no-op when the caller already connected (``dreamblend evaluate --address``)
         rows = _run_ray(tasks, kwargs, actors, gpus_per_actor)
     else:
         evaluator = Evaluator(**kwargs)
