@@ -1,4 +1,5 @@
-"""storage: one URI API over local paths and s3:// (a real HTTP S3 endpoint on loopback)."""
+"""storage: one URI API over local paths and remote URIs; s3:// over a real HTTP S3 endpoint on
+loopback (moto), gs:// resolved offline (the filesystem object is built, no request is sent)."""
 
 import threading
 import time
@@ -129,6 +130,13 @@ def test_permanent_and_transient_classification():
     assert not storage.is_permanent(OSError("AWS Error NETWORK_CONNECTION during HeadObject: curlCode: 7"))
     assert not storage.is_permanent(OSError("AWS Error SLOW_DOWN (HTTP status 503)"))
     assert not storage.is_permanent(OSError("AWS Error UNKNOWN (HTTP status 429)"))
+    # pyarrow's GCS errors, as raised by GcsFileSystem (the UNAVAILABLE one measured against a
+    # closed loopback port; NOT_FOUND and PERMISSION_DENIED carry the same prefix).
+    assert not storage.is_permanent(OSError(
+        "google::cloud::Status(UNAVAILABLE: Retry policy exhausted, with a last message of PerformWork() "
+        "- CURL error [7]=Could not connect to server error_info={reason=, domain=, metadata={}})"))
+    assert storage.is_permanent(OSError("google::cloud::Status(NOT_FOUND: No such object: b/k)"))
+    assert storage.is_permanent(OSError("google::cloud::Status(PERMISSION_DENIED: denied)"))
 
 
 def test_cached_download_is_shared_between_threads(s3_server, s3_bucket, tmp_path, monkeypatch):
@@ -205,3 +213,61 @@ def test_an_unwritable_local_root_is_a_storage_error_naming_the_uri(tmp_path):
     uri = str(tmp_path / "a-file" / "out" / "job.json")
     with pytest.raises(storage.StorageError, match=f"write {uri} failed: .*Not a directory"):
         storage.write_text(uri, "{}")
+
+
+@pytest.mark.parametrize("uri, scheme, remote", [
+    ("relative/dir", "", False), ("/abs/dir", "", False), ("~/dir", "", False),
+    ("file:///abs/dir", "file", False), ("s3://bucket/k", "s3", True), ("gs://bucket/k", "gs", True),
+    ("GS://bucket/k", "gs", True), ("hdfs://namenode:8020/x", "hdfs", True),
+    ("dir/with://inside", "", False)])
+def test_scheme_is_remote_is_local(uri, scheme, remote):
+    assert storage.scheme(uri) == scheme
+    assert storage.is_remote(uri) is remote
+    assert storage.is_local(uri) is not remote
+
+
+def _closed_loopback_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("uri", ["gs://a-bucket/some/prefix/", "gcs://a-bucket/some/prefix"])
+def test_gs_uri_builds_a_gcs_filesystem_offline(uri, monkeypatch):
+    """Construction only: the endpoint is a closed loopback port and access is anonymous, so no
+    credential lookup and no request leaves the machine (none is made at all)."""
+    import pyarrow.fs as pafs
+
+    port = _closed_loopback_port()
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("DREAMBLEND_GCS_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("DREAMBLEND_GCS_ANONYMOUS", "1")
+    fs, path = storage.filesystem(uri)
+    assert isinstance(fs, pafs.GcsFileSystem) and path == "a-bucket/some/prefix"
+    options = fs.__reduce__()[1][0]  # the options pyarrow would pickle the filesystem with
+    assert options["endpoint_override"] == f"127.0.0.1:{port}" and options["scheme"] == "http"
+    assert options["anonymous"] is True
+    assert storage.filesystem(storage.join(uri, "x.json"))[0] is fs  # one client per settings
+    with pytest.raises(ValueError, match="bucket"):
+        storage.filesystem("gs:///no-bucket")
+
+
+def test_an_unknown_scheme_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="'nosuchscheme'"):
+        storage.filesystem("nosuchscheme://host/x")
+    with pytest.raises(ValueError, match="'nosuchscheme'"):
+        storage.read_bytes("nosuchscheme://host/x.json")
+
+
+def test_a_file_uri_reads_like_a_local_path(tmp_path):
+    storage.write_json(str(tmp_path / "m" / "config.json"), {"a": 1})
+    uri = f"file://{tmp_path}/m"
+    assert storage.read_json(storage.join(uri, "config.json")) == {"a": 1}
+    assert storage.exists(storage.join(uri, "config.json"))
+    assert storage.list_dir(uri) == storage.list_files(uri) == ["config.json"]
+    assert storage.cached_download(uri) == tmp_path / "m"  # read in place, never copied
+    storage.write_text(storage.join(uri, "b.txt"), "b")
+    assert (tmp_path / "m" / "b.txt").read_text() == "b"

@@ -61,10 +61,10 @@ def mean_pairwise_distance(embeddings: torch.Tensor) -> float:
 def resolve_model_path(uri: str | None, option: str) -> Path:
     """A local directory for the model at ``uri``; ValueError naming ``option`` when unusable."""
     if not uri:
-        raise ValueError(f"{option} is required: give a local directory or an s3:// URI of a "
-                         "transformers model (models are never downloaded from a hub)")
+        raise ValueError(f"{option} is required: give a local directory or a remote URI (s3://, gs://, "
+                         "...) of a transformers model (models are never downloaded from a hub)")
     try:
-        path = storage.cached_download(str(uri)) if storage.is_s3(str(uri)) else Path(uri)
+        path = storage.cached_download(str(uri))  # a local directory as it is
     except (storage.StorageError, OSError) as exc:
         raise ValueError(f"{option}: cannot download {uri}: {exc}") from exc
     if not path.is_dir():

@@ -71,7 +71,8 @@ class EvalSubject:
             raise ValueError(f"class_noun must be a non-empty string, got {self.class_noun!r}")
         check_choice("kind", self.kind, KINDS)
         if not isinstance(self.image_dir, str) or not self.image_dir:
-            raise ValueError(f"image_dir must be a local directory or s3:// URI, got {self.image_dir!r}")
+            raise ValueError("image_dir must be a local directory or a remote URI (s3://, gs://, ...), "
+                             f"got {self.image_dir!r}")
 
     @classmethod
     def from_dict(cls, row: dict) -> "EvalSubject":

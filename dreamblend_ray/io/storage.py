@@ -1,22 +1,34 @@
-"""One URI API over local paths and ``s3://`` (through ``pyarrow.fs``).
+"""One URI API over local paths and remote URIs (``s3://``, ``gs://``, ...) through ``pyarrow.fs``.
 
 Why pyarrow.fs: Ray Data already reads and writes Parquet through it, so one filesystem object
 serves both our own files and Ray Data's, with the same endpoint override and credentials.
 
-Credentials come from the standard AWS chain. An S3-compatible endpoint (MinIO, moto, ...) is
-taken from ``DREAMBLEND_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``.
-Writes are atomic: local files are written to a temporary name and renamed; an S3 PUT is
-atomic by nature. Transient errors (connection refused or reset, timeouts, throttling, 5xx) are
-retried with exponential backoff for at most ``DREAMBLEND_STORAGE_RETRY_SECONDS`` (default 30) per
-operation; permanent ones (no such bucket, access denied, bad credentials, not found, other 4xx)
-fail at once with the URI. pyarrow names S3 errors by the AWS SDK's enum (``NO_SUCH_BUCKET``,
-``ACCESS_DENIED``, ``INVALID_ACCESS_KEY_ID``); those names are what ``is_permanent`` looks for.
+This module is the only place that looks at a URI's scheme: callers ask :func:`is_remote`,
+:func:`is_local` or :func:`scheme`. :func:`filesystem` resolves a scheme through
+``FILESYSTEM_BUILDERS`` (``s3``, ``gs``/``gcs``: our own settings) and any other scheme through
+``pyarrow.fs.FileSystem.from_uri`` (``hdfs://``, ...); a scheme pyarrow cannot resolve is a
+ValueError naming it. Plain paths and ``file://`` URIs are local.
+
+Credentials come from each scheme's standard chain: for S3 the AWS chain, with an S3-compatible
+endpoint (MinIO, moto, ...) taken from ``DREAMBLEND_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3`` or
+``AWS_ENDPOINT_URL``; for GCS Google's application default credentials, with an endpoint (an
+emulator) from ``DREAMBLEND_GCS_ENDPOINT`` or ``STORAGE_EMULATOR_HOST`` and anonymous access when
+``DREAMBLEND_GCS_ANONYMOUS=1``.
+Writes are atomic on local paths (a temporary name, then a rename) and on object stores (an S3
+PUT or a GCS upload is visible whole or not at all). Transient errors (connection refused or
+reset, timeouts, throttling, 5xx) are retried with exponential backoff for at most
+``DREAMBLEND_STORAGE_RETRY_SECONDS`` (default 30) per operation; permanent ones (no such bucket,
+access denied, bad credentials, not found, other 4xx) fail at once with the URI. pyarrow names S3
+errors by the AWS SDK's enum (``NO_SUCH_BUCKET``, ``ACCESS_DENIED``, ``INVALID_ACCESS_KEY_ID``) and
+GCS errors by google-cloud's status (``google::cloud::Status(NOT_FOUND: ...)``); those names are
+what ``is_permanent`` looks for.
 ``join`` refuses ``..`` and empty parts, so keys built from validated ids stay under their root.
 """
 
 from __future__ import annotations
 
 import atexit
+import datetime
 import functools
 import json
 import logging
@@ -33,20 +45,31 @@ import pyarrow.fs as pafs
 
 logger = logging.getLogger(__name__)
 
-ENDPOINT_VARIABLES = ("DREAMBLEND_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+S3_ENDPOINT_VARIABLES = ("DREAMBLEND_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+GCS_ENDPOINT_VARIABLES = ("DREAMBLEND_GCS_ENDPOINT", "STORAGE_EMULATOR_HOST")
+GCS_ANONYMOUS_VARIABLE = "DREAMBLEND_GCS_ANONYMOUS"
+# The non-secret endpoint settings of every scheme (jobs hand them to their actors).
+ENDPOINT_VARIABLES = S3_ENDPOINT_VARIABLES + GCS_ENDPOINT_VARIABLES + (GCS_ANONYMOUS_VARIABLE,)
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                         "AWS_REGION", "AWS_DEFAULT_REGION")
-# pyarrow reports S3 errors by the AWS SDK's enum names (``AWS Error NO_SUCH_BUCKET during ...``);
-# the CamelCase S3 codes are kept for messages relayed from other layers.
+GCS_CREDENTIAL_VARIABLES = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CONFIG")
+# pyarrow reports S3 errors by the AWS SDK's enum names (``AWS Error NO_SUCH_BUCKET during ...``)
+# and GCS errors as ``google::cloud::Status(CODE: ...)``; the CamelCase S3 codes are kept for
+# messages relayed from other layers.
 PERMANENT_MARKERS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
                      "NO_SUCH_KEY", "INVALID_BUCKET_NAME", "NoSuchBucket", "AccessDenied",
                      "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchKey", "InvalidBucketName",
                      "Forbidden", "Path does not exist", "bucket does not exist",
-                     "is a directory", "is not a directory")
+                     "is a directory", "is not a directory",
+                     "Status(NOT_FOUND", "Status(PERMISSION_DENIED", "Status(UNAUTHENTICATED",
+                     "Status(INVALID_ARGUMENT")
 # An unclassified "HTTP status 4xx" is the client's fault (except timeouts and throttling).
 _CLIENT_STATUS = re.compile(r"HTTP status (4\d\d)")
 _TRANSIENT_STATUS = {"408", "429"}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 DEFAULT_RETRY_SECONDS = 30.0
+# How long the GCS client retries one request itself; with_retries bounds the whole operation.
+GCS_CLIENT_RETRY = datetime.timedelta(seconds=5)
 
 
 def default_retry_seconds() -> float:
@@ -58,12 +81,24 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI."""
 
 
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
+def scheme(uri: str) -> str:
+    """The URI's scheme in lower case (``s3``, ``gs``, ``file``, ...); ``""`` for a plain path."""
+    match = _SCHEME.match(str(uri))
+    return match.group(1).lower() if match else ""
+
+
+def is_local(uri: str) -> bool:
+    """True for a plain path or a ``file://`` URI: read in place, never downloaded."""
+    return scheme(uri) in ("", "file")
+
+
+def is_remote(uri: str) -> bool:
+    """True for a URI with any scheme but ``file://`` (``s3://``, ``gs://``, ``hdfs://``, ...)."""
+    return not is_local(uri)
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a local path or an s3:// URI.
+    """Join path parts onto a local path or a remote URI.
 
     Parts never climb out of ``uri``: an empty part or a ``..`` segment raises ValueError, so keys
     built from (validated) subject ids cannot escape their prefix.
@@ -78,7 +113,15 @@ def join(uri: str, *parts: str) -> str:
 
 
 def s3_endpoint() -> str | None:
-    for name in ENDPOINT_VARIABLES:
+    return _first_set(S3_ENDPOINT_VARIABLES)
+
+
+def gcs_endpoint() -> str | None:
+    return _first_set(GCS_ENDPOINT_VARIABLES)
+
+
+def _first_set(names: tuple[str, ...]) -> str | None:
+    for name in names:
         if os.environ.get(name):
             return os.environ[name]
     return None
@@ -87,7 +130,7 @@ def s3_endpoint() -> str | None:
 def local_path(uri: str) -> str:
     """The absolute local path of a plain path or a ``file://`` URI."""
     uri = str(uri)
-    if uri.startswith("file://"):
+    if scheme(uri) == "file":
         uri = uri[len("file://"):]
     return str(Path(uri).expanduser().absolute())
 
@@ -95,15 +138,35 @@ def local_path(uri: str) -> str:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it.
 
-    One S3 filesystem (and its connection pool) is shared per endpoint and credential settings.
+    Local paths and ``file://`` are the local filesystem; a scheme in ``FILESYSTEM_BUILDERS`` is
+    built with our settings (one filesystem, and its connection pool, shared per endpoint and
+    credential settings); any other goes through ``pyarrow.fs.FileSystem.from_uri``.
     """
-    if not is_s3(uri):
+    kind = scheme(uri)
+    if kind in ("", "file"):
         return pafs.LocalFileSystem(), local_path(uri)
-    parsed = urlparse(str(uri))
+    return FILESYSTEM_BUILDERS.get(kind, _pyarrow_from_uri)(str(uri))
+
+
+def _bucket_path(uri: str) -> str:
+    """``bucket/key`` of an object-store URI; ValueError when it names no bucket."""
+    parsed = urlparse(uri)
     if not parsed.netloc:
-        raise ValueError(f"s3 URI must name a bucket (s3://bucket/prefix), got {uri!r}")
+        raise ValueError(f"{parsed.scheme} URI must name a bucket ({parsed.scheme}://bucket/prefix), "
+                         f"got {uri!r}")
+    return f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def _endpoint_parts(endpoint: str) -> dict:
+    """``endpoint_override`` and ``scheme`` for an endpoint given as ``[scheme://]host[:port]``."""
+    scheme_, _, host = endpoint.rstrip("/").partition("://")
+    return {"endpoint_override": host or scheme_, "scheme": scheme_ if host else "https"}
+
+
+def _s3_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    path = _bucket_path(uri)
     settings = tuple(os.environ.get(name) for name in CREDENTIAL_VARIABLES)
-    return _s3_filesystem(s3_endpoint(), settings), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return _s3_filesystem(s3_endpoint(), settings), path
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,13 +175,42 @@ def _s3_filesystem(endpoint: str | None, settings: tuple) -> pafs.S3FileSystem:
     kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
               "connect_timeout": 5, "request_timeout": 60}
     if endpoint:
-        scheme, _, host = endpoint.rstrip("/").partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        kwargs.update(_endpoint_parts(endpoint))
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     _finalize_s3_at_exit()
     return pafs.S3FileSystem(**kwargs)
+
+
+def _gcs_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    path = _bucket_path(uri)
+    anonymous = os.environ.get(GCS_ANONYMOUS_VARIABLE, "").strip().lower() in ("1", "true", "yes")
+    settings = tuple(os.environ.get(name) for name in GCS_CREDENTIAL_VARIABLES)
+    return _gcs_filesystem(gcs_endpoint(), anonymous, settings), path
+
+
+@functools.lru_cache(maxsize=8)
+def _gcs_filesystem(endpoint: str | None, anonymous: bool, settings: tuple) -> pafs.FileSystem:
+    """A GCS filesystem; credentials from Google's default chain unless ``anonymous``.
+    ``settings`` (the credential variables) only keys the cache."""
+    kwargs = {"anonymous": anonymous, "retry_time_limit": GCS_CLIENT_RETRY}
+    if endpoint:
+        kwargs.update(_endpoint_parts(endpoint))
+    return pafs.GcsFileSystem(**kwargs)
+
+
+def _pyarrow_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Any scheme pyarrow resolves itself (``hdfs://``, ...), with pyarrow's own settings."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except ValueError as exc:  # pyarrow.ArrowInvalid: "Unrecognized filesystem type in URI"
+        raise ValueError(f"storage scheme {scheme(uri)!r} of {uri!r} is not supported: give a local "
+                         f"path or a URI pyarrow.fs resolves (s3://, gs://, hdfs://, ...) ({exc})") from exc
+
+
+# The one place a scheme gets settings of its own: scheme -> builder(uri) -> (filesystem, path).
+FILESYSTEM_BUILDERS = {"s3": _s3_from_uri, "gs": _gcs_from_uri, "gcs": _gcs_from_uri}
 
 
 @functools.cache
@@ -198,9 +290,9 @@ def write_bytes(uri: str, data: bytes) -> None:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"write_bytes({uri}) needs bytes, got {type(data).__name__}")
     fs, path = filesystem(uri)
-    if not is_s3(uri):
+    if is_local(uri):
         # Through with_retries too: an unwritable root (a file in the path, no permission) is a
-        # StorageError naming the URI, like on S3.
+        # StorageError naming the URI, like on a remote store.
         with_retries("write", uri, lambda: _write_local_atomic(Path(path), data))
         return
 
@@ -302,9 +394,10 @@ def cache_root() -> Path:
 
 
 def cached_download(uri: str) -> Path:
-    """A local copy of the directory ``uri``, downloaded once into the cache (complete or absent)."""
-    if not is_s3(uri):
-        return Path(uri)
+    """A local copy of the directory ``uri``: a local ``uri`` as it is, a remote one downloaded
+    once into the cache (complete or absent)."""
+    if is_local(uri):
+        return Path(local_path(uri)) if scheme(uri) else Path(uri)
     import hashlib
 
     target = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16]

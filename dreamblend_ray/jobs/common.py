@@ -98,11 +98,12 @@ def run_uri(output: str, run_id: str) -> str:
 
 def check_base(base: str) -> str:
     """``base`` resolved (``components.resolve_base``) and checked from the driver, before any actor
-    starts: a local folder or an s3:// prefix must hold model_index.json. ValueError otherwise."""
+    starts: a local folder or a remote prefix (s3://, gs://, ...) must hold model_index.json.
+    ValueError otherwise."""
     from dreamblend_ray.models.components import embedded_model_dir, resolve_base
 
     base = resolve_base(base)
-    index = (storage.join(base, "model_index.json") if storage.is_s3(base)
+    index = (storage.join(base, "model_index.json") if storage.is_remote(base)
              else str(embedded_model_dir() / "model_index.json") if base == "embedded" else None)
     if index is not None and not storage.exists(index):
         raise ValueError(f"base model {base!r} has no model_index.json (expected a diffusers "

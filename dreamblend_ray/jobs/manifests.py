@@ -146,9 +146,9 @@ def _check_keys(row: Any, allowed: set[str], required: set[str]) -> dict:
 
 def _resolve(image: str, base_dir: str) -> str:
     """Absolute image URIs pass; relative ones are taken from the manifest's folder."""
-    if storage.is_s3(image) or image.startswith(("/", "file://", "~")):
+    if storage.scheme(image) or image.startswith(("/", "~")):
         return image
-    if storage.is_s3(base_dir):
+    if storage.is_remote(base_dir):
         return storage.join(base_dir, image)  # refuses ".." so keys stay under the manifest
     return os.path.normpath(os.path.join(storage.local_path(base_dir), image))
 

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dreamblend_ray import dtypes
+from dreamblend_ray.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -229,13 +230,13 @@ def resolve_base(base: str) -> str:
     """Map a --base value to something ``load_components`` reads; fail with a clear message."""
     if base in BUILTIN_BASES:
         return base
-    if base.startswith("s3://"):
+    if storage.is_remote(base):
         return base
     path = Path(base).expanduser()
     if not (path / "model_index.json").is_file():
         raise ValueError(
-            f"base model {base!r} is not 'tiny', 'embedded', an s3:// URI, or a directory with "
-            "model_index.json (diffusers StableDiffusionPipeline layout)")
+            f"base model {base!r} is not 'tiny', 'embedded', a remote URI (s3://, gs://, ...), or a "
+            "directory with model_index.json (diffusers StableDiffusionPipeline layout)")
     return str(path)
 
 
@@ -252,9 +253,7 @@ def load_components(base: str = "embedded", device: str | torch.device | None = 
                              "`python -m dreamblend_ray.embedded.train`")
         components = _load_directory(directory)
         components.source = "embedded"
-    elif base.startswith("s3://"):
-        from dreamblend_ray.io import storage
-
+    elif storage.is_remote(base):
         components = _load_directory(storage.cached_download(base))
         components.source = base
     else:

@@ -34,6 +34,7 @@ from pydantic_core import PydanticCustomError
 
 from dreamblend_ray.config import SUBJECT_ID_PATTERN, SamplingConfig
 from dreamblend_ray.dtypes import normalize_dtype
+from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import encode_png
 
 logger = logging.getLogger(__name__)
@@ -133,13 +134,13 @@ class AppArgs(BaseModel):
 # Where the subjects are: one store for every node
 
 
-RELATIVE_ROOT_HELP = ("use an s3:// URI, or an absolute path on a mount that every node shares "
-                      "(`dreamblend serve` resolves a relative --storage-root itself when it serves on one node)")
+RELATIVE_ROOT_HELP = ("use a remote URI (s3://, gs://, ...), or an absolute path on a mount that every node "
+                      "shares (`dreamblend serve` resolves a relative --storage-root itself when it serves on one node)")
 
 
 def is_relative_local(root: str) -> bool:
-    """True for a local storage root given as a relative path (``s3://`` and absolute paths are not)."""
-    if root.startswith("s3://"):
+    """True for a local storage root given as a relative path (remote URIs and absolute paths are not)."""
+    if storage.is_remote(root):
         return False
     path = root[len("file://"):] if root.startswith("file://") else root
     return not os.path.isabs(os.path.expanduser(path))
@@ -156,7 +157,7 @@ def check_storage_root(root: str, node_count: int) -> None:
     if is_relative_local(root):
         raise ValueError(f"storage_root {root!r} is a relative local path, which each node would resolve "
                          f"on its own disk: {RELATIVE_ROOT_HELP}")
-    if not root.startswith("s3://") and node_count > 1:
+    if storage.is_local(root) and node_count > 1:
         logger.warning("storage_root %r is a local path on a %d-node cluster: every node must see the same "
                        "files there (a shared mount)", root, node_count)
 
