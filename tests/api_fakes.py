@@ -13,7 +13,8 @@ from PIL import Image
 
 from dreamblend_ray.io.images import encode_png
 from dreamblend_ray.serving import requests as serving
-from dreamblend_ray.serving.requests import AppArgs, GenerationJob, GenerationResult
+from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
+from dreamblend_ray.serving.requests import AppArgs
 
 MANIFEST = {"version": 1, "subject_id": "dog", "class_noun": "dog", "token": "sks", "instance_prompt": "a sks dog",
             "base": {"source": "/secret/models/tiny-sd", "config_sha256": "ab" * 32}, "kind": "lora",

@@ -312,11 +312,11 @@ def ingress_with(model):
 
 
 def a_job(deadline_in_s: float):
-    from dreamblend_ray.serving.requests import GenerationJob, SamplingSettings
+    from dreamblend_ray.config import SamplingConfig
+    from dreamblend_ray.serving.batching import GenerationJob
 
     return GenerationJob(model_id="red", prompts=["a ball"], seeds=[1], deadline=time.time() + deadline_in_s,
-                         settings=SamplingSettings(num_inference_steps=2, guidance_scale=3.0, alpha=0.0,
-                                                   guidance_steps=None))
+                         config=SamplingConfig(num_inference_steps=2, guidance_scale=3.0, alpha=0.0))
 
 
 def replica_death():

@@ -14,11 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dreamblend_ray.serving import requests as serving
-from dreamblend_ray.serving.http import ManifestCache
+from dreamblend_ray import config as cfg
+from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.io.storage import StorageError
-from dreamblend_ray.serving.requests import (AppArgs, FieldError, GenerateRequest, GenerationJob, SamplingSettings,
-                                    SubjectConflict)
+from dreamblend_ray.serving import batching
+from dreamblend_ray.serving import requests as serving
+from dreamblend_ray.serving.batching import GenerationJob
+from dreamblend_ray.serving.http import ManifestCache
+from dreamblend_ray.serving.requests import AppArgs, FieldError, GenerateRequest, SubjectConflict
 
 from api_fakes import MANIFEST, RecordingBackend, read_manifest  # noqa: E402
 
@@ -47,7 +50,8 @@ def test_build_job_one_seed_per_image_and_defaults():
     assert job.prompts == ["a", "a", "a", "b", "b", "b"]
     assert job.seeds == [10, 11, 12, 13, 14, 15]
     assert job.negative_prompts == ["blur"] * 6
-    assert job.settings == SamplingSettings(7, args.default_guidance_scale, args.default_alpha, None)
+    assert job.config == SamplingConfig(num_inference_steps=7, guidance_scale=args.default_guidance_scale,
+                                        alpha=args.default_alpha)
     assert job.deadline == 100.0 + args.request_timeout_s
     assert job.model_id == "dog"
 
@@ -65,7 +69,7 @@ def test_limits_name_the_field():
             serving.check_limits(request, args)
         assert info.value.field == name
     with pytest.raises(FieldError) as info:  # SamplingConfig's own check, K <= T
-        serving.sampling_settings(GenerateRequest(subject_id="dog", prompt="x", num_inference_steps=5,
+        serving.sampling_config(GenerateRequest(subject_id="dog", prompt="x", num_inference_steps=5,
                                                   guidance_steps=6), args)
     assert info.value.field == "guidance_steps"
 
@@ -85,12 +89,66 @@ def test_overrides_checked_and_canonical():
 
 
 def test_group_jobs_by_model_and_settings():
-    s1, s2 = SamplingSettings(4, 3.0, 0.2, None), SamplingSettings(5, 3.0, 0.2, None)
+    s1 = SamplingConfig(num_inference_steps=4, guidance_scale=3.0, alpha=0.2)
+    s2 = SamplingConfig(num_inference_steps=5, guidance_scale=3.0, alpha=0.2)
     jobs = [GenerationJob("a", ["p"], [1], s1), GenerationJob("b", ["p"], [1], s1),
             GenerationJob("a", ["p"], [2], s1, negative_prompts=["n"]), GenerationJob("a", ["p"], [3], s2)]
-    assert serving.group_jobs(jobs) == [[0, 2], [1], [3]]
-    assert serving.take_group(jobs, 8) == [0, 2] and serving.take_group(jobs, 1) == [0]
-    assert serving.take_group(jobs[1:], 8) == [0] and serving.take_group([], 8) == []
+    assert batching.group_jobs(jobs) == [[0, 2], [1], [3]]
+    assert batching.take_group(jobs, 8) == [0, 2] and batching.take_group(jobs, 1) == [0]
+    assert batching.take_group(jobs[1:], 8) == [0] and batching.take_group([], 8) == []
+
+
+def test_equal_settings_make_equal_hashable_group_keys():
+    """The SamplingConfig built at the ingress is the group key itself: two requests with equal
+    settings (one given, one from the app's defaults) share a key, a different alpha does not."""
+    args = AppArgs(base="tiny")
+    given = GenerateRequest(subject_id="dog", prompt="a", num_inference_steps=args.default_steps,
+                            alpha=args.default_alpha)
+    defaults = GenerateRequest(subject_id="dog", prompt="b", seed=9)
+    other = GenerateRequest(subject_id="dog", prompt="a", alpha=args.default_alpha + 0.5)
+    keys = [serving.build_job(request, args, seed=1).group_key for request in (given, defaults, other)]
+    assert keys[0] == keys[1] and hash(keys[0]) == hash(keys[1])
+    assert keys[2] != keys[0] and len({keys[0], keys[1], keys[2]}) == 2
+    assert isinstance(keys[0][1], SamplingConfig) and keys[2][1].alpha == args.default_alpha + 0.5
+    job = pickle.loads(pickle.dumps(serving.build_job(given, args, seed=1)))  # what Ray sends the replica
+    assert job.group_key == keys[0] and job.config.window == keys[0][1].window
+
+
+@pytest.mark.parametrize("name", list(serving.SAMPLING_FIELDS))
+def test_request_bounds_of_sampling_fields_are_the_declared_ones(name):
+    """The HTTP body's sampling fields take their bounds and description from config.spec, so they
+    cannot drift; an app limit (max_inference_steps) only narrows them, and AppArgs's default_*
+    fields share the same bounds."""
+    rule = cfg.spec(SamplingConfig, name)
+    kind = "integer" if cfg.field_type(SamplingConfig, name).base is int else "number"
+    prop = GenerateRequest.model_json_schema()["properties"][name]
+    assert prop["anyOf"][0] == {"type": kind, "minimum": rule.low, "maximum": rule.high}
+    assert prop["anyOf"][1] == {"type": "null"} and prop["description"] == rule.help
+    args = AppArgs(base="tiny", max_inference_steps=50)
+    narrowed = serving.request_model(args).model_json_schema()["properties"][name]["anyOf"][0]
+    limit = 50 if name in ("num_inference_steps", "guidance_steps") else rule.high
+    assert (narrowed["minimum"], narrowed["maximum"]) == (rule.low, min(limit, rule.high))
+    app_field = serving.SAMPLING_FIELDS[name]
+    if app_field is not None:
+        app = AppArgs.model_json_schema()["properties"][app_field]
+        assert (app["minimum"], app["maximum"]) == (rule.low, rule.high)
+        with pytest.raises(ValueError, match=app_field):
+            AppArgs(**{app_field: rule.high + 1})
+    with pytest.raises(ValueError, match=name):
+        GenerateRequest(subject_id="dog", prompt="x", **{name: rule.high + 1})
+    assert getattr(GenerateRequest(subject_id="dog", prompt="x", **{name: rule.high}), name) == rule.high
+
+
+def test_seeds_and_prompts_use_the_one_range_and_limit():
+    props = GenerateRequest.model_json_schema()["properties"]
+    assert props["seed"]["anyOf"][0]["maximum"] == cfg.MAX_SEED == 2**53 - 1
+    assert props["prompt"]["anyOf"][0]["maxLength"] == cfg.MAX_PROMPT_CHARS
+    assert GenerateRequest(subject_id="dog", prompt="x", seed=cfg.MAX_SEED).seed == cfg.MAX_SEED
+    with pytest.raises(ValueError, match="seed"):
+        GenerateRequest(subject_id="dog", prompt="x", seed=cfg.MAX_SEED + 1)
+    job = serving.build_job(GenerateRequest(subject_id="dog", prompt="x", num_images=2), AppArgs(base="tiny"),
+                            seed=cfg.MAX_SEED)
+    assert job.seeds == [cfg.MAX_SEED, 0]  # image k: (seed + k) modulo MAX_SEED + 1
 
 
 class FakeSampler:
@@ -109,14 +167,14 @@ class FakeSampler:
 
 
 def test_run_group_one_call_and_split_back():
-    settings = SamplingSettings(4, 3.0, 0.2, 2)
+    settings = SamplingConfig(num_inference_steps=4, guidance_scale=3.0, alpha=0.2, guidance_steps=2)
     jobs = [GenerationJob("a", ["p", "p"], [5, 6], settings), GenerationJob("a", ["q"], [9], settings, ["n"])]
     sampler = FakeSampler()
-    outputs = serving.run_group(sampler, object(), jobs)
+    outputs = batching.run_group(sampler, object(), jobs)
     assert len(sampler.calls) == 1
     prompts, seeds, negatives, config = sampler.calls[0]
     assert (prompts, seeds, negatives) == (["p", "p", "q"], [5, 6, 9], ["", "", "n"])
-    assert config.guidance_steps == 2 and config.num_inference_steps == 4
+    assert config is settings  # the job's validated config, passed on as is
     reds = [[Image.open(io.BytesIO(b)).getpixel((0, 0))[0] for b in out[0]] for out in outputs]
     assert reds == [[5, 6], [9]]
     assert outputs[0][1] == [2.0, 2.0]

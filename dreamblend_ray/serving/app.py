@@ -5,8 +5,9 @@
               v
             DreamBlendModel (autoscaled; base components loaded once per replica)
               @serve.multiplexed: a subject's G/E checkpoint pair, LRU per replica
-              @serve.batch: concurrent jobs -> one sampler call per (model id, settings) group,
-                            merged with whatever queued while the replica was busy
+              @serve.batch: concurrent jobs -> one sampler call per (model id, SamplingConfig) group
+                            (``serving/batching.py``), merged with whatever queued while the
+                            replica was busy
 
 ``deployments/app.py`` re-exports ``build_app`` for ``serve run deployments/serve_config.yaml``;
 the classes live in the package so that ``dreamblend serve`` works from an installed wheel.
@@ -36,9 +37,11 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from dreamblend_ray.serving import batching
 from dreamblend_ray.serving import requests as serving
-from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, GenerationJob, GenerationResult,
-                                    Overloaded, ReplicaUnavailable, SubjectNotFound)
+from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
+from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, Overloaded, ReplicaUnavailable,
+                                             SubjectNotFound)
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +186,7 @@ class DreamBlendModel:
 
     async def _run_next_group(self) -> None:
         """With the model lock held: run the oldest pending group (up to max_batch_size requests)."""
-        indices = serving.take_group([job for job, _ in self.pending], self.args.max_batch_size)
+        indices = batching.take_group([job for job, _ in self.pending], self.args.max_batch_size)
         taken = [self.pending[i] for i in indices]
         for i in reversed(indices):
             del self.pending[i]
@@ -230,7 +233,7 @@ class DreamBlendModel:
 
     def _sample(self, handle: LoadedPair, jobs: list[GenerationJob], callback):
         with self.unet_lock:
-            return serving.run_group(self.sampler, handle.ensure(), jobs, callback=callback)
+            return batching.run_group(self.sampler, handle.ensure(), jobs, callback=callback)
 
     def process_id(self) -> int:
         """This replica's worker process id (for operators and the replica-loss test)."""

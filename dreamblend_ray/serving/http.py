@@ -28,12 +28,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.config import SUBJECT_ID_PATTERN
-from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, GenerationJob,
-                                    GenerationResult, Overloaded, ReplicaUnavailable, SubjectConflict,
-                                    SubjectNotFound, SubjectUnusable)
 from dreamblend_ray.io.storage import StorageError
+from dreamblend_ray.serving import requests as serving
+from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
+from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, Overloaded,
+                                             ReplicaUnavailable, SubjectConflict, SubjectNotFound, SubjectUnusable)
 
 logger = logging.getLogger(__name__)
 

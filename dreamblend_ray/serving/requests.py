@@ -1,17 +1,18 @@
-"""The HTTP serving logic of DreamBlend, independent of Ray.
+"""The HTTP request layer of DreamBlend serving, independent of Ray.
 
 Ray Serve wiring lives in ``dreamblend_ray/serving/app.py`` (and ``deployments/app.py`` re-exports
-it); this module holds what can be tested without a cluster:
+it) and the model replica's batching in ``dreamblend_ray/serving/batching.py``; this module holds
+what the ingress checks before a job leaves it:
 
 - ``AppArgs``: the typed arguments of the application builder (limits, batching, autoscaling, auth).
-- ``GenerateRequest``: the pydantic body of ``POST /v1/generate`` and its expansion into a
+- ``GenerateRequest``: the pydantic body of ``POST /v1/generate``. Its sampling fields take their
+  bounds and descriptions from ``config.SamplingConfig``'s declarations (``sampling_type``), seeds
+  ``config.MAX_SEED`` and prompts ``config.MAX_PROMPT_CHARS``.
+- ``build_job``: request + app defaults -> one ``SamplingConfig``, validated once here, and the
   ``GenerationJob`` (one prompt and one seed per image: image ``k`` uses ``seed + k``).
 - Model ids for ``@serve.multiplexed``: ``"subject"``, ``"subject@g100"``, ``"subject@e400"`` or
   ``"subject@g100,e400"`` (guidance/edit checkpoint step overrides).
-- ``group_jobs`` / ``run_group``: how a batch of jobs becomes sampler calls. Jobs share a call only
-  when they have the same model id and sampling settings (a missing negative prompt is ""), and
-  the sampler is batch invariant, so every request gets exactly the images it would get served alone.
-- PNG encoding, API-key loading and constant-time checking.
+- API-key loading and constant-time checking.
 - The exceptions the HTTP layer maps to statuses (FieldError 422, SubjectNotFound 404,
   SubjectUnusable 424, Overloaded 503, DeadlineExceeded 504).
 
@@ -26,25 +27,39 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import fields
 from typing import Annotated, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 
-from dreamblend_ray.config import SUBJECT_ID_PATTERN, SamplingConfig
+from dreamblend_ray.config import (MAX_PROMPT_CHARS, MAX_SEED, SUBJECT_ID_PATTERN, FieldType, SamplingConfig, Spec,
+                                   field_type, spec)
 from dreamblend_ray.dtypes import normalize_dtype
 from dreamblend_ray.io import storage
-from dreamblend_ray.io.images import encode_png
+from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**31 - 1
 HEADER_PREFIX = "X-DreamBlend-"
+
+# The SamplingConfig fields a request may set, each with the AppArgs field holding its default when
+# the request leaves it out (None: SamplingConfig's own default, e.g. guidance_steps' "auto").
+SAMPLING_FIELDS: dict[str, str | None] = {"num_inference_steps": "default_steps",
+                                          "guidance_scale": "default_guidance_scale",
+                                          "alpha": "default_alpha", "guidance_steps": None}
 
 
 # --------------------------------------------------------------------------------------------
 # Application arguments
+
+
+def _sampling_default(name: str):
+    """An AppArgs field holding the default of ``SamplingConfig.<name>``: the declared default,
+    bounds and help (lax like every AppArgs field: YAML "30" is 30)."""
+    rule = spec(SamplingConfig, name)
+    default = {f.name: f for f in fields(SamplingConfig)}[name].default
+    return Field(default, ge=rule.low, le=rule.high, description=f"default {name}: {rule.help}")
 
 
 class AppArgs(BaseModel):
@@ -61,13 +76,13 @@ class AppArgs(BaseModel):
     # request limits
     max_images_per_request: int = Field(4, ge=1, le=256)
     max_prompts: int = Field(4, ge=1, le=256)
-    max_inference_steps: int = Field(100, ge=1, le=1000)
+    max_inference_steps: int = Field(100, ge=1, le=spec(SamplingConfig, "num_inference_steps").high)
     max_body_bytes: int = Field(16384, ge=256, le=16 * 2**20)
     request_timeout_s: float = Field(120.0, gt=0, le=3600)
     # defaults of the sampling settings a request may leave out
-    default_steps: int = Field(30, ge=1, le=1000)
-    default_guidance_scale: float = Field(3.0, ge=0, le=50)
-    default_alpha: float = Field(0.25, ge=0, le=10)
+    default_steps: int = _sampling_default("num_inference_steps")
+    default_guidance_scale: float = _sampling_default("guidance_scale")
+    default_alpha: float = _sampling_default("alpha")
     # batching and multiplexing
     max_batch_size: int = Field(8, ge=1, le=256, description="requests per @serve.batch call")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
@@ -214,9 +229,6 @@ def key_matches(presented: str | None, expected: str) -> bool:
 # Request body and the job it becomes
 
 
-MAX_PROMPT_CHARS = 2000
-
-
 def _unicode_text(value: str) -> str:
     """Text that encodes as UTF-8 (JSON's \\ud800 escapes can smuggle in lone surrogates)."""
     try:
@@ -245,6 +257,24 @@ def Int(low: int, high: int):  # noqa: N802 - a type
 def Float(low: float, high: float):  # noqa: N802 - a type
     """A finite JSON number in [low, high]."""
     return Annotated[float, Field(ge=low, le=high, allow_inf_nan=False), BeforeValidator(_json_number)]
+
+
+def request_type(rule: Spec, kind: FieldType, high: float | None = None, description: str | None = None):
+    """The request field type of a declared number setting: a JSON number within the declared bounds
+    (``high``, an app limit, may narrow them), described by the declared help, and nullable (absent
+    or null takes the app's default, or the setting's own)."""
+    if kind.sequence or kind.base not in (int, float):
+        raise TypeError(f"no request field type for {kind}")
+    top = rule.high if high is None else high if rule.high is None else min(high, rule.high)
+    number = Int(rule.low, top) if kind.base is int else Float(rule.low, top)
+    return Annotated[number | None, Field(description=description or rule.help)]
+
+
+def sampling_type(name: str, high: float | None = None, description: str | None = None):
+    """``request_type`` of ``SamplingConfig.<name>``."""
+    return request_type(spec(SamplingConfig, name), field_type(SamplingConfig, name), high, description)
+
+
 NegativePrompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS), AfterValidator(_unicode_text)]
 REQUEST_EXAMPLE = {"subject_id": "dog", "prompt": "a sks dog on the beach", "seed": 42}
 
@@ -262,11 +292,10 @@ class GenerateRequest(BaseModel):
     negative_prompt: NegativePrompt | None = Field(None, description="for every image; default ''")
     num_images: Int(1, 1_000_000) = Field(1, description="images per prompt")
     seed: Int(0, MAX_SEED) | None = Field(None, description="image k uses seed + k; random if absent")
-    num_inference_steps: Int(1, 1000) | None = Field(None, description="T, DDIM steps")
-    guidance_scale: Float(0, 50) | None = Field(None, description="CFG scale w")
-    alpha: Float(0, 10) | None = Field(None, description="guidance strength")
-    guidance_steps: Int(0, 1000) | None = Field(None,
-                                       description="K: how many first steps are guided; at most T")
+    num_inference_steps: sampling_type("num_inference_steps") = None
+    guidance_scale: sampling_type("guidance_scale") = None
+    alpha: sampling_type("alpha") = None
+    guidance_steps: sampling_type("guidance_steps") = None
     guidance_step: Int(1, 1_000_000) | None = Field(None,
                                       description="override: checkpoint step of G (a saved step)")
     edit_step: Int(1, 1_000_000) | None = Field(None,
@@ -315,6 +344,9 @@ def request_model(args: AppArgs) -> type["_BaseRequest"]:
     max_prompts = min(args.max_prompts, args.max_images_per_request)
     rules = request_rules(args)
 
+    def described(name: str, default: float) -> str:
+        return f"{spec(SamplingConfig, name).help} (default {default:g})"
+
     def schema_extra(schema: dict) -> None:
         schema["examples"] = [REQUEST_EXAMPLE]
         schema["allOf"] = rules
@@ -325,10 +357,12 @@ def request_model(args: AppArgs) -> type["_BaseRequest"]:
         prompts: list[Prompt] | None = Field(None, min_length=1, max_length=max_prompts,
                                              description="several prompts (or give prompt)")
         num_images: Int(1, args.max_images_per_request) = Field(1, description="images per prompt")
-        num_inference_steps: Int(1, args.max_inference_steps) | None = Field(None,
-                                                description=f"T, DDIM steps (default {args.default_steps})")
-        guidance_steps: Int(0, args.max_inference_steps) | None = Field(None,
-                                           description="K: how many first steps are guided; at most T")
+        num_inference_steps: sampling_type("num_inference_steps", high=args.max_inference_steps,
+                                           description=described("num_inference_steps", args.default_steps)) = None
+        guidance_scale: sampling_type("guidance_scale",
+                                      description=described("guidance_scale", args.default_guidance_scale)) = None
+        alpha: sampling_type("alpha", description=described("alpha", args.default_alpha)) = None
+        guidance_steps: sampling_type("guidance_steps", high=args.max_inference_steps) = None
 
     return GenerateRequest
 
@@ -384,51 +418,6 @@ class ReplicaUnavailable(Overloaded):
 
 class DeadlineExceeded(TimeoutError):
     """The request ran past ``request_timeout_s``: answered 504."""
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """The settings that must match for jobs to share one sampler call (hashable)."""
-
-    num_inference_steps: int
-    guidance_scale: float
-    alpha: float
-    guidance_steps: int | None
-
-    def to_config(self) -> SamplingConfig:
-        return SamplingConfig(num_inference_steps=self.num_inference_steps,
-                              guidance_scale=self.guidance_scale, alpha=self.alpha,
-                              guidance_steps=self.guidance_steps)
-
-
-@dataclass
-class GenerationJob:
-    """What the ingress sends to the model deployment: one prompt and seed per image."""
-
-    model_id: str
-    prompts: list[str]
-    seeds: list[int]
-    settings: SamplingSettings
-    negative_prompts: list[str] | None = None
-    deadline: float = float("inf")  # time.time() after which the result is no longer wanted
-
-    @property
-    def group_key(self) -> tuple:
-        return (self.model_id, self.settings)
-
-
-@dataclass
-class GenerationResult:
-    """What the model deployment returns for one job."""
-
-    pngs: list[bytes]
-    seeds: list[int]
-    batch_requests: int  # requests that shared the sampler call
-    batch_images: int  # images in that call
-    replica: str
-    loaded_models: list[str] = field(default_factory=list)
-    sample_seconds: float = 0.0
-    attention_distance: list[float] = field(default_factory=list)  # mean over guided steps, per image
 
 
 def model_id_for(subject_id: str, guidance_step: int | None = None, edit_step: int | None = None) -> str:
@@ -490,19 +479,22 @@ def canonical_overrides(request: GenerateRequest, manifest: dict) -> GenerateReq
     return request.model_copy(update=changes) if changes else request
 
 
-def sampling_settings(request: GenerateRequest, args: AppArgs) -> SamplingSettings:
-    """Fill defaults and validate through SamplingConfig (its ValueError names the field)."""
-    settings = SamplingSettings(
-        num_inference_steps=request.num_inference_steps or args.default_steps,
-        guidance_scale=args.default_guidance_scale if request.guidance_scale is None else request.guidance_scale,
-        alpha=args.default_alpha if request.alpha is None else request.alpha,
-        guidance_steps=request.guidance_steps)
+def sampling_config(request: GenerateRequest, args: AppArgs) -> SamplingConfig:
+    """The request's SamplingConfig: its sampling fields, else the app's defaults. Built once, here,
+    and passed on as is; its ValueError (e.g. guidance_steps > num_inference_steps) becomes a
+    FieldError naming the field."""
+    values = {}
+    for name, app_default in SAMPLING_FIELDS.items():
+        value = getattr(request, name)
+        if value is None and app_default is not None:
+            value = getattr(args, app_default)
+        if value is not None:
+            values[name] = value
     try:
-        settings.to_config()
+        return SamplingConfig(**values)
     except ValueError as exc:
         name = str(exc).split(" ", 1)[0]
         raise FieldError(name if name in GenerateRequest.model_fields else "body", str(exc)) from exc
-    return settings
 
 
 def build_job(request: GenerateRequest, args: AppArgs, seed: int, now: float | None = None) -> GenerationJob:
@@ -512,64 +504,12 @@ def build_job(request: GenerateRequest, args: AppArgs, seed: int, now: float | N
     negatives = None if request.negative_prompt is None else [request.negative_prompt] * len(prompts)
     start = time.time() if now is None else now
     return GenerationJob(model_id=model_id_for(request.subject_id, request.guidance_step, request.edit_step),
-                         prompts=prompts, seeds=seeds, settings=sampling_settings(request, args),
+                         prompts=prompts, seeds=seeds, config=sampling_config(request, args),
                          negative_prompts=negatives, deadline=start + args.request_timeout_s)
 
 
 def random_seed() -> int:
     return random.SystemRandom().randint(0, MAX_SEED)
-
-
-# --------------------------------------------------------------------------------------------
-# Batching: jobs -> sampler calls -> per-job results
-
-
-def group_jobs(jobs: list[GenerationJob]) -> list[list[int]]:
-    """Indices of jobs that can share one sampler call, in arrival order."""
-    groups: dict[tuple, list[int]] = {}
-    for index, job in enumerate(jobs):
-        groups.setdefault(job.group_key, []).append(index)
-    return list(groups.values())
-
-
-def take_group(pending: list[GenerationJob], max_requests: int) -> list[int]:
-    """Indices of the oldest pending job and the later ones of its group, at most ``max_requests``."""
-    if not pending:
-        return []
-    key = pending[0].group_key
-    return [i for i, job in enumerate(pending) if job.group_key == key][:max_requests]
-
-
-def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[tuple[list[bytes], list[float], float]]:
-    """One sampler call for jobs of one group; returns (pngs, distances, seconds) per job.
-
-    Blocking: call it in a worker thread, holding the replica's model lock.
-    """
-    prompts = [p for job in jobs for p in job.prompts]
-    seeds = [s for job in jobs for s in job.seeds]
-    negatives = None  # the sampler reads None as "" for every sample (diffusers' convention)
-    if any(job.negative_prompts is not None for job in jobs):
-        negatives = [n for job in jobs for n in (job.negative_prompts or [""] * len(job.prompts))]
-    result = sampler.sample(pair, prompts, seeds, jobs[0].settings.to_config(),
-                            negative_prompts=negatives, callback=callback)
-    distances = _mean_distances(result.attention_distance, len(prompts))
-    out, start = [], 0
-    for job in jobs:
-        stop = start + len(job.prompts)
-        out.append(([encode_png(img) for img in result.images[start:stop]], distances[start:stop],
-                    float(result.seconds)))
-        start = stop
-    return out
-
-
-def _mean_distances(distance, count: int) -> list[float]:
-    """Per-sample mean of the (B, K) attention distance; NaN-free, empty K gives 0."""
-    try:
-        if distance is None or distance.numel() == 0:
-            return [0.0] * count
-        return [float(v) for v in distance.float().reshape(count, -1).mean(dim=1)]
-    except (AttributeError, RuntimeError):
-        return [0.0] * count
 
 
 # --------------------------------------------------------------------------------------------
