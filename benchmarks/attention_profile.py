@@ -34,7 +34,7 @@ from dreamblend_ray.method.attention import Recorder, cross_attention_layers, re
 from dreamblend_ray.models.components import load_components
 from dreamblend_ray.embedded import metrics
 from dreamblend_ray.method.guidance import cfg_combine
-from dreamblend_ray.method.sampler import decode_latents, encode_prompts, initial_latents
+from dreamblend_ray.method.sampler import decode_latents, initial_latents, prompt_conditioning
 
 logger = logging.getLogger("attention_profile")
 
@@ -42,7 +42,7 @@ logger = logging.getLogger("attention_profile")
 def sample_with_maps(components, unet, prompt: str, seeds: list[int], steps: int, scale: float,
                      keep: set[int]):
     """Plain DDIM+CFG sampling that keeps the cond branch's maps at the steps in ``keep``."""
-    cond = encode_prompts(components, [prompt] * len(seeds), None, True)
+    cond = prompt_conditioning(components, [prompt] * len(seeds), None, True)
     scheduler = DDIMScheduler.from_config(components.scheduler.config)
     scheduler.set_timesteps(steps)
     size = components.default_size // components.vae_scale_factor

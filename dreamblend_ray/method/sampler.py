@@ -28,6 +28,7 @@ from PIL import Image
 from dreamblend_ray.method import guidance
 from dreamblend_ray.method.attention import Recorder, StopForward, recording, select_layers
 from dreamblend_ray.models.components import Components
+from dreamblend_ray.models.prompts import encode_prompts
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.method.pair import single
 
@@ -79,15 +80,12 @@ class SampleResult:
     seconds: float
 
 
-def encode_prompts(components: Components, prompts: list[str], negative_prompts: list[str] | None,
-                   do_cfg: bool) -> Conditioning:
-    """CLIP text embeddings as diffusers' StableDiffusionPipeline computes them."""
-    tokenizer, encoder = components.tokenizer, components.text_encoder
-
+def prompt_conditioning(components: Components, prompts: list[str], negative_prompts: list[str] | None,
+                        do_cfg: bool) -> Conditioning:
+    """The batch's text conditioning as diffusers' StableDiffusionPipeline computes it."""
     def embed(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(components.device)
-        return encoder(ids)[0].to(components.unet.dtype), ids
+        embeds, ids = encode_prompts(components, texts)
+        return embeds.to(device=components.device, dtype=components.unet.dtype), ids.to(components.device)
 
     cond, ids = embed(prompts)
     if not do_cfg:
@@ -202,7 +200,7 @@ class DreamBlendSampler:
         c = self.components
         scheduler = DDIMScheduler.from_config(c.scheduler.config)
         scheduler.set_timesteps(config.num_inference_steps, device=c.device)
-        cond = encode_prompts(c, list(prompts), negative_prompts, config.guidance_scale > 1.0)
+        cond = prompt_conditioning(c, list(prompts), negative_prompts, config.guidance_scale > 1.0)
         mask = guidance.prompt_token_mask(cond.input_ids, c.tokenizer.eos_token_id, config.token_indices)
         layers = select_layers(pair.unets[0], config.layers)
         shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)

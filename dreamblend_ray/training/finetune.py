@@ -46,6 +46,7 @@ from dreamblend_ray.training import checkpoints, layout
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import decode_image, encode_png
 from dreamblend_ray.models.components import Components, load_components, model_identity, select_device
+from dreamblend_ray.models.prompts import encode_prompts
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig, to_dict, validate_class_noun, validate_subject_id
 from dreamblend_ray.method.pair import adapters_disabled, single
 from dreamblend_ray.method.sampler import DreamBlendSampler
@@ -123,15 +124,6 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- frozen encoders
-
-@torch.no_grad()
-def encode_prompt(components: Components, prompt: str) -> torch.Tensor:
-    """The text encoder's last hidden state for ``prompt``: (1, T, D), as the SD pipeline does."""
-    tok = components.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(components.text_encoder.device)
-    return components.text_encoder(ids)[0].float()
-
 
 @torch.no_grad()
 def encode_posterior(components: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,10 +218,10 @@ def prepare_data(components: Components, instance: list[Image.Image], prior: lis
             pixels = torch.cat([pixels, pixels.flip(-1)])
         return encode_posterior(components, pixels)
 
-    data = TrainData(*posterior(instance), encode_prompt(components, instance_prompt))
+    data = TrainData(*posterior(instance), encode_prompts(components, [instance_prompt])[0].float())
     if prior:
         data.class_mean, data.class_std = posterior(prior)
-        data.class_embed = encode_prompt(components, class_prompt)
+        data.class_embed = encode_prompts(components, [class_prompt])[0].float()
     return data
 
 
