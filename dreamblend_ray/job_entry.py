@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in JOB_MODULES:
         print(f"usage: python -m dreamblend_ray.job_entry {{{','.join(JOB_MODULES)}}} JOB_ARGS...", file=sys.stderr)
         return 2
+    if argv[0] == "finetune":  # the toy world's pair scorer registers on import (--choose-pair embedded)
+        importlib.import_module("dreamblend_ray.embedded.scorer")
     return importlib.import_module(JOB_MODULES[argv[0]]).main(argv[1:])
 
 

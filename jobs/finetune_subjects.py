@@ -9,6 +9,7 @@ or `dreamblend submit finetune --address http://HEAD:8265 -- --subjects ... --ou
 
 import sys
 
+import dreamblend_ray.embedded.scorer  # noqa: F401 - registers the "embedded" pair-choice scorer (--choose-pair embedded)
 from dreamblend_ray.jobs.finetune import main
 
 if __name__ == "__main__":

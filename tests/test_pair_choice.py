@@ -202,7 +202,7 @@ def test_score_checkpoints_with_the_real_sampler(tiny_components):
 def test_embedded_scorer_on_rendered_subject_images():
     subjects = pytest.importorskip("dreamblend_ray.embedded.subjects")
     pytest.importorskip("dreamblend_ray.embedded.metrics")
-    from dreamblend_ray.evaluation.pair_choice import EmbeddedScorer
+    from dreamblend_ray.embedded.scorer import EmbeddedScorer
 
     subject = subjects.SUBJECTS[0]
     images = subject.instance_images()

@@ -15,7 +15,8 @@ from dreamblend_ray.jobs.finetune import (FinetuneActor, build_parser, pair_choi
                                         run_finetune_job, subject_items)
 from dreamblend_ray.jobs.common import JobResources
 from dreamblend_ray.jobs.manifests import SubjectSpec
-from dreamblend_ray.evaluation.pair_choice import PairChoiceOptions, embedded_prompts
+from dreamblend_ray.embedded.scorer import embedded_prompts  # importing it registers the "embedded" scorer
+from dreamblend_ray.evaluation.pair_choice import PairChoiceOptions
 
 TINY_FINETUNE = FinetuneConfig(steps=4, checkpoint_steps=(2, 4), prior_preservation=False, rank=2, seed=0)
 EMBEDDED = PairChoiceOptions("embedded", num_prompts=2, seeds=(0,), steps=3)

@@ -22,17 +22,19 @@ Scores come from :func:`score_checkpoints`, which samples a few validation promp
 with the DreamBlend sampler (alpha 0, G == E: plain sampling of that checkpoint) and hands the
 images to a pluggable scorer: ``scorer(images, plain_prompts) -> {"prompt_fidelity",
 "subject_fidelity"}``; e.g. :class:`dreamblend_ray.evaluation.metrics.ClipDinoScorer` (CLIP-T and DINO) for
-real models, or :class:`EmbeddedScorer` (the embedded model's analytic metrics).
+real models, or ``dreamblend_ray.embedded.scorer.EmbeddedScorer`` (the embedded model's analytic metrics).
 
 Wiring (the fine-tuning job): after ``finetune_subject`` has written subject.json, call
 :func:`choose_and_record` with the same base components, a scorer and a few validation prompts
 (e.g. ``benchmark.prompts_for(kind, class_noun, token, limit=4)``, or for the embedded model
-:func:`embedded_prompts`: the subject beside a few second objects); it rewrites subject.json with the chosen
+``embedded.scorer.embedded_prompts``: the subject beside a few second objects); it rewrites subject.json with the chosen
 ``guidance_step`` / ``edit_step`` and the scores under ``pair_choice``. ``load_pair`` (sampler,
 Serve endpoint, evaluation) then uses the recorded pair unless told other steps.
-:func:`auto_choose_pair` does this from :class:`PairChoiceOptions` (scorer "embedded" or
-"clip-dino"), building the prompts and the scorer; the fine-tuning job calls it per subject
-(``run_finetune_job(..., pair_choice=...)``, ``--choose-pair``).
+:func:`auto_choose_pair` does this from :class:`PairChoiceOptions`, building the prompts and the
+scorer; the fine-tuning job calls it per subject (``run_finetune_job(..., pair_choice=...)``,
+``--choose-pair``). Scorers are looked up by name in :data:`SCORERS`: "clip-dino" is registered
+here, "embedded" by ``dreamblend_ray.embedded.scorer`` when that module is imported (the toy
+world plugs in from above; nothing here imports it).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from dreamblend_ray.config import check_choice, check_range
-from dreamblend_ray.method.pair import adapters_disabled
+from dreamblend_ray.config import SamplingConfig, check_choice, check_range, to_dict
+from dreamblend_ray.method.pair import adapters_disabled, single
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +149,6 @@ Scorer = Callable[[list, list], dict]
 
 def _plain_config(config):
     """The sampling config with guidance off (alpha 0): plain DDIM+CFG sampling of E."""
-    from dreamblend_ray.config import SamplingConfig
-
     config = config or SamplingConfig()
     return dataclasses.replace(config, alpha=0.0, return_reference=False)
 
@@ -213,9 +213,8 @@ def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, pr
     (scores, threshold, base scores, rule) is stored under ``pair_choice``. The manifest is rewritten
     atomically; returns it. ``extra`` (JSON-ready) is added to the ``pair_choice`` entry.
     """
-    from dreamblend_ray.training import checkpoints, layout
-    from dreamblend_ray.method.pair import single
-    from dreamblend_ray.method.sampler import DreamBlendSampler
+    from dreamblend_ray.method.sampler import DreamBlendSampler  # defers transformers
+    from dreamblend_ray.training import checkpoints, layout  # defers pyarrow, transformers
 
     manifest = layout.read_manifest(root, subject_id)
     sampler = DreamBlendSampler(components)
@@ -238,46 +237,64 @@ def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, pr
     return manifest
 
 
-@dataclass
-class EmbeddedScorer:
-    """Checkpoint scores on the embedded shapes-world model, from its exact analytic metrics.
-
-    prompt_fidelity = the pooled accuracy of the attributes the prompts ask for (background colour,
-    shape, colour), or, for prompts that add a second object, the share of images with that object's
-    shape and colour right (:func:`context_fidelity`); subject_fidelity = the shape/pattern/colour agreement with the subject's
-    instance images (see dreamblend_ray/embedded/metrics.py).
-    """
-
-    instance_images: list
-
-    def __call__(self, images, plain_prompts: list[str]) -> dict:
-        from dreamblend_ray.embedded import metrics as analytic
-
-        fidelity = analytic.prompt_fidelity(images, plain_prompts)
-        second_objects = all(len(analytic.parse_prompt(p).objects) > 1 for p in plain_prompts)
-        prompt = analytic.context_fidelity(fidelity) if second_objects else fidelity["overall"]
-        if prompt is None:
-            raise ValueError("the validation prompts ask for no attribute the embedded metrics can read "
-                             "(use prompts like 'a sks shape on a red background')")
-        subject = analytic.subject_fidelity(images, self.instance_images)["score"]
-        return {"prompt_fidelity": prompt, "subject_fidelity": subject}
-
-
 # --------------------------------------------------------------------------- the fine-tuning job's hook
 
-SCORERS = ("embedded", "clip-dino")
 MAX_PROMPTS = 25  # the DreamBooth benchmark has 25 prompts per kind
+
+
+def _no_check(options: "PairChoiceOptions") -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ScorerPlugin:
+    """A pair-choice scorer, registered by name in :data:`SCORERS`.
+
+    ``build(options, instance_images, class_noun, token, device)`` returns ``(scorer, prompts,
+    plain_prompts)`` for one subject; ``check(options)`` validates the options only this scorer reads
+    (a ValueError), when a :class:`PairChoiceOptions` naming it is made.
+    """
+
+    build: Callable[..., tuple[Scorer, list[str], list[str]]]
+    check: Callable[["PairChoiceOptions"], None] = _no_check
+
+
+SCORERS: dict[str, ScorerPlugin] = {}  # name -> plugin, in registration order
+
+
+def register_scorer(name: str, plugin: ScorerPlugin) -> ScorerPlugin:
+    """Make ``name`` a choice of ``PairChoiceOptions.scorer`` (and of ``--choose-pair``) in this process.
+
+    Registering the same plugin again is a no-op; another plugin under a taken name is a ValueError.
+    A Ray actor gets the driver's plugin through its constructor (``FinetuneActor``), which
+    registers it there too.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a scorer name must be a non-empty string, got {name!r}")
+    if not isinstance(plugin, ScorerPlugin):
+        raise ValueError(f"plugin must be a ScorerPlugin, got {type(plugin).__name__}")
+    if SCORERS.get(name, plugin) != plugin:
+        raise ValueError(f"another pair-choice scorer is already registered as {name!r}")
+    SCORERS[name] = plugin
+    return plugin
+
+
+def scorer_plugin(name: str) -> ScorerPlugin:
+    """The registered scorer ``name``; ValueError naming the registered ones otherwise."""
+    check_choice("scorer", name, tuple(SCORERS))
+    return SCORERS[name]
 
 
 @dataclass(frozen=True)
 class PairChoiceOptions:
     """How the fine-tuning job chooses a subject's pair (see :func:`auto_choose_pair`).
 
-    scorer: "embedded" (the shapes-world model's analytic metrics) or "clip-dino" (CLIP-T and DINO,
-    from the transformers models at ``clip_model`` / ``dino_model``, local or s3://; both required).
+    scorer: a name in :data:`SCORERS`: "clip-dino" (CLIP-T and DINO, from the transformers models at
+    ``clip_model`` / ``dino_model``, local or s3://; both required) or, once ``dreamblend_ray.embedded.scorer``
+    is imported, "embedded" (the shapes-world model's analytic metrics; the default).
     Every checkpoint and the base model are sampled on ``num_prompts`` validation prompts x ``seeds``
     with ``steps`` DDIM steps at ``guidance_scale``; ``tolerance`` is :func:`choose_pair`'s.
-    ``context``: what the embedded scorer's prompts add (:func:`embedded_prompts`).
+    ``context``: what the embedded scorer's prompts add (``embedded.scorer.embedded_prompts``).
     """
 
     scorer: str = "embedded"
@@ -291,17 +308,7 @@ class PairChoiceOptions:
     context: str = "companion"
 
     def __post_init__(self):
-        from dreamblend_ray.embedded.subjects import CONTEXTS
-
-        check_choice("scorer", self.scorer, SCORERS)
-        check_choice("context", self.context, CONTEXTS)
-        if self.scorer == "clip-dino":
-            for name in ("clip_model", "dino_model"):
-                value = getattr(self, name)
-                if not isinstance(value, str) or not value:
-                    option = "--" + name.replace("_", "-")
-                    raise ValueError(f"{name} ({option}) is required when the pair-choice scorer is "
-                                     "'clip-dino': a local directory or s3:// URI of a transformers model")
+        scorer_plugin(self.scorer).check(self)
         check_range("num_prompts", self.num_prompts, 1, MAX_PROMPTS, integer=True)
         if isinstance(self.seeds, (str, bytes)) or not isinstance(self.seeds, (list, tuple)) or not self.seeds:
             raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
@@ -318,56 +325,7 @@ class PairChoiceOptions:
         return cls(**data)
 
     def sampling_config(self):
-        from dreamblend_ray.config import SamplingConfig
-
         return SamplingConfig(num_inference_steps=self.steps, guidance_scale=self.guidance_scale, alpha=0.0)
-
-
-def instance_backgrounds(instance_images: list) -> list[str]:
-    """The palette colours the instance images' backgrounds read as (analytic metrics), most common first."""
-    from collections import Counter
-
-    from dreamblend_ray.embedded import metrics as analytic
-
-    counts = Counter(analytic.read_image(image).background for image in instance_images)
-    return [colour for colour, _ in counts.most_common()]
-
-
-def embedded_prompts(instance_images: list, class_noun: str, token: str, num_prompts: int,
-                     context: str = "companion") -> tuple[list[str], list[str]]:
-    """Validation prompts for the embedded model, in a context the instance images never showed.
-
-    ``companion`` (default, as the demo): the subject beside a second, named object on its own
-    background, "a sks shape and a red circle on a blue background"; the object's colour is
-    neither the instance background nor one of the subject's colours. ``background``: the subject
-    on a new background colour (world colours other than the instance background(s), in palette
-    order). Either way prompt fidelity measures whether a checkpoint still follows the prompt
-    rather than reproducing its training images. Returns (prompts with the token, the same
-    without it).
-    """
-    from dreamblend_ray.embedded import world
-    from dreamblend_ray.embedded.subjects import CONTEXTS
-
-    check_choice("context", context, CONTEXTS)
-    own = instance_backgrounds(instance_images)
-    contexts = (_companions(instance_images, own[0]) if context == "companion"
-                else [f" on a {bg} background" for bg in world.COLOURS if bg not in own])
-    if num_prompts > len(contexts):
-        raise ValueError(f"num_prompts must be at most {len(contexts)} for the embedded scorer with context "
-                         f"{context!r} (instance background(s) {sorted(own)}), got {num_prompts}")
-    chosen = contexts[:num_prompts]
-    return [f"a {token} {class_noun}{c}" for c in chosen], [f"a {class_noun}{c}" for c in chosen]
-
-
-def _companions(instance_images: list, background: str) -> list[str]:
-    """`` and a <colour> <shape> on a <background> background`` for the world's second objects in
-    the colours the subject does not use (:func:`world.companion_objects`)."""
-    from dreamblend_ray.embedded import metrics as analytic, world
-
-    used = {background}
-    for image in instance_images:
-        used |= {name for name, share in analytic.read_image(image).colours.items() if share >= 0.05}
-    return [f" and a {colour} {shape} on a {background} background" for shape, colour in world.companion_objects(used)]
 
 
 @lru_cache(maxsize=1)
@@ -378,14 +336,7 @@ def _clip_dino_models(clip_model: str, dino_model: str, device: str):
     return load_clip(clip_model, device, option="--clip-model"), load_dino(dino_model, device, option="--dino-model")
 
 
-def build_scorer(options: PairChoiceOptions, instance_images: list, class_noun: str, token: str,
-                 device=None) -> tuple[Scorer, list[str], list[str]]:
-    """(scorer, prompts, plain prompts) for one subject under ``options``."""
-    if not instance_images:
-        raise ValueError("instance_images must hold at least one image of the subject")
-    if options.scorer == "embedded":
-        prompts, plain = embedded_prompts(instance_images, class_noun, token, options.num_prompts, options.context)
-        return EmbeddedScorer(list(instance_images)), prompts, plain
+def _build_clip_dino(options: PairChoiceOptions, instance_images: list, class_noun: str, token: str, device=None):
     from dreamblend_ray.evaluation import protocol as benchmark
     from dreamblend_ray.evaluation.metrics import ClipDinoScorer
 
@@ -394,12 +345,32 @@ def build_scorer(options: PairChoiceOptions, instance_images: list, class_noun: 
     return ClipDinoScorer(clip, dino, list(instance_images)), prompts, plain
 
 
+def _check_clip_dino(options: PairChoiceOptions) -> None:
+    for name in ("clip_model", "dino_model"):
+        value = getattr(options, name)
+        if not isinstance(value, str) or not value:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{name} ({option}) is required when the pair-choice scorer is "
+                             "'clip-dino': a local directory or s3:// URI of a transformers model")
+
+
+register_scorer("clip-dino", ScorerPlugin(build=_build_clip_dino, check=_check_clip_dino))
+
+
+def build_scorer(options: PairChoiceOptions, instance_images: list, class_noun: str, token: str,
+                 device=None) -> tuple[Scorer, list[str], list[str]]:
+    """(scorer, prompts, plain prompts) for one subject under ``options`` (its registered scorer)."""
+    if not instance_images:
+        raise ValueError("instance_images must hold at least one image of the subject")
+    return scorer_plugin(options.scorer).build(options, instance_images, class_noun, token, device)
+
+
 def auto_choose_pair(root: str, subject_id: str, components, instance_images: list, class_noun: str,
                      token: str, options: PairChoiceOptions, progress: bool = False) -> dict:
     """Score a fine-tuned subject's checkpoints and record the chosen pair in its subject.json.
 
-    Builds the validation prompts and the scorer from ``options`` (embedded: the subject on new
-    background colours, scored by the analytic metrics; clip-dino: the first ``num_prompts``
+    Builds the validation prompts and the scorer from ``options`` (embedded: the subject in a
+    context its images never showed, scored by the analytic metrics; clip-dino: the first ``num_prompts``
     DreamBooth object prompts, scored by CLIP-T and DINO against ``instance_images``) and calls
     :func:`choose_and_record`. The manifest's ``pair_choice`` also records the options used.
     Returns the rewritten manifest.
@@ -408,8 +379,6 @@ def auto_choose_pair(root: str, subject_id: str, components, instance_images: li
         raise ValueError(f"options must be a PairChoiceOptions, got {type(options).__name__}")
     scorer, prompts, plain = build_scorer(options, instance_images, class_noun, token,
                                           getattr(components, "device", None))
-    from dreamblend_ray.config import to_dict
-
     return choose_and_record(root, subject_id, components, scorer, prompts, plain, list(options.seeds),
                              options.sampling_config(), options.tolerance, progress=progress,
                              extra={"options": to_dict(options), "plain_prompts": list(plain)})

@@ -53,7 +53,8 @@ from dreamblend_ray.dtypes import mixed_precision_argument
 from dreamblend_ray.jobs.common import (TASK_RETRIES, JobResources, check_base, error_text, new_run_id, read_parquet,
                                        run_uri, write_parquet)
 from dreamblend_ray.jobs.manifests import SubjectSpec, apply_overrides, read_subjects
-from dreamblend_ray.evaluation.pair_choice import SCORERS, PairChoiceOptions
+from dreamblend_ray.evaluation.pair_choice import (SCORERS, PairChoiceOptions, ScorerPlugin, auto_choose_pair,
+                                                   register_scorer, scorer_plugin)
 
 logger = logging.getLogger(__name__)
 
@@ -105,19 +106,23 @@ def drop_subject_adapters(unet, subject_id: str) -> None:
 class FinetuneActor:
     """A Ray Data callable class: loads the base model once, then fine-tunes one subject per row.
 
-    ``pair_choice``: a ``PairChoiceOptions`` as a dict (``config.to_dict``), or None for no choice.
+    ``pair_choice``: a ``PairChoiceOptions`` as a dict (``config.to_dict``), or None for no choice;
+    ``scorer``: its scorer's plugin as the driver resolved it, registered here before the options are
+    rebuilt (a scorer the driver registered, like the embedded one, is not registered in an actor's process).
     ``run``: the run's URI; each subject's row is saved under it as soon as the subject ends
     (``run_records``). None saves nothing.
     """
 
     def __init__(self, base: str, output: str, torch_threads: int, use_gpu: bool,
-                 pair_choice: dict | None = None, run: str | None = None):
+                 pair_choice: dict | None = None, run: str | None = None, scorer: ScorerPlugin | None = None):
         import torch
 
         from dreamblend_ray.models.components import load_components, select_device
 
         torch.set_num_threads(torch_threads)
         self.output, self.run = output, run
+        if pair_choice and scorer is not None:
+            register_scorer(pair_choice["scorer"], scorer)
         self.pair_choice = PairChoiceOptions.from_dict(pair_choice) if pair_choice else None
         self.components = load_components(base, device=select_device() if use_gpu else "cpu")
         logger.info("finetune actor ready: base %s on %s, %d torch threads", self.components.source,
@@ -162,8 +167,6 @@ class FinetuneActor:
 
     def choose_pair(self, row: dict, manifest: dict, images: list, start: float) -> dict:
         """Score the checkpoints and record the pair; a failure keeps the (complete) manifest."""
-        from dreamblend_ray.evaluation.pair_choice import auto_choose_pair
-
         subject_id = row["subject_id"]
         try:
             manifest = auto_choose_pair(self.output, subject_id, self.components, images, row["class_noun"],
@@ -247,6 +250,7 @@ def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResou
                                               "torch_threads": resources.threads,
                                               "use_gpu": resources.gpus_per_actor > 0,
                                               "pair_choice": to_dict(pair_choice) if pair_choice else None,
+                                              "scorer": scorer_plugin(pair_choice.scorer) if pair_choice else None,
                                               "run": run},
         **resources.map_batches_args())
     # A task whose actor died more than TASK_RETRIES times loses its block; the other subjects go
