@@ -268,6 +268,25 @@ def _help(cls, name: str) -> str:
     return f"{rule.help}{bounds} (default: {shown})".replace("%", "%%")
 
 
+class _BoolFlag(argparse.Action):
+    """``--name [BOOL]`` (alone: true) and ``--no-name`` (false) set one bool setting."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            values = False
+        setattr(namespace, self.dest, True if values is None else values)
+
+
+def _items(parse: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """One argument of a list flag: ``1,2`` as well as ``1`` (the older comma-separated spelling)."""
+    def items(text: str) -> tuple:
+        return tuple(parse(part) for part in text.split(",") if part.strip())
+    items.__name__ = getattr(parse, "__name__", "value")  # argparse names it in "invalid int value"
+    return items
+
+
 def _argument_type(normalize: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -289,27 +308,30 @@ def add_arguments(parser, cls, names: list[str] | None = None) -> None:
         if rule.normalize is not None:
             options["type"] = _argument_type(rule.normalize)
         elif kind.base is bool:
-            options["type"] = _parse_bool
-            options["nargs"] = "?"
-            options["const"] = True
-            options["metavar"] = "BOOL"
+            options.update(type=_parse_bool, nargs="?", action=_BoolFlag, metavar="BOOL")
         elif kind.base in (int, float, str):
             options["type"] = kind.base
-            if isinstance(rule.choices, tuple):  # a registry's names are checked by the config
+            if isinstance(rule.choices, tuple) and not kind.sequence:  # the config checks the rest
                 options["choices"] = list(rule.choices)
         else:
             raise TypeError(f"{cls.__name__}.{name} ({kind.base}) has no command-line form")
         if kind.sequence:
-            options["nargs"] = "+"
-        parser.add_argument(flag_name(name), *rule.aliases, **options)
+            options.update(nargs="+", type=_items(options["type"]))
+        negation = ["--no-" + name.replace("_", "-")] if kind.base is bool else []
+        parser.add_argument(flag_name(name), *rule.aliases, *negation, **options)
+
+
+def given_args(cls, args: argparse.Namespace, names: list[str] | None = None) -> dict:
+    """The settings of ``cls`` whose flags (:func:`add_arguments`) were given, by field name."""
+    given = {name: getattr(args, name) for name in names or settings_of(cls)
+             if getattr(args, name, None) is not None}
+    return {name: tuple(item for part in v for item in part) if isinstance(v, list) else v
+            for name, v in given.items()}
 
 
 def from_args(cls, args: argparse.Namespace, names: list[str] | None = None, **extra):
     """Build ``cls`` from the flags of :func:`add_arguments` that were given, plus ``extra``."""
-    given = {name: getattr(args, name) for name in names or settings_of(cls)
-             if getattr(args, name, None) is not None}
-    given = {name: tuple(v) if isinstance(v, list) else v for name, v in given.items()}
-    return cls(**given, **extra)
+    return cls(**given_args(cls, args, names), **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +432,8 @@ class FinetuneConfig:
                                    help="AdamW learning rate (1e-4 suits LoRA; full fine-tunes of SD want ~5e-6)")
     lr_warmup_steps: int = setting(0, low=0, high=1_000_000, help="steps of linear learning-rate warm-up")
     batch_size: int = setting(1, low=1, high=1024, help="instance images per step")
-    gradient_accumulation_steps: int = setting(1, low=1, high=1024, help="micro-batches per optimizer step")
+    gradient_accumulation_steps: int = setting(1, low=1, high=1024, aliases=("--grad-accum",),
+                                                 help="micro-batches per optimizer step")
     seed: int = setting(0, low=0, high=MAX_SEED, help="seed of the run")
     rank: int = setting(4, low=1, high=1024, help="LoRA rank")
     lora_alpha: float | None = setting(None, low=1e-6, high=1e6, help="LoRA alpha (auto: the rank, scale 1)")

@@ -4,7 +4,7 @@
         python jobs/evaluate.py --subjects s3://bucket/eval/subjects.jsonl --checkpoints s3://bucket/out \
         --output s3://bucket/eval/run1 --base s3://bucket/models/sd15 \
         --clip-model s3://bucket/models/clip --dino-model s3://bucket/models/dino-vits16 \
-        --actors 2 --gpus-per-actor 1
+        --num-actors 2 --gpus-per-actor 1
 """
 
 import sys

@@ -1,4 +1,5 @@
-"""Ray job entry point: fine-tune every subject of a manifest (see dreamblend_ray/jobs/finetune.py).
+"""Ray job entry point: fine-tune every subject of a manifest (see dreamblend_ray/jobs/finetune.py;
+its flags: dreamblend_ray/jobs/cli.py).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/finetune_subjects.py --subjects s3://bucket/subjects.jsonl --output s3://bucket/out \
@@ -10,7 +11,7 @@ or `dreamblend submit finetune --address http://HEAD:8265 -- --subjects ... --ou
 import sys
 
 import dreamblend_ray.embedded.scorer  # noqa: F401 - registers the "embedded" pair-choice scorer (--choose-pair embedded)
-from dreamblend_ray.jobs.finetune import main
+from dreamblend_ray.jobs.cli import finetune_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(finetune_main())

@@ -1,5 +1,5 @@
 """Ray job entry point: DreamBlend images for rows of (subject, prompt, seed, ...) (see
-dreamblend_ray/jobs/generate.py).
+dreamblend_ray/jobs/generate.py; its flags: dreamblend_ray/jobs/cli.py).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/generate_batch.py --requests s3://bucket/prompts.jsonl --checkpoints s3://bucket/out \
@@ -10,7 +10,7 @@ or `dreamblend submit generate --address http://HEAD:8265 -- --requests ... --ou
 
 import sys
 
-from dreamblend_ray.jobs.generate import main
+from dreamblend_ray.jobs.cli import generate_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(generate_main())

@@ -121,15 +121,13 @@ def _dtype_flags() -> dict[str, "argparse.Action"]:
 
     from dreamblend_ray import cli
 
-    from dreamblend_ray.jobs import finetune as finetune_job
-
-    from dreamblend_ray.jobs import generate as generate_job
+    from dreamblend_ray.jobs import cli as job_cli
     from dreamblend_ray.commands import evaluate
 
     parsers = {f"dreamblend {name}": sub for action in cli.build_parser()._actions
                if isinstance(action, argparse._SubParsersAction) for name, sub in action.choices.items()}
-    parsers["jobs/finetune_subjects.py"] = finetune_job.build_parser()
-    parsers["jobs/generate_batch.py"] = generate_job.build_parser()
+    parsers["jobs/finetune_subjects.py"] = job_cli.finetune_parser()
+    parsers["jobs/generate_batch.py"] = job_cli.generate_parser()
     parsers["jobs/evaluate.py"] = argparse.ArgumentParser()
     evaluate.add_arguments(parsers["jobs/evaluate.py"])
     return {f"{where} {flag}": action for where, parser in parsers.items() for action in parser._actions

@@ -122,7 +122,7 @@ def test_generation_groups_one_task_per_subject_and_batches_by_settings():
 
 
 def test_job_cli_rejects_bad_input_before_starting_ray(tmp_path, s3_server):
-    from dreamblend_ray.jobs.finetune import main
+    from dreamblend_ray.jobs.cli import finetune_main as main
 
     manifest = write_jsonl(str(tmp_path / "s.jsonl"), [{"subject_id": "a b", "class_noun": "dog", "images": ["x.png"]}])
     assert main(["--subjects", manifest, "--output", str(tmp_path / "out"), "--base", "tiny"]) == 2
@@ -132,7 +132,7 @@ def test_job_cli_rejects_bad_input_before_starting_ray(tmp_path, s3_server):
 
 
 def test_generate_cli_rejects_bad_input_before_starting_ray(tmp_path):
-    from dreamblend_ray.jobs.generate import main
+    from dreamblend_ray.jobs.cli import generate_main as main
 
     requests = write_jsonl(str(tmp_path / "r.jsonl"), [{"subject_id": "a", "prompt": "p", "settings": {"alpha": 99}}])
     assert main(["--requests", requests, "--output", str(tmp_path / "out"), "--base", "tiny"]) == 2
@@ -162,7 +162,7 @@ def no_ray(monkeypatch):
 def test_bad_inputs_fail_in_the_driver_before_any_actor(tmp_path, s3_server, no_ray, caplog):
     """Issue 21.3: a bad base, an unwritable output root and a missing or invalid subjects file
     fail in the driver with one line, before Ray starts."""
-    from dreamblend_ray.jobs.finetune import main
+    from dreamblend_ray.jobs.cli import finetune_main as main
 
     subjects = two_subjects(tmp_path)
     (tmp_path / "no-model").mkdir()
@@ -238,18 +238,19 @@ def test_a_failure_after_actors_start_keeps_what_finished(tmp_path, monkeypatch)
 def test_gather_reads_a_run_whose_driver_died(tmp_path, no_ray):
     """The rows a dead run left become its results table; subjects without one are failed rows."""
     from dreamblend_ray.jobs import finetune as finetune_job
+    from dreamblend_ray.jobs.cli import finetune_main
     from dreamblend_ray.jobs import run_records
 
     out = str(tmp_path / "out")
     run = storage.join(out, "runs", "dead")
     storage.write_json(storage.join(run, "job.json"), {"subject_ids": ["red", "blue"]})
     run_records.save_row(run, finetune_job.result_row("red", "succeeded", out, 2.0), finetune_job.RESULT_SCHEMA)
-    assert finetune_job.main(["--gather", "--output", out, "--run-id", "dead"]) == 3
+    assert finetune_main(["--gather", "--output", out, "--run-id", "dead"]) == 3
     rows = {row["subject_id"]: row for row in finetune_job.read_results(out, "dead")}
     assert rows["red"]["status"] == "succeeded" and rows["red"]["seconds"] == 2.0
     assert rows["blue"]["status"] == "failed" and rows["blue"]["error"].startswith("unfinished")
-    assert finetune_job.main(["--gather", "--output", out]) == 2  # needs --run-id
-    assert finetune_job.main(["--output", out]) == 2  # neither --subjects nor --gather
+    assert finetune_main(["--gather", "--output", out]) == 2  # needs --run-id
+    assert finetune_main(["--output", out]) == 2  # neither --subjects nor --gather
 
 
 # --------------------------------------------------------------------------- jobs on Ray + S3

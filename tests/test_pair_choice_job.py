@@ -11,8 +11,8 @@ from dreamblend_ray.training import checkpoints, layout
 from dreamblend_ray.io import storage
 from dreamblend_ray.config import FinetuneConfig, to_dict
 from dreamblend_ray.embedded import metrics, world
-from dreamblend_ray.jobs.finetune import (FinetuneActor, build_parser, pair_choice_from_args,
-                                        run_finetune_job, subject_items)
+from dreamblend_ray.jobs.cli import finetune_parser as build_parser, pair_choice_from_args
+from dreamblend_ray.jobs.finetune import FinetuneActor, run_finetune_job, subject_items
 from dreamblend_ray.jobs.common import JobResources
 from dreamblend_ray.jobs.manifests import SubjectSpec
 from dreamblend_ray.embedded.scorer import embedded_prompts  # importing it registers the "embedded" scorer

@@ -17,12 +17,17 @@ import argparse
 import logging
 import sys
 
-from dreamblend_ray.runtime import exit_codes
-
-from dreamblend_ray.runtime import lifecycle
+from dreamblend_ray import config
+from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.dtypes import add_dtype_argument
+from dreamblend_ray.jobs.flags import LOG_LEVELS, RESOURCE_DEFAULTS, add_base_argument, add_resource_arguments
+from dreamblend_ray.runtime import exit_codes, lifecycle
 
 logger = logging.getLogger(__name__)
+
+# alpha is set per method (--alphas), reference images are not scored, layers is nested.
+SAMPLING_FLAGS = [name for name in config.settings_of(SamplingConfig)
+                  if name not in ("alpha", "return_reference", "layers")]
 
 
 def _list(kind, text: str):
@@ -46,8 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CLIPModel directory or s3:// URI (transformers layout; never downloaded)")
     parser.add_argument("--dino-model", default=None,
                         help="self-supervised ViTModel (DINO ViT-S/16) directory or s3:// URI")
-    parser.add_argument("--base", default="embedded",
-                        help="base model: a diffusers directory, an s3:// URI, 'tiny' or 'embedded'")
+    add_base_argument(parser)
     parser.add_argument("--alphas", type=lambda t: _list(float, t), default=(0.1, 0.25, 0.5),
                         help="DreamBlend strengths to evaluate (default 0.1,0.25,0.5)")
     parser.add_argument("--seeds", type=lambda t: _list(int, t), default=(0, 1, 2, 3),
@@ -58,28 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override every subject's recorded guidance checkpoint")
     parser.add_argument("--edit-step", type=int, default=None,
                         help="override every subject's recorded edit checkpoint")
-    parser.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (default 3)")
-    parser.add_argument("--guidance-fraction", type=float, default=0.5,
-                        help="fraction of the steps that are guided (default 0.5)")
-    parser.add_argument("--step-size", type=float, default=1.0, help="latent update step size eta")
     parser.add_argument("--grid-prompts", type=int, default=8, help="prompts (columns) per grid")
-    parser.add_argument("--actors", type=int, default=1, help="Ray Data actors (one per GPU)")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
+    add_resource_arguments(parser, ("num_actors", "gpus_per_actor"))
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     add_dtype_argument(parser)
-    parser.add_argument("--address", default=None,
-                        help="Ray address (default: RAY_ADDRESS, or a new local cluster)")
     parser.add_argument("--no-ray", action="store_true",
                         help="run in this process without Ray (debugging, small runs)")
+    config.add_arguments(parser.add_argument_group("sampling settings", "the same for every method"),
+                         SamplingConfig, SAMPLING_FLAGS)
 
 
 def config_from_args(args: argparse.Namespace):
-    from dreamblend_ray.config import SamplingConfig
     from dreamblend_ray.jobs.evaluate import EvalConfig
 
-    sampling = SamplingConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                              guidance_fraction=args.guidance_fraction, step_size=args.step_size)
+    sampling = config.from_args(SamplingConfig, args, SAMPLING_FLAGS)
     return EvalConfig(alphas=tuple(args.alphas), seeds=tuple(args.seeds), num_prompts=args.num_prompts,
                       guidance_step=args.guidance_step, edit_step=args.edit_step, sampling=sampling,
                       grid_prompts=args.grid_prompts)
@@ -87,14 +83,15 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from dreamblend_ray.jobs.evaluate import run_evaluation
-    from dreamblend_ray.runtime.lifecycle import init_ray
 
-    config = config_from_args(args)
+    settings = config_from_args(args)
+    actors = RESOURCE_DEFAULTS["num_actors"] if args.num_actors is None else args.num_actors
+    gpus = RESOURCE_DEFAULTS["gpus_per_actor"] if args.gpus_per_actor is None else args.gpus_per_actor
     if not args.no_ray:
-        init_ray(args.address)
+        lifecycle.init_ray(args.address)
     report = run_evaluation(args.subjects, args.checkpoints, args.output, args.clip_model, args.dino_model,
-                            base=args.base, config=config, use_ray=not args.no_ray, actors=args.actors,
-                            gpus_per_actor=args.gpus_per_actor, device=args.device, dtype=args.dtype)
+                            base=args.base, config=settings, use_ray=not args.no_ray, actors=actors,
+                            gpus_per_actor=gpus, device=args.device, dtype=args.dtype)
     logger.info("results table: %s", report["outputs"]["table"])
     sys.stdout.write(open_table(report["outputs"]["table"]))
     return 0
@@ -109,7 +106,7 @@ def open_table(uri: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``jobs/evaluate.py`` (same arguments as ``dreamblend evaluate``)."""
     parser = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=list(LOG_LEVELS))
     add_arguments(parser)
     lifecycle.add_arguments(parser)
     exit_codes.document(parser)

@@ -32,19 +32,21 @@ import os
 import sys
 from pathlib import Path
 
+from dreamblend_ray.jobs.flags import DEFAULT_BASE
 from dreamblend_ray.runtime import exit_codes
 
 logger = logging.getLogger(__name__)
 
-JOBS = {"finetune": ("jobs/finetune_subjects.py", "dreamblend_ray.jobs.finetune"),
-        "generate": ("jobs/generate_batch.py", "dreamblend_ray.jobs.generate")}
+# job -> (its script under jobs/, the module of its command line)
+JOBS = {"finetune": ("jobs/finetune_subjects.py", "dreamblend_ray.jobs.cli"),
+        "generate": ("jobs/generate_batch.py", "dreamblend_ray.jobs.cli")}
 # --working-dir: what a job never needs (gitwildmatch patterns, relative to the directory).
 EXCLUDES = [".venv", ".venv/**", ".git", "outputs", "dreamblend-storage", "**/__pycache__", ".pytest_cache",
             "*.egg-info", ".cache", "build", "dist", "tests", "benchmarks", "docs", "k8s", "deployments"]
 # --code package: excluded from the shipped package (relative to dreamblend_ray/).
 PACKAGE_EXCLUDES = ["**/__pycache__", "*.pyc"]
 WEIGHTS = "embedded/weights/"  # the embedded base model's weights (~17 MiB), needed only by --base embedded
-EMBEDDED_BASE, DEFAULT_BASE = "embedded", "embedded"  # the jobs' --base default
+EMBEDDED_BASE = "embedded"  # DEFAULT_BASE is the jobs' --base default
 CODE_MODES = ("package", "installed")
 # runtime_env fields dreamblend submit sets itself, and the option that sets each
 OWN_FIELDS = {"pip": "--pip", "py_modules": "--code package", "working_dir": "--working-dir",
@@ -187,7 +189,7 @@ def merge_runtime_env(given: dict, own: dict) -> dict:
 
 def job_env(args: argparse.Namespace) -> dict[str, str]:
     """Variables for the job: storage endpoint/region, optionally credentials, and --env entries."""
-    from dreamblend_ray.jobs.common import storage_env
+    from dreamblend_ray.jobs.common import storage_env  # deferred: jobs.common loads pyarrow
 
     env = storage_env()
     if args.forward_aws_credentials:

@@ -1,7 +1,8 @@
 """What the Ray Data jobs share: resources, run ids, Ray start-up and the Parquet outputs.
 
-The job modules (``finetune_job``, ``generate_job``) hold the logic; ``jobs/*.py`` are thin entry
-points for ``ray job submit``.
+The job modules (``finetune_job``, ``generate_job``) hold the logic, ``jobs/cli.py`` their command
+lines; ``jobs/*.py`` are thin entry points for ``ray job submit``. The flags every job and command
+shares (``--base``, ``--address``, the actor-pool sizes) are declared once in ``jobs/flags.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.config import check_range
+from dreamblend_ray.jobs.flags import RESOURCE_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +43,10 @@ class JobResources:
     torch_threads: intra-op threads per actor (None: the actor's CPU count, at least 1).
     """
 
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    torch_threads: int | None = None
+    num_actors: int = RESOURCE_DEFAULTS["num_actors"]
+    cpus_per_actor: float = RESOURCE_DEFAULTS["cpus_per_actor"]
+    gpus_per_actor: float = RESOURCE_DEFAULTS["gpus_per_actor"]
+    torch_threads: int | None = RESOURCE_DEFAULTS["torch_threads"]
 
     def __post_init__(self):
         check_range("num_actors", self.num_actors, 1, 10_000, integer=True)

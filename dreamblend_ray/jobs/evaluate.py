@@ -37,7 +37,7 @@ from dreamblend_ray.evaluation import protocol as benchmark
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import encode_png
 from dreamblend_ray.runtime import lifecycle
-from dreamblend_ray.config import SamplingConfig, check_range, to_dict
+from dreamblend_ray.config import MAX_SEED, SamplingConfig, check_range, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EvalConfig:
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
         for seed in self.seeds:
-            check_range("seeds", seed, 0, 2**63 - 1, integer=True)
+            check_range("seeds", seed, 0, MAX_SEED, integer=True)
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
         if self.num_prompts is not None:
@@ -92,10 +92,7 @@ class EvalConfig:
         return [("guidance", 0.0), ("edit", 0.0)] + [("dreamblend", float(a)) for a in self.alphas]
 
     def to_json(self) -> dict:
-        out = to_dict(self)
-        out["sampling"] = {k: v for k, v in to_dict(self.sampling).items() if k != "layers"}
-        out["sampling"]["layers"] = to_dict(self.sampling.layers)
-        return out
+        return to_dict(self)
 
 
 def method_label(method: str, alpha: float) -> str:

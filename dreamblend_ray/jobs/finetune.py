@@ -18,8 +18,12 @@ Pipeline (``run_finetune_job``)::
 
 Before any actor starts, the driver checks the subjects file, the base model (a local folder or an
 s3:// prefix must hold model_index.json) and the output root (job.json is written there first), so
-those mistakes fail in seconds with one line. ``gather_results`` (``--gather --run-id ID``) builds
-the results table of a run whose driver died, from the rows it left.
+those mistakes fail in seconds with one line. Each subject's FinetuneConfig is built and validated
+once, there (the flags, then the manifest row's overrides); it reaches its actor as exact JSON
+(``config.to_dict`` / ``from_dict``) in the subject's row, with the subject.json the driver already
+read when only the pair is left to choose. ``gather_results`` (``--gather --run-id ID``) builds
+the results table of a run whose driver died, from the rows it left. The command line is in
+``jobs/cli.py``.
 
 Checkpoints land under ``{output}/subjects/{id}/`` (see ``checkpoints``).
 
@@ -30,7 +34,6 @@ default pair, and a rerun with pair choice on scores them without training again
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -41,20 +44,17 @@ import pyarrow as pa
 
 from dreamblend_ray.training import checkpoints, layout
 
-from dreamblend_ray.runtime import exit_codes
-
 from dreamblend_ray.runtime import lifecycle
 
 from dreamblend_ray.jobs import run_records
 
 from dreamblend_ray.io import storage
-from dreamblend_ray.config import FinetuneConfig, to_dict
-from dreamblend_ray.dtypes import mixed_precision_argument
+from dreamblend_ray.config import FinetuneConfig, from_dict, to_dict
 from dreamblend_ray.jobs.common import (TASK_RETRIES, JobResources, check_base, error_text, new_run_id, read_parquet,
                                        run_uri, write_parquet)
 from dreamblend_ray.jobs.manifests import SubjectSpec, apply_overrides, read_subjects
-from dreamblend_ray.evaluation.pair_choice import (SCORERS, PairChoiceOptions, ScorerPlugin, auto_choose_pair,
-                                                   register_scorer, scorer_plugin)
+from dreamblend_ray.evaluation.pair_choice import (PairChoiceOptions, ScorerPlugin, auto_choose_pair, register_scorer,
+                                                   scorer_plugin)
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +137,17 @@ class FinetuneActor:
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
     def run_one(self, row: dict) -> dict:
+        """One subject of ``subject_items``: its ``config`` (JSON of a validated FinetuneConfig) and,
+        for a subject the driver found complete but without a chosen pair, its ``manifest``."""
         from dreamblend_ray.training.finetune import finetune_subject, image_uris, read_image
 
         start = time.perf_counter()
         subject_id = row["subject_id"]
         try:
-            if layout.is_complete(self.output, subject_id):
+            manifest = json.loads(row["manifest"]) if row.get("manifest") else None
+            if manifest is None and layout.is_complete(self.output, subject_id):  # finished meanwhile
                 manifest = layout.read_manifest(self.output, subject_id)
+            if manifest is not None:
                 if not needs_pair_choice(manifest, self.pair_choice):
                     logger.info("subject %s: already complete, skipped", subject_id)
                     return result_row(subject_id, "skipped", self.output, time.perf_counter() - start, manifest)
@@ -151,7 +155,7 @@ class FinetuneActor:
                 images = [read_image(u) for u in image_uris(list(row["images"]))]
                 return self.choose_pair(row, manifest, images, start)
             uris = image_uris(list(row["images"]))
-            config = apply_overrides(FinetuneConfig(), json.loads(row["config"]))
+            config = from_dict(FinetuneConfig, json.loads(row["config"]))
             # With pair choice the images are read once here: training and scoring share them.
             images = [read_image(u) for u in uris] if self.pair_choice else uris
             manifest = finetune_subject(self.components, images, row["class_noun"], subject_id, self.output,
@@ -199,15 +203,17 @@ class FinetuneJobResult:
 
 
 def subject_items(specs: list[SubjectSpec], base_config: FinetuneConfig) -> list[dict]:
-    """Dataset rows; each subject's overrides are applied (and validated) here, in the driver."""
+    """Dataset rows; a subject with overrides gets ``base_config`` with them, validated here, in
+    the driver. ``config`` is the exact JSON of the subject's FinetuneConfig; ``manifest`` (JSON;
+    "" when none) is filled by ``already_complete`` for a subject that only needs its pair chosen."""
     items = []
     for spec in specs:
         try:
-            config = apply_overrides(base_config, spec.overrides)
+            config = apply_overrides(base_config, spec.overrides) if spec.overrides else base_config
         except ValueError as exc:
             raise ValueError(f"subject {spec.subject_id!r}: {exc}") from exc
         items.append({"subject_id": spec.subject_id, "class_noun": spec.class_noun,
-                      "images": list(spec.images), "config": json.dumps(to_dict(config))})
+                      "images": list(spec.images), "config": json.dumps(to_dict(config)), "manifest": ""})
     return items
 
 
@@ -215,8 +221,9 @@ def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOpti
                      run: str | None = None) -> list[dict]:
     """"skipped" rows for subjects whose manifest exists (checked concurrently, from the driver,
     so a finished rerun starts no actors); actors check again before they train. With pair choice
-    on, a subject whose manifest has no ``pair_choice`` entry is not done yet. Each row is saved
-    under ``run`` (when given), like the actors' rows."""
+    on, a subject whose manifest has no ``pair_choice`` entry is not done yet: its item gets the
+    manifest read here (``item["manifest"]``), so its actor only chooses the pair. Each row is
+    saved under ``run`` (when given), like the actors' rows."""
     from concurrent.futures import ThreadPoolExecutor
 
     def check(item):
@@ -225,6 +232,7 @@ def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOpti
             return None
         manifest = layout.read_manifest(output, item["subject_id"])
         if needs_pair_choice(manifest, pair_choice):
+            item["manifest"] = json.dumps(manifest)
             return None
         row = result_row(item["subject_id"], "skipped", output, time.perf_counter() - start, manifest)
         if run:
@@ -344,129 +352,3 @@ def gather_results(output: str, run_id: str, subject_ids: list[str] | None = Non
 def read_results(output: str, run_id: str) -> list[dict]:
     """The rows of a run's results.parquet (see ``gather_results`` for a run that did not end)."""
     return read_parquet(storage.join(run_uri(output, run_id), "results.parquet"))
-
-
-# --------------------------------------------------------------------------- command line
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="jobs/finetune_subjects.py",
-        description="Fine-tune every subject of a manifest (JSONL/Parquet) on a Ray Data actor pool.")
-    parser.add_argument("--subjects", help="subjects manifest URI (.jsonl or .parquet); required unless --gather")
-    parser.add_argument("--output", required=True, help="output root (local path or s3://bucket/prefix)")
-    parser.add_argument("--run-id", help="name of this run's folder under {output}/runs/ (default: time-based)")
-    parser.add_argument("--gather", action="store_true",
-                        help="start nothing: gather the saved rows of run --run-id (e.g. one whose driver died) "
-                             "into its results.parquet; subjects without a row become failed rows")
-    parser.add_argument("--base", default="embedded", help="base model: embedded, tiny, a directory or s3:// URI")
-    add_resource_arguments(parser)
-    parser.add_argument("--steps", type=int, help="fine-tuning steps per subject")
-    parser.add_argument("--checkpoint-steps", type=lambda s: tuple(int(x) for x in s.split(",") if x),
-                        help="comma-separated steps to save (default: 10/25/50/75/100%% of the run)")
-    parser.add_argument("--method", choices=["lora", "full"], help="LoRA (default) or full fine-tuning")
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--rank", type=int, help="LoRA rank")
-    parser.add_argument("--no-prior-preservation", action="store_true",
-                        help="skip the class-prior loss (on by default, with 50 class images generated once per "
-                             "base model and class noun and cached under OUTPUT/class_images/; "
-                             "docs/finetuning.md: why, and the cost)")
-    parser.add_argument("--mixed-precision", type=mixed_precision_argument, metavar="{auto,no,fp16,bf16}",
-                        help="autocast on CUDA (default auto; float16/bfloat16 accepted, fp32 means no)")
-    parser.add_argument("--num-class-images", type=int)
-    parser.add_argument("--config-json", default="{}", help="further FinetuneConfig fields as a JSON object")
-    add_pair_choice_arguments(parser)
-    parser.add_argument("--allow-failures", action="store_true",
-                        help="exit 0 even when some subjects failed (they are in the results table)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    lifecycle.add_arguments(parser)
-    return exit_codes.document(parser, exit_codes.PARTIAL)
-
-
-def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, or a new local cluster)")
-    parser.add_argument("--num-actors", type=int, default=1, help="actors in the pool (default 1)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU)")
-    parser.add_argument("--torch-threads", type=int, help="torch threads per actor (default: its CPUs)")
-
-
-def add_pair_choice_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("automatic pair choice",
-                                      "score each subject's checkpoints and record the chosen pair in subject.json")
-    group.add_argument("--choose-pair", choices=list(SCORERS),
-                       help="scorer: embedded (analytic metrics of the embedded model) or clip-dino (CLIP-T and "
-                            "DINO; needs --clip-model and --dino-model); default: keep the configured pair")
-    group.add_argument("--clip-model", help="CLIP model directory or s3:// URI (transformers layout)")
-    group.add_argument("--dino-model", help="DINO ViT model directory or s3:// URI (transformers layout)")
-    group.add_argument("--choice-prompts", type=int, help="validation prompts per subject (default 4)")
-    group.add_argument("--choice-tolerance", type=float,
-                       help="relative prompt-fidelity tolerance for the guidance step (default 0.1)")
-    group.add_argument("--choice-context", choices=("companion", "background"),
-                       help="embedded scorer: prompts add a second object (default) or a new background")
-
-
-def pair_choice_from_args(args: argparse.Namespace) -> PairChoiceOptions | None:
-    extra = {"--clip-model": args.clip_model, "--dino-model": args.dino_model,
-             "--choice-prompts": args.choice_prompts, "--choice-tolerance": args.choice_tolerance,
-             "--choice-context": args.choice_context}
-    if args.choose_pair is None:
-        given = [flag for flag, value in extra.items() if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} need(s) --choose-pair")
-        return None
-    fields = {"clip_model": args.clip_model, "dino_model": args.dino_model, "num_prompts": args.choice_prompts,
-              "tolerance": args.choice_tolerance, "context": args.choice_context}
-    return PairChoiceOptions(args.choose_pair, **{k: v for k, v in fields.items() if v is not None})
-
-
-def resources_from_args(args: argparse.Namespace) -> JobResources:
-    return JobResources(num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
-                        gpus_per_actor=args.gpus_per_actor, torch_threads=args.torch_threads)
-
-
-def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    try:
-        overrides = json.loads(args.config_json)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--config-json is not valid JSON: {exc}") from exc
-    if not isinstance(overrides, dict):
-        raise ValueError("--config-json must be a JSON object")
-    flags = {"steps": args.steps, "checkpoint_steps": args.checkpoint_steps, "method": args.method,
-             "learning_rate": args.learning_rate, "rank": args.rank, "num_class_images": args.num_class_images,
-             "mixed_precision": args.mixed_precision}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_prior_preservation:
-        overrides["prior_preservation"] = False
-    return apply_overrides(FinetuneConfig(), overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return lifecycle.main("finetune-job", args, lambda: run_from_args(args))
-
-
-def job_from_args(args: argparse.Namespace) -> FinetuneJobResult:
-    if args.gather:
-        if not args.run_id:
-            raise ValueError("--gather needs --run-id (the folder under {output}/runs/ to read)")
-        return gather_results(args.output, args.run_id)
-    if not args.subjects:
-        raise ValueError("--subjects is required (or --gather --run-id ID to read an earlier run)")
-    return run_finetune_job(args.subjects, args.output, base=args.base, config=config_from_args(args),
-                            resources=resources_from_args(args), run_id=args.run_id,
-                            address=args.address, pair_choice=pair_choice_from_args(args))
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        result = job_from_args(args)
-    except (ValueError, FileNotFoundError, storage.StorageError) as exc:
-        logger.error("%s", exc)
-        return exit_codes.USAGE
-    return exit_codes.OK if result.ok or args.allow_failures else exit_codes.PARTIAL
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -10,14 +10,15 @@ Pipeline (``run_generate_job``)::
       └─ {output}/images/{subject_id}/{row}-{k}.png and {output}/runs/{run_id}/index.parquet
 
 Grouping happens in the driver: the request table is small metadata, and one task per group
-means an actor loads each pair exactly once per task, without a shuffle stage.
+means an actor loads each pair exactly once per task, without a shuffle stage. Each request's
+SamplingConfig (the job's settings with the row's own) is built and validated once, there too,
+and travels in the task as exact JSON (``config.to_dict`` / ``from_dict``).
 Images are batch invariant (each depends only on its own prompt, seed and settings), so
-batching never changes a picture.
+batching never changes a picture. The command line is in ``jobs/cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -27,19 +28,20 @@ import pyarrow as pa
 
 from dreamblend_ray.training import checkpoints
 
-from dreamblend_ray.runtime import exit_codes
-
 from dreamblend_ray.runtime import lifecycle
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import encode_png
-from dreamblend_ray.config import SamplingConfig, check_range, to_dict, validate_subject_id
-from dreamblend_ray.dtypes import add_dtype_argument, normalize_dtype
+from dreamblend_ray.config import SamplingConfig, check_range, from_dict, to_dict
+from dreamblend_ray.dtypes import normalize_dtype
 from dreamblend_ray.jobs.common import (JobResources, check_base, error_text, new_run_id, run_uri,
                                        write_parquet)
-from dreamblend_ray.jobs.manifests import GenerationRequest, read_requests, sampling_config
+from dreamblend_ray.jobs.manifests import GenerationRequest, load_requests, request_configs
 
 logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 8  # images per sampler call
+MAX_IMAGES_PER_TASK = 256  # a subject's rows are split into tasks of at most this many images
 
 INDEX_SCHEMA = pa.schema([
     ("row", pa.int64()), ("k", pa.int64()), ("subject_id", pa.string()), ("prompt", pa.string()),
@@ -50,7 +52,8 @@ INDEX_SCHEMA = pa.schema([
 
 
 def image_uri(output: str, subject_id: str, row: int, k: int) -> str:
-    return storage.join(output, "images", validate_subject_id(subject_id), f"{int(row)}-{int(k)}.png")
+    """Where image k of a request goes (``subject_id`` was validated with its request)."""
+    return storage.join(output, "images", subject_id, f"{int(row)}-{int(k)}.png")
 
 
 def index_row(request: dict, k: int, seconds: float, uri: str | None = None, error: str | None = None,
@@ -63,10 +66,10 @@ def index_row(request: dict, k: int, seconds: float, uri: str | None = None, err
 
 
 def sampler_batches(requests: list[dict], batch_size: int) -> list[list[tuple[dict, int]]]:
-    """(request, k) image entries, grouped by settings and negative-prompt use, in chunks."""
+    """(request, k) image entries, grouped by SamplingConfig and negative-prompt use, in chunks."""
     groups: dict[tuple, list] = {}
     for request in requests:
-        key = (json.dumps(request["settings"], sort_keys=True), request["negative_prompt"] is not None)
+        key = (json.dumps(request["config"], sort_keys=True), request["negative_prompt"] is not None)
         groups.setdefault(key, []).extend((request, k) for k in range(request["num_images"]))
     return [entries[i:i + batch_size] for entries in groups.values() for i in range(0, len(entries), batch_size)]
 
@@ -74,7 +77,7 @@ def sampler_batches(requests: list[dict], batch_size: int) -> list[list[tuple[di
 class GenerateActor:
     """A Ray Data callable class: base model and sampler loaded once; one (subject, steps) task per row."""
 
-    def __init__(self, base: str, checkpoints_root: str, output: str, base_settings: dict, batch_size: int,
+    def __init__(self, base: str, checkpoints_root: str, output: str, batch_size: int,
                  torch_threads: int, use_gpu: bool, dtype: str | None = None):
         import torch
 
@@ -86,7 +89,6 @@ class GenerateActor:
         self.components = load_components(base, device=device, dtype=select_dtype(device, dtype))
         self.sampler = DreamBlendSampler(self.components)
         self.root, self.output, self.batch_size = checkpoints_root, output, batch_size
-        self.base_settings = sampling_config(SamplingConfig(), base_settings)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [r for task in batch.to_pylist() for r in self.run_task(task)]
@@ -116,7 +118,7 @@ class GenerateActor:
         first = entries[0][0]
         start = time.perf_counter()
         try:
-            config = sampling_config(self.base_settings, first["settings"])
+            config = from_dict(SamplingConfig, first["config"])
             negatives = [r["negative_prompt"] for r, _ in entries] if first["negative_prompt"] is not None else None
             result = self.sampler.sample(pair, [r["prompt"] for r, _ in entries],
                                          [r["seed"] + k for r, k in entries], config, negatives)
@@ -133,12 +135,17 @@ class GenerateActor:
             return [index_row(r, k, per_image, error=error_text(exc), steps=steps) for r, k in entries]
 
 
-def group_tasks(requests: list[GenerationRequest], max_images_per_task: int) -> list[dict]:
-    """One task per (subject, G step, E step), split so no task exceeds ``max_images_per_task``."""
+def group_tasks(requests: list[GenerationRequest], max_images_per_task: int,
+                configs: list[SamplingConfig] | None = None) -> list[dict]:
+    """One task per (subject, G step, E step), split so no task exceeds ``max_images_per_task``.
+
+    Each request's row carries its SamplingConfig (``configs``, one per request; default: the
+    request's settings over the defaults) as ``config``, a ``config.to_dict``."""
+    configs = request_configs(requests, SamplingConfig()) if configs is None else configs
     groups: dict[tuple, list[dict]] = {}
-    for request in requests:
+    for request, config in zip(requests, configs, strict=True):
         key = (request.subject_id, request.guidance_step, request.edit_step)
-        groups.setdefault(key, []).append(asdict(request))
+        groups.setdefault(key, []).append({**asdict(request), "config": to_dict(config)})
     tasks = []
     for (subject_id, g, e), rows in groups.items():
         chunk, size = [], 0
@@ -173,13 +180,14 @@ class GenerateJobResult:
 
 
 def run_generate_job(requests: str | list[GenerationRequest], output: str, *, checkpoints_root: str | None = None,
-                     base: str = "embedded", settings: dict | None = None, batch_size: int = 8,
-                     max_images_per_task: int = 256, resources: JobResources = JobResources(),
-                     run_id: str | None = None, address: str | None = None,
-                     dtype: str | None = None) -> GenerateJobResult:
+                     base: str = "embedded", settings: SamplingConfig | dict | None = None,
+                     batch_size: int = BATCH_SIZE, max_images_per_task: int = MAX_IMAGES_PER_TASK,
+                     resources: JobResources = JobResources(), run_id: str | None = None,
+                     address: str | None = None, dtype: str | None = None) -> GenerateJobResult:
     """Generate every requested image into ``output``; returns (and writes) the index table.
 
-    settings: SamplingConfig fields applied to every row (a row's own settings win).
+    settings: the SamplingConfig of every row (a row's own settings win), or its fields as a
+    dict (``config.from_dict``: unknown keys are an error).
     checkpoints_root: where the subjects were fine-tuned (default: ``output``).
     dtype: the actors' weights dtype (``dtypes``: fp32/fp16/bf16 or an alias; None: per device).
     """
@@ -187,10 +195,13 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
     check_range("batch_size", batch_size, 1, 1024, integer=True)
     check_range("max_images_per_task", max_images_per_task, 1, 1_000_000, integer=True)
     dtype = normalize_dtype(dtype)
-    base_settings = settings or {}
-    base_config = sampling_config(SamplingConfig(), base_settings)
-    rows = read_requests(requests, base_config) if isinstance(requests, str) else list(requests)
-    tasks = group_tasks(rows, max_images_per_task)
+    base_config = settings if isinstance(settings, SamplingConfig) else from_dict(SamplingConfig, settings or {})
+    if isinstance(requests, str):
+        rows, configs = load_requests(requests, base_config)
+    else:
+        rows = list(requests)
+        configs = request_configs(rows, base_config)
+    tasks = group_tasks(rows, max_images_per_task, configs)
     base, root = check_base(base), checkpoints_root or output
     run_id = run_id or new_run_id()
     run = run_uri(output, run_id)
@@ -205,9 +216,8 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
 
     dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         GenerateActor, fn_constructor_kwargs={
-            "base": base, "checkpoints_root": root, "output": output, "base_settings": base_settings,
-            "batch_size": batch_size, "torch_threads": resources.threads,
-            "use_gpu": resources.gpus_per_actor > 0, "dtype": dtype},
+            "base": base, "checkpoints_root": root, "output": output, "batch_size": batch_size,
+            "torch_threads": resources.threads, "use_gpu": resources.gpus_per_actor > 0, "dtype": dtype},
         **resources.map_batches_args())
     index: list[dict] = []
     try:
@@ -221,69 +231,3 @@ def run_generate_job(requests: str | list[GenerationRequest], output: str, *, ch
     logger.info("run %s done in %.1fs: %d images, %d failed; index %s", run_id, result.seconds,
                 len(index) - result.failed, result.failed, index_uri)
     return result
-
-
-# --------------------------------------------------------------------------- command line
-
-def build_parser() -> argparse.ArgumentParser:
-    from dreamblend_ray.jobs.finetune import add_resource_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="jobs/generate_batch.py",
-        description="DreamBlend images for rows of (subject_id, prompt, seed, num_images, settings).")
-    parser.add_argument("--requests", required=True, help="requests URI (.jsonl or .parquet)")
-    parser.add_argument("--output", required=True, help="output root for images/ and runs/")
-    parser.add_argument("--checkpoints", help="root the subjects were fine-tuned into (default: --output)")
-    parser.add_argument("--run-id", help="name of this run's folder under {output}/runs/")
-    parser.add_argument("--base", default="embedded", help="base model the subjects were fine-tuned from")
-    add_resource_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per sampler call")
-    parser.add_argument("--max-images-per-task", type=int, default=256,
-                        help="split a subject's rows into tasks of at most this many images")
-    parser.add_argument("--steps", type=int, help="DDIM steps (num_inference_steps)")
-    parser.add_argument("--alpha", type=float, help="guidance strength")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--settings-json", default="{}", help="further SamplingConfig fields as JSON")
-    add_dtype_argument(parser)
-    parser.add_argument("--allow-failures", action="store_true", help="exit 0 even when some images failed")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    lifecycle.add_arguments(parser)
-    return exit_codes.document(parser, exit_codes.PARTIAL)
-
-
-def settings_from_args(args: argparse.Namespace) -> dict:
-    try:
-        settings = json.loads(args.settings_json)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--settings-json is not valid JSON: {exc}") from exc
-    if not isinstance(settings, dict):
-        raise ValueError("--settings-json must be a JSON object")
-    flags = {"num_inference_steps": args.steps, "alpha": args.alpha, "guidance_scale": args.guidance_scale}
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    return settings
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return lifecycle.main("generate-job", args, lambda: run_from_args(args))
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    from dreamblend_ray.jobs.finetune import resources_from_args
-
-    try:
-        result = run_generate_job(args.requests, args.output, checkpoints_root=args.checkpoints, base=args.base,
-                                  settings=settings_from_args(args), batch_size=args.batch_size,
-                                  max_images_per_task=args.max_images_per_task,
-                                  resources=resources_from_args(args), run_id=args.run_id, address=args.address,
-                                  dtype=args.dtype)
-    except (ValueError, FileNotFoundError, storage.StorageError) as exc:
-        logger.error("%s", exc)
-        return exit_codes.USAGE
-    return exit_codes.OK if result.failed == 0 or args.allow_failures else exit_codes.PARTIAL
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

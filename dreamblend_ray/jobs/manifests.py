@@ -32,11 +32,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from dreamblend_ray.io import storage
-from dreamblend_ray.config import check_range, validate_class_noun, validate_subject_id
+from dreamblend_ray.config import (MAX_PROMPT_CHARS, MAX_SEED, SamplingConfig, check_range, validate_class_noun,
+                                   validate_subject_id)
 
-MAX_PROMPT_CHARS = 1000
 MAX_IMAGES_PER_ROW = 64
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -202,16 +201,13 @@ def _check_unique(uri: str, ids: list[str]) -> None:
 
 
 def apply_overrides(config, overrides: dict, what: str = "finetune"):
-    """``config`` with ``overrides`` applied (lists become tuples); ValueError names bad keys/values."""
-    names = {f.name: f for f in fields(config)}
+    """``config`` (a config dataclass) with ``overrides`` of JSON values applied and validated once
+    (lists become tuples, a nested ``layers`` object its dataclass); ValueError names bad keys/values."""
+    names = sorted(f.name for f in fields(config) if f.init)
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"unknown {what} setting(s) {unknown}; allowed: {sorted(names)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    try:
-        return replace(config, **values)
-    except TypeError as exc:
-        raise ValueError(f"bad {what} settings {overrides!r}: {exc}") from exc
+        raise ValueError(f"unknown {what} setting(s) {unknown}; allowed: {names}")
+    return replace(config, **overrides)
 
 
 # --------------------------------------------------------------------------- generation requests
@@ -228,25 +224,30 @@ def parse_request(row_index: int, row: dict) -> GenerationRequest:
                              settings=_mapping(row.get("settings"), "settings"), **optional)
 
 
-def read_requests(uri: str, base_settings=None) -> list[GenerationRequest]:
+def read_requests(uri: str, base: SamplingConfig | None = None) -> list[GenerationRequest]:
     """Validated generation requests; each row's settings are checked against SamplingConfig."""
-    from dreamblend_ray.config import SamplingConfig
+    return load_requests(uri, base)[0]
 
+
+def load_requests(uri: str, base: SamplingConfig | None = None) -> tuple[list[GenerationRequest],
+                                                                          list[SamplingConfig]]:
+    """The validated requests of ``uri`` and, for each, its SamplingConfig (``base`` with the
+    row's settings), built once here."""
     requests = _rows_checked(uri, parse_request)
-    base = base_settings or SamplingConfig()
+    return requests, request_configs(requests, base or SamplingConfig(), f"{uri} ")
+
+
+def request_configs(requests: list[GenerationRequest], base: SamplingConfig, where: str = "") -> list[SamplingConfig]:
+    """Each request's SamplingConfig: ``base`` with its settings (ValueError naming the row)."""
+    configs = []
     for request in requests:
         try:
-            sampling_config(base, request.settings)
+            configs.append(sampling_config(base, request.settings) if request.settings else base)
         except ValueError as exc:
-            raise ValueError(f"{uri} row {request.row + 1}: {exc}") from exc
-    return requests
+            raise ValueError(f"{where}row {request.row + 1}: {exc}") from exc
+    return configs
 
 
-def sampling_config(base, settings: dict):
-    """``base`` (a SamplingConfig) with a request's settings; ``layers`` may be a dict."""
-    from dreamblend_ray.config import LayerSelection
-
-    settings = dict(settings)
-    if isinstance(settings.get("layers"), dict):
-        settings["layers"] = apply_overrides(LayerSelection(), settings["layers"], "layers")
+def sampling_config(base: SamplingConfig, settings: dict) -> SamplingConfig:
+    """``base`` with a request's settings (JSON values; ``layers`` may be an object)."""
     return apply_overrides(base, settings, "settings")

@@ -29,12 +29,10 @@ from dreamblend_ray.method import guidance
 from dreamblend_ray.method.attention import Recorder, StopForward, recording, select_layers
 from dreamblend_ray.models.components import Components
 from dreamblend_ray.models.prompts import encode_prompts
-from dreamblend_ray.config import SamplingConfig
+from dreamblend_ray.config import MAX_SEED, SamplingConfig
 from dreamblend_ray.method.pair import single
 
 logger = logging.getLogger(__name__)
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass
