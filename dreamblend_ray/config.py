@@ -269,14 +269,13 @@ def _help(cls, name: str) -> str:
 
 
 class _BoolFlag(argparse.Action):
-    """``--name [BOOL]`` (alone: true) and ``--no-name`` (false) set one bool setting."""
+    """``--name [BOOL]`` sets a bool setting (alone: true); ``--no-name [BOOL]`` sets its negation
+    (alone: false), the spelling of e.g. ``--no-prior-preservation``."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if option_string and option_string.startswith("--no-"):
-            if values is not None:
-                parser.error(f"{option_string} takes no value")
-            values = False
-        setattr(namespace, self.dest, True if values is None else values)
+        value = True if values is None else values
+        negated = bool(option_string and option_string.startswith("--no-"))
+        setattr(namespace, self.dest, value != negated)
 
 
 def _items(parse: Callable[[str], Any]) -> Callable[[str], tuple]:

@@ -600,3 +600,36 @@ def test_generate_job_keeps_its_images_when_the_execution_fails(tmp_path, monkey
     assert index == result.rows and [(r["row"], r["k"], r["status"]) for r in index] == [
         (0, 0, "succeeded"), (0, 1, "failed"), (1, 0, "failed")]
     assert all("the actor pool could not start" in r["error"] for r in index[1:])
+
+
+def test_settings_json_is_read_exactly_and_the_flags_win(tmp_path, caplog):
+    from dreamblend_ray.config import LayerSelection, SamplingConfig
+    from dreamblend_ray.jobs.cli import generate_main, generate_parser, sampling_config_from_args
+
+    base = ["--requests", "r.jsonl", "--output", "o"]
+    args = generate_parser().parse_args(base + ["--settings-json", '{"alpha": 0.1, "layers": {"num_lowest": 1}}',
+                                                "--alpha", "0.2", "--steps", "12"])
+    assert sampling_config_from_args(args) == SamplingConfig(alpha=0.2, num_inference_steps=12,
+                                                             layers=LayerSelection(num_lowest=1))
+    with pytest.raises(ValueError, match="alpah"):
+        sampling_config_from_args(generate_parser().parse_args(base + ["--settings-json", '{"alpah": 1}']))
+    requests = write_jsonl(str(tmp_path / "ok.jsonl"), [{"subject_id": "a", "prompt": "p"}])
+    caplog.clear()
+    assert generate_main(["--requests", requests, "--output", str(tmp_path / "out"), "--base", "tiny",
+                          "--settings-json", '{"alpah": 1}']) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "'alpah'" in errors[0], errors
+
+
+def test_each_request_carries_its_config_as_exact_json():
+    """The driver builds each request's SamplingConfig once; the actor rebuilds the same one."""
+    from dreamblend_ray.config import SamplingConfig, from_dict
+    from dreamblend_ray.jobs.generate import group_tasks
+    from dreamblend_ray.jobs.manifests import request_configs
+
+    base = SamplingConfig(alpha=0.3, token_indices=(1, 2))
+    requests = [GenerationRequest(0, "a", "p0"), GenerationRequest(1, "a", "p1", settings={"layers": {"num_lowest": 1}})]
+    (task,) = group_tasks(requests, 256, request_configs(requests, base))
+    rows = json.loads(task["requests"])
+    assert [from_dict(SamplingConfig, r["config"]) for r in rows] == [
+        base, SamplingConfig(alpha=0.3, token_indices=(1, 2), layers={"num_lowest": 1})]

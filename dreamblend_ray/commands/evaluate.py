@@ -103,14 +103,18 @@ def open_table(uri: str) -> str:
     return storage.read_text(uri)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``jobs/evaluate.py`` (same arguments as ``dreamblend evaluate``)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``jobs/evaluate.py``: the arguments of ``dreamblend evaluate``."""
     parser = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", choices=list(LOG_LEVELS))
     add_arguments(parser)
     lifecycle.add_arguments(parser)
-    exit_codes.document(parser)
-    args = parser.parse_args(argv)
+    return exit_codes.document(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/evaluate.py`` (same arguments as ``dreamblend evaluate``)."""
+    args = build_parser().parse_args(argv)
     return lifecycle.main("evaluate-job", args, lambda: run_from_args(args))
 
 

@@ -25,9 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output root: a local path or a storage URI")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     settings = parser.add_argument_group(
-        "fine-tuning settings", "prior preservation is on by default (the DreamBooth paper's recipe; diffusers' "
-        "scripts default it off): the class images are generated once per base model and class noun, cached "
-        "under OUTPUT/class_images/, and each step then trains on a class image too (docs/finetuning.md: the cost)")
+        "fine-tuning settings",
+        "Prior preservation is on by default (the DreamBooth paper's recipe; diffusers' scripts default it\n"
+        "off): the class images are generated once per base model and class noun, cached under\n"
+        "OUTPUT/class_images/, and each step then trains on a class image too (docs/finetuning.md: the cost).")
     config.add_arguments(settings, FinetuneConfig)
     older = parser.add_argument_group("older spellings", "kept working; the settings above say the same")
     older.add_argument("--full", action="store_true", help="--method full")

@@ -71,8 +71,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     add_base_argument(parser)
     add_resource_arguments(parser)
     settings = parser.add_argument_group(
-        "fine-tuning settings", "for every subject; a manifest row's \"finetune\" object overrides them "
-        "(prior preservation is on by default: docs/finetuning.md, why and the cost)")
+        "fine-tuning settings", "for every subject; a manifest row's \"finetune\" object overrides them.\n"
+        "Prior preservation is on by default (docs/finetuning.md: why, and the cost).")
     config.add_arguments(settings, FinetuneConfig, FINETUNE_FLAGS)
     settings.add_argument("--config-json", default="{}",
                           help="FinetuneConfig fields as a JSON object; the flags above win over it")
@@ -159,7 +159,7 @@ def generate_parser() -> argparse.ArgumentParser:
                         help=f"split a subject's rows into tasks of at most this many images "
                              f"(default {MAX_IMAGES_PER_TASK})")
     settings = parser.add_argument_group("sampling settings",
-                                         "for every row; a request row's \"settings\" object overrides them")
+                                         "for every row; a request row's \"settings\" object overrides them.")
     config.add_arguments(settings, SamplingConfig, SAMPLING_FLAGS)
     settings.add_argument("--settings-json", default="{}",
                           help="SamplingConfig fields as a JSON object (layers too); the flags above win over it")
