@@ -37,6 +37,7 @@ from dreamblend_ray.evaluation import protocol as benchmark
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import encode_png
 from dreamblend_ray.runtime import lifecycle
+from dreamblend_ray.training import layout
 from dreamblend_ray.config import MAX_SEED, SamplingConfig, check_range, to_dict
 
 logger = logging.getLogger(__name__)
@@ -129,8 +130,6 @@ def subject_tasks(subject: benchmark.EvalSubject, manifest: dict, config: EvalCo
 
 def build_tasks(subjects: list[benchmark.EvalSubject], checkpoints_root: str, config: EvalConfig) -> list[dict]:
     """All (subject, prompt) tasks; ValueError when a subject has no complete checkpoint pair."""
-    from dreamblend_ray.training import layout
-
     tasks = []
     for subject in subjects:
         try:
