@@ -226,6 +226,20 @@ def _finalize_s3_at_exit() -> None:
     atexit.register(_finalize_s3)
 
 
+def finalize() -> None:
+    """The last storage call of a script that used S3, made in its main flow before it exits: drop
+    our S3 filesystems and finalize pyarrow's S3 subsystem. A no-op when S3 was not used.
+
+    The at-exit hook above still lets about 1 script in 75 abort at exit (4 of 300 measured on
+    2026-12-02, a script reading a Parquet table from moto); this call at the end of the same
+    script gave 0 of 150. pyarrow cannot initialize S3 again in this process afterwards, so call it
+    only where the process ends (a script's last line), never in code that may run again in the
+    same process (a library function, a command's ``main`` that tests call in-process).
+    """
+    if _finalize_s3_at_exit.cache_info().currsize:
+        _finalize_s3()
+
+
 def _finalize_s3() -> None:
     import gc
 
