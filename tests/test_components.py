@@ -95,7 +95,7 @@ def test_tokenizer_keeps_words_whole(tiny_components):
 def test_bad_base_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="model_index.json"):
         resolve_base(str(tmp_path))
-    with pytest.raises(ValueError, match="not 'tiny'"):
+    with pytest.raises(ValueError, match="is not one of \['tiny'"):
         load_components("no/such/dir")
 
 

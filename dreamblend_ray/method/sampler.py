@@ -28,38 +28,11 @@ from PIL import Image
 from dreamblend_ray.method import guidance
 from dreamblend_ray.method.attention import Recorder, StopForward, recording, select_layers
 from dreamblend_ray.models.components import Components
-from dreamblend_ray.models.prompts import encode_prompts
+from dreamblend_ray.models.prompts import Conditioning, prompt_conditioning
 from dreamblend_ray.config import MAX_SEED, SamplingConfig
 from dreamblend_ray.method.pair import single
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Conditioning:
-    """Text conditioning of a batch: ``embeds`` rows are ``[uncond; cond]`` under CFG, else ``[cond]``.
-
-    ``added_cond_kwargs`` is where SDXL's pooled embeddings and time ids go; SD 1.x/2.x leave it None.
-    """
-
-    embeds: torch.Tensor
-    input_ids: torch.Tensor
-    do_cfg: bool
-    added_cond_kwargs: dict | None = None
-
-    @property
-    def batch(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def cond_rows(self) -> slice:
-        return slice(self.batch, 2 * self.batch) if self.do_cfg else slice(0, self.batch)
-
-    def cond_only(self) -> "Conditioning":
-        rows = self.cond_rows
-        extra = None if self.added_cond_kwargs is None else {
-            key: value[rows] for key, value in self.added_cond_kwargs.items()}
-        return Conditioning(self.embeds[rows], self.input_ids, False, extra)
 
 
 @dataclass
@@ -76,20 +49,6 @@ class SampleResult:
     reference_arrays: np.ndarray | None
     attention_distance: torch.Tensor
     seconds: float
-
-
-def prompt_conditioning(components: Components, prompts: list[str], negative_prompts: list[str] | None,
-                        do_cfg: bool) -> Conditioning:
-    """The batch's text conditioning as diffusers' StableDiffusionPipeline computes it."""
-    def embed(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, ids = encode_prompts(components, texts)
-        return embeds.to(device=components.device, dtype=components.unet.dtype), ids.to(components.device)
-
-    cond, ids = embed(prompts)
-    if not do_cfg:
-        return Conditioning(cond, ids, False)
-    uncond, _ = embed(negative_prompts or [""] * len(prompts))
-    return Conditioning(torch.cat([uncond, cond]), ids, True)
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device,
@@ -198,7 +157,8 @@ class DreamBlendSampler:
         c = self.components
         scheduler = DDIMScheduler.from_config(c.scheduler.config)
         scheduler.set_timesteps(config.num_inference_steps, device=c.device)
-        cond = prompt_conditioning(c, list(prompts), negative_prompts, config.guidance_scale > 1.0)
+        cond = prompt_conditioning(c, list(prompts), negative_prompts, config.guidance_scale > 1.0,
+                                   height, width)
         mask = guidance.prompt_token_mask(cond.input_ids, c.tokenizer.eos_token_id, config.token_indices)
         layers = select_layers(pair.unets[0], config.layers)
         shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)

@@ -1,9 +1,11 @@
-"""Base model components in diffusers' StableDiffusionPipeline layout.
+"""Base model components in diffusers' pipeline layout, for every model family.
 
-``load_components`` reads a directory with ``model_index.json`` (UNet, VAE, text encoder,
-tokenizer, scheduler), from a local path, an ``s3://`` URI (downloaded once to a local cache),
-or one of the built-in names: ``tiny`` (a deterministic random model built in code, for tests)
-and ``embedded`` (the small model trained here and shipped with the package).
+``load_components`` reads a directory with ``model_index.json`` (UNet, VAE, scheduler and the
+family's text encoders and tokenizers), from a local path, a remote URI (s3://, gs://, ...;
+downloaded once to a local cache), or one of the built-in names: ``tiny``, ``tiny-sd2`` and
+``tiny-sdxl`` (deterministic random models built in code, for tests; ``models/sd.py``,
+``models/sdxl.py``) and ``embedded`` (the small model trained here and shipped with the package).
+The family (``models/families.py``) is detected from ``model_index.json``'s ``_class_name``.
 Nothing is ever downloaded from a model hub.
 """
 
@@ -12,26 +14,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from dreamblend_ray import dtypes
 from dreamblend_ray.io import storage
+from dreamblend_ray.models import families, sd, sdxl  # noqa: F401 - sd and sdxl register their families
+from dreamblend_ray.models.families import Family
+from dreamblend_ray.models.tokenizers import TINY_WORDS, apply_bpe, build_tokenizer, word_bpe  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_BASES = ("tiny", "embedded")
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+BUILTIN_BASES = tuple(families.BUILTINS) + ("embedded",)
 
 
 @dataclass
 class Components:
-    """The pieces of a Stable Diffusion 1.x/2.x model that DreamBlend needs."""
+    """The pieces of a base model that DreamBlend needs. ``family`` names its entry in
+    ``models/families.py`` (how prompts become conditioning); SDXL adds the second text encoder
+    and tokenizer; ``options`` holds the family's model_index.json settings."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -39,6 +44,18 @@ class Components:
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
     source: str = "in-memory"
+    family: str = "sd"
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def model_family(self) -> Family:
+        return families.get(self.family)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -53,15 +70,19 @@ class Components:
         return self.unet.device
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Components":
-        for module in (self.unet, self.vae, self.text_encoder):
+        """Move to ``device`` (and ``dtype``). A VAE whose config asks for it (``force_upcast``,
+        SDXL's VAE overflows in fp16) stays in fp32 when the rest goes to fp16."""
+        for module in self.modules:
             if dtype is None:
                 module.to(device)
+            elif module is self.vae and dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+                module.to(device=device, dtype=torch.float32)
             else:
                 module.to(device=device, dtype=dtype)
         return self
 
     def eval(self) -> "Components":
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules:
             module.eval().requires_grad_(False)
         return self
 
@@ -87,67 +108,6 @@ def select_dtype(device: torch.device, requested: str | None = None) -> torch.dt
     return torch.float32
 
 
-# --------------------------------------------------------------------------- tokenizer in code
-
-def apply_bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
-    parts = list(parts)
-    while len(parts) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), i, pair) for i, pair in enumerate(zip(parts, parts[1:]))]
-        rank, _, best = min(pairs)
-        if rank == len(ranks):
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
-
-
-def word_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP BPE vocabulary and merge list in which every word of ``words`` is one token.
-
-    Each word is encoded with the merges so far; while it is still split, the merge of its first
-    two pieces is appended. An appended merge has the lowest priority, so it only fires where
-    encoding used to stop: words that were already one token stay one token, whatever the order
-    (a merge from one word can no longer split another). Single characters (with and without the
-    end-of-word mark) stay in the vocabulary, so any other text still tokenizes.
-    """
-    chars = [chr(c) for c in range(33, 127)]
-    vocab_tokens = list(SPECIAL_TOKENS) + chars + [c + "</w>" for c in chars]
-    known = set(vocab_tokens)
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in dict.fromkeys(w.lower() for w in words):
-        parts = apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            if pair[0] + pair[1] not in known:
-                known.add(pair[0] + pair[1])
-                vocab_tokens.append(pair[0] + pair[1])
-            parts = apply_bpe(parts, ranks)
-    vocab = {token: i for i, token in enumerate(vocab_tokens)}
-    return vocab, merges
-
-
-def build_tokenizer(words: list[str], max_length: int) -> CLIPTokenizer:
-    vocab, merges = word_bpe(words)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-
-
-TINY_WORDS = (
-    "a photo of sks dog cat toy on the beach in snow with red blue green yellow hat wearing "
-    "grass city forest background painting style".split()
-)
-
-
 # --------------------------------------------------------------------------- tiny random model
 
 def _seeded(seed: int):
@@ -156,62 +116,44 @@ def _seeded(seed: int):
     return generator_state
 
 
-def build_tiny_components(seed: int = 0) -> Components:
-    """A deterministic random SD model: 32x32 images, 16x16x4 latents, cross-attention at 16 and 8.
-
-    The same seed gives the same weights on every machine (weights are drawn on the CPU).
-    """
+def build_tiny_components(seed: int = 0, name: str = "tiny") -> Components:
+    """A deterministic random model of a built-in kind (``tiny``, ``tiny-sd2``, ``tiny-sdxl``):
+    32x32 images, 16x16x4 latents. The same seed gives the same weights on every machine (weights
+    are drawn on the CPU)."""
+    if name not in families.BUILTINS:
+        raise ValueError(f"built-in tiny models are {sorted(families.BUILTINS)}, got {name!r}")
+    family, builder = families.BUILTINS[name]
     state = _seeded(seed)
     try:
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=16,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-            block_out_channels=(16, 32), norm_num_groups=16, layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        )
-        tokenizer = build_tokenizer(list(TINY_WORDS), max_length=32)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=32, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
+        parts = builder(seed)
     finally:
         torch.random.set_rng_state(state)
-    return Components(unet, vae, text_encoder, tokenizer, default_scheduler(), source="tiny").eval()
+    options = dict(families.get(family).options)
+    return Components(**parts, source=name, family=family, options=options).eval()
 
 
 def default_scheduler() -> DDIMScheduler:
     """Stable Diffusion 1.x's DDIM settings."""
-    return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
+    return sd.scheduler()
 
 
 # --------------------------------------------------------------------------- save / load
 
 def save_components(components: Components, directory: str | os.PathLike) -> Path:
-    """Write ``components`` in diffusers' StableDiffusionPipeline layout, weights as safetensors.
+    """Write ``components`` in its family's diffusers pipeline layout, weights as safetensors.
 
-    model_index.json plus one folder per component, as ``StableDiffusionPipeline.save_pretrained``
-    writes them (no safety checker, no feature extractor); the pipeline class itself is not imported,
+    model_index.json plus one folder per component, as the pipeline's ``save_pretrained`` writes
+    them (no safety checker, no feature extractor); the pipeline class itself is not imported,
     since it pulls in image processors the project never uses.
     """
     import diffusers
 
+    family = components.model_family
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-             "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
-             "requires_safety_checker": False}
-    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
+    index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
+             **family.index_extras, **{k: components.options.get(k, v) for k, v in family.options.items()}}
+    for name in ("vae", "unet", "scheduler") + family.text_parts:
         part = getattr(components, name)
         if isinstance(part, torch.nn.Module):
             part.save_pretrained(directory / name, safe_serialization=True)
@@ -235,47 +177,51 @@ def resolve_base(base: str) -> str:
     path = Path(base).expanduser()
     if not (path / "model_index.json").is_file():
         raise ValueError(
-            f"base model {base!r} is not 'tiny', 'embedded', a remote URI (s3://, gs://, ...), or a "
-            "directory with model_index.json (diffusers StableDiffusionPipeline layout)")
+            f"base model {base!r} is not one of {list(BUILTIN_BASES)}, a remote URI (s3://, gs://, ...), "
+            "or a directory with model_index.json (a diffusers StableDiffusionPipeline or "
+            "StableDiffusionXLPipeline layout)")
     return str(path)
 
 
 def load_components(base: str = "embedded", device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> Components:
-    """Load base components by name, local directory or s3:// URI, in eval mode, no grads."""
+                    dtype: torch.dtype | None = None, family: str | None = None) -> Components:
+    """Load base components by name, local directory or remote URI, in eval mode, no grads.
+    ``family`` overrides the one model_index.json names (for derivatives with their own class)."""
     base = resolve_base(base)
-    if base == "tiny":
-        components = build_tiny_components()
+    if base in families.BUILTINS:
+        components = build_tiny_components(name=base)
     elif base == "embedded":
         directory = embedded_model_dir()
         if not (directory / "model_index.json").is_file():
             raise ValueError(f"the embedded model is missing at {directory}; train it with "
                              "`python -m dreamblend_ray.embedded.train`")
-        components = _load_directory(directory)
+        components = _load_directory(directory, family)
         components.source = "embedded"
     elif storage.is_remote(base):
-        components = _load_directory(storage.cached_download(base))
+        components = _load_directory(storage.cached_download(base), family)
         components.source = base
     else:
-        components = _load_directory(Path(base))
+        components = _load_directory(Path(base), family)
     target = torch.device(device) if device is not None else torch.device("cpu")
     return components.to(target, dtype).eval()
 
 
-def _load_directory(directory: Path) -> Components:
+def _load_directory(directory: Path, family_name: str | None = None) -> Components:
     index = json.loads((directory / "model_index.json").read_text())
-    missing = [name for name in SUBFOLDERS if name not in index or not (directory / name).is_dir()]
+    family = families.detect(index, family_name)
+    missing = [name for name in ("unet", "vae", "scheduler") + family.text_parts
+               if name not in index or not (directory / name).is_dir()]
     if missing:
-        raise ValueError(f"{directory} lacks components {missing} in model_index.json")
-    logger.info("loading base components from %s", directory)
+        raise ValueError(f"{directory} lacks components {missing} in model_index.json "
+                         f"(a {family.pipeline_class} needs them)")
+    logger.info("loading %s base components from %s", family.name, directory)
     return Components(
         unet=UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True),
         vae=AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True),
-        text_encoder=CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True),
-        tokenizer=CLIPTokenizer.from_pretrained(directory / "tokenizer"),
-        scheduler=DDIMScheduler.from_config(
-            DDIMScheduler.load_config(directory / "scheduler")),
-        source=str(directory),
+        scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(directory / "scheduler")),
+        source=str(directory), family=family.name,
+        options={k: index.get(k, v) for k, v in family.options.items()},
+        **family.load_text_parts(directory),
     )
 
 
@@ -293,5 +239,8 @@ def model_identity(components: Components) -> dict:
         "vae": clean(dict(components.vae.config)),
         "text_encoder": clean(components.text_encoder.config.to_dict()),
     }
+    if components.text_encoder_2 is not None:
+        configs["text_encoder_2"] = clean(components.text_encoder_2.config.to_dict())
     blob = json.dumps(configs, sort_keys=True, default=str).encode()
-    return {"source": components.source, "config_sha256": hashlib.sha256(blob).hexdigest()}
+    return {"source": components.source, "family": components.family,
+            "config_sha256": hashlib.sha256(blob).hexdigest()}
