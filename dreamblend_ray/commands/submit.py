@@ -32,6 +32,7 @@ import os
 import sys
 from pathlib import Path
 
+import dreamblend_ray
 from dreamblend_ray.jobs.flags import DEFAULT_BASE
 from dreamblend_ray.runtime import exit_codes
 
@@ -139,8 +140,6 @@ def code_env(args: argparse.Namespace) -> tuple[dict, list[str]]:
         return {"working_dir": str(working_dir), "excludes": excludes}, ["python", script]
     if (args.code or "package") == "installed":
         return {}, ["python", "-m", "dreamblend_ray.job_entry", args.job]
-    import dreamblend_ray
-
     excludes = PACKAGE_EXCLUDES + ([] if job_base(args.job_args) == EMBEDDED_BASE else [WEIGHTS])
     return {"py_modules": [str(Path(dreamblend_ray.__file__).parent)], "excludes": excludes}, \
         ["python", "-m", "dreamblend_ray.job_entry", args.job]

@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dreamblend_ray.evaluation import protocol as benchmark
 
@@ -315,9 +317,6 @@ def image_grid(rows: list[dict], subject_id: str, max_prompts: int = 8, label_wi
 
 def write_outputs(rows: list[dict], output: str, config: EvalConfig) -> dict:
     """scores.parquet, summary.json, results.md and one grid per subject; returns the summary dict."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not rows:
         raise ValueError("the evaluation produced no rows")
     table = pa.Table.from_pylist([{k: r[k] for k in ROW_COLUMNS} for r in rows])

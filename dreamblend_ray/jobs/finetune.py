@@ -41,8 +41,11 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+import torch
 
+from dreamblend_ray.models.components import load_components, select_device
 from dreamblend_ray.training import checkpoints, layout
+from dreamblend_ray.training.finetune import finetune_subject, image_uris, read_image
 
 from dreamblend_ray.runtime import lifecycle
 
@@ -115,10 +118,6 @@ class FinetuneActor:
 
     def __init__(self, base: str, output: str, torch_threads: int, use_gpu: bool,
                  pair_choice: dict | None = None, run: str | None = None, scorer: ScorerPlugin | None = None):
-        import torch
-
-        from dreamblend_ray.models.components import load_components, select_device
-
         torch.set_num_threads(torch_threads)
         self.output, self.run = output, run
         if pair_choice and scorer is not None:
@@ -139,8 +138,6 @@ class FinetuneActor:
     def run_one(self, row: dict) -> dict:
         """One subject of ``subject_items``: its ``config`` (JSON of a validated FinetuneConfig) and,
         for a subject the driver found complete but without a chosen pair, its ``manifest``."""
-        from dreamblend_ray.training.finetune import finetune_subject, image_uris, read_image
-
         start = time.perf_counter()
         subject_id = row["subject_id"]
         try:

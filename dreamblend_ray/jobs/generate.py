@@ -25,7 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import torch
 
+from dreamblend_ray.method.sampler import DreamBlendSampler
+from dreamblend_ray.models.components import load_components, select_device, select_dtype
 from dreamblend_ray.training import checkpoints
 
 from dreamblend_ray.runtime import lifecycle
@@ -79,11 +82,6 @@ class GenerateActor:
 
     def __init__(self, base: str, checkpoints_root: str, output: str, batch_size: int,
                  torch_threads: int, use_gpu: bool, dtype: str | None = None):
-        import torch
-
-        from dreamblend_ray.models.components import load_components, select_device, select_dtype
-        from dreamblend_ray.method.sampler import DreamBlendSampler
-
         torch.set_num_threads(torch_threads)
         device = select_device() if use_gpu else torch.device("cpu")
         self.components = load_components(base, device=device, dtype=select_dtype(device, dtype))

@@ -31,6 +31,8 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from dreamblend_ray.io import storage
 from dreamblend_ray.config import (MAX_PROMPT_CHARS, MAX_SEED, SamplingConfig, check_range, validate_class_noun,
                                    validate_subject_id)
@@ -98,8 +100,6 @@ def read_rows(uri: str) -> list[dict]:
     data = storage.read_bytes(uri)
     name = str(uri).lower()
     if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         return pq.read_table(io.BytesIO(data)).to_pylist()
     if not name.endswith((".jsonl", ".json", ".ndjson")):
         raise ValueError(f"{uri}: manifests must be .jsonl, .json or .parquet")
