@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dreamblend_ray.config import check_choice, check_range
+from dreamblend_ray.config import FinetuneConfig, check_choice, check_range
+from dreamblend_ray.embedded import metrics
+from dreamblend_ray.embedded.subjects import CONTEXTS, SUBJECTS, get_subject
+from dreamblend_ray.runtime import lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +82,6 @@ class DemoConfig:
     def __post_init__(self):
         check_range("finetune_steps", self.finetune_steps, 1, 100_000, integer=True)
         check_range("contexts_per_subject", self.contexts_per_subject, 1, 8, integer=True)
-        from dreamblend_ray.embedded.subjects import CONTEXTS
 
         check_choice("context", self.context, CONTEXTS)
         check_range("steps", self.steps, 1, 1000, integer=True)
@@ -97,7 +99,6 @@ class DemoConfig:
 # --------------------------------------------------------------------------- 1. subjects
 
 def demo_subjects(config: DemoConfig):
-    from dreamblend_ray.embedded.subjects import SUBJECTS, get_subject
 
     return [get_subject(s) for s in config.subjects] if config.subjects else list(SUBJECTS)
 
@@ -118,7 +119,6 @@ def write_subjects_manifest(config: DemoConfig, subjects) -> str:
 # --------------------------------------------------------------------------- 2. fine-tuning
 
 def finetune_config(config: DemoConfig, subjects):
-    from dreamblend_ray.config import FinetuneConfig
 
     # No prior preservation: the demo wants the late checkpoint to overfit, as DreamBooth does.
     steps = tuple(s for s in config.checkpoint_steps if s <= config.finetune_steps)
@@ -229,7 +229,6 @@ def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> d
     args = AppArgs(base=config.base, storage_root=os.path.abspath(config.storage_root), max_models_per_replica=8,
                    max_images_per_request=max(4, len(config.seeds)), max_batch_size=8,
                    max_ongoing_requests=16, request_timeout_s=600, default_steps=config.steps)
-    from dreamblend_ray.runtime import lifecycle
 
     lifecycle.start_serve("127.0.0.1", port)
     try:
@@ -269,7 +268,6 @@ def draw_grid(rows: list[tuple[str, list[Image.Image]]], headers: list[str], cel
 
 def column_metrics(subjects, cells: list[Cell], images: dict) -> dict:
     """Per column: prompt fidelity, subject fidelity and diversity (analytic, embedded metrics)."""
-    from dreamblend_ray.embedded import metrics
 
     by_id = {s.subject_id: s for s in subjects}
     table = {}
@@ -327,7 +325,6 @@ def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests:
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     from dreamblend_ray.training import layout
-    from dreamblend_ray.runtime import lifecycle
 
     out, seconds, start = Path(config.out), {}, time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import time
 from PIL import Image
 
 from dreamblend_ray.io.images import encode_png
-from dreamblend_ray.serving import requests as serving
+from dreamblend_ray.serving import http
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
 from dreamblend_ray.serving.requests import AppArgs
 
@@ -79,4 +79,4 @@ def serve_on_loopback(app):
 
 def make_app(backend=None, **overrides):
     args = AppArgs(**{"base": "tiny", **overrides})
-    return serving.make_api(args, backend or RecordingBackend(), read_manifest)
+    return http.make_api(args, backend or RecordingBackend(), read_manifest)

@@ -17,6 +17,7 @@ from PIL import Image
 from dreamblend_ray import config as cfg
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.io.storage import StorageError
+from dreamblend_ray.serving import http
 from dreamblend_ray.serving import batching
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.batching import GenerationJob
@@ -29,7 +30,7 @@ from api_fakes import MANIFEST, RecordingBackend, read_manifest  # noqa: E402
 def client(backend=None, **overrides) -> tuple[TestClient, RecordingBackend]:
     backend = backend or RecordingBackend()
     args = AppArgs(**{"base": "tiny", "max_body_bytes": 1024, **overrides})
-    return TestClient(serving.make_api(args, backend, read_manifest), raise_server_exceptions=False), backend
+    return TestClient(http.make_api(args, backend, read_manifest), raise_server_exceptions=False), backend
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -390,7 +391,7 @@ def _store_with(tmp_path, text: str | bytes):
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     args = AppArgs(base="tiny", manifest_cache_s=0)
     backend = RecordingBackend()
-    return TestClient(serving.make_api(args, backend, partial(layout.read_manifest, str(tmp_path))),
+    return TestClient(http.make_api(args, backend, partial(layout.read_manifest, str(tmp_path))),
                       raise_server_exceptions=False), backend
 
 

@@ -7,6 +7,9 @@ A second run reuses the finished subjects.
 
 import argparse
 
+from dreamblend_ray.demo import DemoConfig, run_demo
+from dreamblend_ray.embedded.subjects import CONTEXTS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output directory (default outputs/demo)")
@@ -15,7 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per subject")
     parser.add_argument("--alpha", type=float, default=None, help="DreamBlend strength")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps per image")
-    from dreamblend_ray.embedded.subjects import CONTEXTS
 
     parser.add_argument("--context", choices=CONTEXTS, default=None,
                         help="what the new prompts add: a second, named object (default) or a new "
@@ -30,7 +32,6 @@ def log_dir(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamblend_ray.demo import DemoConfig, run_demo
 
     values = {"out": args.out, "base": args.base, "subjects": tuple(args.subjects)}
     for name, key in (("finetune_steps", "finetune_steps"), ("alpha", "alpha"), ("steps", "steps"),

@@ -11,6 +11,7 @@ import argparse
 import logging
 
 from dreamblend_ray.dtypes import add_dtype_argument
+from dreamblend_ray.runtime import lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ def app_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from dreamblend_ray.runtime import lifecycle
     from dreamblend_ray.models.components import resolve_base
     from dreamblend_ray.serving.app import build_app, cluster_node_count
     from dreamblend_ray.serving.requests import load_api_key, resolve_local_root

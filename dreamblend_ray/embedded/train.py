@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreamblend_ray.config import check_range
 from dreamblend_ray.embedded import world
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ class TrainConfig:
     threads: int = 1
 
     def __post_init__(self):
-        from dreamblend_ray.config import check_range
-
         check_range("scenes", self.scenes, 64, 10 ** 6)
         check_range("vae_steps", self.vae_steps, 0, 10 ** 6)
         check_range("unet_steps", self.unet_steps, 0, 10 ** 7)

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -146,8 +147,6 @@ def save_components(components: Components, directory: str | os.PathLike) -> Pat
     them (no safety checker, no feature extractor); the pipeline class itself is not imported,
     since it pulls in image processors the project never uses.
     """
-    import diffusers
-
     family = components.model_family
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from dreamblend_ray.config import SamplingConfig
-from dreamblend_ray.serving import batching
+from dreamblend_ray.serving import batching, http
+from dreamblend_ray.training import layout
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
 from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, Overloaded, ReplicaUnavailable,
@@ -275,10 +276,8 @@ class DreamBlendIngress:
         SamplingConfig()
 
     def __serve_build_asgi_app__(self):
-        from dreamblend_ray.training import layout
-
-        return serving.make_api(self.args, backend=self,
-                                read_manifest=partial(layout.read_manifest, self.args.storage_root))
+        return http.make_api(self.args, backend=self,
+                             read_manifest=partial(layout.read_manifest, self.args.storage_root))
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """The job's result. Generation is deterministic given the job's seeds, so a job whose replica

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from dreamblend_ray.config import SUBJECT_ID_PATTERN
 from dreamblend_ray.io.storage import StorageError
+from dreamblend_ray.training.layout import base_name
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
 from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, Overloaded,
@@ -124,8 +125,6 @@ class SubjectView(BaseModel):
 
     @classmethod
     def of(cls, manifest: dict) -> "SubjectView":
-        from dreamblend_ray.training.layout import base_name
-
         base = manifest.get("base") or {}
         return cls(subject_id=manifest["subject_id"], class_noun=manifest["class_noun"], token=manifest["token"],
                    instance_prompt=manifest["instance_prompt"], kind=manifest["kind"], steps=manifest["steps"],

@@ -17,7 +17,7 @@ what the ingress checks before a job leaves it:
   SubjectUnusable 424, Overloaded 503, DeadlineExceeded 504).
 
 The HTTP edge itself (routes, auth middleware, body limit, error bodies, OpenAPI, offline docs) is
-``dreamblend_ray/serving/http.py``; ``make_api`` here forwards to it.
+``dreamblend_ray/serving/http.py`` (``make_api``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from dreamblend_ray.config import (MAX_PROMPT_CHARS, MAX_SEED, SUBJECT_ID_PATTER
                                    field_type, spec)
 from dreamblend_ray.dtypes import normalize_dtype
 from dreamblend_ray.io import storage
+from dreamblend_ray.training.layout import ManifestError
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
 
 logger = logging.getLogger(__name__)
@@ -398,8 +399,6 @@ class SubjectConflict(FieldError):
 def subject_load_error(subject_id: str, exc: ValueError) -> Exception:
     """The client-facing error for a ValueError met while loading a subject's pair: a damaged
     manifest is SubjectUnusable (its storage detail is logged, not returned), else a conflict."""
-    from dreamblend_ray.training.layout import ManifestError
-
     if isinstance(exc, (ManifestError, UnicodeDecodeError)):
         logger.error("subject %r has a damaged manifest: %s", subject_id, exc)
         return SubjectUnusable(f"subject {subject_id!r} is damaged in storage (its manifest cannot be read); "
@@ -524,10 +523,3 @@ class Backend(Protocol):
 
     async def model_health(self) -> dict:
         """Health of one model replica."""
-
-
-def make_api(args: AppArgs, backend: Backend, read_manifest):
-    """The FastAPI app of the ingress (routes, auth, errors, OpenAPI, docs): see ``http_api.make_api``."""
-    from dreamblend_ray.serving.http import make_api as build
-
-    return build(args, backend, read_manifest)
