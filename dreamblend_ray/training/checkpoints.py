@@ -4,7 +4,9 @@ Where the files live and the manifest's schema are ``dreamblend_ray.training.lay
 LoRA checkpoints are in diffusers' format: the keys ``StableDiffusionLoraLoaderMixin.save_lora_weights``
 writes (``unet.``-prefixed, ``lora.down``/``lora.up``), plus the peft ``LoraConfig`` in the
 safetensors metadata under ``lora_adapter_metadata`` (so an alpha other than the rank survives),
-so ``StableDiffusionPipeline.load_lora_weights(checkpoint_dir)`` loads them unchanged.
+so ``StableDiffusionPipeline.load_lora_weights(checkpoint_dir)`` (SD 1.x/2.x subjects) and
+``StableDiffusionXLPipeline.load_lora_weights(checkpoint_dir)`` (SDXL subjects; its loader reads the
+same ``unet.`` keys) load them unchanged.
 Everything is safetensors; nothing from storage is ever unpickled.
 """
 
@@ -114,9 +116,23 @@ def unet_from_state(template: UNet2DConditionModel, state: dict[str, torch.Tenso
     return unet.to(device=template.device, dtype=template.dtype).eval().requires_grad_(False)
 
 
+def manifest_family(manifest: dict) -> str:
+    """The model family a subject was fine-tuned on; manifests written before families were
+    recorded are Stable Diffusion ("sd")."""
+    return manifest["base"].get("family") or "sd"
+
+
 def _check_base(manifest: dict, components) -> None:
-    have = model_identity(components)["config_sha256"]
-    want = manifest["base"]["config_sha256"]
+    """ValueError unless ``components`` is the base the subject was fine-tuned from: first its
+    model family (an SDXL subject on an SD base, say), then its config hash."""
+    identity = model_identity(components)
+    want_family, have_family = manifest_family(manifest), identity["family"]
+    if want_family != have_family:
+        raise ValueError(f"subject {manifest['subject_id']!r} was fine-tuned from base "
+                         f"{layout.base_name(manifest['base']['source'])!r} of model family {want_family!r}, "
+                         f"but the loaded base {layout.base_name(components.source)!r} is of family "
+                         f"{have_family!r}; a subject loads only on the base it was fine-tuned from")
+    have, want = identity["config_sha256"], manifest["base"]["config_sha256"]
     if have != want:  # bases named without their paths: this message reaches HTTP clients
         raise ValueError(f"subject {manifest['subject_id']!r} was fine-tuned from base "
                          f"{layout.base_name(manifest['base']['source'])!r} (config {want[:12]}), not from the loaded "

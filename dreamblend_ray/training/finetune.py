@@ -5,9 +5,19 @@ The algorithm is DreamBooth (Ruiz et al., 2023) as in diffusers'
 
     x0 ~ q(z | instance image)  (+ a class image when prior preservation is on)
     t ~ U{0, T-1},  eps ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-    loss = |eps_theta(x_t, t, "a photo of {token} {class}") - eps|^2
-           + w_prior |eps_theta(x_t', t', "a photo of {class}") - eps'|^2
+    loss = |f_theta(x_t, t, "a photo of {token} {class}") - target|^2
+           + w_prior |f_theta(x_t', t', "a photo of {class}") - target'|^2
     AdamW step on the LoRA weights (or on every UNet weight with method="full")
+
+The target follows ``scheduler.config.prediction_type``: the noise (epsilon, SD 1.x, SDXL) or the
+velocity ``sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (v_prediction, SD 2.x 768 px). Text conditioning
+comes from the base model's family (``models/prompts.text_conditioning``), with the family's added
+conditioning row by row: for SDXL the pooled text embedding and the size "time ids" of each image,
+``(original height, width) + (crop top, left) + (resolution, resolution)``, from the image's size
+before the resize and its centre crop after it, as diffusers'
+``examples/dreambooth/train_dreambooth_lora_sdxl.py`` computes them (its geometry is torchvision's
+``Resize(R)`` then ``CenterCrop(R)``, which ``crop_geometry`` reproduces). Nothing here branches on
+a model version.
 
 Two things differ from the script, both for speed and neither changes the objective: the
 frozen VAE encodes each image once (we keep the posterior's mean and std and sample
@@ -15,7 +25,7 @@ frozen VAE encodes each image once (we keep the posterior's mean and std and sam
 frozen text encoder encodes the two prompts once.
 
 Class images for prior preservation come from the base model itself (plain DDIM + CFG through
-the project's sampler, equal to diffusers' ``StableDiffusionPipeline``) and are cached per base
+the project's sampler, equal to the family's diffusers pipeline) and are cached per base
 model and class noun under ``{output_root}/class_images/``, so every subject of a class shares them.
 Prior preservation is on by default (the DreamBooth paper's recipe; diffusers' scripts leave it
 off): docs/finetuning.md says why and what it costs.
@@ -46,7 +56,7 @@ from dreamblend_ray.training import checkpoints, layout
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import decode_image, encode_png
 from dreamblend_ray.models.components import Components, load_components, model_identity, select_device
-from dreamblend_ray.models.prompts import encode_prompts
+from dreamblend_ray.models.prompts import text_conditioning
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig, to_dict, validate_class_noun, validate_subject_id
 from dreamblend_ray.method.pair import adapters_disabled, single
 from dreamblend_ray.method.sampler import DreamBlendSampler
@@ -110,14 +120,36 @@ def load_instance_images(images: list, min_size: int) -> list[Image.Image]:
     return loaded
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a training image's pixels come from: its size before the resize ``(height, width)``,
+    its size after it ``(height, width)``, and the centre crop's ``(top, left)`` in the resized image."""
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def crop_geometry(width: int, height: int, resolution: int) -> CropGeometry:
+    """torchvision's ``Resize(resolution)`` (shorter side to ``resolution``, the longer one
+    ``int(resolution * long / short)``) then ``CenterCrop(resolution)`` (offsets
+    ``int(round((side - resolution) / 2))``), the geometry of diffusers' DreamBooth scripts."""
+    if width <= height:
+        new_w, new_h = resolution, int(resolution * height / width)
+    else:
+        new_w, new_h = int(resolution * width / height), resolution
+    top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    return CropGeometry((height, width), (new_h, new_w), (max(0, top), max(0, left)))
+
+
 def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution`` (bicubic), centre-crop, scale to [-1, 1]: (3, R, R)."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != (w, h):
+    """Resize the shorter side to ``resolution`` (bicubic), centre-crop (``crop_geometry``), scale to
+    [-1, 1]: (3, R, R)."""
+    geometry = crop_geometry(*image.size, resolution)
+    size = geometry.resized_size[::-1]
+    if size != image.size:
         image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    top, left = geometry.crop_top_left
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -146,8 +178,8 @@ def generate_class_images(components: Components, prompt: str, seeds: list[int],
     """PNG bytes of base-model samples of ``prompt``, one per seed.
 
     Plain DDIM + CFG through the project's own sampler (alpha 0, adapters disabled), which matches
-    diffusers' StableDiffusionPipeline to float tolerance (tests/test_sampler.py) without importing
-    the pipeline classes and the image processors they pull in.
+    the family's diffusers pipeline to float tolerance (tests/test_sampler.py, tests/test_families.py)
+    without importing the pipeline classes and the image processors they pull in.
     """
     sampling = SamplingConfig(num_inference_steps=config.class_sampling_steps, alpha=0.0,
                               guidance_scale=config.class_guidance_scale, height=resolution, width=resolution)
@@ -200,7 +232,9 @@ def class_images(components: Components, class_noun: str, root: str, resolution:
 
 @dataclass
 class TrainData:
-    """Frozen-encoder outputs the loop samples from. Latents: (N, C, h, w); embeddings: (1, T, D)."""
+    """Frozen-encoder outputs the loop samples from. Latents: (N, C, h, w); embeddings: (1, T, D);
+    ``*_added``: the family's added conditioning (SDXL: ``text_embeds``, ``time_ids``) with one row
+    per latent row (None for families without it)."""
 
     instance_mean: torch.Tensor
     instance_std: torch.Tensor
@@ -208,6 +242,26 @@ class TrainData:
     class_mean: torch.Tensor | None = None
     class_std: torch.Tensor | None = None
     class_embed: torch.Tensor | None = None
+    instance_added: dict[str, torch.Tensor] | None = None
+    class_added: dict[str, torch.Tensor] | None = None
+
+
+def image_conditioning(components: Components, prompt: str, geometries: list[CropGeometry],
+                       resolution: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """``prompt``'s embeddings (1, T, D) float32 and the family's added conditioning, one row per
+    image geometry (float32; None when the family has none), via ``models.prompts.text_conditioning``."""
+    by_geometry: dict[tuple, object] = {}
+    for g in geometries:
+        key = (g.original_size, g.crop_top_left)
+        if key not in by_geometry:
+            by_geometry[key] = text_conditioning(components, [prompt], resolution, resolution,
+                                                 original_size=g.original_size, crop_top_left=g.crop_top_left)
+    rows = [by_geometry[(g.original_size, g.crop_top_left)] for g in geometries]
+    embeds = rows[0].embeds.float()
+    if rows[0].added_cond_kwargs is None:
+        return embeds, None
+    return embeds, {key: torch.cat([row.added_cond_kwargs[key] for row in rows]).float()
+                    for key in rows[0].added_cond_kwargs}
 
 
 def prepare_data(components: Components, instance: list[Image.Image], prior: list[Image.Image],
@@ -218,56 +272,88 @@ def prepare_data(components: Components, instance: list[Image.Image], prior: lis
             pixels = torch.cat([pixels, pixels.flip(-1)])
         return encode_posterior(components, pixels)
 
-    data = TrainData(*posterior(instance), encode_prompts(components, [instance_prompt])[0].float())
+    def conditioning(images, prompt):
+        # A mirrored copy keeps its image's time ids, as diffusers' script does for a centre crop.
+        geometries = [crop_geometry(*im.size, resolution) for im in images] * (2 if flip else 1)
+        return image_conditioning(components, prompt, geometries, resolution)
+
+    embed, added = conditioning(instance, instance_prompt)
+    data = TrainData(*posterior(instance), embed, instance_added=added)
     if prior:
         data.class_mean, data.class_std = posterior(prior)
-        data.class_embed = encode_prompts(components, [class_prompt])[0].float()
+        data.class_embed, data.class_added = conditioning(prior, class_prompt)
     return data
 
 
-def sample_batch(mean: torch.Tensor, std: torch.Tensor, size: int, flip: bool,
-                 index_gen: torch.Generator, noise_gen: torch.Generator) -> torch.Tensor:
-    """``size`` latents x0 ~ N(mean_i, std_i) of random images (mirrored half the time when ``flip``)."""
-    count = mean.shape[0] // 2 if flip else mean.shape[0]
+def sample_indices(count: int, size: int, flip: bool, index_gen: torch.Generator) -> torch.Tensor:
+    """``size`` random image rows of ``count`` (of ``2 * count`` mirrored ones half the time when ``flip``)."""
     idx = torch.randint(0, count, (size,), generator=index_gen)
     if flip:
         idx = idx + count * torch.randint(0, 2, (size,), generator=index_gen)
-    idx = idx.to(mean.device)
+    return idx
+
+
+def sample_batch(mean: torch.Tensor, std: torch.Tensor, size: int, flip: bool,
+                 index_gen: torch.Generator, noise_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` latents x0 ~ N(mean_i, std_i) of random images (mirrored half the time when
+    ``flip``), and the rows ``i`` they came from."""
+    count = mean.shape[0] // 2 if flip else mean.shape[0]
+    idx = sample_indices(count, size, flip, index_gen).to(mean.device)
     eps = torch.randn(mean[idx].shape, generator=noise_gen, device=mean.device)
-    return mean[idx] + std[idx] * eps
+    return mean[idx] + std[idx] * eps, idx
+
+
+def loss_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, per ``scheduler.config.prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}: fine-tuning trains epsilon or v_prediction models")
 
 
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor,
-                   noise_gen: torch.Generator, autocast, input_dtype: torch.dtype) -> torch.Tensor:
+                   noise_gen: torch.Generator, autocast, input_dtype: torch.dtype,
+                   added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-sample MSE of the UNet's prediction at a random timestep: (B,) float32.
 
-    Noise and targets stay float32; the UNet gets its inputs in ``input_dtype``."""
+    Noise and targets stay float32; the UNet gets its inputs (and ``added``, its
+    ``added_cond_kwargs`` row-aligned with ``latents``) in ``input_dtype``."""
     noise = torch.randn(latents.shape, generator=noise_gen, device=latents.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                       generator=noise_gen, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    else:
-        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    target = loss_target(scheduler, latents, noise, t)
+    extra = None if added is None else {key: value.to(input_dtype) for key, value in added.items()}
     with autocast:
-        pred = unet(noisy.to(input_dtype), t, embeds.to(input_dtype), return_dict=False)[0]
+        pred = unet(noisy.to(input_dtype), t, embeds.to(input_dtype), added_cond_kwargs=extra,
+                    return_dict=False)[0]
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def _rows(added: dict[str, torch.Tensor] | None, idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    return None if added is None else {key: value[idx] for key, value in added.items()}
+
+
+def _cat(first: dict | None, second: dict | None) -> dict | None:
+    return None if first is None else {key: torch.cat([first[key], second[key]]) for key in first}
 
 
 def step_loss(unet, scheduler, data: TrainData, config: FinetuneConfig, index_gen, noise_gen,
               autocast, input_dtype: torch.dtype) -> torch.Tensor:
     """The DreamBooth loss of one micro-batch (instance MSE + w * class-prior MSE), one forward."""
     bs = config.batch_size
-    latents = sample_batch(data.instance_mean, data.instance_std, bs, config.random_flip, index_gen, noise_gen)
-    embeds = data.instance_embed.expand(bs, -1, -1)
+    latents, idx = sample_batch(data.instance_mean, data.instance_std, bs, config.random_flip, index_gen,
+                                noise_gen)
+    embeds, added = data.instance_embed.expand(bs, -1, -1), _rows(data.instance_added, idx)
     if data.class_mean is not None:
-        prior = sample_batch(data.class_mean, data.class_std, bs, config.random_flip, index_gen, noise_gen)
+        prior, prior_idx = sample_batch(data.class_mean, data.class_std, bs, config.random_flip, index_gen,
+                                        noise_gen)
         latents = torch.cat([latents, prior])
         embeds = torch.cat([embeds, data.class_embed.expand(bs, -1, -1)])
-    losses = diffusion_loss(unet, scheduler, latents, embeds, noise_gen, autocast, input_dtype)
+        added = _cat(added, _rows(data.class_added, prior_idx))
+    losses = diffusion_loss(unet, scheduler, latents, embeds, noise_gen, autocast, input_dtype, added)
     if data.class_mean is None:
         return losses.mean()
     return losses[:bs].mean() + config.prior_loss_weight * losses[bs:].mean()

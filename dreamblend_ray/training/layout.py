@@ -98,6 +98,8 @@ def validate_manifest(manifest: Any) -> dict:
         raise _field_error("base.source", "must be a string", base.get("source"))
     if not isinstance(base.get("config_sha256"), str) or not SHA256_PATTERN.fullmatch(base["config_sha256"]):
         raise _field_error("base.config_sha256", "must be 64 lowercase hex digits", base.get("config_sha256"))
+    if "family" in base and (not isinstance(base["family"], str) or not base["family"]):
+        raise _field_error("base.family", "must be a non-empty string (a model family name)", base["family"])
     if _require(manifest, "kind", str) not in WEIGHT_NAMES:
         raise _field_error("kind", f"must be one of {sorted(WEIGHT_NAMES)}", manifest["kind"])
     steps = _require(manifest, "steps", list)
