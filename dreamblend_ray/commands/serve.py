@@ -23,7 +23,8 @@ FLAG_FIELDS = ("base", "storage_root", "device", "dtype", "max_batch_size", "bat
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None,
-                        help="base model: embedded (default), tiny, a diffusers directory or s3:// URI")
+                        help="base model: embedded (default), tiny, tiny-sd2, tiny-sdxl, a diffusers directory "
+                             "or s3:// URI")
     parser.add_argument("--storage-root", dest="storage_root", default=None,
                         help="root with subjects/{id}/ (local path or s3://); default ./dreamblend-storage")
     parser.add_argument("--config", default=None,

@@ -27,8 +27,8 @@ RESOURCE_FLAGS = {
 
 def add_base_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=DEFAULT_BASE,
-                        help=f"base model: {DEFAULT_BASE} (default), tiny, a diffusers folder or a storage URI "
-                             "(s3://, gs://, ...) holding one")
+                        help=f"base model: {DEFAULT_BASE} (default), tiny, tiny-sd2, tiny-sdxl, a diffusers folder "
+                             "or a storage URI (s3://, gs://, ...) holding one")
 
 
 def add_resource_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] = tuple(RESOURCE_FLAGS)) -> None:

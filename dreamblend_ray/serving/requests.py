@@ -68,7 +68,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field("embedded", description="base model: 'embedded', 'tiny', a directory or s3:// URI")
+    base: str = Field("embedded", description="base model: 'embedded', 'tiny', 'tiny-sd2', 'tiny-sdxl', a "
+                                              "diffusers directory (SD 1.x/2.x or SDXL) or s3:// URI")
     storage_root: str = Field("./dreamblend-storage", description="root holding subjects/{id}/ (path or s3://)")
     device: str | None = Field(None, description="torch device; default CUDA when present, else CPU")
     dtype: Annotated[str | None, BeforeValidator(normalize_dtype)] = Field(
