@@ -5,7 +5,8 @@
 
 An overlay (k8s/overlays/NAME/kustomization.yaml) is built the way `kubectl kustomize` builds it,
 for what the overlays here use: its resources (the base's objects, its own files) with its patches
-merged in (strategic-merge patches made of mappings only, matched by kind and name).
+merged in (strategic-merge patches made of mappings only, matched by kind and name; JSON 6902
+patches, a list of add/replace/remove/test operations, applied to their `target`).
 
 ray.io/v1 kinds (RayCluster, RayJob, RayService) are checked against the openAPIV3Schema of the
 KubeRay CRDs (../shared/kuberay-crds next to the clone, or $DREAMBLEND_CRDS_DIR), made *strict* the
@@ -319,6 +320,66 @@ def _identity(doc: dict) -> tuple:
     return doc.get("kind"), (doc.get("metadata") or {}).get("name")
 
 
+def _pointer(path: str) -> list[str]:
+    if not path.startswith("/"):
+        raise ValueError(f"JSON pointer {path!r} must start with '/'")
+    return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
+
+
+def _child(node: Any, key: str, path: str) -> Any:
+    if isinstance(node, list):
+        if not key.isdigit() or int(key) >= len(node):
+            raise ValueError(f"JSON patch path {path}: no item {key!r} (the list has {len(node)})")
+        return node[int(key)]
+    if not isinstance(node, dict) or key not in node:
+        raise ValueError(f"JSON patch path {path}: no {key!r}")
+    return node[key]
+
+
+def json_patch(doc: dict, operations: list, where: str = "<patch>") -> dict:
+    """RFC 6902 operations (add, replace, remove, test), as kustomize applies them, on a copy of
+    `doc`. A path that does not exist (replace, remove, test) or a failed test is a ValueError."""
+    out = copy.deepcopy(doc)
+    for op in operations:
+        kind, path = op.get("op"), op.get("path", "")
+        if kind not in ("add", "replace", "remove", "test"):
+            raise ValueError(f"{where}: JSON patch op {kind!r} is not supported (add, replace, remove, test)")
+        *parents, last = _pointer(path)
+        node = out
+        for key in parents:
+            node = _child(node, key, path)
+        if kind == "test":
+            if _child(node, last, path) != op.get("value"):
+                raise ValueError(f"{where}: test failed at {path}: {_child(node, last, path)!r} != {op.get('value')!r}")
+        elif kind == "remove":
+            _child(node, last, path)
+            del node[int(last) if isinstance(node, list) else last]
+        elif kind == "replace":
+            _child(node, last, path)
+            node[int(last) if isinstance(node, list) else last] = copy.deepcopy(op["value"])
+        elif isinstance(node, list):
+            node.insert(len(node) if last == "-" else int(last), copy.deepcopy(op["value"]))
+        elif isinstance(node, dict):
+            node[last] = copy.deepcopy(op["value"])
+        else:
+            raise ValueError(f"{where}: JSON patch path {path}: its parent is not an object or a list")
+    return out
+
+
+def _targets(docs: list[dict], target: dict) -> list[int]:
+    """Indices of the objects a kustomize patch `target` selects (group, version, kind, name)."""
+    def selected(doc: dict) -> bool:
+        group, _, version = doc.get("apiVersion", "").rpartition("/")
+        wanted = {"group": group, "version": version, "kind": doc.get("kind"),
+                  "name": (doc.get("metadata") or {}).get("name")}
+        return all(target[key] == value for key, value in wanted.items() if key in target)
+
+    unknown = set(target) - {"group", "version", "kind", "name"}
+    if unknown:
+        raise ValueError(f"patch target selectors {sorted(unknown)} are not supported here; use `kubectl kustomize`")
+    return [i for i, doc in enumerate(docs) if selected(doc)]
+
+
 def build(directory: Path) -> list[dict]:
     """The objects of a kustomization folder: its resources (folders built recursively, files
     loaded) with its patches applied. ValueError when a patch matches no object."""
@@ -328,10 +389,20 @@ def build(directory: Path) -> list[dict]:
         path = (directory / resource).resolve()
         docs += build(path) if path.is_dir() else load_documents(path)
     for entry in kust.get("patches") or []:
+        where = f"{directory.name}/{entry['path']}"
+        with open(directory / entry["path"]) as f:
+            content = yaml.safe_load(f)
+        if isinstance(content, list):  # JSON 6902: a list of operations on the target's objects
+            matches = _targets(docs, entry.get("target") or {})
+            if not entry.get("target") or not matches:
+                raise ValueError(f"{where}: a JSON 6902 patch needs a target that selects an object")
+            for i in matches:
+                docs[i] = json_patch(docs[i], content, where)
+            continue
         for patch in load_documents(directory / entry["path"]):
             matches = [i for i, d in enumerate(docs) if _identity(d) == _identity(patch)]
             if not matches:
-                raise ValueError(f"{directory.name}/{entry['path']}: no {_identity(patch)} among the resources")
+                raise ValueError(f"{where}: no {_identity(patch)} among the resources")
             for i in matches:
                 docs[i] = merge_patch(docs[i], patch)
     return docs

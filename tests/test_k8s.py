@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 BASE = K8S / "base"
 HA = K8S / "overlays" / "ha"
+SDXL = K8S / "overlays" / "sdxl"
 APP_DIR = "/home/ray/dreamblend"  # where the Dockerfile puts the repository
 PROJECT_IMAGE = "ghcr.io/dreamblend/dreamblend-ray"
 S3_SECRET, API_KEY_SECRET = "dreamblend-s3", "dreamblend-api-key"
@@ -749,3 +750,170 @@ def test_kustomize_build_of_the_ha_overlay_validates_and_matches_the_offline_bui
         ours["metadata"].get("labels", {}).pop("app.kubernetes.io/part-of", None)
         assert (theirs["metadata"].get("labels") or None) == (ours["metadata"].get("labels") or None)
         assert theirs.get("spec") == ours.get("spec"), doc["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------------------------
+# the SDXL overlay (issue 18): the endpoint and the fine-tuning job on an SDXL base, >= 24 GB GPUs
+
+# nvidia.com/gpu.memory (MiB) as NVIDIA GPU Feature Discovery labels these GPUs
+GPU_MEMORY_MIB = {"T4": 15360, "A10G": 23028, "L4": 23034, "A100-40GB": 40960, "A100-80GB": 81920}
+SDXL_GPUS, SMALL_GPUS = {"A10G", "L4", "A100-40GB", "A100-80GB"}, {"T4"}
+
+
+@pytest.fixture(scope="module")
+def sdxl_docs() -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in vm.build(SDXL)}
+
+
+@pytest.fixture(scope="module")
+def sdxl_served(sdxl_docs) -> dict:
+    return yaml.safe_load(sdxl_docs[("RayService", "dreamblend")]["spec"]["serveConfigV2"])
+
+
+def _gpu_group_paths(doc: dict) -> list[tuple[int, dict]]:
+    return [(i, g) for i, g in enumerate(cluster_spec(doc)["workerGroupSpecs"]) if gpus(g) > 0]
+
+
+def _strip_sdxl_changes(doc: dict) -> dict:
+    """`doc` without what the overlay means to change: the Serve config, the job's entrypoint, and
+    the GPU groups' affinity, container resources and model-cache size."""
+    doc = copy.deepcopy(doc)
+    doc["spec"].pop("serveConfigV2", None)
+    doc["spec"].pop("entrypoint", None)
+    for _, group in _gpu_group_paths(doc):
+        pod = group["template"]["spec"]
+        pod.pop("affinity", None)
+        for c in pod["containers"]:
+            c.pop("resources")
+        for v in pod["volumes"]:
+            if v["name"] == "model-cache":
+                v["emptyDir"].pop("sizeLimit")
+    return doc
+
+
+def test_sdxl_overlay_validates_and_changes_only_the_service_and_the_job(sdxl_docs, manifests):
+    crds_or_skip()
+    assert sorted(sdxl_docs) == sorted([("RayJob", "dreamblend-finetune"), ("RayService", "dreamblend"),
+                                        ("RayCluster", "dreamblend-shared"), ("ServiceAccount", "dreamblend")])
+    for key, doc in sdxl_docs.items():
+        assert vm.validation_errors(doc) == [], (key, vm.validation_errors(doc))
+    assert sdxl_docs[("RayCluster", "dreamblend-shared")] == _one(manifests, "raycluster.yaml")
+    for key, filename in ((("RayService", "dreamblend"), "rayservice.yaml"),
+                          (("RayJob", "dreamblend-finetune"), "rayjob-finetune.yaml")):
+        base = _one(manifests, filename)
+        assert sdxl_docs[key] != base
+        assert _strip_sdxl_changes(sdxl_docs[key]) == _strip_sdxl_changes(base), key
+
+
+def test_sdxl_serve_config_is_rendered_from_the_overlays_overrides(sdxl_docs, sdxl_served):
+    expected = render.render_text(serve_source_path(), render.OVERRIDES, SDXL)
+    assert sdxl_docs[("RayService", "dreamblend")]["spec"]["serveConfigV2"] == expected, (
+        "k8s/overlays/sdxl serveConfigV2 drifted: run `python k8s/render_serve_config.py`")
+    text = (SDXL / render.OVERLAY_PATCH).read_text()
+    assert render.replace_block(text, render.block(expected, SDXL)) == text
+    assert render.overlay_dirs() == [SDXL]
+    assert render.main(["--check"]) == 0  # the base and every overlay are up to date
+
+
+def test_sdxl_serve_args_are_valid_and_fit_the_gpu_workers(sdxl_docs, sdxl_served, served):
+    from ray.serve.schema import ServeDeploySchema
+
+    from dreamblend_ray.serving.requests import AppArgs
+
+    ServeDeploySchema.model_validate(sdxl_served)
+    args = AppArgs.model_validate(app_of(sdxl_served)["args"])
+    assert args.base.startswith("s3://") and "xl" in args.base and args.base != app_of(served)["args"]["base"]
+    # subjects of another family are refused on this base: they live under a root of their own
+    assert args.storage_root.startswith("s3://") and args.storage_root != app_of(served)["args"]["storage_root"]
+    assert args.dtype in ("fp16", "bf16") and args.num_gpus == 1.0 and args.auth_enabled
+    assert args.request_timeout_s < sdxl_served["http_options"]["request_timeout_s"]
+    service = sdxl_docs[("RayService", "dreamblend")]
+    capacity = sum(g["maxReplicas"] * gpus(g) for g in gpu_groups(service))
+    assert args.max_replicas * args.num_gpus <= capacity
+
+
+def test_sdxl_job_writes_what_the_sdxl_service_serves(sdxl_docs, sdxl_served, rayjob):
+    from dreamblend_ray.jobs.cli import finetune_config_from_args, finetune_parser
+
+    job = sdxl_docs[("RayJob", "dreamblend-finetune")]
+    argv, args = entrypoint(job), app_of(sdxl_served)["args"]
+    assert argv[:2] == entrypoint(rayjob)[:2]  # the same script as the base's job
+    assert flag(argv, "--base") == args["base"] and flag(argv, "--output") == args["storage_root"]
+    parsed = finetune_parser().parse_args(argv[2:])  # every flag is the job's own
+    assert finetune_config_from_args(parsed).mixed_precision in ("bf16", "fp16")
+    groups = gpu_groups(job)
+    assert int(flag(argv, "--num-actors")) * float(flag(argv, "--gpus-per-actor")) <= \
+        sum(g["maxReplicas"] * gpus(g) for g in groups)
+
+
+def _admits(expression: dict, value: int) -> bool:
+    number = int(expression["values"][0])
+    return {"Gt": value > number, "Lt": value < number}[expression["operator"]]
+
+
+@pytest.mark.parametrize("key", [("RayService", "dreamblend"), ("RayJob", "dreamblend-finetune")])
+def test_sdxl_gpu_workers_land_on_24_gb_gpus_with_more_memory(sdxl_docs, manifests, key):
+    doc = sdxl_docs[key]
+    base = _one(manifests, {"RayService": "rayservice.yaml", "RayJob": "rayjob-finetune.yaml"}[key[0]])
+    base_groups = dict(_gpu_group_paths(base))
+    assert _gpu_group_paths(doc), key
+    for i, group in _gpu_group_paths(doc):
+        pod = group["template"]["spec"]
+        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        (expression,) = [e for e in term["matchExpressions"] if e["key"] == "nvidia.com/gpu.memory"]
+        assert len(expression["values"]) == 1 and expression["values"][0].isdigit()  # Gt/Lt take one integer
+        assert {g for g, mib in GPU_MEMORY_MIB.items() if _admits(expression, mib)} == SDXL_GPUS
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c, old in zip(pod["containers"], base_groups[i]["template"]["spec"]["containers"]):
+            res, was = c["resources"], old["resources"]
+            assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "1"
+            assert res["requests"]["memory"] == res["limits"]["memory"]
+            assert quantity(res["limits"]["memory"]) > quantity(was["limits"]["memory"])
+            cache = {e["name"]: e.get("value") for e in c["env"]}["DREAMBLEND_CACHE"]
+            (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == cache]
+            size = quantity(volumes[mount["name"]]["emptyDir"]["sizeLimit"])
+            assert 14 * 2**30 < size <= quantity(res["limits"]["ephemeral-storage"])  # SDXL fp32: ~14 GiB
+
+
+def test_sdxl_json_patches_refuse_a_base_they_do_not_expect(tmp_path):
+    """The overlay's JSON 6902 patches address list items by index: each first tests that the item
+    is the one it means, so a reordered base fails the build instead of patching another group."""
+    shutil.copytree(SDXL, tmp_path / "sdxl")
+    shutil.copytree(BASE, tmp_path / "base")
+    kust = vm.kustomization(tmp_path / "sdxl")
+    kust["resources"] = ["../base"]
+    (tmp_path / "sdxl" / "kustomization.yaml").write_text(yaml.safe_dump(kust))
+    assert vm.build(tmp_path / "sdxl")  # as it is, the copy builds
+    service = tmp_path / "base" / "rayservice.yaml"
+    service.write_text(service.read_text().replace("- groupName: gpu", "- groupName: gpu-small"))
+    with pytest.raises(ValueError, match="test failed at /spec/rayClusterConfig/workerGroupSpecs/0/groupName"):
+        vm.build(tmp_path / "sdxl")
+
+
+def test_json_patch_operations():
+    doc = {"a": {"b": [1, 2]}, "c": 1}
+    out = vm.json_patch(doc, [{"op": "add", "path": "/a/b/-", "value": 3}, {"op": "add", "path": "/a/b/0", "value": 0},
+                              {"op": "replace", "path": "/c", "value": {"d": 1}}, {"op": "remove", "path": "/a/b/1"},
+                              {"op": "add", "path": "/e~1f", "value": True}, {"op": "test", "path": "/c/d", "value": 1}])
+    assert out == {"a": {"b": [0, 2, 3]}, "c": {"d": 1}, "e/f": True}
+    assert doc == {"a": {"b": [1, 2]}, "c": 1}  # input untouched
+    for ops, message in [([{"op": "replace", "path": "/x", "value": 1}], "no 'x'"),
+                         ([{"op": "remove", "path": "/a/b/5"}], "no item '5'"),
+                         ([{"op": "test", "path": "/c", "value": 2}], "test failed at /c"),
+                         ([{"op": "move", "from": "/c", "path": "/d"}], "not supported")]:
+        with pytest.raises(ValueError, match=message):
+            vm.json_patch(doc, ops)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) not installed")
+def test_kustomize_build_of_the_sdxl_overlay_matches_the_offline_build(sdxl_docs):
+    crds_or_skip()
+    out = subprocess.run(["kubectl", "kustomize", str(SDXL)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    built = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out.stdout) if d}
+    assert sorted(built) == sorted(sdxl_docs)
+    for key, doc in built.items():
+        assert vm.validation_errors(doc) == []
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dreamblend-ray"
+        assert doc.get("spec") == sdxl_docs[key].get("spec"), key
