@@ -264,7 +264,10 @@ def _help(cls, name: str) -> str:
     bounds = ""
     if rule.low is not None or rule.high is not None:
         bounds = f" [{'-inf' if rule.low is None else rule.low}, {'inf' if rule.high is None else rule.high}]"
-    shown = "auto" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else value
+    if value is None or value == ():
+        shown = "auto" if value is None else "none"
+    else:
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
     return f"{rule.help}{bounds} (default: {shown})".replace("%", "%%")
 
 

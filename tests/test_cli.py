@@ -85,6 +85,8 @@ def _shown_default(cls, name: str) -> str:
 
     field = {f.name: f for f in fields(cls)}[name]
     value = field.default if field.default is not MISSING else field.default_factory()
+    if value == ():
+        return "none"
     return "auto" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.config import check_range
@@ -115,8 +116,6 @@ def check_base(base: str) -> str:
 
 def write_parquet(uri: str, rows: list[dict], schema: pa.Schema) -> str:
     """Write ``rows`` as one Parquet file (atomic, retried) and return ``uri``."""
-    import pyarrow.parquet as pq
-
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     storage.write_bytes(uri, buffer.getvalue())
@@ -124,8 +123,6 @@ def write_parquet(uri: str, rows: list[dict], schema: pa.Schema) -> str:
 
 
 def read_parquet(uri: str) -> list[dict]:
-    import pyarrow.parquet as pq
-
     return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
 
 
