@@ -138,7 +138,7 @@ def crop_geometry(width: int, height: int, resolution: int) -> CropGeometry:
         new_w, new_h = resolution, int(resolution * height / width)
     else:
         new_w, new_h = int(resolution * width / height), resolution
-    top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    top, left = round((new_h - resolution) / 2.0), round((new_w - resolution) / 2.0)
     return CropGeometry((height, width), (new_h, new_w), (max(0, top), max(0, left)))
 
 
