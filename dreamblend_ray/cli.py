@@ -66,5 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.INTERRUPTED
 
 
+def entry() -> None:
+    """The ``dreamblend`` console script: ``main``, then the process ends (storage finalized)."""
+    lifecycle.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from dreamblend_ray.runtime import lifecycle
+
 JOBS = ("finetune", "generate")  # the keys of jobs/cli.py's MAINS
 
 
@@ -27,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    lifecycle.exit_process(main())

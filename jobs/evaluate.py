@@ -7,9 +7,8 @@
         --num-actors 2 --gpus-per-actor 1
 """
 
-import sys
-
+from dreamblend_ray.runtime import lifecycle
 from dreamblend_ray.commands.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    lifecycle.exit_process(main())

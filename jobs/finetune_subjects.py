@@ -8,10 +8,9 @@ its flags: dreamblend_ray/jobs/cli.py).
 or `dreamblend submit finetune --address http://HEAD:8265 -- --subjects ... --output ...`.
 """
 
-import sys
-
 import dreamblend_ray.embedded.scorer  # noqa: F401 - registers the "embedded" pair-choice scorer (--choose-pair embedded)
+from dreamblend_ray.runtime import lifecycle
 from dreamblend_ray.jobs.cli import finetune_main
 
 if __name__ == "__main__":
-    sys.exit(finetune_main())
+    lifecycle.exit_process(finetune_main())

@@ -8,9 +8,8 @@ dreamblend_ray/jobs/generate.py; its flags: dreamblend_ray/jobs/cli.py).
 or `dreamblend submit generate --address http://HEAD:8265 -- --requests ... --output ...`.
 """
 
-import sys
-
+from dreamblend_ray.runtime import lifecycle
 from dreamblend_ray.jobs.cli import generate_main
 
 if __name__ == "__main__":
-    sys.exit(generate_main())
+    lifecycle.exit_process(generate_main())
