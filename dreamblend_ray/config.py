@@ -63,12 +63,20 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def validate_subject_id(subject_id: str) -> str:
+class SubjectId(str):
+    """A subject id that passed :func:`validate_subject_id`: checked once where it entered (a
+    manifest, a flag, an HTTP path), then carried as this type, so the storage layout's own guard
+    (keys are built only from valid ids) is an isinstance check, not another regex."""
+
+
+def validate_subject_id(subject_id: str) -> SubjectId:
     """Subject ids become storage keys: only [A-Za-z0-9_-], 1 to 64 characters."""
+    if isinstance(subject_id, SubjectId):
+        return subject_id
     if not isinstance(subject_id, str) or not SUBJECT_ID_PATTERN.fullmatch(subject_id):
         raise ValueError(
             f"subject_id must match [A-Za-z0-9_-] and be 1 to 64 characters long, got {subject_id!r}")
-    return subject_id
+    return SubjectId(subject_id)
 
 
 def validate_class_noun(class_noun: str) -> str:

@@ -154,3 +154,21 @@ def test_one_seed_limit_everywhere():
     FinetuneConfig(seed=cfg.MAX_SEED)
     with pytest.raises(ValueError, match="seed"):
         FinetuneConfig(seed=cfg.MAX_SEED + 1)
+
+
+def test_a_subject_id_is_validated_once_and_carried_as_its_type(monkeypatch):
+    checked = cfg.validate_subject_id("rex")
+    assert isinstance(checked, cfg.SubjectId) and checked == "rex"
+    calls, original = [], cfg.SUBJECT_ID_PATTERN
+
+    class Counting:
+        def fullmatch(self, text):
+            calls.append(text)
+            return original.fullmatch(text)
+
+    monkeypatch.setattr(cfg, "SUBJECT_ID_PATTERN", Counting())
+    assert cfg.validate_subject_id(checked) is checked and calls == []
+    cfg.validate_subject_id("other")
+    assert calls == ["other"]
+    with pytest.raises(ValueError, match="subject_id must match"):
+        cfg.validate_subject_id("bad\n")

@@ -50,7 +50,7 @@ class SubjectSpec:
     overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        validate_subject_id(self.subject_id)
+        object.__setattr__(self, "subject_id", validate_subject_id(self.subject_id))
         validate_class_noun(self.class_noun)
         if not self.images or not all(isinstance(i, str) and i.strip() for i in self.images):
             raise ValueError(f"images must be a non-empty list of URIs, got {list(self.images)!r}")
@@ -71,7 +71,7 @@ class GenerationRequest:
     edit_step: int | None = None
 
     def __post_init__(self):
-        validate_subject_id(self.subject_id)
+        object.__setattr__(self, "subject_id", validate_subject_id(self.subject_id))
         _check_prompt("prompt", self.prompt)
         if self.negative_prompt is not None:
             _check_prompt("negative_prompt", self.negative_prompt, allow_empty=True)
