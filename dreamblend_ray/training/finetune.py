@@ -22,7 +22,9 @@ a model version.
 Two things differ from the script, both for speed and neither changes the objective: the
 frozen VAE encodes each image once (we keep the posterior's mean and std and sample
 ``mean + std * eps`` each step, the same distribution as ``latent_dist.sample()``), and the
-frozen text encoder encodes the two prompts once.
+frozen text encoders encode the two prompts once (once per distinct image size and crop, when the
+family's added conditioning depends on them). One differs on purpose: the SDXL script gives a class
+image the time ids of the instance image it is batched with; here each image has its own.
 
 Class images for prior preservation come from the base model itself (plain DDIM + CFG through
 the project's sampler, equal to the family's diffusers pipeline) and are cached per base
