@@ -305,3 +305,33 @@ def test_a_manifest_without_a_family_is_stable_diffusion(bases, trained, tmp_pat
     bad["base"]["family"] = 3
     with pytest.raises(ValueError, match="base.family"):
         layout.validate_manifest(bad)
+
+
+def test_gradient_checkpointing_on_sdxl_gives_the_same_checkpoints(bases, images, tmp_path):
+    components = bases["tiny-sdxl"]
+
+    def weights(name, checkpointing):
+        finetune_subject(components, images, "dog", name, str(tmp_path),
+                         config(steps=2, checkpoint_steps=(2,), gradient_checkpointing=checkpointing), progress=False)
+        return checkpoints.decode_safetensors(storage.read_bytes(layout.weight_uri(str(tmp_path), name, 2, "lora")))[0]
+
+    plain, recomputed = weights("plain", False), weights("recomputed", True)
+    assert plain.keys() == recomputed.keys() and plain
+    for key, value in plain.items():
+        torch.testing.assert_close(recomputed[key], value, rtol=1e-5, atol=1e-6)
+    assert not components.unet.is_gradient_checkpointing
+
+
+def test_cli_finetune_on_an_sdxl_base(tmp_path, images):
+    from dreamblend_ray.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        image.save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["finetune", "--base", "tiny-sdxl", "--images", str(folder), "--class-noun", "dog",
+                 "--subject-id", "cli-sdxl", "--output", str(out), "--steps", "2", "--checkpoint-steps", "1,2",
+                 "--no-prior-preservation", "--no-progress"]) == 0
+    manifest = layout.read_manifest(str(out), "cli-sdxl")
+    assert manifest["base"]["family"] == "sdxl" and manifest["steps"] == [1, 2]
