@@ -10,10 +10,19 @@ text encoder; no weights can be downloaded here), per half precision: plain samp
 DreamBlend with the default window and with guidance at every step: the cost of the method at the
 scale it is used at.
 
-On a machine without CUDA only fp32 of part 1 runs (and part 2 is skipped). Prints a table; the
-last line is ``RESULT {json}``.
+Part 3 (``--sdxl``, issue 18), a random model of SDXL 1.0's shapes (2.6B-parameter UNet with
+``text_time`` added conditioning, 1024 px, CLIP-L + OpenCLIP-bigG-sized text encoders, SDXL's VAE
+with ``force_upcast``), per half precision: plain against DreamBlend (default window, every step),
+s/image, peak memory, and the dtype the VAE ran in (fp32 under fp16: Components keeps a
+force_upcast VAE in fp32; bf16 under bf16).
+
+On a machine without CUDA only fp32 of part 1 runs (and part 2 is skipped); part 3 then runs in
+fp32 only, a dry run of its code path meant for a shrunken model (``--sdxl-shrink 8 --sdxl-size 64``:
+every width divided by 8, the same depths and conditioning). ``--sdxl-only`` skips parts 1 and 2.
+Prints a table; the last line is ``RESULT {json}``.
 
     python benchmarks/bench_gpu.py [--finetune-steps 200] [--sd-steps 30] [--sd-batch 4]
+        [--sdxl [--sdxl-only] [--sdxl-steps 30] [--sdxl-batch 2] [--sdxl-size 1024] [--sdxl-shrink 1]]
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from bench_sampler import PeakMemory, add_adapters  # noqa: E402
 
 from dreamblend_ray.training import checkpoints  # noqa: E402
 from dreamblend_ray.models.components import Components, build_tokenizer, default_scheduler, load_components  # noqa: E402
+from dreamblend_ray.models.families import get as get_family  # noqa: E402
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig  # noqa: E402
 from dreamblend_ray.embedded import metrics  # noqa: E402
 from dreamblend_ray.embedded.subjects import get_subject  # noqa: E402
@@ -158,12 +168,87 @@ def sd_rows(device, precision: str, steps: int, batch: int) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- part 3: SDXL-sized
+
+
+def sdxl_shaped_components(device, dtype, size: int = 1024, shrink: int = 1) -> Components:
+    """Random weights in SDXL 1.0's architecture (UNet 2.6B: blocks 320/640/1280, transformer depth
+    1/2/10, ``text_time`` conditioning; CLIP-L and OpenCLIP-bigG-sized encoders, 2048-wide context;
+    the f8 VAE with force_upcast), every width divided by ``shrink`` (depths and head counts kept)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if 320 % (shrink * 5) or size % 32:
+        raise ValueError(f"--sdxl-shrink must divide 320 / 5 heads and --sdxl-size be a multiple of 32, "
+                         f"got {shrink} and {size}")
+    torch.manual_seed(0)
+    words = "a photo of sks dog on the beach in snow wearing red hat".split()
+    tokenizers = [build_tokenizer(words, max_length=77) for _ in range(2)]
+    groups = 32 if shrink == 1 else 8
+    width_l, width_g = 768 // shrink, 1280 // shrink
+
+    def encoder(tokenizer, width, layers, heads, act, cls):
+        return cls(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, projection_dim=width, hidden_act=act,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=size // 8, layers_per_block=2, block_out_channels=tuple(c // shrink for c in (320, 640, 1280)),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), norm_num_groups=groups,
+            cross_attention_dim=width_l + width_g, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256 // shrink, projection_class_embeddings_input_dim=width_g + 6 * (256 // shrink))
+        vae = AutoencoderKL(block_out_channels=tuple(c // shrink for c in (128, 256, 512, 512)), layers_per_block=2,
+                            latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size, norm_num_groups=groups,
+                            scaling_factor=0.13025, force_upcast=True)
+        text_encoder = encoder(tokenizers[0], width_l, 12, 12, "quick_gelu", CLIPTextModel)
+        text_encoder_2 = encoder(tokenizers[1], width_g, 32, 20, "gelu", CLIPTextModelWithProjection)
+    components = Components(unet, vae, text_encoder, tokenizers[0], default_scheduler(), source="sdxl-shaped",
+                            family="sdxl", text_encoder_2=text_encoder_2, tokenizer_2=tokenizers[1],
+                            options=dict(get_family("sdxl").options))
+    return components.to(device, dtype).eval()
+
+
+def sdxl_rows(device, precision: str, steps: int, batch: int, size: int, shrink: int) -> list[dict]:
+    components = sdxl_shaped_components(device, DTYPES[precision], size, shrink)
+    add_adapters(components.unet)
+    sampler = DreamBlendSampler(components)
+    pair = AdapterPair(components.unet, "early", "late")
+    prompts, seeds = ["a photo of sks dog on the beach"] * batch, list(range(batch))
+    default = SamplingConfig(num_inference_steps=steps)
+    variants = {"plain": SamplingConfig(num_inference_steps=steps, alpha=0.0),
+                f"DreamBlend K={default.window}": default,
+                f"DreamBlend K={steps}": SamplingConfig(num_inference_steps=steps, guidance_steps=steps)}
+    unet_params = sum(p.numel() for p in components.unet.parameters()) / 1e9
+    rows = []
+    for name, config in variants.items():
+        result, seconds, peak = timed(lambda: sampler.sample(pair, prompts, seeds, config), device)
+        rows.append({"part": "sample-sdxl-shaped", "precision": precision, "variant": name,
+                     "s_per_image": seconds / batch, "peak_mb": peak / 2**20,
+                     "nan": bool(np.isnan(result.arrays).any()), "size": result.images[0].size[0],
+                     "vae_dtype": str(components.vae.dtype).replace("torch.", ""),
+                     "unet_params_b": round(unet_params, 3)})
+    plain = rows[0]["s_per_image"]
+    for row in rows:
+        row["x_plain"] = row["s_per_image"] / plain
+    del components, sampler, pair
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 # --------------------------------------------------------------------------- report
 
 
 def table(rows: list[dict]) -> str:
     columns = ("part", "precision", "method", "variant", "steps_per_s", "finite_loss", "last_loss",
-               "s_per_image", "x_plain", "peak_mb", "nan", "prompt_fidelity", "mean_abs_diff_to_fp32")
+               "s_per_image", "x_plain", "peak_mb", "nan", "size", "vae_dtype", "prompt_fidelity",
+               "mean_abs_diff_to_fp32")
     shown = [c for c in columns if any(c in row for row in rows)]
 
     def cell(value):
@@ -183,6 +268,13 @@ def main() -> None:
     parser.add_argument("--sd-steps", type=int, default=30)
     parser.add_argument("--sd-batch", type=int, default=4)
     parser.add_argument("--skip-sd", action="store_true")
+    parser.add_argument("--sdxl", action="store_true", help="also run part 3, the SDXL-shaped model")
+    parser.add_argument("--sdxl-only", action="store_true", help="run part 3 only")
+    parser.add_argument("--sdxl-steps", type=int, default=30)
+    parser.add_argument("--sdxl-batch", type=int, default=2)
+    parser.add_argument("--sdxl-size", type=int, default=1024, help="image side in pixels (SDXL: 1024)")
+    parser.add_argument("--sdxl-shrink", type=int, default=1,
+                        help="divide every width by this (1: SDXL's real size; 8: a CPU dry run)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cuda = torch.cuda.is_available()
@@ -190,16 +282,20 @@ def main() -> None:
     precisions = ["fp32"] + (["fp16", "bf16"] if cuda else [])
     rows, reference = [], {}
     with tempfile.TemporaryDirectory() as root:
-        for precision in precisions:
+        for precision in precisions if not args.sdxl_only else []:
             for method in ("lora", "full"):
                 rows.append(finetune_row(device, precision, method, root, args.finetune_steps))
                 logger.warning("done %s", rows[-1])
             rows += sampling_rows(device, precision, root, args.steps, reference)
             logger.warning("done sampling %s", precision)
-    if cuda and not args.skip_sd:
+    if cuda and not args.skip_sd and not args.sdxl_only:
         for precision in ("fp16", "bf16"):
             rows += sd_rows(device, precision, args.sd_steps, args.sd_batch)
             logger.warning("done sd %s", precision)
+    if args.sdxl or args.sdxl_only:
+        for precision in ("fp16", "bf16") if cuda else ("fp32",):
+            rows += sdxl_rows(device, precision, args.sdxl_steps, args.sdxl_batch, args.sdxl_size, args.sdxl_shrink)
+            logger.warning("done sdxl %s", precision)
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")  # noqa: T201
     print(table(rows))  # noqa: T201 - a benchmark prints its table
     sd = {f"{r['precision']} {r['variant']}": round(r["x_plain"], 3) for r in rows if r["part"] == "sample-sd15-shaped"}
@@ -218,6 +314,15 @@ def main() -> None:
         "sd15_shaped_s_per_image": {f"{r['precision']} {r['variant']}": round(r["s_per_image"], 4)
                                     for r in rows if r["part"] == "sample-sd15-shaped"},
     }
+    sdxl = [r for r in rows if r["part"] == "sample-sdxl-shaped"]
+    if sdxl:
+        result["sdxl_shaped"] = {
+            "size": args.sdxl_size, "shrink": args.sdxl_shrink, "unet_params_b": sdxl[0]["unet_params_b"],
+            "ratio_to_plain": {f"{r['precision']} {r['variant']}": round(r["x_plain"], 3) for r in sdxl},
+            "s_per_image": {f"{r['precision']} {r['variant']}": round(r["s_per_image"], 4) for r in sdxl},
+            "peak_mb": {f"{r['precision']} {r['variant']}": round(r["peak_mb"], 1) for r in sdxl},
+            "vae_dtype": {r["precision"]: r["vae_dtype"] for r in sdxl},
+            "image_size": sdxl[0]["size"]}
     print("RESULT " + json.dumps(result))  # noqa: T201
 
 

@@ -4,7 +4,12 @@ diffusers' Attend-and-Excite, on the same components in one process.
 G and E are two LoRA adapters on one base UNet (the production layout). Prints a table and, last,
 ``RESULT {json}`` with seconds per image, ratios to plain sampling and peak memory.
 
-    python benchmarks/bench_sampler.py [--base tiny|embedded|DIR] [--steps 30] [--batch 4] [--repeats 2]
+Any model family (issue 18): ``--base tiny-sdxl`` (or an SDXL directory) runs the same variants at
+the family's default size; diffusers has Attend-and-Excite only for Stable Diffusion 1.x/2.x, so
+that row is left out on SDXL (``attend_and_excite_ratio``: null).
+
+    python benchmarks/bench_sampler.py [--base tiny|tiny-sd2|tiny-sdxl|embedded|DIR] [--steps 30] [--batch 4]
+        [--repeats 2]
 """
 
 from __future__ import annotations
@@ -132,26 +137,29 @@ def main() -> None:
             SamplingConfig(num_inference_steps=args.steps, guidance_steps=args.steps)),
     }
     components.unet.set_adapter("late")
-    variants["Attend-and-Excite (diffusers)"] = attend_and_excite(components, args.steps, args.batch)
+    if components.family == "sd":  # diffusers' Attend-and-Excite pipeline is Stable Diffusion's only
+        variants["Attend-and-Excite (diffusers)"] = attend_and_excite(components, args.steps, args.batch)
     rows = {}
     for name, fn in variants.items():
         seconds, peak = time_variant(fn, args.batch, args.repeats, device)
         rows[name] = {"s_per_image": seconds, "peak_mb": peak / 2**20}
     plain = rows["plain (E, alpha=0)"]["s_per_image"]
     header = f"{'variant':38s} {'s/image':>9s} {'x plain':>8s} {'peak MB':>9s}"
-    lines = [f"base={args.base} device={device} steps={args.steps} batch={args.batch} "
-             f"threads={torch.get_num_threads()}", header, "-" * len(header)]
+    size = components.default_size
+    lines = [f"base={args.base} ({components.family}, {size}x{size}) device={device} steps={args.steps} "
+             f"batch={args.batch} threads={torch.get_num_threads()}", header, "-" * len(header)]
     for name, row in rows.items():
         row["ratio"] = row["s_per_image"] / plain
         lines.append(f"{name:38s} {row['s_per_image']:9.3f} {row['ratio']:8.2f} {row['peak_mb']:9.1f}")
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
     names = list(rows)
     result = {
-        "base": args.base, "device": str(device), "steps": args.steps, "batch": args.batch,
+        "base": args.base, "family": components.family, "size": size, "device": str(device),
+        "steps": args.steps, "batch": args.batch,
         "plain_s_per_image": round(plain, 4),
         "dreamblend_default_ratio": round(rows[names[1]]["ratio"], 3),
         "dreamblend_every_step_ratio": round(rows[names[2]]["ratio"], 3),
-        "attend_and_excite_ratio": round(rows[names[3]]["ratio"], 3),
+        "attend_and_excite_ratio": round(rows[names[3]]["ratio"], 3) if len(names) > 3 else None,
         "default_window": default.window,
         "peak_mb": {name: round(row["peak_mb"], 1) for name, row in rows.items()},
         "target_default_ratio_max": 2.0,
