@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
 
 from dreamblend_ray.runtime import exit_codes
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.method.pair import AdapterPair, TwoUNetPair
@@ -68,9 +70,6 @@ def _json_safe(value: Any) -> Any:
 
 def lora_checkpoint_bytes(unet: UNet2DConditionModel, adapter_name: str) -> bytes:
     """One adapter of ``unet`` as diffusers' ``pytorch_lora_weights.safetensors`` bytes."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
     tensors = {f"{LORA_PREFIX}.{k}": v.to(torch.float32) for k, v in state.items()}
     config = _json_safe(unet.peft_config[adapter_name].to_dict())

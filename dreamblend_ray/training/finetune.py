@@ -48,10 +48,18 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
+import diffusers
 import numpy as np
+import peft
+import safetensors
 import torch
 import torch.nn.functional as F
+import transformers
+from diffusers import DDPMScheduler
+from peft import LoraConfig
 from PIL import Image
+
+from dreamblend_ray import __version__
 
 from dreamblend_ray.training import checkpoints, layout
 
@@ -375,8 +383,6 @@ def precision(device: torch.device, config: FinetuneConfig) -> torch.dtype | Non
 @contextmanager
 def lora_unet(unet, config: FinetuneConfig, adapter_name: str):
     """Add a trainable LoRA adapter to ``unet``; delete it (and restore the rest) on exit."""
-    from peft import LoraConfig
-
     if adapter_name in (getattr(unet, "peft_config", None) or {}):
         raise ValueError(f"adapter {adapter_name!r} is already loaded on the UNet")
     previous = unet.active_adapters() if getattr(unet, "peft_config", None) else []
@@ -485,13 +491,6 @@ def train(unet, params, data: TrainData, scheduler, config: FinetuneConfig, save
 
 
 def library_versions() -> dict:
-    import diffusers
-    import peft
-    import safetensors
-    import transformers
-
-    from dreamblend_ray import __version__
-
     return {"dreamblend_ray": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "peft": peft.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}
@@ -576,8 +575,6 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
     data = prepare_data(components, instance, prior, instance_prompt, config.class_prompt_for(class_noun),
                         resolution, config.random_flip)
     timings["encode_s"] = time.perf_counter() - t0
-
-    from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
     adapter_name = f"finetune--{subject_id}"
