@@ -68,3 +68,38 @@ def test_bench_serve_runs_and_reports(tmp_path):
     assert [r["concurrency"] for r in rows] == [1, 4] and all(r["images_per_s"] > 0 for r in rows)
     assert set(result["ratios"]) == {"batched_64_to_16", "router_queue_64_to_16", "ray_backoff_64_to_16",
                                      "batched_to_unbatched_at_16"}
+
+
+# --------------------------------------------------------------------------------------------
+# issue 18: the benchmarks on an SDXL base
+
+
+def test_bench_sampler_runs_on_tiny_sdxl(tmp_path):
+    result = run_script("bench_sampler.py", "--base", "tiny-sdxl", "--steps", "2", "--batch", "1",
+                        "--repeats", "1", "--threads", "1", cwd=tmp_path)
+    assert (result["family"], result["size"]) == ("sdxl", 32)
+    assert result["plain_s_per_image"] > 0 and result["dreamblend_default_ratio"] > 0
+    assert result["attend_and_excite_ratio"] is None  # diffusers has it for Stable Diffusion only
+    assert set(result["peak_mb"]) == {"plain (E, alpha=0)", "DreamBlend default (K=1)",
+                                      "DreamBlend every step (K=2)"}
+
+
+def test_bench_finetune_runs_on_tiny_sdxl_against_the_sdxl_script(tmp_path):
+    result = run_script("bench_finetune.py", "--base", "tiny-sdxl", "--steps", "4", "--warmup", "1",
+                        "--rounds", "1", cwd=tmp_path)
+    assert (result["family"], result["size"], result["timed_steps"]) == ("sdxl", 32, 2)
+    assert result["reference"]["lora"] == "train_dreambooth_lora_sdxl.py"
+    assert set(result["variants"]) == {"lora", "lora+prior", "full", "full+prior"}
+    for row in result["variants"].values():
+        assert row["ours"]["steps_per_s"] > 0 and row["reference"]["steps_per_s"] > 0
+        assert row["steps_per_s_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_bench_gpu_sdxl_part_dry_runs_on_cpu(tmp_path):
+    result = run_script("bench_gpu.py", "--sdxl-only", "--sdxl-shrink", "8", "--sdxl-size", "64",
+                        "--sdxl-steps", "2", "--sdxl-batch", "1", cwd=tmp_path)
+    sdxl = result["sdxl_shaped"]
+    assert result["device"] == "cpu" and not result["any_nan_image"] and result["finetune_steps_per_s"] == {}
+    assert sdxl["image_size"] == 64 and sdxl["vae_dtype"] == {"fp32": "float32"}
+    assert set(sdxl["ratio_to_plain"]) == {"fp32 plain", "fp32 DreamBlend K=1", "fp32 DreamBlend K=2"}
