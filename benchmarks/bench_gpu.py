@@ -143,8 +143,9 @@ def sd15_shaped_components(device, dtype) -> Components:
     return components.to(device, dtype).eval()
 
 
-def sd_rows(device, precision: str, steps: int, batch: int) -> list[dict]:
-    components = sd15_shaped_components(device, DTYPES[precision])
+def sampling_rows(components, part: str, precision: str, steps: int, batch: int, extra=None) -> list[dict]:
+    """Plain vs DreamBlend (default window, every step) s/image and peak memory on ``components``,
+    whose UNet gets the two benchmark adapters; ``extra(result)`` adds columns to each row."""
     add_adapters(components.unet)
     sampler = DreamBlendSampler(components)
     pair = AdapterPair(components.unet, "early", "late")
@@ -155,17 +156,26 @@ def sd_rows(device, precision: str, steps: int, batch: int) -> list[dict]:
                 f"DreamBlend K={steps}": SamplingConfig(num_inference_steps=steps, guidance_steps=steps)}
     rows = []
     for name, config in variants.items():
-        result, seconds, peak = timed(lambda: sampler.sample(pair, prompts, seeds, config), device)
-        rows.append({"part": "sample-sd15-shaped", "precision": precision, "variant": name,
+        result, seconds, peak = timed(lambda: sampler.sample(pair, prompts, seeds, config), device_of(components))
+        rows.append({"part": part, "precision": precision, "variant": name,
                      "s_per_image": seconds / batch, "peak_mb": peak / 2**20,
-                     "nan": bool(np.isnan(result.arrays).any())})
+                     "nan": bool(np.isnan(result.arrays).any()), **(extra(result) if extra else {})})
     plain = rows[0]["s_per_image"]
     for row in rows:
         row["x_plain"] = row["s_per_image"] / plain
-    del components, sampler, pair
-    if device.type == "cuda":
+    del sampler, pair
+    if device_of(components).type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def device_of(components) -> torch.device:
+    return components.unet.device
+
+
+def sd_rows(device, precision: str, steps: int, batch: int) -> list[dict]:
+    return sampling_rows(sd15_shaped_components(device, DTYPES[precision]), "sample-sd15-shaped",
+                         precision, steps, batch)
 
 
 # --------------------------------------------------------------------------- part 3: SDXL-sized
@@ -216,30 +226,11 @@ def sdxl_shaped_components(device, dtype, size: int = 1024, shrink: int = 1) -> 
 
 def sdxl_rows(device, precision: str, steps: int, batch: int, size: int, shrink: int) -> list[dict]:
     components = sdxl_shaped_components(device, DTYPES[precision], size, shrink)
-    add_adapters(components.unet)
-    sampler = DreamBlendSampler(components)
-    pair = AdapterPair(components.unet, "early", "late")
-    prompts, seeds = ["a photo of sks dog on the beach"] * batch, list(range(batch))
-    default = SamplingConfig(num_inference_steps=steps)
-    variants = {"plain": SamplingConfig(num_inference_steps=steps, alpha=0.0),
-                f"DreamBlend K={default.window}": default,
-                f"DreamBlend K={steps}": SamplingConfig(num_inference_steps=steps, guidance_steps=steps)}
-    unet_params = sum(p.numel() for p in components.unet.parameters()) / 1e9
-    rows = []
-    for name, config in variants.items():
-        result, seconds, peak = timed(lambda: sampler.sample(pair, prompts, seeds, config), device)
-        rows.append({"part": "sample-sdxl-shaped", "precision": precision, "variant": name,
-                     "s_per_image": seconds / batch, "peak_mb": peak / 2**20,
-                     "nan": bool(np.isnan(result.arrays).any()), "size": result.images[0].size[0],
-                     "vae_dtype": str(components.vae.dtype).replace("torch.", ""),
-                     "unet_params_b": round(unet_params, 3)})
-    plain = rows[0]["s_per_image"]
-    for row in rows:
-        row["x_plain"] = row["s_per_image"] / plain
-    del components, sampler, pair
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+    unet_params = round(sum(p.numel() for p in components.unet.parameters()) / 1e9, 3)
+    vae_dtype = str(components.vae.dtype).replace("torch.", "")
+    return sampling_rows(components, "sample-sdxl-shaped", precision, steps, batch,
+                         lambda result: {"size": result.images[0].size[0], "vae_dtype": vae_dtype,
+                                         "unet_params_b": unet_params})
 
 
 # --------------------------------------------------------------------------- report

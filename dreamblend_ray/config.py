@@ -141,6 +141,7 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+@cache
 def field_type(cls, name: str) -> FieldType:
     hint = _hints(cls)[name]
     optional = False
@@ -152,6 +153,7 @@ def field_type(cls, name: str) -> FieldType:
     return FieldType(hint, optional)
 
 
+@cache
 def spec(cls, name: str) -> Spec:
     """The declared :class:`Spec` of ``cls.name`` (KeyError for an undeclared field)."""
     return {f.name: f for f in fields(cls)}[name].metadata["spec"]
