@@ -33,6 +33,7 @@ import logging
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampler import PeakMemory, add_adapters  # noqa: E402
 
 from dreamblend_ray.training import checkpoints  # noqa: E402
-from dreamblend_ray.models.components import Components, build_tokenizer, default_scheduler, load_components  # noqa: E402
+from dreamblend_ray.models.components import Components, default_scheduler, load_components  # noqa: E402
+from dreamblend_ray.models.tokenizers import build_tokenizer  # noqa: E402
 from dreamblend_ray.models.families import get as get_family  # noqa: E402
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig  # noqa: E402
 from dreamblend_ray.embedded import metrics  # noqa: E402
@@ -156,7 +158,7 @@ def sampling_rows(components, part: str, precision: str, steps: int, batch: int,
                 f"DreamBlend K={steps}": SamplingConfig(num_inference_steps=steps, guidance_steps=steps)}
     rows = []
     for name, config in variants.items():
-        result, seconds, peak = timed(lambda: sampler.sample(pair, prompts, seeds, config), device_of(components))
+        result, seconds, peak = timed(partial(sampler.sample, pair, prompts, seeds, config), device_of(components))
         rows.append({"part": part, "precision": precision, "variant": name,
                      "s_per_image": seconds / batch, "peak_mb": peak / 2**20,
                      "nan": bool(np.isnan(result.arrays).any()), **(extra(result) if extra else {})})

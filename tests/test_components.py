@@ -182,7 +182,7 @@ def test_dtype_names_reach_the_configs_and_serve_args(tmp_path):
 def test_every_word_is_one_token_whatever_the_order(order):
     import random
 
-    from dreamblend_ray.models.components import build_tokenizer
+    from dreamblend_ray.models.tokenizers import build_tokenizer
 
     words = ["triangle", "striped", "star", "stripe", "a", "tr", "sks", "background", "ground"]
     random.Random(order).shuffle(words)

@@ -53,7 +53,7 @@ def vocabulary() -> list[str]:
 
 def build_world_tokenizer():
     """A CLIP tokenizer in which every word of :func:`vocabulary` is exactly one token."""
-    from dreamblend_ray.models.components import build_tokenizer
+    from dreamblend_ray.models.tokenizers import build_tokenizer
 
     return build_tokenizer(tokenizer_word_order(), MAX_TOKENS)
 
@@ -77,7 +77,7 @@ def tokenizer_word_order() -> tuple[str, ...]:
     Word-level BPE merges can clash (the ``"tr"`` of *triangle* splits *striped*), so words
     that split are moved to the front until none does; ValueError if no order is found.
     """
-    from dreamblend_ray.models.components import word_bpe
+    from dreamblend_ray.models.tokenizers import word_bpe
 
     words = vocabulary()
     order = sorted(words, key=lambda word: (-len(word), word))

@@ -258,7 +258,7 @@ def save_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32) -
     """
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from dreamblend_ray.models.components import TINY_WORDS, build_tokenizer
+    from dreamblend_ray.models.tokenizers import TINY_WORDS, build_tokenizer
 
     tokenizer = build_tokenizer(list(TINY_WORDS) + ["jungle", "sidewalk", "street"], max_length=32)
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -26,7 +26,6 @@ from dreamblend_ray import dtypes
 from dreamblend_ray.io import storage
 from dreamblend_ray.models import families, sd, sdxl  # noqa: F401 - sd and sdxl register their families
 from dreamblend_ray.models.families import Family
-from dreamblend_ray.models.tokenizers import TINY_WORDS, apply_bpe, build_tokenizer, word_bpe  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
