@@ -103,3 +103,8 @@ def test_bench_gpu_sdxl_part_dry_runs_on_cpu(tmp_path):
     assert result["device"] == "cpu" and not result["any_nan_image"] and result["finetune_steps_per_s"] == {}
     assert sdxl["image_size"] == 64 and sdxl["vae_dtype"] == {"fp32": "float32"}
     assert set(sdxl["ratio_to_plain"]) == {"fp32 plain", "fp32 DreamBlend K=1", "fp32 DreamBlend K=2"}
+
+
+def test_s3_exit_runs_and_reports(tmp_path):
+    result = run_script("s3_exit.py", "--runs", "2", "--variants", "exit_process", cwd=tmp_path)
+    assert result["results"]["exit_process"] == {"runs": 2, "aborts": 0, "failed_reads": 0}
