@@ -145,7 +145,7 @@ def sd15_shaped_components(device, dtype) -> Components:
     return components.to(device, dtype).eval()
 
 
-def sampling_rows(components, part: str, precision: str, steps: int, batch: int, extra=None) -> list[dict]:
+def adapter_sampling_rows(components, part: str, precision: str, steps: int, batch: int, extra=None) -> list[dict]:
     """Plain vs DreamBlend (default window, every step) s/image and peak memory on ``components``,
     whose UNet gets the two benchmark adapters; ``extra(result)`` adds columns to each row."""
     add_adapters(components.unet)
@@ -176,8 +176,8 @@ def device_of(components) -> torch.device:
 
 
 def sd_rows(device, precision: str, steps: int, batch: int) -> list[dict]:
-    return sampling_rows(sd15_shaped_components(device, DTYPES[precision]), "sample-sd15-shaped",
-                         precision, steps, batch)
+    return adapter_sampling_rows(sd15_shaped_components(device, DTYPES[precision]), "sample-sd15-shaped",
+                                 precision, steps, batch)
 
 
 # --------------------------------------------------------------------------- part 3: SDXL-sized
@@ -230,9 +230,9 @@ def sdxl_rows(device, precision: str, steps: int, batch: int, size: int, shrink:
     components = sdxl_shaped_components(device, DTYPES[precision], size, shrink)
     unet_params = round(sum(p.numel() for p in components.unet.parameters()) / 1e9, 3)
     vae_dtype = str(components.vae.dtype).replace("torch.", "")
-    return sampling_rows(components, "sample-sdxl-shaped", precision, steps, batch,
-                         lambda result: {"size": result.images[0].size[0], "vae_dtype": vae_dtype,
-                                         "unet_params_b": unet_params})
+    return adapter_sampling_rows(components, "sample-sdxl-shaped", precision, steps, batch,
+                                 lambda result: {"size": result.images[0].size[0], "vae_dtype": vae_dtype,
+                                                 "unet_params_b": unet_params})
 
 
 # --------------------------------------------------------------------------- report
