@@ -409,11 +409,20 @@ class SamplingConfig:
     height: int | None = setting(None, low=8, high=4096, help="image height in pixels (auto: the model's)")
     width: int | None = setting(None, low=8, high=4096, help="image width in pixels (auto: the model's)")
     return_reference: bool = setting(False, aliases=("--reference",), help="also return G's reference images")
+    attention_maps: bool = setting(False, help="also return per-token cross-attention heat maps of G, E and "
+                                               "DreamBlend (and G's and unguided E's images), from the same call")
+    maps_start: int = setting(0, low=0, high=999,
+                              help="first step (0-based) averaged into the heat maps")
+    maps_stop: int | None = setting(None, low=1, high=1000,
+                                    help="step after the last one averaged into the heat maps (auto: T)")
 
     def __post_init__(self):
         validate(self)
         if self.guidance_steps is not None:
             check_range("guidance_steps", self.guidance_steps, 0, self.num_inference_steps, integer=True)
+        if self.maps_stop is not None:
+            check_range("maps_stop", self.maps_stop, 1, self.num_inference_steps, integer=True)
+        check_range("maps_start", self.maps_start, 0, self.map_steps.stop - 1, integer=True)
 
     @property
     def window(self) -> int:
@@ -421,6 +430,11 @@ class SamplingConfig:
         if self.guidance_steps is not None:
             return self.guidance_steps
         return int(round(self.guidance_fraction * self.num_inference_steps))
+
+    @property
+    def map_steps(self) -> range:
+        """The step indices averaged into the heat maps (when ``attention_maps``)."""
+        return range(self.maps_start, self.num_inference_steps if self.maps_stop is None else self.maps_stop)
 
 
 DEFAULT_CHECKPOINT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from dreamblend_ray.method import guidance
 from dreamblend_ray.method.attention import Recorder, StopForward, recording, select_layers
+from dreamblend_ray.method.heatmaps import MapAverager
 from dreamblend_ray.models.components import Components
 from dreamblend_ray.models.prompts import Conditioning, prompt_conditioning
 from dreamblend_ray.config import MAX_SEED, SamplingConfig
@@ -41,6 +42,9 @@ class SampleResult:
 
     arrays: ``(B, H, W, 3)`` float32 in [0, 1] (the decoded images before 8-bit quantisation).
     attention_distance: ``(B, S)`` for the S steps where it was measured (the guidance window).
+    attention_maps (``config.attention_maps``): ``{"guidance", "edit", "dreamblend"}`` -> ``(B, T, H, W)``,
+    each token's map averaged over the selected layers (on the finest one's grid) and the map steps;
+    "edit" is E unguided, whose images are ``edit_images`` (G's are the reference images).
     """
 
     images: list[Image.Image]
@@ -49,6 +53,9 @@ class SampleResult:
     reference_arrays: np.ndarray | None
     attention_distance: torch.Tensor
     seconds: float
+    attention_maps: dict[str, torch.Tensor] | None = None
+    edit_images: list[Image.Image] | None = None
+    edit_arrays: np.ndarray | None = None
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device,
@@ -146,11 +153,15 @@ class DreamBlendSampler:
     @torch.no_grad()
     def sample(self, pair, prompts: list[str], seeds: list[int], config: SamplingConfig = SamplingConfig(),
                negative_prompts: list[str] | None = None, callback=None,
-               track_distance: bool = False) -> SampleResult:
+               track_distance: bool = False, decode: bool = True) -> SampleResult:
         """Generate one image per (prompt, seed). ``callback(step, total)`` after every step.
 
         track_distance: measure the E-to-G distance inside the window even when alpha = 0
         (G then runs in the window); with alpha > 0 it is always measured.
+        config.attention_maps: also average each trajectory's cross-attention maps over
+        ``config.map_steps`` (G, DreamBlend's E, and unguided E, which then runs as a third
+        trajectory when guidance changes anything); G's and unguided E's images come back too.
+        decode: False skips the VAE (no images; for attention probes).
         """
         height, width = self.check_inputs(prompts, seeds, config, negative_prompts)
         start = time.perf_counter()
@@ -163,8 +174,9 @@ class DreamBlendSampler:
         layers = select_layers(pair.unets[0], config.layers)
         shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
         z_e = initial_latents(seeds, shape, c.device, c.unet.dtype) * scheduler.init_noise_sigma
-        z_g = z_e.clone()
         window, guided_any = config.window, config.alpha > 0
+        plan = TrajectoryPlan.of(config, pair.identical, shape[2:])
+        z_g, z_p = z_e.clone(), z_e.clone()
         recorder, distances = Recorder(), []
         total = len(scheduler.timesteps)
         with ExitStack() as stack:
@@ -173,32 +185,103 @@ class DreamBlendSampler:
             for i, t in enumerate(scheduler.timesteps):
                 guided = guided_any and i < window
                 measured = i < window and (guided or track_distance)
-                if measured or config.return_reference:
+                mapped = i in plan.map_steps
+                if measured or plan.run_guidance:
                     with pair.guidance() as unet_g:
                         eps_g, maps_g = self.predict_noise(unet_g, recorder, z_g, t, cond,
-                                                           config.guidance_scale, record=measured)
+                                                           config.guidance_scale, record=measured or mapped)
                     z_g = scheduler.step(eps_g, t, z_g).prev_sample
+                    plan.add("guidance", maps_g, mapped)
                 with pair.edit() as unet_e:
                     if guided:
                         eta = guidance.step_size(config.eta_schedule, config.step_size, i, window)
                         z_e = self.guide(unet_e, recorder, z_e, t, cond, maps_g, mask,
                                          layers[-1].name, config.alpha, eta, config.distance)
                     eps_e, maps_e = self.predict_noise(unet_e, recorder, z_e, t, cond,
-                                                       config.guidance_scale, record=measured)
+                                                       config.guidance_scale, record=measured or mapped)
+                    if plan.run_plain:
+                        eps_p, maps_p = self.predict_noise(unet_e, recorder, z_p, t, cond,
+                                                           config.guidance_scale, record=mapped)
+                        z_p = scheduler.step(eps_p, t, z_p).prev_sample
+                        plan.add("edit", maps_p, mapped)
+                plan.add("dreamblend", maps_e, mapped)
                 if measured:
                     distances.append(guidance.attention_distance(maps_e, maps_g, mask,
                                                                  config.distance).cpu())
                 z_e = scheduler.step(eps_e, t, z_e).prev_sample
                 if callback is not None:
                     callback(i + 1, total)
-        return self._result(z_e, z_g if config.return_reference else None, distances, start)
+        if not decode:
+            return self._undecoded(distances, len(prompts), plan, start)
+        return self._result(z_e, z_g if plan.return_guidance else None, z_p if plan.run_plain else None,
+                            distances, plan, start)
 
-    def _result(self, z_e, z_g, distances, start) -> SampleResult:
-        arrays = decode_latents(self.components, z_e).permute(0, 2, 3, 1).cpu().numpy()
-        ref = None if z_g is None else decode_latents(self.components, z_g).permute(0, 2, 3, 1).cpu().numpy()
+    def _decode(self, latents) -> np.ndarray:
+        return decode_latents(self.components, latents).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _result(self, z_e, z_g, z_p, distances, plan: "TrajectoryPlan", start) -> SampleResult:
+        arrays = self._decode(z_e)
+        ref = None if z_g is None else self._decode(z_g)
+        plain = None if z_p is None else self._decode(z_p)
+        if plan.maps_wanted:  # without a separate trajectory, G (identical pair) or E (unguided) is DreamBlend's
+            ref = arrays if ref is None else ref
+            plain = arrays if plain is None else plain
         dist = torch.stack(distances, dim=1) if distances else torch.zeros(len(arrays), 0)
         return SampleResult(to_pil(arrays), arrays, None if ref is None else to_pil(ref), ref,
-                            dist, time.perf_counter() - start)
+                            dist, time.perf_counter() - start, attention_maps=plan.maps(),
+                            edit_images=None if plain is None else to_pil(plain), edit_arrays=plain)
+
+    @staticmethod
+    def _undecoded(distances, count: int, plan: "TrajectoryPlan", start) -> SampleResult:
+        dist = torch.stack(distances, dim=1) if distances else torch.zeros(count, 0)
+        return SampleResult([], np.zeros((0, 0, 0, 3), np.float32), None, None, dist,
+                            time.perf_counter() - start, attention_maps=plan.maps())
+
+
+@dataclass
+class TrajectoryPlan:
+    """Which trajectories a call runs beyond DreamBlend's E, and their heat-map averagers.
+
+    G runs every step when its images or maps are wanted (else only inside the measured window);
+    unguided E runs as a third trajectory only when maps are wanted and guidance changes E (alpha
+    > 0, a window, G differs from E): otherwise it IS DreamBlend's E (the alpha = 0 property), and
+    for an identical pair G is too.
+    """
+
+    maps_wanted: bool
+    identical: bool
+    run_guidance: bool
+    run_plain: bool
+    return_guidance: bool
+    map_steps: range
+    averagers: dict[str, MapAverager]
+
+    @classmethod
+    def of(cls, config: SamplingConfig, identical: bool, latent_hw) -> "TrajectoryPlan":
+        wanted = config.attention_maps
+        changes_e = config.alpha > 0 and config.window > 0 and not identical
+        rows = ("guidance", "edit", "dreamblend") if wanted else ()
+        return cls(maps_wanted=wanted, identical=identical,
+                   run_guidance=config.return_reference or (wanted and not identical),
+                   run_plain=wanted and changes_e,
+                   return_guidance=config.return_reference or (wanted and not identical),
+                   map_steps=config.map_steps if wanted else range(0),
+                   averagers={row: MapAverager(tuple(latent_hw)) for row in rows})
+
+    def add(self, row: str, maps: dict, mapped: bool) -> None:
+        if mapped and maps and not (row == "guidance" and self.identical):  # G = E: DreamBlend's maps
+            self.averagers[row].add(maps)
+
+    def maps(self) -> dict[str, torch.Tensor] | None:
+        """``{"guidance", "edit", "dreamblend"}`` -> ``(B, T, H, W)`` step-averaged token maps."""
+        if not self.maps_wanted:
+            return None
+        means = {row: averager.mean() for row, averager in self.averagers.items()}
+        if means["edit"] is None:
+            means["edit"] = means["dreamblend"]
+        if means["guidance"] is None:
+            means["guidance"] = means["edit"]
+        return means
 
 
 def plain_sample(components: Components, unet, prompts: list[str], seeds: list[int],
