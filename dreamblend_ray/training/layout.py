@@ -18,11 +18,12 @@ import json
 import re
 from typing import Any
 
-from dreamblend_ray.config import to_dict, validate_subject_id
+from dreamblend_ray.config import SUBJECT_ID_PATTERN, to_dict, validate_subject_id
 from dreamblend_ray.io import storage
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "subject.json"
+COLLAPSE_PLOT_NAME = "collapse.png"  # the attention probe's collapse-vs-step plot
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FULL_WEIGHT_NAME = "unet.safetensors"
 WEIGHT_NAMES = {"lora": LORA_WEIGHT_NAME, "full": FULL_WEIGHT_NAME}
@@ -46,6 +47,26 @@ def manifest_uri(root: str, subject_id: str) -> str:
 
 def weight_uri(root: str, subject_id: str, step: int, kind: str) -> str:
     return storage.join(checkpoint_uri(root, subject_id, step), WEIGHT_NAMES[kind])
+
+
+def collapse_plot_uri(root: str, subject_id: str) -> str:
+    return storage.join(subject_uri(root, subject_id), COLLAPSE_PLOT_NAME)
+
+
+def list_subject_ids(root: str, after: str | None = None, limit: int | None = None) -> list[str]:
+    """Sorted ids of the complete subjects (a subject.json present) under ``root``: those after
+    ``after`` (a cursor: the last id of the previous page), at most ``limit``.
+
+    One listing of ``subjects/``, then one stat per candidate until ``limit`` are found.
+    """
+    found = []
+    for name in storage.list_dir(storage.join(root, "subjects")):
+        if limit is not None and len(found) >= limit:
+            break
+        if SUBJECT_ID_PATTERN.fullmatch(name) and (after is None or name > after) \
+                and storage.exists(manifest_uri(root, name)):
+            found.append(name)
+    return found
 
 
 def class_images_uri(root: str, config_sha256: str, class_dir: str) -> str:
