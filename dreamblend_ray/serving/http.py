@@ -21,6 +21,7 @@ import base64
 import logging
 import math
 import time
+from importlib import resources
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
@@ -46,6 +47,13 @@ OPEN_PATHS = ("/healthz", "/openapi.json", *DOCS_PAGES)
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
             "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
             "base-uri 'self'; form-action 'self'; frame-ancestors 'self'")
+# The playground page is "/", its assets are under PLAYGROUND; it may load and call nothing outside this
+# server (its images arrive as data: and blob: URLs). Open like the docs: the page asks for the key.
+PLAYGROUND = "/playground"
+PLAYGROUND_FILES = {"index.html": "text/html; charset=utf-8", "playground.js": "text/javascript; charset=utf-8",
+                    "playground.css": "text/css; charset=utf-8"}
+PLAYGROUND_CSP = ("default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'self'; "
+                  "form-action 'self'; frame-ancestors 'none'")
 HEALTH_TIMEOUT_S = 10.0
 REPLICA_RETRY_AFTER_S = 10  # a replacement model replica is noticed in ~1 s, then loads its model
 SECURITY = [{"bearer": []}, {"apiKey": []}]
@@ -269,7 +277,7 @@ class ManifestCache:
 
 def _needs_key(scope) -> bool:
     path = scope.get("path", "")
-    if path.startswith(DOCS_STATIC + "/"):
+    if path.startswith(DOCS_STATIC + "/") or path == "/" or path.startswith(PLAYGROUND + "/"):
         return False
     if path == "/healthz":  # shallow health stays open for probes; deep health shows loaded subjects
         from urllib.parse import parse_qs
@@ -419,6 +427,24 @@ def _add_security(api: FastAPI) -> None:
     api.openapi = openapi
 
 
+def _add_playground(api: FastAPI) -> None:
+    """The playground page at ``/`` and its assets under PLAYGROUND, each with PLAYGROUND_CSP."""
+    package = resources.files(__package__).joinpath("playground")
+    files = {name: package.joinpath(name).read_bytes() for name in PLAYGROUND_FILES}
+    headers = {"Content-Security-Policy": PLAYGROUND_CSP, "X-Content-Type-Options": "nosniff",
+               "Cache-Control": "no-cache"}
+
+    @api.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return Response(files["index.html"], media_type=PLAYGROUND_FILES["index.html"], headers=headers)
+
+    @api.get(PLAYGROUND + "/{name}", include_in_schema=False)
+    async def playground_asset(name: str) -> Response:
+        if name not in files or name == "index.html":
+            return _error(404, "no such playground file")
+        return Response(files[name], media_type=PLAYGROUND_FILES[name], headers=headers)
+
+
 def make_api(args: AppArgs, backend: serving.Backend, read_manifest) -> FastAPI:
     """The FastAPI app of the ingress. ``read_manifest(subject_id) -> dict`` is blocking storage I/O."""
     from fastapi_offline import FastAPIOffline
@@ -439,6 +465,7 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest) -> FastAPI:
     if args.auth_enabled:
         api.add_middleware(ApiKeyMiddleware, api_key=api_key)  # added last: runs first
         _add_security(api)
+    _add_playground(api)
     subject_path = Path(pattern=SUBJECT_ID_PATTERN.pattern, description="a subject id: [A-Za-z0-9_-], 1 to 64",
                         examples=["dog"])
 
