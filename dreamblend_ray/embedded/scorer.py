@@ -1,7 +1,8 @@
 """The embedded model's pair-choice scorer: checkpoint scores from the shapes world's exact metrics.
 
 Importing this module registers it as the ``"embedded"`` scorer of
-:mod:`dreamblend_ray.evaluation.pair_choice` (``--choose-pair embedded``); the toy world plugs into
+:mod:`dreamblend_ray.evaluation.pair_choice` (``--choose-pair embedded``), and its companion prompts
+as the attention probe's prompts for the embedded base (``evaluation.collapse``); the toy world plugs into
 the production pair choice here, and the production code never imports it. The processes that
 offer it import this module: the job entry points, the demo and the tests.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from dreamblend_ray.config import check_choice
 from dreamblend_ray.embedded import metrics as analytic, world
 from dreamblend_ray.embedded.subjects import CONTEXTS
+from dreamblend_ray.evaluation.collapse import register_probe_prompts
 from dreamblend_ray.evaluation.pair_choice import PairChoiceOptions, ScorerPlugin, register_scorer
 
 
@@ -89,3 +91,11 @@ def check(options: PairChoiceOptions) -> None:
 
 
 PLUGIN = register_scorer("embedded", ScorerPlugin(build=build, check=check))
+
+
+def probe_prompts(instance_images: list, class_noun: str, token: str, num_prompts: int) -> list[str]:
+    """The attention probe's prompts for the embedded base: the subject beside a second object."""
+    return embedded_prompts(instance_images, class_noun, token, num_prompts, "companion")[0]
+
+
+register_probe_prompts("embedded", probe_prompts)

@@ -252,11 +252,15 @@ class ScorerPlugin:
 
     ``build(options, instance_images, class_noun, token, device)`` returns ``(scorer, prompts,
     plain_prompts)`` for one subject; ``check(options)`` validates the options only this scorer reads
-    (a ValueError), when a :class:`PairChoiceOptions` naming it is made.
+    (a ValueError), when a :class:`PairChoiceOptions` naming it is made. A plugin that chooses
+    without scoring images gives ``choose`` instead of ``build``: ``choose(root, subject_id,
+    components, instance_images, class_noun, token, options, progress)`` records the pair and
+    returns the manifest (e.g. "attention", ``dreamblend_ray.evaluation.collapse``).
     """
 
-    build: Callable[..., tuple[Scorer, list[str], list[str]]]
+    build: Callable[..., tuple[Scorer, list[str], list[str]]] | None = None
     check: Callable[["PairChoiceOptions"], None] = _no_check
+    choose: Callable[..., dict] | None = None
 
 
 SCORERS: dict[str, ScorerPlugin] = {}  # name -> plugin, in registration order
@@ -362,6 +366,8 @@ def build_scorer(options: PairChoiceOptions, instance_images: list, class_noun: 
     """(scorer, prompts, plain prompts) for one subject under ``options`` (its registered scorer)."""
     if not instance_images:
         raise ValueError("instance_images must hold at least one image of the subject")
+    if scorer_plugin(options.scorer).build is None:
+        raise ValueError(f"the pair-choice scorer {options.scorer!r} scores no images (it has no build)")
     return scorer_plugin(options.scorer).build(options, instance_images, class_noun, token, device)
 
 
@@ -377,6 +383,9 @@ def auto_choose_pair(root: str, subject_id: str, components, instance_images: li
     """
     if not isinstance(options, PairChoiceOptions):
         raise ValueError(f"options must be a PairChoiceOptions, got {type(options).__name__}")
+    choose = scorer_plugin(options.scorer).choose
+    if choose is not None:  # a plugin that chooses without scoring images (e.g. "attention")
+        return choose(root, subject_id, components, instance_images, class_noun, token, options, progress)
     scorer, prompts, plain = build_scorer(options, instance_images, class_noun, token,
                                           getattr(components, "device", None))
     return choose_and_record(root, subject_id, components, scorer, prompts, plain, list(options.seeds),

@@ -84,8 +84,9 @@ def add_pair_choice_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("automatic pair choice",
                                       "score each subject's checkpoints and record the chosen pair in subject.json")
     group.add_argument("--choose-pair", choices=list(SCORERS),
-                       help="scorer: embedded (analytic metrics of the embedded model) or clip-dino (CLIP-T and "
-                            "DINO; needs --clip-model and --dino-model); default: keep the configured pair")
+                       help="scorer: embedded (analytic metrics of the embedded model), clip-dino (CLIP-T and "
+                            "DINO; needs --clip-model and --dino-model) or attention (the collapse probe's scores, "
+                            "no images; see --attention-probe); default: keep the configured pair")
     group.add_argument("--clip-model", help="CLIP model directory or storage URI (transformers layout)")
     group.add_argument("--dino-model", help="DINO ViT model directory or storage URI (transformers layout)")
     group.add_argument("--choice-prompts", type=int, help="validation prompts per subject (default 4)")
@@ -93,6 +94,9 @@ def add_pair_choice_arguments(parser: argparse.ArgumentParser) -> None:
                        help="relative prompt-fidelity tolerance for the guidance step (default 0.1)")
     group.add_argument("--choice-context", choices=("companion", "background"),
                        help="embedded scorer: prompts add a second object (default) or a new background")
+    group.add_argument("--attention-probe", action="store_true",
+                       help="measure attention collapse on each subject's checkpoints and the base model "
+                            "(subject.json attention_probe, subjects/{id}/collapse.png, result columns)")
 
 
 def pair_choice_from_args(args: argparse.Namespace) -> PairChoiceOptions | None:
@@ -125,7 +129,8 @@ def finetune_job_from_args(args: argparse.Namespace) -> FinetuneJobResult:
         raise ValueError("--subjects is required (or --gather --run-id ID to read an earlier run)")
     return run_finetune_job(args.subjects, args.output, base=args.base, config=finetune_config_from_args(args),
                             resources=JobResources(**given_resources(args)), run_id=args.run_id,
-                            address=args.address, pair_choice=pair_choice_from_args(args))
+                            address=args.address, pair_choice=pair_choice_from_args(args),
+                            attention_probe=args.attention_probe)
 
 
 def run_finetune_from_args(args: argparse.Namespace) -> int:

@@ -7,9 +7,11 @@ Pipeline (``run_finetune_job``)::
            each actor loads the base model once; per subject:
              subject.json present  -> "skipped"   (reruns are idempotent)
              else finetune_subject -> "succeeded" | "failed" (error recorded, others go on)
+             with --attention-probe: then the collapse probe (evaluation.collapse) writes
+             subject.json's attention_probe and subjects/{id}/collapse.png
              with pair choice on: then auto_choose_pair rewrites subject.json with the
-             chosen guidance/edit steps (a complete subject without a pair_choice entry is
-             only scored, not re-trained)
+             chosen guidance/edit steps (a complete subject without a pair_choice entry, or
+             without attention_probe when the probe is on, is only scored, not re-trained)
       └─ each finished subject's row is saved at once to {output}/runs/{run_id}/rows/{id}.parquet
          (by its actor; by the driver for a skipped one), so a run whose driver dies can be read
       └─ driver streams the result rows (a log line per subject) and gathers them into
@@ -58,6 +60,8 @@ from dreamblend_ray.jobs.common import (TASK_RETRIES, JobResources, check_base, 
 from dreamblend_ray.jobs.manifests import SubjectSpec, apply_overrides, read_subjects
 from dreamblend_ray.evaluation.pair_choice import (PairChoiceOptions, ScorerPlugin, auto_choose_pair, register_scorer,
                                                    scorer_plugin)
+from dreamblend_ray.evaluation.collapse import (PROBE_PROMPT_PROVIDERS, ProbeOptions, probe_is_current, record_probe,
+                                               register_probe_prompts)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +72,9 @@ RESULT_SCHEMA = pa.schema([
     ("manifest_uri", pa.string()), ("guidance_checkpoint", pa.string()),
     ("edit_checkpoint", pa.string()), ("checkpoint_uris", pa.list_(pa.string())),
     ("worker", pa.string()),
+    # The attention probe (--attention-probe): collapse score per probed step, and the base model's.
+    ("probe_steps", pa.list_(pa.int64())), ("collapse_scores", pa.list_(pa.float64())),
+    ("base_collapse", pa.float64()),
 ])
 STATUSES = ("succeeded", "skipped", "failed")
 
@@ -91,12 +98,30 @@ def result_row(subject_id: str, status: str, output: str, seconds: float, manife
                    checkpoint_uris=[layout.checkpoint_uri(output, subject_id, s) for s in saved],
                    guidance_checkpoint=layout.checkpoint_uri(output, subject_id, manifest["guidance_step"]),
                    edit_checkpoint=layout.checkpoint_uri(output, subject_id, manifest["edit_step"]))
+        probe = manifest.get("attention_probe")
+        if probe:
+            row.update(probe_steps=[r["step"] for r in probe["rows"]],
+                       collapse_scores=[float(r["collapse"]) for r in probe["rows"]],
+                       base_collapse=float(probe["base"]["collapse"]))
     return row
 
 
 def needs_pair_choice(manifest: dict, options: PairChoiceOptions | None) -> bool:
     """Pair choice is on and this complete subject has no recorded choice yet."""
     return options is not None and "pair_choice" not in manifest
+
+
+def probe_options(pair_choice: PairChoiceOptions | None, attention_probe: bool) -> ProbeOptions | None:
+    """The probe a job runs per subject: the attention pair choice's (which needs it), else the
+    default probe with ``--attention-probe``, else None."""
+    if pair_choice is not None and pair_choice.scorer == "attention":
+        return ProbeOptions.of_pair_choice(pair_choice)
+    return ProbeOptions() if attention_probe else None
+
+
+def needs_work(manifest: dict, options: PairChoiceOptions | None, probe: ProbeOptions | None) -> bool:
+    """This complete subject still needs its pair chosen or its attention probe run."""
+    return needs_pair_choice(manifest, options) or (probe is not None and "attention_probe" not in manifest)
 
 
 def drop_subject_adapters(unet, subject_id: str) -> None:
@@ -113,16 +138,22 @@ class FinetuneActor:
     ``scorer``: its scorer's plugin as the driver resolved it, registered here before the options are
     rebuilt (a scorer the driver registered, like the embedded one, is not registered in an actor's process).
     ``run``: the run's URI; each subject's row is saved under it as soon as the subject ends
-    (``run_records``). None saves nothing.
+    (``run_records``). None saves nothing. ``attention_probe``: run the collapse probe
+    (``evaluation.collapse``) on each subject's checkpoints (always on with the attention pair choice);
+    ``probe_prompts``: the driver's probe-prompt providers (source -> provider), registered here like ``scorer``.
     """
 
     def __init__(self, base: str, output: str, torch_threads: int, use_gpu: bool,
-                 pair_choice: dict | None = None, run: str | None = None, scorer: ScorerPlugin | None = None):
+                 pair_choice: dict | None = None, run: str | None = None, scorer: ScorerPlugin | None = None,
+                 attention_probe: bool = False, probe_prompts: dict | None = None):
         torch.set_num_threads(torch_threads)
         self.output, self.run = output, run
         if pair_choice and scorer is not None:
             register_scorer(pair_choice["scorer"], scorer)
         self.pair_choice = PairChoiceOptions.from_dict(pair_choice) if pair_choice else None
+        self.probe = probe_options(self.pair_choice, attention_probe)
+        for source, provider in (probe_prompts or {}).items():
+            register_probe_prompts(source, provider)
         self.components = load_components(base, device=select_device() if use_gpu else "cpu")
         logger.info("finetune actor ready: base %s on %s, %d torch threads", self.components.source,
                     self.components.device, torch_threads)
@@ -145,26 +176,41 @@ class FinetuneActor:
             if manifest is None and layout.is_complete(self.output, subject_id):  # finished meanwhile
                 manifest = layout.read_manifest(self.output, subject_id)
             if manifest is not None:
-                if not needs_pair_choice(manifest, self.pair_choice):
+                if not needs_work(manifest, self.pair_choice, self.probe):
                     logger.info("subject %s: already complete, skipped", subject_id)
                     return result_row(subject_id, "skipped", self.output, time.perf_counter() - start, manifest)
-                logger.info("subject %s: fine-tuned earlier, choosing its pair", subject_id)
+                logger.info("subject %s: fine-tuned earlier, probing / choosing its pair", subject_id)
                 images = [read_image(u) for u in image_uris(list(row["images"]))]
-                return self.choose_pair(row, manifest, images, start)
+                return self.after_training(row, manifest, images, start)
             uris = image_uris(list(row["images"]))
             config = from_dict(FinetuneConfig, json.loads(row["config"]))
-            # With pair choice the images are read once here: training and scoring share them.
-            images = [read_image(u) for u in uris] if self.pair_choice else uris
+            # With pair choice or the probe the images are read once here: training and scoring share them.
+            images = [read_image(u) for u in uris] if self.pair_choice or self.probe else uris
             manifest = finetune_subject(self.components, images, row["class_noun"], subject_id, self.output,
                                         config, progress=False)
             logger.info("subject %s: fine-tuned in %.1fs", subject_id, time.perf_counter() - start)
-            if self.pair_choice:
-                return self.choose_pair(row, manifest, images, start)
-            return result_row(subject_id, "succeeded", self.output, time.perf_counter() - start, manifest)
+            return self.after_training(row, manifest, images, start)
         except Exception as exc:  # noqa: BLE001 - one bad subject must not stop the others
             logger.exception("subject %s failed", subject_id)
             return result_row(subject_id, "failed", self.output, time.perf_counter() - start,
                               error=error_text(exc))
+
+    def after_training(self, row: dict, manifest: dict, images: list, start: float) -> dict:
+        """The attention probe (when on and not current), then the pair choice (when on and not
+        recorded); a probe failure is recorded in the row and keeps the (complete) manifest."""
+        subject_id = row["subject_id"]
+        if self.probe is not None and not probe_is_current(manifest, self.probe):
+            try:
+                manifest = record_probe(self.output, subject_id, self.components, images, self.probe)
+            except Exception as exc:  # noqa: BLE001 - recorded in the row; the checkpoints stay usable
+                logger.exception("subject %s: attention probe failed", subject_id)
+                drop_subject_adapters(self.components.unet, subject_id)
+                return result_row(subject_id, "failed", self.output, time.perf_counter() - start, manifest,
+                                  error=f"attention probe failed (checkpoints and subject.json kept): "
+                                        f"{error_text(exc)}")
+        if needs_pair_choice(manifest, self.pair_choice):
+            return self.choose_pair(row, manifest, images, start)
+        return result_row(subject_id, "succeeded", self.output, time.perf_counter() - start, manifest)
 
     def choose_pair(self, row: dict, manifest: dict, images: list, start: float) -> dict:
         """Score the checkpoints and record the pair; a failure keeps the (complete) manifest."""
@@ -215,20 +261,23 @@ def subject_items(specs: list[SubjectSpec], base_config: FinetuneConfig) -> list
 
 
 def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOptions | None = None,
-                     run: str | None = None) -> list[dict]:
+                     run: str | None = None, attention_probe: bool = False) -> list[dict]:
     """"skipped" rows for subjects whose manifest exists (checked concurrently, from the driver,
     so a finished rerun starts no actors); actors check again before they train. With pair choice
     on, a subject whose manifest has no ``pair_choice`` entry is not done yet: its item gets the
-    manifest read here (``item["manifest"]``), so its actor only chooses the pair. Each row is
-    saved under ``run`` (when given), like the actors' rows."""
+    manifest read here (``item["manifest"]``), so its actor only chooses the pair (likewise one
+    without an ``attention_probe`` when the probe is on). Each row is saved under ``run`` (when
+    given), like the actors' rows."""
     from concurrent.futures import ThreadPoolExecutor
+
+    probe = probe_options(pair_choice, attention_probe)
 
     def check(item):
         start = time.perf_counter()
         if not layout.is_complete(output, item["subject_id"]):
             return None
         manifest = layout.read_manifest(output, item["subject_id"])
-        if needs_pair_choice(manifest, pair_choice):
+        if needs_work(manifest, pair_choice, probe):
             item["manifest"] = json.dumps(manifest)
             return None
         row = result_row(item["subject_id"], "skipped", output, time.perf_counter() - start, manifest)
@@ -242,7 +291,7 @@ def already_complete(items: list[dict], output: str, pair_choice: PairChoiceOpti
 
 def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResources, address: str | None,
                   total: int, done: int, pair_choice: PairChoiceOptions | None = None, run: str | None = None,
-                  rows: list[dict] | None = None) -> list[dict]:
+                  rows: list[dict] | None = None, attention_probe: bool = False) -> list[dict]:
     """Run ``items`` through the FinetuneActor pool; log each subject as its row arrives.
 
     Rows are appended to ``rows`` (a new list by default) as they arrive, so a caller keeps the
@@ -256,7 +305,8 @@ def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResou
                                               "use_gpu": resources.gpus_per_actor > 0,
                                               "pair_choice": to_dict(pair_choice) if pair_choice else None,
                                               "scorer": scorer_plugin(pair_choice.scorer) if pair_choice else None,
-                                              "run": run},
+                                              "run": run, "attention_probe": attention_probe,
+                                              "probe_prompts": dict(PROBE_PROMPT_PROVIDERS)},
         **resources.map_batches_args())
     # A task whose actor died more than TASK_RETRIES times loses its block; the other subjects go
     # on, and the driver gives the lost one a failed row (ACTOR_DIED).
@@ -272,12 +322,15 @@ def fine_tune_all(items: list[dict], output: str, base: str, resources: JobResou
 def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: str = "embedded",
                      config: FinetuneConfig = FinetuneConfig(), resources: JobResources = JobResources(),
                      run_id: str | None = None, address: str | None = None,
-                     pair_choice: PairChoiceOptions | None = None) -> FinetuneJobResult:
+                     pair_choice: PairChoiceOptions | None = None,
+                     attention_probe: bool = False) -> FinetuneJobResult:
     """Fine-tune every subject into ``output``; returns (and writes) the results table.
 
     ``pair_choice``: when given, each fine-tuned subject's checkpoints are scored and the chosen
     (guidance, edit) pair is recorded in its subject.json (see ``pair_choice.auto_choose_pair``);
-    the rows' guidance/edit steps are the chosen ones.
+    the rows' guidance/edit steps are the chosen ones. ``attention_probe``: run the collapse probe
+    on each subject's checkpoints (``evaluation.collapse``; subject.json's ``attention_probe``,
+    ``subjects/{id}/collapse.png``, the rows' probe columns); the "attention" pair choice runs it anyway.
     """
     if pair_choice is not None and not isinstance(pair_choice, PairChoiceOptions):
         raise ValueError(f"pair_choice must be a PairChoiceOptions or None, got {type(pair_choice).__name__}")
@@ -294,10 +347,11 @@ def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: st
         "subject_ids": [item["subject_id"] for item in items],
         "source": subjects if isinstance(subjects, str) else None, "config": to_dict(config),
         "resources": to_dict(resources), "pair_choice": to_dict(pair_choice) if pair_choice else None,
+        "attention_probe": bool(attention_probe),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     logger.info("run %s: %d subjects -> %s on %d actor(s)", run_id, len(items), output, resources.num_actors)
 
-    rows = already_complete(items, output, pair_choice, run)
+    rows = already_complete(items, output, pair_choice, run, attention_probe)
     todo = [item for item in items if item["subject_id"] not in {r["subject_id"] for r in rows}]
     logger.info("run %s: %d of %d subjects already complete, %d to fine-tune", run_id, len(rows),
                 len(items), len(todo))
@@ -305,7 +359,7 @@ def run_finetune_job(subjects: str | list[SubjectSpec], output: str, *, base: st
     if todo:
         try:
             fine_tune_all(todo, output, base, resources, address, total=len(items), done=len(rows),
-                          pair_choice=pair_choice, run=run, rows=rows)
+                          pair_choice=pair_choice, run=run, rows=rows, attention_probe=attention_probe)
         except Exception as exc:  # noqa: BLE001 - what finished is kept; the rest become failed rows
             logger.error("run %s: the job failed after %d of %d subjects ended: %s", run_id, len(rows),
                          len(items), error_text(exc))

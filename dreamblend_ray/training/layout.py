@@ -5,6 +5,7 @@ Layout under an output root (a local path or ``s3://bucket/prefix``)::
     {root}/subjects/{id}/checkpoints/step-{N}/pytorch_lora_weights.safetensors   (LoRA runs)
     {root}/subjects/{id}/checkpoints/step-{N}/unet.safetensors                   (full fine-tunes)
     {root}/subjects/{id}/subject.json        (the manifest, written LAST)
+    {root}/subjects/{id}/collapse.png        (the attention probe's plot, when probed)
     {root}/class_images/{base_config_sha256[:12]}/{class_noun}/NNNN.png   (prior-preservation cache)
 
 A manifest's presence means every checkpoint it lists was written: ``finetune_subject`` removes
@@ -43,6 +44,11 @@ def checkpoint_uri(root: str, subject_id: str, step: int) -> str:
 
 def manifest_uri(root: str, subject_id: str) -> str:
     return storage.join(subject_uri(root, subject_id), MANIFEST_NAME)
+
+
+def collapse_plot_uri(root: str, subject_id: str) -> str:
+    """The attention probe's plot, ``subjects/{id}/collapse.png`` (``evaluation.collapse``)."""
+    return storage.join(subject_uri(root, subject_id), "collapse.png")
 
 
 def weight_uri(root: str, subject_id: str, step: int, kind: str) -> str:
