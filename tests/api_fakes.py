@@ -4,6 +4,7 @@ Used by test_serving.py (in-process TestClient), test_openapi.py (Schemathesis o
 test_docs_offline.py (a headless browser): no Ray, no model.
 """
 
+import base64
 import contextlib
 import socket
 import threading
@@ -23,8 +24,24 @@ MANIFEST = {"version": 1, "subject_id": "dog", "class_noun": "dog", "token": "sk
             "library_versions": {"torch": "2.13.0"}, "device": "cpu", "created_at": "2026-12-02T00:00:00Z"}
 
 
+# The store's complete subjects (sorted): only "dog" has an attention-probe plot; "cat" is absent.
+SUBJECT_IDS = ("bird", "dog", "eel", "fox", "owl")
+MAP_SIZE = (4, 4)
+
+
 def png(color=(255, 0, 0)) -> bytes:
     return encode_png(Image.new("RGB", (8, 8), color))
+
+
+def attention_entry(prompt: str) -> dict:
+    """What run_group gives per image with attention_maps: one W x h x w map per row, W = its words."""
+    words = prompt.split() or [prompt]
+    grid = [[[round((w + 1) / (len(words) + 1), 5)] * MAP_SIZE[1] for _ in range(MAP_SIZE[0])]
+            for w in range(len(words))]
+    image = base64.b64encode(png((0, 0, 255))).decode("ascii")
+    return {"words": words, "rows": ["guidance", "edit", "dreamblend"], "map_size": list(MAP_SIZE),
+            "maps": {"guidance": grid, "edit": grid, "dreamblend": grid},
+            "images": {"guidance": image, "edit": image}, "attention_distance_steps": [0.5, 0.25]}
 
 
 class RecordingBackend:
@@ -38,19 +55,32 @@ class RecordingBackend:
         self.jobs.append(job)
         if self.error is not None:
             raise self.error
+        attention = [attention_entry(p) for p in job.prompts] if job.config.attention_maps else None
         return GenerationResult(pngs=[png() for _ in job.prompts], seeds=job.seeds, batch_requests=1,
                                 batch_images=len(job.prompts), replica="r1", loaded_models=[job.model_id],
-                                attention_distance=[0.5] * len(job.prompts))
+                                attention_distance=[0.5] * len(job.prompts), attention=attention)
 
     async def model_health(self):
         return {"replica": "r1", "loaded_models": ["dog"]}
 
 
 def read_manifest(subject_id):
-    """The store: only "dog" exists."""
+    """The store: the SUBJECT_IDS exist ("dog" is MANIFEST, the others the same under their id)."""
+    if subject_id not in SUBJECT_IDS:
+        raise FileNotFoundError(subject_id)
+    return MANIFEST if subject_id == "dog" else {**MANIFEST, "subject_id": subject_id}
+
+
+def list_subjects(after, limit):
+    """``layout.list_subject_ids`` over the store: sorted ids after the cursor, at most ``limit``."""
+    return [s for s in SUBJECT_IDS if after is None or s > after][:limit]
+
+
+def read_collapse_plot(subject_id):
+    """Only "dog" has an attention-probe plot."""
     if subject_id != "dog":
         raise FileNotFoundError(subject_id)
-    return MANIFEST
+    return png((0, 255, 0))
 
 
 @contextlib.contextmanager
@@ -79,4 +109,4 @@ def serve_on_loopback(app):
 
 def make_app(backend=None, **overrides):
     args = AppArgs(**{"base": "tiny", **overrides})
-    return http.make_api(args, backend or RecordingBackend(), read_manifest)
+    return http.make_api(args, backend or RecordingBackend(), read_manifest, list_subjects, read_collapse_plot)

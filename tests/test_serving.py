@@ -24,13 +24,14 @@ from dreamblend_ray.serving.batching import GenerationJob
 from dreamblend_ray.serving.http import ManifestCache
 from dreamblend_ray.serving.requests import AppArgs, FieldError, GenerateRequest, SubjectConflict
 
-from api_fakes import MANIFEST, RecordingBackend, read_manifest  # noqa: E402
+from api_fakes import MANIFEST, RecordingBackend, list_subjects, read_collapse_plot, read_manifest  # noqa: E402
 
 
 def client(backend=None, **overrides) -> tuple[TestClient, RecordingBackend]:
     backend = backend or RecordingBackend()
     args = AppArgs(**{"base": "tiny", "max_body_bytes": 1024, **overrides})
-    return TestClient(http.make_api(args, backend, read_manifest), raise_server_exceptions=False), backend
+    return TestClient(http.make_api(args, backend, read_manifest, list_subjects, read_collapse_plot),
+                      raise_server_exceptions=False), backend
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -127,7 +128,7 @@ def test_request_bounds_of_sampling_fields_are_the_declared_ones(name):
     assert prop["anyOf"][1] == {"type": "null"} and prop["description"] == rule.help
     args = AppArgs(base="tiny", max_inference_steps=50)
     narrowed = serving.request_model(args).model_json_schema()["properties"][name]["anyOf"][0]
-    limit = 50 if name in ("num_inference_steps", "guidance_steps") else rule.high
+    limit = {"num_inference_steps": 50, "guidance_steps": 50, "maps_stop": 50, "maps_start": 49}.get(name, rule.high)
     assert (narrowed["minimum"], narrowed["maximum"]) == (rule.low, min(limit, rule.high))
     app_field = serving.SAMPLING_FIELDS[name]
     if app_field is not None:
@@ -391,7 +392,9 @@ def _store_with(tmp_path, text: str | bytes):
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     args = AppArgs(base="tiny", manifest_cache_s=0)
     backend = RecordingBackend()
-    return TestClient(http.make_api(args, backend, partial(layout.read_manifest, str(tmp_path))),
+    root = str(tmp_path)
+    return TestClient(http.make_api(args, backend, partial(layout.read_manifest, root),
+                                    partial(layout.list_subject_ids, root), partial(serving.read_collapse_plot, root)),
                       raise_server_exceptions=False), backend
 
 

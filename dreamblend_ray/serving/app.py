@@ -227,10 +227,11 @@ class DreamBlendModel:
             if id(job) not in by_job:
                 results.append(DeadlineExceeded("deadline passed while queued"))
                 continue
-            pngs, distances, seconds = by_job[id(job)]
-            results.append(GenerationResult(pngs=pngs, seeds=job.seeds, batch_requests=len(live),
+            output = by_job[id(job)]
+            results.append(GenerationResult(pngs=output.pngs, seeds=job.seeds, batch_requests=len(live),
                                             batch_images=images, replica=self.replica, loaded_models=loaded,
-                                            sample_seconds=seconds, attention_distance=distances))
+                                            sample_seconds=output.seconds, attention_distance=output.distances,
+                                            attention=output.attention))
         return results
 
     def _sample(self, handle: LoadedPair, jobs: list[GenerationJob], callback):
@@ -276,8 +277,10 @@ class DreamBlendIngress:
         SamplingConfig()
 
     def __serve_build_asgi_app__(self):
-        return http.make_api(self.args, backend=self,
-                             read_manifest=partial(layout.read_manifest, self.args.storage_root))
+        root = self.args.storage_root
+        return http.make_api(self.args, backend=self, read_manifest=partial(layout.read_manifest, root),
+                             list_subjects=partial(layout.list_subject_ids, root),
+                             read_collapse_plot=partial(serving.read_collapse_plot, root))
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """The job's result. Generation is deterministic given the job's seeds, so a job whose replica

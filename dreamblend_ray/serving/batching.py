@@ -7,13 +7,21 @@ an equal ``SamplingConfig`` (frozen, so hashable: it is the group key itself). A
 prompt is "" for the sampler. The sampler is batch invariant, so every request gets exactly the
 images it would get served alone.
 
+With ``config.attention_maps`` the same sampler call also gives each image's per-word heat maps
+(``method/heatmap_report.py``): ``GenerationResult.attention`` holds one JSON-ready dict per image
+(``ATTENTION_KEYS``), G's and unguided E's images in it as base64 PNGs (DreamBlend's image is the
+job's own). Such jobs only batch with each other, since the config is the group key.
+
 The Serve deployment (``serving/app.py``) keeps the pending jobs in arrival order and runs
 ``take_group`` / ``run_group`` with its model lock held.
 """
 
 from __future__ import annotations
 
+import base64
+import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.io.images import encode_png
@@ -48,6 +56,21 @@ class GenerationResult:
     loaded_models: list[str] = field(default_factory=list)
     sample_seconds: float = 0.0
     attention_distance: list[float] = field(default_factory=list)  # mean over guided steps, per image
+    attention: list[dict] | None = None  # with config.attention_maps: one ATTENTION_KEYS dict per image
+
+
+# One image's attention entry: AttentionReport.to_json() without prompt and seed, plus G's and
+# unguided E's images ({"guidance", "edit"} -> base64 PNG).
+ATTENTION_KEYS = ("words", "rows", "map_size", "maps", "images", "attention_distance_steps")
+
+
+class JobOutput(NamedTuple):
+    """One job's share of a sampler call."""
+
+    pngs: list[bytes]
+    distances: list[float]
+    seconds: float
+    attention: list[dict] | None = None
 
 
 def group_jobs(jobs: list[GenerationJob]) -> list[list[int]]:
@@ -66,8 +89,8 @@ def take_group(pending: list[GenerationJob], max_requests: int) -> list[int]:
     return [i for i, job in enumerate(pending) if job.group_key == key][:max_requests]
 
 
-def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[tuple[list[bytes], list[float], float]]:
-    """One sampler call for jobs of one group; returns (pngs, distances, seconds) per job.
+def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[JobOutput]:
+    """One sampler call for jobs of one group; one ``JobOutput`` per job.
 
     Blocking: call it in a worker thread, holding the replica's model lock.
     """
@@ -76,15 +99,35 @@ def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[t
     negatives = None  # the sampler reads None as "" for every sample (diffusers' convention)
     if any(job.negative_prompts is not None for job in jobs):
         negatives = [n for job in jobs for n in (job.negative_prompts or [""] * len(job.prompts))]
-    result = sampler.sample(pair, prompts, seeds, jobs[0].config, negative_prompts=negatives, callback=callback)
+    config = jobs[0].config
+    extra = {"track_distance": True} if config.attention_maps else {}  # the report's distance curve
+    result = sampler.sample(pair, prompts, seeds, config, negative_prompts=negatives, callback=callback, **extra)
     distances = _mean_distances(result.attention_distance, len(prompts))
+    attention = (attention_entries(result, prompts, seeds, sampler.components.tokenizer)
+                 if config.attention_maps else None)
     out, start = [], 0
     for job in jobs:
         stop = start + len(job.prompts)
-        out.append(([encode_png(img) for img in result.images[start:stop]], distances[start:stop],
-                    float(result.seconds)))
+        out.append(JobOutput([encode_png(img) for img in result.images[start:stop]], distances[start:stop],
+                             float(result.seconds), None if attention is None else attention[start:stop]))
         start = stop
     return out
+
+
+def attention_entries(result, prompts: list[str], seeds: list[int], tokenizer) -> list[dict]:
+    """One JSON-ready ``ATTENTION_KEYS`` dict per sample of a SampleResult made with attention_maps."""
+    # Deferred: heat maps need torch, which the ingress (it imports this module) never loads for them.
+    from dreamblend_ray.method.heatmap_report import reports_from
+
+    entries = []
+    for report in reports_from(result, prompts, seeds, tokenizer):
+        entry = {key: value for key, value in report.to_json().items() if key not in ("prompt", "seed")}
+        entry["attention_distance_steps"] = [d if math.isfinite(d) else None
+                                             for d in entry["attention_distance_steps"]]
+        entry["images"] = {row: base64.b64encode(encode_png(report.images[row])).decode("ascii")
+                           for row in ("guidance", "edit")}
+        entries.append(entry)
+    return entries
 
 
 def _mean_distances(distance, count: int) -> list[float]:

@@ -1,6 +1,6 @@
 """The HTTP edge of the DreamBlend service: routes, API key, limits, error bodies, OpenAPI, docs.
 
-``make_api(args, backend, read_manifest)`` builds the FastAPI app that the Ray ingress serves
+``make_api(args, backend, read_manifest, list_subjects, read_collapse_plot)`` builds the FastAPI app that the Ray ingress serves
 (``serve_app.DreamBlendIngress``); it runs in-process over any ``serving.Backend``, which is how
 the tests and the Schemathesis run exercise it without Ray.
 
@@ -55,6 +55,7 @@ PLAYGROUND_FILES = {"index.html": "text/html; charset=utf-8", "playground.js": "
 PLAYGROUND_CSP = ("default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'self'; "
                   "form-action 'self'; frame-ancestors 'none'")
 HEALTH_TIMEOUT_S = 10.0
+MAX_SUBJECTS_PAGE = 200  # GET /v1/subjects?limit=
 REPLICA_RETRY_AFTER_S = 10  # a replacement model replica is noticed in ~1 s, then loads its model
 SECURITY = [{"bearer": []}, {"apiKey": []}]
 
@@ -97,6 +98,42 @@ class ValidationErrorBody(BaseModel):
     detail: list[ValidationIssue]
 
 
+class AttentionMaps(BaseModel):
+    """Per-word heat maps of one image, each ``W x h x w`` (words, then the map grid)."""
+
+    guidance: list[list[list[float]]] = Field(description="G's attention")
+    edit: list[list[list[float]]] = Field(description="unguided E's attention")
+    dreamblend: list[list[list[float]]] = Field(description="DreamBlend's (guided E's) attention")
+
+
+class AttentionImages(BaseModel):
+    """The two other trajectories' images (DreamBlend's is the main ``images[k]``), base64 PNGs."""
+
+    guidance: str = Field(description="G's image")
+    edit: str = Field(description="unguided E's image")
+
+
+class AttentionView(BaseModel):
+    """One image's cross-attention heat maps (``attention_maps``): one map per prompt word (its
+    tokens summed), averaged over the selected layers and the steps maps_start..maps_stop."""
+
+    words: list[str] = Field(description="the prompt's words, in order: the maps' first axis")
+    rows: list[Literal["guidance", "edit", "dreamblend"]] = Field(description="the keys of maps, in display order")
+    map_size: list[int] = Field(min_length=2, max_length=2, description="[h, w] of every map")
+    maps: AttentionMaps
+    images: AttentionImages
+    attention_distance_steps: list[float | None] = Field(
+        description="E-to-G attention distance per measured step (the guidance window)")
+
+
+class SubjectList(BaseModel):
+    """``GET /v1/subjects``: one page of complete subjects' ids, sorted."""
+
+    subjects: list[str] = Field(examples=[["cat", "dog"]])
+    next: str | None = Field(description="pass as `after` for the next page; null on the last page",
+                             examples=["dog"])
+
+
 class ImagesBody(BaseModel):
     """``POST /v1/generate`` as JSON: one base64 PNG per (prompt, image)."""
 
@@ -109,6 +146,8 @@ class ImagesBody(BaseModel):
         description="per image: mean attention distance between E and G over the guided steps")
     batch_size: int = Field(description="requests that shared the sampler call")
     replica: str
+    attention: list[AttentionView] | None = Field(
+        None, description="with attention_maps: per image (same order as images), its heat maps")
 
 
 class BaseView(BaseModel):
@@ -387,12 +426,14 @@ def _finite(values: list[float]) -> list[float | None]:
 
 def render_result(request: GenerateRequest, job: GenerationJob, result: GenerationResult) -> Response:
     headers = _result_headers(job, result)
-    if request.response_format == "png" or (request.response_format == "auto" and len(result.pngs) == 1):
+    one_png = request.response_format == "png" or (request.response_format == "auto" and len(result.pngs) == 1)
+    if one_png and not request.attention_maps:
         return Response(content=result.pngs[0], media_type="image/png", headers=headers)
     body = ImagesBody(subject_id=request.subject_id, model_id=job.model_id, prompts=job.prompts, seeds=job.seeds,
                       images=[base64.b64encode(png).decode("ascii") for png in result.pngs],
                       attention_distance=_finite(result.attention_distance),
-                      batch_size=result.batch_requests, replica=result.replica)
+                      batch_size=result.batch_requests, replica=result.replica,
+                      attention=result.attention if request.attention_maps else None)
     return JSONResponse(body.model_dump(), headers=headers)
 
 
@@ -400,7 +441,8 @@ def _generate_responses(args: AppArgs) -> dict:
     headers = {f"{serving.HEADER_PREFIX}{name}": {"description": text, "schema": {"type": "string"}}
                for name, text in RESULT_HEADERS.items()}
     ok = {"model": ImagesBody, "headers": headers,
-          "description": "image/png for one image (response_format auto or png), else JSON",
+          "description": "image/png for one image (response_format auto or png) without attention_maps, "
+                         "else JSON",
           "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
     return {200: ok, **_responses(args, 400, 401, 404, 409, 413, 422, 424, 500, 503, 504)}
 
@@ -445,8 +487,11 @@ def _add_playground(api: FastAPI) -> None:
         return Response(files[name], media_type=PLAYGROUND_FILES[name], headers=headers)
 
 
-def make_api(args: AppArgs, backend: serving.Backend, read_manifest) -> FastAPI:
-    """The FastAPI app of the ingress. ``read_manifest(subject_id) -> dict`` is blocking storage I/O."""
+def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjects, read_collapse_plot) -> FastAPI:
+    """The FastAPI app of the ingress. Blocking storage I/O, run in worker threads:
+    ``read_manifest(subject_id) -> dict``, ``list_subjects(after, limit) -> list[str]`` (complete
+    subjects, sorted, after the cursor) and ``read_collapse_plot(subject_id) -> bytes`` (a PNG;
+    FileNotFoundError when absent)."""
     from fastapi_offline import FastAPIOffline
 
     api_key = serving.load_api_key(args)
@@ -482,6 +527,32 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest) -> FastAPI:
             logger.warning("deep health: the model replica did not answer: %r", exc)
             return _error(503, "the model replica did not answer", {"Retry-After": "1"})
         return Health(model=model)
+
+    @api.get("/v1/subjects", response_model=SubjectList, summary="Complete subjects, a page at a time",
+             responses=_responses(args, 401, 422, 500, 503))
+    async def subjects(limit: Annotated[int, Query(ge=1, le=MAX_SUBJECTS_PAGE, description="ids per page")] = 50,
+                       after: Annotated[str | None, Query(pattern=SUBJECT_ID_PATTERN.pattern,
+                                                          description="the previous page's `next`")] = None
+                       ) -> SubjectList:
+        """Ids of the subjects whose fine-tune finished, sorted; page on with ``after=<next>``."""
+        ids = await asyncio.to_thread(list_subjects, after, limit + 1)  # one more: is there a next page?
+        page = ids[:limit]
+        return SubjectList(subjects=page, next=page[-1] if len(ids) > limit else None)
+
+    @api.get("/v1/subjects/{subject_id}/collapse.png", response_model=None,
+             summary="A subject's attention-probe plot",
+             responses={200: {"description": "the plot written by the attention probe during fine-tuning",
+                              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                        **_responses(args, 401, 404, 422, 424, 500, 503)})
+    async def collapse_plot(subject_id: Annotated[str, subject_path]) -> Response:
+        """The attention probe's plot of a subject (PNG); 404 when the subject or its plot is absent."""
+        try:
+            plot = await asyncio.to_thread(read_collapse_plot, subject_id)
+        except FileNotFoundError:
+            await manifests.get(subject_id)  # 404 "not found" (or 424) when the subject itself is absent
+            raise SubjectNotFound(f"subject {subject_id!r} has no attention-probe plot (it was fine-tuned "
+                                  "without the probe)") from None
+        return Response(content=plot, media_type="image/png")
 
     @api.get("/v1/subjects/{subject_id}", response_model=SubjectView, summary="A subject's saved steps and base",
              responses=_responses(args, 401, 404, 422, 424, 500, 503))

@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Annotated, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
@@ -37,6 +37,7 @@ from dreamblend_ray.config import (MAX_PROMPT_CHARS, MAX_SEED, SUBJECT_ID_PATTER
                                    field_type, spec)
 from dreamblend_ray.dtypes import normalize_dtype
 from dreamblend_ray.io import storage
+from dreamblend_ray.training import layout
 from dreamblend_ray.training.layout import ManifestError
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
 
@@ -48,7 +49,8 @@ HEADER_PREFIX = "X-DreamBlend-"
 # the request leaves it out (None: SamplingConfig's own default, e.g. guidance_steps' "auto").
 SAMPLING_FIELDS: dict[str, str | None] = {"num_inference_steps": "default_steps",
                                           "guidance_scale": "default_guidance_scale",
-                                          "alpha": "default_alpha", "guidance_steps": None}
+                                          "alpha": "default_alpha", "guidance_steps": None,
+                                          "maps_start": None, "maps_stop": None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +193,12 @@ def resolve_local_root(root: str, node_count: int, cwd: str | None = None) -> st
     return os.path.normpath(os.path.join(cwd or os.getcwd(), os.path.expanduser(path)))
 
 
+def read_collapse_plot(root: str, subject_id: str) -> bytes:
+    """A subject's attention-probe plot (PNG bytes, ``layout.collapse_plot_uri``); FileNotFoundError
+    when there is none."""
+    return storage.read_bytes(layout.collapse_plot_uri(root, subject_id))
+
+
 def load_api_key(args: AppArgs) -> str | None:
     """The API key from ``api_key_file`` (a mounted secret) or else ``$api_key_env``; None if unset.
 
@@ -303,7 +311,12 @@ class GenerateRequest(BaseModel):
     edit_step: Int(1, 1_000_000) | None = Field(None,
                                   description="override: checkpoint step of E (a saved step)")
     response_format: Literal["auto", "png", "json"] = Field(
-        "auto", description="auto: image/png for one image, JSON with base64 PNGs otherwise")
+        "auto", description="auto: image/png for one image, JSON with base64 PNGs otherwise; JSON always "
+                            "with attention_maps")
+    attention_maps: Annotated[bool, Field(strict=True)] = Field(
+        False, description=spec(SamplingConfig, "attention_maps").help + "; the answer is then JSON")
+    maps_start: sampling_type("maps_start") = None
+    maps_stop: sampling_type("maps_stop") = None
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> "GenerateRequest":
@@ -324,7 +337,10 @@ def _one_source(given: str, json_type: str, other: str) -> dict:
 def request_rules(args: AppArgs) -> list[dict]:
     """The cross-field rules of a request as JSON Schema (what OpenAPI 3.1 can say of them):
     exactly one of prompt/prompts, prompts x num_images <= max_images_per_request, 'png' means one
-    image, and guidance_steps <= default_steps when num_inference_steps is left out."""
+    image, 'png' is not allowed with attention_maps, and guidance_steps/maps_stop <= default_steps
+    (maps_start < default_steps) when num_inference_steps is left out. Comparisons of two given
+    fields (guidance_steps or maps_stop <= num_inference_steps, maps_start < maps_stop) cannot be
+    said in JSON Schema: the server answers them with a 422 naming the field."""
     rules: list[dict] = [{"oneOf": [_one_source("prompt", "string", "prompts"),
                                     _one_source("prompts", "array", "prompt")]}]
     cap = args.max_images_per_request
@@ -335,8 +351,13 @@ def request_rules(args: AppArgs) -> list[dict]:
                           "then": {"properties": {"num_images": {"maximum": cap // count}}}})
     rules.append({"if": {"required": ["response_format"], "properties": {"response_format": {"const": "png"}}},
                   "then": {"properties": {"num_images": {"maximum": 1}, "prompts": {"maxItems": 1}}}})
+    rules.append({"if": {"required": ["attention_maps"], "properties": {"attention_maps": {"const": True}}},
+                  "then": {"properties": {"response_format": {"enum": ["auto", "json"]}}}})
     rules.append({"if": {"properties": {"num_inference_steps": {"type": "null"}}},  # absent or null
-                  "then": {"properties": {"guidance_steps": {"maximum": args.default_steps}}}})
+                  "then": {"properties": {"guidance_steps": {"maximum": args.default_steps},
+                                          "maps_stop": {"maximum": args.default_steps}}}})
+    rules.append({"if": {"properties": {"num_inference_steps": {"type": "null"}, "maps_stop": {"type": "null"}}},
+                  "then": {"properties": {"maps_start": {"maximum": args.default_steps - 1}}}})
     return rules
 
 
@@ -365,6 +386,8 @@ def request_model(args: AppArgs) -> type["_BaseRequest"]:
                                       description=described("guidance_scale", args.default_guidance_scale)) = None
         alpha: sampling_type("alpha", description=described("alpha", args.default_alpha)) = None
         guidance_steps: sampling_type("guidance_steps", high=args.max_inference_steps) = None
+        maps_start: sampling_type("maps_start", high=args.max_inference_steps - 1) = None
+        maps_stop: sampling_type("maps_stop", high=args.max_inference_steps) = None
 
     return GenerateRequest
 
@@ -457,6 +480,9 @@ def check_limits(request: GenerateRequest, args: AppArgs) -> None:
     steps = request.num_inference_steps
     if steps is not None and steps > args.max_inference_steps:
         raise FieldError("num_inference_steps", f"at most {args.max_inference_steps}, got {steps}")
+    if request.response_format == "png" and request.attention_maps:
+        raise FieldError("response_format", "'png' returns one image without its attention maps; use 'json' "
+                                            "or 'auto' with attention_maps")
     if request.response_format == "png" and total != 1:
         raise FieldError("response_format", f"'png' returns exactly one image; this request makes {total} "
                                             "(use 'json' or 'auto')")
@@ -482,8 +508,9 @@ def canonical_overrides(request: GenerateRequest, manifest: dict) -> GenerateReq
 def sampling_config(request: GenerateRequest, args: AppArgs) -> SamplingConfig:
     """The request's SamplingConfig: its sampling fields, else the app's defaults. Built once, here,
     and passed on as is; its ValueError (e.g. guidance_steps > num_inference_steps) becomes a
-    FieldError naming the field."""
-    values = {}
+    FieldError naming the field. Without ``attention_maps`` the map window is checked, then reset
+    to its default: it changes nothing, so it must not split batches."""
+    values: dict = {"attention_maps": request.attention_maps}
     for name, app_default in SAMPLING_FIELDS.items():
         value = getattr(request, name)
         if value is None and app_default is not None:
@@ -491,10 +518,11 @@ def sampling_config(request: GenerateRequest, args: AppArgs) -> SamplingConfig:
         if value is not None:
             values[name] = value
     try:
-        return SamplingConfig(**values)
+        config = SamplingConfig(**values)
     except ValueError as exc:
         name = str(exc).split(" ", 1)[0]
         raise FieldError(name if name in GenerateRequest.model_fields else "body", str(exc)) from exc
+    return config if config.attention_maps else replace(config, maps_start=0, maps_stop=None)
 
 
 def build_job(request: GenerateRequest, args: AppArgs, seed: int, now: float | None = None) -> GenerationJob:
