@@ -32,7 +32,6 @@ companion prompts, so nothing here imports the toy world).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import math
