@@ -19,6 +19,7 @@ from dreamblend_ray.runtime import lifecycle
 COMMANDS = {
     "version": ("version", "print the package and key library versions"),
     "generate": ("generate", "DreamBlend images for a subject's checkpoint pair"),
+    "attention": ("attention", "per-word cross-attention heat maps of G, E and DreamBlend for a checkpoint pair"),
     "finetune": ("finetune", "DreamBooth fine-tuning of one subject into a checkpoint pair"),
     "submit": ("submit", "submit the fine-tune or generate job to a running Ray cluster"),
     "serve": ("serve", "run the Ray Serve HTTP endpoint locally"),

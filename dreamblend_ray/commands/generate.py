@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from dreamblend_ray import config
@@ -27,9 +28,13 @@ logger = logging.getLogger(__name__)
 
 # layers is nested: the settings.json of a run, the HTTP API and the generation job take it.
 SAMPLING_FLAGS = [name for name in config.settings_of(SamplingConfig) if name != "layers"]
+# The heat-map rows and the suffixes of their images' file names (NNNN-g.png, ...).
+ROW_FILES = {"guidance": "g", "edit": "e", "dreamblend": "dreamblend"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, sampling_flags: list[str] = SAMPLING_FLAGS) -> None:
+    """The pair sources, prompts, seeds, device and output folder, and the sampling flags
+    ``sampling_flags`` (``dreamblend attention`` takes the same, less ``--attention-maps``)."""
     add_base_argument(parser)
     source = parser.add_argument_group("the checkpoint pair (a subject, or two checkpoint URIs)")
     source.add_argument("--checkpoints", "--subject-root", dest="checkpoints",
@@ -47,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     add_dtype_argument(parser)
     parser.add_argument("--out", required=True, help="output directory for PNGs and settings.json")
-    config.add_arguments(parser.add_argument_group("sampling settings"), SamplingConfig, SAMPLING_FLAGS)
+    config.add_arguments(parser.add_argument_group("sampling settings"), SamplingConfig, sampling_flags)
 
 
 def load_pair_from_args(args, components):
@@ -68,41 +73,110 @@ def load_pair_from_args(args, components):
     return checkpoints.load_checkpoint_pair(components, args.guidance_ckpt, args.edit_ckpt)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
-    from dreamblend_ray.models.components import load_components, model_identity, select_device, select_dtype
-    from dreamblend_ray.method.sampler import DreamBlendSampler
+@dataclass
+class Session:
+    """What a sampling command loaded: the model, the pair, the device and the output folder."""
+
+    components: object
+    pair: object
+    device: object
+    out: Path
+
+
+def open_session(args: argparse.Namespace) -> Session:
+    """Checks the counts, loads the base model and the pair, makes the output folder."""
+    # Deferred: these import torch and diffusers, and `dreamblend --help` must stay instant.
+    from dreamblend_ray.models.components import load_components, select_device, select_dtype
 
     config.check_range("--num-images", args.num_images, 1, 64, integer=True)
     config.check_range("--batch-size", args.batch_size, 1, 256, integer=True)
-    settings = config.from_args(SamplingConfig, args, SAMPLING_FLAGS)
     device = select_device(args.device)
     components = load_components(args.base, device=device, dtype=select_dtype(device, args.dtype))
     pair = load_pair_from_args(args, components)
-    jobs = [(p, args.seed + k) for p in args.prompt for k in range(args.num_images)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sampler, records = DreamBlendSampler(components), []
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch"):
+    return Session(components, pair, device, out)
+
+
+def sample_batches(session: Session, args: argparse.Namespace, settings: SamplingConfig, desc: str):
+    """Yields ``(start, chunk, result)``: one sampler call per ``--batch-size`` chunk of the
+    (prompt, seed) jobs; the distance is tracked whenever heat maps are asked for."""
+    # Deferred: tqdm and the sampler (torch) stay out of `--help`.
+    from tqdm import tqdm
+
+    from dreamblend_ray.method.sampler import DreamBlendSampler
+
+    jobs = [(p, args.seed + k) for p in args.prompt for k in range(args.num_images)]
+    sampler = DreamBlendSampler(session.components)
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc=desc, unit="batch"):
         chunk = jobs[start:start + args.batch_size]
         negatives = None if args.negative_prompt is None else [args.negative_prompt] * len(chunk)
-        result = sampler.sample(pair, [p for p, _ in chunk], [s for _, s in chunk], settings, negatives)
+        result = sampler.sample(session.pair, [p for p, _ in chunk], [s for _, s in chunk], settings, negatives,
+                                track_distance=settings.attention_maps)
+        yield start, chunk, result
+
+
+def attention_reports_of(session: Session, result, chunk) -> list:
+    """The chunk's per-sample heat-map reports (``heatmap_report.reports_from``)."""
+    # Deferred: heatmap_report imports torch.
+    from dreamblend_ray.method.heatmap_report import reports_from
+
+    return reports_from(result, [p for p, _ in chunk], [s for _, s in chunk], session.components.tokenizer)
+
+
+def write_attention_files(out: Path, stem: str, report, written: dict | None = None) -> dict:
+    """One sample's heat maps: ``{stem}-attention.png`` (the grid), ``{stem}-attention.json``
+    (``report.to_json()`` and the images' file names) and each row's image as ``{stem}-g.png``,
+    ``{stem}-e.png``, ``{stem}-dreamblend.png``, unless ``written`` names a file already holding it.
+    Returns the names written, for the command's summary."""
+    images = {row: (written or {}).get(row) or f"{stem}-{suffix}.png" for row, suffix in ROW_FILES.items()}
+    for row, name in images.items():
+        if row not in (written or {}):
+            report.images[row].save(out / name)
+    names = {"attention_grid": f"{stem}-attention.png", "attention_json": f"{stem}-attention.json"}
+    report.grid().save(out / names["attention_grid"])
+    document = {**report.to_json(), "images": images, "grid": names["attention_grid"]}
+    (out / names["attention_json"]).write_text(json.dumps(document) + "\n")
+    return {**names, "images": images}
+
+
+def write_sidecar(session: Session, args: argparse.Namespace, settings: SamplingConfig, key: str,
+                  records: list[dict]) -> None:
+    """``settings.json``: the base model, the pair, the settings, and one record per sample."""
+    # Deferred: models.components imports torch.
+    from dreamblend_ray.models.components import model_identity
+
+    components = session.components
+    sidecar = {"base": model_identity(components), "pair": getattr(session.pair, "meta", {}),
+               "negative_prompt": args.negative_prompt, "settings": config.to_dict(settings),
+               "device": str(session.device), "dtype": str(components.unet.dtype).replace("torch.", ""),
+               key: records}
+    (session.out / "settings.json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = config.from_args(SamplingConfig, args, SAMPLING_FLAGS)
+    session = open_session(args)
+    records = []
+    for start, chunk, result in sample_batches(session, args, settings, "generate"):
+        reports = attention_reports_of(session, result, chunk) if settings.attention_maps else None
         for i, (prompt, seed) in enumerate(chunk):
             index = start + i
             record = {"index": index, "prompt": prompt, "seed": seed, "image": f"{index:04d}.png",
                       "seconds": result.seconds / len(chunk)}
-            result.images[i].save(out / record["image"])
+            result.images[i].save(session.out / record["image"])
             if result.reference_images is not None:
                 record["reference_image"] = f"{index:04d}-reference.png"
-                result.reference_images[i].save(out / record["reference_image"])
+                result.reference_images[i].save(session.out / record["reference_image"])
             if result.attention_distance.numel():
                 record["mean_attention_distance"] = float(result.attention_distance[i].mean())
+            if reports is not None:
+                written = {"dreamblend": record["image"]}
+                if "reference_image" in record:  # always, with heat maps on: G's images come back
+                    written["guidance"] = record["reference_image"]
+                record.update(write_attention_files(session.out, f"{index:04d}", reports[i], written))
             records.append(record)
-    sidecar = {"base": model_identity(components), "pair": getattr(pair, "meta", {}),
-               "negative_prompt": args.negative_prompt, "settings": config.to_dict(settings),
-               "device": str(device), "dtype": str(components.unet.dtype).replace("torch.", ""),
-               "images": records}
-    (out / "settings.json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    logger.info("wrote %d images and settings.json to %s", len(records), out)
+    write_sidecar(session, args, settings, "images", records)
+    logger.info("wrote %d images and settings.json to %s", len(records), session.out)
     return 0

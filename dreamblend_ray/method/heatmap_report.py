@@ -49,6 +49,19 @@ class AttentionReport:
                 "map_size": list(self.maps[ROWS[0]].shape[1:]),
                 "attention_distance_steps": [float(d) for d in self.distance]}
 
+    @classmethod
+    def from_json(cls, data: dict, images: dict[str, Image.Image], prompt: str = "", seed: int = 0) -> "AttentionReport":
+        """Back from :meth:`to_json` (or the HTTP API's ``attention`` entry, which has no prompt or
+        seed: give them); ``images``: each row's image (the JSON holds none). A null distance is NaN."""
+        missing = [row for row in ROWS if row not in data.get("maps", {}) or row not in images]
+        if missing or "words" not in data:
+            raise ValueError(f"an attention report needs words, and maps and images of {list(ROWS)}; missing {missing}")
+        maps = {row: np.asarray(data["maps"][row], np.float32).reshape(len(data["words"]), *data["map_size"])
+                for row in ROWS}
+        distance = [float("nan") if d is None else float(d) for d in data.get("attention_distance_steps", [])]
+        return cls(data.get("prompt", prompt), int(data.get("seed", seed)), list(data["words"]), maps,
+                   {row: images[row] for row in ROWS}, distance)
+
 
 def reports_from(result, prompts: list[str], seeds: list[int], tokenizer) -> list[AttentionReport]:
     """The per-sample reports of a ``SampleResult`` made with ``config.attention_maps``."""
