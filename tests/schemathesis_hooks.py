@@ -1,9 +1,11 @@
 """Schemathesis hooks for test_openapi.py (loaded through SCHEMATHESIS_HOOKS).
 
-One request rule cannot be written in JSON Schema: ``guidance_steps`` (K) <= ``num_inference_steps``
-(T) when both are given, since a schema cannot compare two fields (the rule with T left out, K <=
-the default T, is in the schema). Bodies that break it are not generated; the server's 422 for
-them is tested in test_serving.py. Nothing else is filtered.
+Some request rules cannot be written in JSON Schema, since a schema cannot compare two fields:
+``guidance_steps`` (K) and ``maps_stop`` <= ``num_inference_steps`` (T) when both are given, and
+``maps_start`` < ``maps_stop`` (or < T when maps_stop is left out). The rules with T left out (K,
+maps_stop <= the default T) are in the schema. Bodies that break them are not generated; the
+server's 422 for them is tested in test_serving.py and test_serving_attention.py. Nothing else is
+filtered.
 """
 
 import schemathesis
@@ -18,5 +20,11 @@ def filter_body(ctx, body):
     if isinstance(body, dict):
         k, t = body.get("guidance_steps"), body.get("num_inference_steps")
         if _number(k) and _number(t) and k > t:
+            return False
+        start, stop = body.get("maps_start"), body.get("maps_stop")
+        if _number(stop) and _number(t) and stop > t:
+            return False
+        stop = stop if _number(stop) else t if _number(t) else None
+        if _number(start) and stop is not None and start >= stop:
             return False
     return True

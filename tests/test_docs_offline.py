@@ -125,10 +125,12 @@ def test_a_headless_browser_renders_docs_and_redoc_offline(app, tmp_path):
         proxy.close()
     # Swagger UI: one opblock per operation, with its path
     paths = set(re.findall(r'class="opblock opblock-(?:get|post)"[^>]*>.*?data-path="([^"]+)"', docs, re.S))
-    assert paths == {"/healthz", "/v1/subjects/{subject_id}", "/v1/generate"}, docs[:2000]
+    assert paths == {"/healthz", "/v1/subjects", "/v1/subjects/{subject_id}", "/v1/subjects/{subject_id}/collapse.png",
+                     "/v1/generate"}, docs[:2000]
     # ReDoc: one section per operation
     sections = set(re.findall(r'data-section-id="operation/([^"]+)"', redoc))
-    assert sections == {"healthz_healthz_get", "subject_v1_subjects__subject_id__get",
+    assert sections == {"healthz_healthz_get", "subjects_v1_subjects_get", "subject_v1_subjects__subject_id__get",
+                        "collapse_plot_v1_subjects__subject_id__collapse_png_get",
                         "generate_v1_generate_post"}, redoc[:2000]
     page_requests = {host for host in proxy.hosts() if not BROWSER_SERVICES.match(host)}
     assert page_requests == set(), proxy.requests  # the pages asked for nothing outside the server
