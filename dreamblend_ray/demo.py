@@ -6,7 +6,9 @@
 3. start the Ray Serve app and request, over HTTP, images for prompts the subjects were never
    shown with: G alone, E alone, and DreamBlend (E guided by G);
 4. write ``grid.png`` (rows: subject and prompt; columns: instance image, G, E, DreamBlend) and
-   ``report.md`` with the analytic metrics of each column.
+   ``report.md`` with the analytic metrics of each column; per subject, the cross-attention heat
+   maps of one DreamBlend request (``attention-{id}.png``, asked for over HTTP with
+   ``attention_maps``) and the attention probe's collapse plot (``collapse-{id}.png``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class DemoConfig:
     guidance_fraction: float = 0.6  # guide the first 60% of the steps (K = 18 of 30)
     actors: int = 2
     port: int = 0
+    attention_maps: bool = True  # one heat-map grid per subject, from one DreamBlend request
+    attention_probe: bool = True  # the fine-tune job's collapse probe (subject.json, collapse.png)
     extra_finetune: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -147,6 +151,9 @@ def drop_stale_subjects(config: DemoConfig, subjects, wanted) -> list[str]:
 
 
 def finetune(config: DemoConfig, subjects, manifest: str):
+    # Deferred: the job and the scorer import torch and Ray. The scorer registers the embedded
+    # model's probe prompts (the subject beside a second object), which the job hands its actors.
+    import dreamblend_ray.embedded.scorer  # noqa: F401
     from dreamblend_ray.jobs.finetune import run_finetune_job
     from dreamblend_ray.jobs.common import JobResources
 
@@ -154,7 +161,7 @@ def finetune(config: DemoConfig, subjects, manifest: str):
     drop_stale_subjects(config, subjects, wanted)
     resources = JobResources(num_actors=min(config.actors, len(subjects)), cpus_per_actor=1.0)
     result = run_finetune_job(manifest, config.storage_root, base=config.base, config=wanted,
-                              resources=resources)
+                              resources=resources, attention_probe=config.attention_probe)
     failed = [row for row in result.rows if row["status"] == "failed"]
     if failed:
         raise RuntimeError(f"fine-tuning failed for {[(r['subject_id'], r['error']) for r in failed]}")
@@ -200,6 +207,10 @@ def request_body(config: DemoConfig, cell: Cell, manifests: dict) -> dict:
     return body
 
 
+def decode_png(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
 def fetch_images(url: str, config: DemoConfig, cells: list[Cell], manifests: dict) -> dict:
     """POST every cell concurrently (the endpoint batches them); returns cell -> list of images."""
     import httpx
@@ -209,8 +220,7 @@ def fetch_images(url: str, config: DemoConfig, cells: list[Cell], manifests: dic
         response = client.post(f"{url}/v1/generate", json=request_body(config, cell, manifests))
         if response.status_code != 200:
             raise RuntimeError(f"{cell}: HTTP {response.status_code}: {response.text[:300]}")
-        return cell, [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")
-                      for b in response.json()["images"]]
+        return cell, [decode_png(b) for b in response.json()["images"]]
 
     results = {}
     with httpx.Client(timeout=600) as client, ThreadPoolExecutor(max_workers=8) as pool:
@@ -219,7 +229,45 @@ def fetch_images(url: str, config: DemoConfig, cells: list[Cell], manifests: dic
     return results
 
 
-def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> dict:
+def attention_cells(config: DemoConfig, cells: list[Cell]) -> list[Cell]:
+    """One DreamBlend cell per subject (its first prompt) for the heat maps; none when they are off."""
+    if not config.attention_maps:
+        return []
+    firsts = {}
+    for cell in cells:
+        if cell.column == "DreamBlend":
+            firsts.setdefault(cell.subject_id, cell)
+    return list(firsts.values())
+
+
+def attention_body(config: DemoConfig, cell: Cell, manifests: dict) -> dict:
+    """The DreamBlend request of ``cell`` for one image (the first seed), with its heat maps."""
+    return {**request_body(config, cell, manifests), "num_images": 1, "attention_maps": True}
+
+
+def fetch_attention(url: str, config: DemoConfig, cells: list[Cell], manifests: dict) -> dict:
+    """POST each cell with ``attention_maps``; returns subject id -> ``AttentionReport`` (G's and
+    unguided E's images from the answer's ``attention`` entry, DreamBlend's its ``images[0]``)."""
+    import httpx
+    # Deferred: heatmap_report imports torch, which `dreamblend demo --help` must not load.
+    from dreamblend_ray.method.heatmap_report import AttentionReport
+
+    def post(cell: Cell):
+        response = client.post(f"{url}/v1/generate", json=attention_body(config, cell, manifests))
+        if response.status_code != 200:
+            raise RuntimeError(f"{cell} with attention_maps: HTTP {response.status_code}: {response.text[:300]}")
+        data = response.json()
+        entry = data["attention"][0]
+        images = {"dreamblend": decode_png(data["images"][0]),
+                  **{row: decode_png(png) for row, png in entry["images"].items()}}
+        return cell.subject_id, AttentionReport.from_json(entry, images, cell.prompt, data["seeds"][0])
+
+    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(post, cells))
+
+
+def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> tuple[dict, dict]:
+    """Serve the subjects; returns (cell -> images, subject id -> heat-map report)."""
     from ray import serve
 
     from dreamblend_ray.serving.app import build_app
@@ -234,7 +282,9 @@ def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> d
     try:
         serve.run(build_app(args), name="dreamblend-demo", route_prefix="/")
         logger.info("serving on http://127.0.0.1:%d; requesting %d cells", port, len(cells))
-        return fetch_images(f"http://127.0.0.1:{port}", config, cells, manifests)
+        url = f"http://127.0.0.1:{port}"
+        images = fetch_images(url, config, cells, manifests)
+        return images, fetch_attention(url, config, attention_cells(config, cells), manifests)
     finally:
         lifecycle.stop_serve()
 
@@ -321,6 +371,68 @@ def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests:
     return "\n".join(lines)
 
 
+def write_attention_grids(out: Path, reports: dict) -> dict:
+    """Per subject ``attention-{id}.png`` (rows G / E / DreamBlend, columns the image then the
+    words) and ``attention-{id}.json`` (the maps); returns subject id -> the PNG's name."""
+    names = {}
+    for subject_id, report in reports.items():
+        names[subject_id] = f"attention-{subject_id}.png"
+        report.grid().save(out / names[subject_id])
+        (out / f"attention-{subject_id}.json").write_text(json.dumps(report.to_json()) + "\n")
+    return names
+
+
+def copy_collapse_plots(config: DemoConfig, out: Path, manifests: dict) -> dict:
+    """Each probed subject's ``collapse.png`` copied beside the report as ``collapse-{id}.png``;
+    returns subject id -> that name (subjects without a probe record or plot are left out)."""
+    from dreamblend_ray.io import storage
+    from dreamblend_ray.training import layout
+
+    names = {}
+    for subject_id, manifest in manifests.items():
+        uri = layout.collapse_plot_uri(config.storage_root, subject_id)
+        if config.attention_probe and manifest.get("attention_probe") and storage.exists(uri):
+            names[subject_id] = f"collapse-{subject_id}.png"
+            (out / names[subject_id]).write_bytes(storage.read_bytes(uri))
+    return names
+
+
+def probe_line(probe: dict) -> str:
+    """The probe's figures in one sentence: collapse at the first and the last checkpoint, and the base's."""
+    rows = sorted(probe["rows"], key=lambda r: r["step"])
+    first, last = rows[0], rows[-1]
+    line = (f"Attention probe: collapse (the share of the other words' attention inside the subject's "
+            f"region) {first['collapse']:.3f} at step {first['step']} and {last['collapse']:.3f} at step "
+            f"{last['step']}; base model {probe['base']['collapse']:.3f}")
+    if "subject_share" in last:
+        line += f"; the subject's own share at step {last['step']}: {last['subject_share']:.3f}"
+    return line + "."
+
+
+def attention_markdown(reports: dict, grids: dict, plots: dict, manifests: dict) -> str:
+    """The report's heat-map section: each subject's grid, its mean E-to-G distance, its collapse plot."""
+    if not grids and not plots:
+        return ""
+    lines = ["## Where the words look", "",
+             "One DreamBlend request per subject with `attention_maps` (the first seed): rows G / E "
+             "(unguided) / DreamBlend, columns the image then one heat map per word, averaged over the "
+             "guided layers and every step, one colour scale per column (docs/attention.md).", ""]
+    for subject_id in sorted(set(grids) | set(plots)):
+        lines += [f"### {subject_id}", ""]
+        if subject_id in grids:
+            report = reports[subject_id]
+            lines += [f"\"{report.prompt}\", seed {report.seed}:", "",
+                      f"![heat maps of {subject_id}]({grids[subject_id]})", ""]
+            finite = [d for d in report.distance if np.isfinite(d)]
+            if finite:
+                lines += [f"Mean E-to-G attention distance over the {len(finite)} guided steps: "
+                          f"{np.mean(finite):.3f}.", ""]
+        if subject_id in plots:
+            lines += [probe_line(manifests[subject_id]["attention_probe"]), "",
+                      f"![collapse of {subject_id}]({plots[subject_id]})", ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the whole demo
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
@@ -338,7 +450,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         manifests = {s.subject_id: layout.read_manifest(config.storage_root, s.subject_id) for s in subjects}
         cells = requests_for(config, subjects)
         logger.info("step 2/3: serving and requesting %d image sets over HTTP", len(cells))
-        images = serve_and_fetch(config, cells, manifests)
+        images, reports = serve_and_fetch(config, cells, manifests)
         seconds["serving"] = time.perf_counter() - start - seconds["fine-tuning"]
     finally:
         if started:
@@ -354,7 +466,9 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     draw_grid(rows, ["instance image", *COLUMNS]).save(out / "grid.png")
     table = column_metrics(subjects, cells, images)
     seconds["total"] = time.perf_counter() - start
-    (out / "report.md").write_text(report_markdown(config, table, result, manifests, seconds))
+    heat_maps = attention_markdown(reports, write_attention_grids(out, reports),
+                                   copy_collapse_plots(config, out, manifests), manifests)
+    (out / "report.md").write_text(report_markdown(config, table, result, manifests, seconds) + heat_maps)
     (out / "metrics.json").write_text(json.dumps({"columns": table, "seconds": seconds}, indent=2))
     logger.info("wrote %s and %s in %.0f s", out / "grid.png", out / "report.md", seconds["total"])
     return table

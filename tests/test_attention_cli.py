@@ -84,7 +84,8 @@ def test_generate_writes_the_grid_and_alpha_zero_dreamblend_is_e(subject_root, t
     assert np.array_equal(np.asarray(document["maps"]["edit"]), np.asarray(document["maps"]["dreamblend"]))
 
 
-@pytest.mark.parametrize("maps", [["--maps-start", "4"], ["--maps-stop", "5"], ["--maps-start", "2", "--maps-stop", "2"]])
+@pytest.mark.parametrize("maps", [["--maps-start", "4"], ["--maps-stop", "5"],
+                                  ["--maps-start", "2", "--maps-stop", "2"]])
 def test_bad_maps_range_exits_2(maps, tmp_path, caplog):
     assert _attention("nowhere", tmp_path, "--prompt", "a dog", *maps) == 2
     assert "maps_st" in caplog.text

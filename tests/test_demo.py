@@ -4,10 +4,27 @@ the demo's own business; here the pipeline is what is tested.)"""
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from dreamblend_ray.demo import COLUMNS, DemoConfig, run_demo
+
+
+def _runs(line) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True in a 1-D boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], line.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def _grid_shape(grid: Image.Image) -> tuple[int, int]:
+    """(rows, columns) of the tiles of a heat-map grid, read off its pixels: the runs of non-white
+    down the last column (a heat map, never white; right of its title), then across the bottom
+    third of the first row (below its label)."""
+    ink = (np.asarray(grid.convert("RGB")) < 250).any(axis=2)
+    rows = _runs(ink[:, -10])
+    top, bottom = rows[0]
+    return len(rows), len(_runs(ink[bottom - (bottom - top) // 3:bottom].any(axis=0)))
 
 
 @pytest.mark.slow
@@ -22,6 +39,13 @@ def test_demo_runs_end_to_end_and_reuses_subjects(tmp_path):
     assert grid.height > 2 * 128 and grid.width > 4 * 128
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| DreamBlend |" in report and report.count("| succeeded |") == 2
+    for subject_id in config.subjects:  # heat maps over HTTP, and the fine-tune job's collapse probe
+        words = json.loads((tmp_path / "demo" / f"attention-{subject_id}.json").read_text())["words"]
+        rows, columns = _grid_shape(Image.open(tmp_path / "demo" / f"attention-{subject_id}.png"))
+        assert len(words) >= 4 and (rows, columns) == (3, 1 + len(words))  # G / E / DreamBlend; image + words
+        assert f"(attention-{subject_id}.png)" in report and f"(collapse-{subject_id}.png)" in report
+        assert Image.open(tmp_path / "demo" / f"collapse-{subject_id}.png").width > 0
+    assert report.count("Attention probe: collapse") == 2
     first = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     run_demo(config)
     report = (tmp_path / "demo" / "report.md").read_text()

@@ -50,7 +50,8 @@ class AttentionReport:
                 "attention_distance_steps": [float(d) for d in self.distance]}
 
     @classmethod
-    def from_json(cls, data: dict, images: dict[str, Image.Image], prompt: str = "", seed: int = 0) -> "AttentionReport":
+    def from_json(cls, data: dict, images: dict[str, Image.Image], prompt: str = "",
+                  seed: int = 0) -> "AttentionReport":
         """Back from :meth:`to_json` (or the HTTP API's ``attention`` entry, which has no prompt or
         seed: give them); ``images``: each row's image (the JSON holds none). A null distance is NaN."""
         missing = [row for row in ROWS if row not in data.get("maps", {}) or row not in images]
