@@ -7,7 +7,8 @@
   // dark blue -> teal -> yellow, as dreamblend_ray.method.heatmap_report.RAMP
   const RAMP = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
   const SVG = "http://www.w3.org/2000/svg";
-  const PAGE = 50;
+  // subjects per GET /v1/subjects page; "/?page_size=N" picks another (1..200)
+  const PAGE = Math.min(200, Math.max(1, parseInt(new URLSearchParams(location.search).get("page_size"), 10) || 50));
 
   let apiKey = "";
   let subject = null; // the chosen subject's GET /v1/subjects/{id} body
