@@ -64,8 +64,8 @@ def replica(base: str, root) -> DreamBlendModel.func_or_class:
 def serve_images(model, request: GenerateRequest) -> list[Image.Image]:
     job = build_job(request, model.args, seed=request.seed)
     handle = LoadedPair(job.model_id, model)
-    pngs, _, _ = model._sample(handle, [job], None)[0]
-    return [Image.open(io.BytesIO(png)) for png in pngs]
+    output = model._sample(handle, [job], None)[0]
+    return [Image.open(io.BytesIO(png)) for png in output.pngs]
 
 
 @pytest.mark.parametrize("base", ["tiny", "tiny-sd2", "tiny-sdxl"])
