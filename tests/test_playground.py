@@ -226,7 +226,7 @@ def probe_plot(backend: TinyModelBackend) -> bytes:
 
 PROMPT = "a photo of sks dog"
 WORDS = ["a", "photo", "of", "sks", "dog"]
-RAMP_ENDS = [[68, 1, 84], [253, 231, 37]]  # playground.js's ramp at 0 and 1
+RAMP_ENDS = {"68,1,84", "253,231,37"}  # playground.js's ramp at 0 and 1, as COLUMN_COLOURS writes them
 # Per word (canvas column): its pixel colours over the G, E and DreamBlend canvases.
 COLUMN_COLOURS = """(() => {
   const cards = [...document.querySelectorAll('.sample .card')];
@@ -330,7 +330,7 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             assert rows == [["guidance", 32, WORDS], ["edit", 32, WORDS], ["dreamblend", 32, WORDS]], rows
             columns = tools.evaluate(COLUMN_COLOURS)  # one shared scale per word: its range spans the ramp
             for word, colours in zip(WORDS, columns):
-                assert {"68,1,84", "253,231,37"} <= set(colours), (word, colours[:5])
+                assert RAMP_ENDS <= set(colours), (word, colours[:5])
             points = tools.evaluate("document.querySelector('.curve-plot polyline').getAttribute('points')")
             assert len(points.split()) == 2, points  # one per guided step (window K = 2)
             job = backend.jobs[-1]
