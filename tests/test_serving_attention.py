@@ -17,11 +17,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from dreamblend_ray.config import SamplingConfig
-from dreamblend_ray.serving import batching, requests as serving
+from dreamblend_ray.serving import batching
+from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.batching import ATTENTION_KEYS, GenerationJob
 from dreamblend_ray.serving.requests import AppArgs, FieldError, GenerateRequest
 
-from api_fakes import MAP_SIZE, SUBJECT_IDS, make_app  # noqa: E402
+from api_fakes import MAP_SIZE, SUBJECT_IDS, make_app  # the tests' fakes (tests/ is on sys.path)
 
 KEY = "attention-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
