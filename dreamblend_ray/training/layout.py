@@ -46,16 +46,13 @@ def manifest_uri(root: str, subject_id: str) -> str:
     return storage.join(subject_uri(root, subject_id), MANIFEST_NAME)
 
 
-def collapse_plot_uri(root: str, subject_id: str) -> str:
-    """The attention probe's plot, ``subjects/{id}/collapse.png`` (``evaluation.collapse``)."""
-    return storage.join(subject_uri(root, subject_id), "collapse.png")
-
 
 def weight_uri(root: str, subject_id: str, step: int, kind: str) -> str:
     return storage.join(checkpoint_uri(root, subject_id, step), WEIGHT_NAMES[kind])
 
 
 def collapse_plot_uri(root: str, subject_id: str) -> str:
+    """The attention probe's plot, ``subjects/{id}/collapse.png`` (``evaluation.collapse``)."""
     return storage.join(subject_uri(root, subject_id), COLLAPSE_PLOT_NAME)
 
 
