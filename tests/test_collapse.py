@@ -151,7 +151,7 @@ def test_no_qualifying_step_falls_back_to_the_least_collapsed():
 
 @pytest.mark.parametrize("rows, base, tolerance, message", [
     ([], {"collapse": 0.1}, 0.1, "at least one"),
-    ([{"step": 1}], {"collapse": 0.1}, 0.1, "keys step and collapse"),
+    ([{"step": 1}], {"collapse": 0.1}, 0.1, r"rows\[0\] \(step 1\) has no collapse"),
     ([{"step": 1, "collapse": float("nan")}], {"collapse": 0.1}, 0.1, "finite"),
     ([{"step": 1, "collapse": 0.1}, {"step": 1, "collapse": 0.2}], {"collapse": 0.1}, 0.1, "twice"),
     ([{"step": -1, "collapse": 0.1}], {"collapse": 0.1}, 0.1, "step"),

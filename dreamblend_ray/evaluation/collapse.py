@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from dreamblend_ray.config import SamplingConfig, check_range, to_dict
 from dreamblend_ray.evaluation import protocol
-from dreamblend_ray.evaluation.pair_choice import PairChoiceOptions, ScorerPlugin, register_scorer
+from dreamblend_ray.evaluation.pair_choice import PairChoiceOptions, ScorerPlugin, finite, register_scorer, validate_scores
 from dreamblend_ray.io import storage
 from dreamblend_ray.method.heatmaps import prompt_words, spatial_distribution, word_maps
 from dreamblend_ray.method.pair import adapters_disabled, single
@@ -284,32 +284,15 @@ def probe_checkpoints(root: str, subject_id: str, components, prompts: list[str]
 
 # --------------------------------------------------------------------------- choosing the pair
 
-def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def validate_rows(rows: Iterable[dict]) -> list[dict]:
     """Probe rows sorted by step; ValueError for a missing step or collapse, a bad value or a repeated step."""
-    clean = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "step" not in row or "collapse" not in row:
-            raise ValueError(f"rows[{i}] must be a dict with keys step and collapse")
-        check_range(f"rows[{i}].step", row["step"], 0, None, integer=True)
-        clean.append({**row, "collapse": _finite(f"rows[{i}].collapse", row["collapse"])})
-    if not clean:
-        raise ValueError("rows must hold at least one checkpoint")
-    steps = [r["step"] for r in clean]
-    if len(set(steps)) != len(steps):
-        raise ValueError(f"rows list a step twice: {sorted(steps)}")
-    return sorted(clean, key=lambda r: r["step"])
+    return validate_scores(rows, keys=("collapse",), name="rows")
 
 
 def _base_collapse(base) -> float:
     if not isinstance(base, dict) or "collapse" not in base:
         raise ValueError("base must be the base model's probe row, a dict with a collapse score")
-    return _finite("base.collapse", base["collapse"])
+    return finite("base.collapse", base["collapse"])
 
 
 def choose_pair_by_attention(rows: list[dict], base: dict, tolerance: float = 0.1) -> dict:

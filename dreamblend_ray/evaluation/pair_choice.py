@@ -58,30 +58,31 @@ RULE = ("guidance: latest step with prompt_fidelity >= base - tolerance*|base|; 
         "edit: highest subject_fidelity among steps >= guidance, ties to the earliest step")
 
 
-def _finite(name: str, value) -> float:
+def finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
-def validate_scores(scores: Iterable[dict]) -> list[dict]:
-    """The score rows sorted by step; ValueError for missing keys, bad values or duplicate steps."""
+def validate_scores(scores: Iterable[dict], keys: tuple[str, ...] = SCORE_KEYS, name: str = "scores") -> list[dict]:
+    """The per-checkpoint rows sorted by step, each with a step and a finite number under every
+    key of ``keys``; ValueError (naming ``name``) for missing keys, bad values or duplicate steps."""
     rows = []
     for i, row in enumerate(scores):
         if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"scores[{i}] must be a dict with keys step, {', '.join(SCORE_KEYS)}")
-        check_range(f"scores[{i}].step", row["step"], 0, None, integer=True)
+            raise ValueError(f"{name}[{i}] must be a dict with keys step, {', '.join(keys)}")
+        check_range(f"{name}[{i}].step", row["step"], 0, None, integer=True)
         clean = dict(row)
-        for key in SCORE_KEYS:
+        for key in keys:
             if key not in row:
-                raise ValueError(f"scores[{i}] (step {row['step']}) has no {key}")
-            clean[key] = _finite(f"scores[{i}].{key}", row[key])
+                raise ValueError(f"{name}[{i}] (step {row['step']}) has no {key}")
+            clean[key] = finite(f"{name}[{i}].{key}", row[key])
         rows.append(clean)
     if not rows:
-        raise ValueError("scores must hold at least one checkpoint")
+        raise ValueError(f"{name} must hold at least one checkpoint")
     steps = [r["step"] for r in rows]
     if len(set(steps)) != len(steps):
-        raise ValueError(f"scores list a step twice: {sorted(steps)}")
+        raise ValueError(f"{name} list a step twice: {sorted(steps)}")
     return sorted(rows, key=lambda r: r["step"])
 
 
@@ -93,7 +94,7 @@ def choose_pair(scores: list[dict], base_prompt_fidelity: float, tolerance: floa
     threshold, base_prompt_fidelity, tolerance, rule and the sorted scores.
     """
     rows = validate_scores(scores)
-    base = _finite("base_prompt_fidelity", base_prompt_fidelity)
+    base = finite("base_prompt_fidelity", base_prompt_fidelity)
     check_range("tolerance", tolerance, 0.0, 1.0)
     threshold = base - tolerance * abs(base)
     qualifying = [r for r in rows if r["prompt_fidelity"] >= threshold]
