@@ -413,7 +413,7 @@ def attention_markdown(reports: dict, grids: dict, plots: dict, manifests: dict)
     """The report's heat-map section: each subject's grid, its mean E-to-G distance, its collapse plot."""
     if not grids and not plots:
         return ""
-    lines = ["## Where the words look", "",
+    lines = ["", "## Where the words look", "",
              "One DreamBlend request per subject with `attention_maps` (the first seed): rows G / E "
              "(unguided) / DreamBlend, columns the image then one heat map per word, averaged over the "
              "guided layers and every step, one colour scale per column (docs/attention.md).", ""]

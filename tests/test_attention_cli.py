@@ -11,6 +11,8 @@ from dreamblend_ray.training import layout
 
 from test_generate_cli import subject_root  # noqa: F401 - the tiny fine-tuned subject (steps 2 and 4)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["a photo of sks dog", "a sks dog beside a red ball on the grass"]
 
 
