@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "background colour")
     parser.add_argument("--contexts", "--backgrounds", dest="contexts", type=int, default=None,
                         help="new contexts per subject (default 3)")
+    parser.add_argument("--attention-maps", action=argparse.BooleanOptionalAction, default=None,
+                        help="one cross-attention heat-map grid per subject in the report (default: on)")
+    parser.add_argument("--attention-probe", action=argparse.BooleanOptionalAction, default=None,
+                        help="the fine-tune job's attention-collapse probe, its plot and figures in the "
+                             "report (default: on)")
 
 
 def log_dir(args: argparse.Namespace) -> str:
@@ -35,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     values = {"out": args.out, "base": args.base, "subjects": tuple(args.subjects)}
     for name, key in (("finetune_steps", "finetune_steps"), ("alpha", "alpha"), ("steps", "steps"),
-                      ("context", "context"), ("contexts", "contexts_per_subject")):
+                      ("context", "context"), ("contexts", "contexts_per_subject"),
+                      ("attention_maps", "attention_maps"), ("attention_probe", "attention_probe")):
         if getattr(args, name) is not None:
             values[key] = getattr(args, name)
     run_demo(DemoConfig(**values))
