@@ -11,6 +11,8 @@ from dreamblend_ray.cli import main
 from dreamblend_ray.config import FinetuneConfig
 from dreamblend_ray.training.finetune import finetune_subject
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster under load
+
 
 @pytest.fixture(scope="module")
 def subject_root(tmp_path_factory):

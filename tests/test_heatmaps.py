@@ -18,6 +18,8 @@ from dreamblend_ray.method.heatmap_report import ROWS, attention_reports, column
 from dreamblend_ray.method.pair import TwoUNetPair, single
 from dreamblend_ray.method.sampler import DreamBlendSampler
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster under load
+
 STEPS = 5
 PROMPTS = ["a sks dog beside a red ball", "a cat"]
 CONFIG = SamplingConfig(num_inference_steps=STEPS, alpha=0.5, guidance_steps=3, attention_maps=True)

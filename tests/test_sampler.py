@@ -11,6 +11,8 @@ from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.method.pair import AdapterPair, TwoUNetPair, single
 from dreamblend_ray.method.sampler import DreamBlendSampler, plain_sample
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster under load
+
 STEPS = 8
 PROMPTS = ["a photo of sks dog on the beach", "a red cat in the snow", "a toy"]
 

@@ -24,6 +24,8 @@ from dreamblend_ray.serving.requests import AppArgs, FieldError, GenerateRequest
 
 from api_fakes import MAP_SIZE, SUBJECT_IDS, make_app  # the tests' fakes (tests/ is on sys.path)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster under load
+
 KEY = "attention-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
