@@ -84,6 +84,17 @@ def test_a_map_on_the_subject_scores_one():
     assert away["collapse"] == pytest.approx(0.0)
 
 
+def test_token_axis_mass_and_layout_correlation():
+    subject = blob()  # 4 pixels of weight 1, for each of the two subject tokens
+    uniform = collapse.prompt_measures(token_maps(subject, torch.ones(8, 8)), GROUPS, "sks", "dog")
+    assert uniform["subject_mass"] == pytest.approx(8 / (8 + 64))
+    assert uniform["correlation"] == pytest.approx(0.0)  # a constant map follows no layout
+    same = collapse.prompt_measures(token_maps(subject, subject * 3), GROUPS, "sks", "dog")
+    assert same["correlation"] == pytest.approx(1.0) and same["subject_mass"] == pytest.approx(8 / 20)
+    away = collapse.prompt_measures(token_maps(subject, blob(rows=slice(6, 8), cols=slice(6, 8))), GROUPS, "sks", "dog")
+    assert away["correlation"] < 0
+
+
 def test_entropy_is_bounded_and_extreme_on_extreme_maps():
     torch.manual_seed(1)
     values = collapse.normalised_entropy(torch.rand(5, 6, 6))
@@ -142,6 +153,19 @@ def test_flat_scores_give_g_equal_e_the_latest():
     for scores in ([0.3, 0.3, 0.3], [0.3, 0.2, 0.1]):
         choice = collapse.choose_pair_by_attention(rows_of(scores), {"collapse": 0.3}, 0.1)
         assert choice["guidance_step"] == choice["edit_step"] == 300 and choice["identical"]
+        assert not choice["collapsed"]
+
+
+def test_a_rise_below_min_rise_is_no_collapse_and_keeps_the_default_pair():
+    noisy = rows_of([0.302, 0.298, 0.304])  # scatter around the base, as on the embedded model
+    choice = collapse.choose_pair_by_attention(noisy, {"collapse": 0.3}, 0.1, default=(100, 300))
+    assert (choice["guidance_step"], choice["edit_step"]) == (100, 300) and not choice["collapsed"]
+    assert not choice["fallback"]
+    rising = rows_of([0.305, 0.31, 0.32, 0.45])  # threshold 0.3 + 0.1 * 0.15 = 0.315
+    risen = collapse.choose_pair_by_attention(rising, {"collapse": 0.3}, 0.1, default=(100, 400))
+    assert risen["collapsed"] and (risen["guidance_step"], risen["edit_step"]) == (200, 400)
+    lower = collapse.choose_pair_by_attention(rising, {"collapse": 0.3}, 0.1, min_rise=0.2, default=(100, 400))
+    assert not lower["collapsed"] and lower["guidance_step"] == 100
 
 
 def test_no_qualifying_step_falls_back_to_the_least_collapsed():
@@ -214,7 +238,8 @@ def test_job_probes_and_chooses_by_attention(tmp_path):
         assert [set(p["words"]) for p in entry["per_prompt"]] == [{"jungle"}, {"snow"}]
     choice = manifest["pair_choice"]
     assert choice["scorer"] == "attention" and choice["edit_step"] == 4
-    expected = collapse.choose_pair_by_attention(probe["rows"], probe["base"], 0.5)
+    default = (2, 4)  # the fine-tune's own pair: G nearest a quarter of the run, E the last step
+    expected = collapse.choose_pair_by_attention(probe["rows"], probe["base"], 0.5, default=default)
     assert (choice["guidance_step"], choice["threshold"]) == (expected["guidance_step"], expected["threshold"])
     assert (manifest["guidance_step"], manifest["edit_step"]) == (choice["guidance_step"], 4)
     plot = Image.open(io.BytesIO(storage.read_bytes(layout.collapse_plot_uri(output, "sq"))))

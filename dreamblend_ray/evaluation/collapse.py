@@ -18,6 +18,10 @@ probe measures this on a model's own per-token cross-attention maps (the sampler
 - entropy of a word's map: its spatial distribution's entropy over log N (0: one pixel, 1:
   uniform); ``entropy_other`` is the mean over other content words, ``entropy_subject`` the
   subject map's, and ``sharpness`` = 1 - entropy_subject.
+- two more readings of "collapse onto the subject": ``subject_mass``, the subject words' share of
+  the attention the content words get (along the token axis: do they win the softmax?), and
+  ``correlation``, the mean spatial correlation of the other words' maps with the subject's (do
+  the other words take on the subject's layout?).
 
 :func:`probe_model` averages these over prompts x seeds for one model; :func:`probe_checkpoints`
 does it for the base model (adapters disabled) and every saved checkpoint of a subject;
@@ -61,9 +65,13 @@ STOP_WORDS = frozenset({
 PROBE_STEPS = 10
 PROBE_GUIDANCE_SCALE = 2.0  # the pair choice's default (PairChoiceOptions.guidance_scale)
 PROBE_PROMPTS = 4
-MEASURES = ("collapse", "entropy_other", "entropy_subject", "sharpness", "subject_share")
+MEASURES = ("collapse", "entropy_other", "entropy_subject", "sharpness", "subject_share", "subject_mass",
+            "correlation")
 RULE = ("guidance: latest step with collapse <= base + tolerance * max(0, max_collapse - base); "
-        "edit: the latest step")
+        "edit: the latest step; no rise of min_rise above the base: the default pair")
+# A rise of the collapse score smaller than this is read as no collapse: on the embedded model the
+# checkpoints' scores scatter by about 0.005 around the base's (benchmarks/attention_collapse.py).
+MIN_RISE = 0.05
 
 
 # --------------------------------------------------------------------------- maths on maps
@@ -140,12 +148,25 @@ def normalised_entropy(maps: torch.Tensor) -> torch.Tensor:
     return (-terms.sum(dim=-1) / math.log(pixels)).clamp(0.0, 1.0)
 
 
+def spatial_correlation(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``(K, H, W)`` maps and an ``(H, W)`` reference -> ``(K,)`` Pearson correlations over the
+    pixels (0 where a map is constant): does a word look where the reference looks?"""
+    flat = maps.double().flatten(-2)
+    ref = reference.double().flatten()
+    flat, ref = flat - flat.mean(dim=-1, keepdim=True), ref - ref.mean()
+    norms = flat.norm(dim=-1) * ref.norm()
+    return torch.where(norms > 0, (flat @ ref) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+
+
 def prompt_measures(token_maps: torch.Tensor, groups: list[tuple[str, list[int]]], token: str,
                     class_noun: str) -> dict:
     """The collapse measures of one prompt's ``(T, H, W)`` token maps.
 
     ``groups``: the prompt's ``prompt_words``. Returns collapse, entropy_other, entropy_subject,
-    sharpness, region_area (the subject region's share of the pixels) and ``words``: each other
+    sharpness, region_area (the subject region's share of the pixels), subject_mass (the subject
+    words' share of the attention mass the content words get, over all pixels: collapse along the
+    token axis), correlation (the mean spatial correlation of the other words' maps with the
+    subject's: collapse of their layout onto the subject's) and ``words``: each other
     content word's share inside the region. ValueError when the prompt names no subject word or no
     other content word.
     """
@@ -164,6 +185,8 @@ def prompt_measures(token_maps: torch.Tensor, groups: list[tuple[str, list[int]]
     return {"collapse": float(shares.mean()), "entropy_other": float(normalised_entropy(other_maps).mean()),
             "entropy_subject": entropy_subject, "sharpness": 1.0 - entropy_subject,
             "subject_share": float(region_shares(subject_map[None], region)[0]),
+            "subject_mass": float(subject_map.sum() / (subject_map.sum() + other_maps.sum()).clamp_min(1e-12)),
+            "correlation": float(spatial_correlation(other_maps, subject_map).mean()),
             "region_area": float(region.double().mean()),
             "words": {word: float(share) for (word, _), share in zip(other, shares)}}
 
@@ -295,35 +318,46 @@ def _base_collapse(base) -> float:
     return finite("base.collapse", base["collapse"])
 
 
-def choose_pair_by_attention(rows: list[dict], base: dict, tolerance: float = 0.1) -> dict:
+def choose_pair_by_attention(rows: list[dict], base: dict, tolerance: float = 0.1, min_rise: float = MIN_RISE,
+                             default: tuple[int, int] | None = None) -> dict:
     """Choose (guidance_step, edit_step) from probe rows alone (no images, no judge model).
 
     E is the latest checkpoint (the most trained: the best likeness the fine-tune reached). G is
     the latest checkpoint whose collapse score is at most ``threshold = base + tolerance *
     max(0, max_collapse - base)``: the scale of the score depends on the model (layers, grid,
     vocabulary), so the allowance is a fraction of the rise this fine-tune actually shows above the
-    base model, which has not learnt the subject. When no checkpoint rises above the base, all
-    qualify (G = E = the latest). When none qualifies, G is the least-collapsed checkpoint (ties:
-    the earliest) and ``fallback`` is set. Returns a JSON-ready dict: guidance_step, edit_step,
-    identical, fallback, threshold, base_collapse, max_collapse, tolerance, rule, rows.
+    base model, which has not learnt the subject. When no checkpoint qualifies, G is the
+    least-collapsed checkpoint (ties: the earliest) and ``fallback`` is set.
+
+    When the score rises less than ``min_rise`` above the base anywhere, the probe has seen no
+    collapse (``collapsed`` False) and a threshold would only read noise: the pair is ``default``
+    (the fine-tune's own default pair) when given, else G = E = the latest. Returns a JSON-ready
+    dict: guidance_step, edit_step, identical, fallback, collapsed, threshold, base_collapse,
+    max_collapse, tolerance, min_rise, rule, rows.
     """
     rows = validate_rows(rows)
     base_score = _base_collapse(base)
     check_range("tolerance", tolerance, 0.0, 1.0)
+    check_range("min_rise", min_rise, 0.0, 1.0)
     highest = max(r["collapse"] for r in rows)
     threshold = base_score + tolerance * max(0.0, highest - base_score)
+    collapsed = highest - base_score >= min_rise
     qualifying = [r for r in rows if r["collapse"] <= threshold]
-    if qualifying:
-        guidance = qualifying[-1]
+    steps = [r["step"] for r in rows]
+    if not collapsed:
+        guidance_step, edit_step = default if default is not None else (steps[-1], steps[-1])
+        logger.info("the probe saw no collapse (rise %.4f < %.4f): pair G=%d, E=%d (%s)", highest - base_score,
+                    min_rise, guidance_step, edit_step, "the default pair" if default else "the latest step")
     else:
-        guidance = min(rows, key=lambda r: (r["collapse"], r["step"]))
-        logger.warning("no checkpoint keeps collapse <= %.4f (base %.4f); guidance falls back to the "
-                       "least collapsed step %d", threshold, base_score, guidance["step"])
-    edit = rows[-1]
-    return {"guidance_step": guidance["step"], "edit_step": edit["step"],
-            "identical": guidance["step"] == edit["step"], "fallback": not qualifying,
-            "threshold": threshold, "base_collapse": base_score, "max_collapse": highest,
-            "tolerance": float(tolerance), "rule": RULE, "rows": rows}
+        edit_step = steps[-1]
+        guidance_step = qualifying[-1]["step"] if qualifying else min(rows, key=lambda r: (r["collapse"], r["step"]))["step"]
+        if not qualifying:
+            logger.warning("no checkpoint keeps collapse <= %.4f (base %.4f); guidance falls back to the "
+                           "least collapsed step %d", threshold, base_score, guidance_step)
+    return {"guidance_step": guidance_step, "edit_step": edit_step,
+            "identical": guidance_step == edit_step, "fallback": collapsed and not qualifying,
+            "collapsed": collapsed, "threshold": threshold, "base_collapse": base_score, "max_collapse": highest,
+            "tolerance": float(tolerance), "min_rise": float(min_rise), "rule": RULE, "rows": rows}
 
 
 # --------------------------------------------------------------------------- plot
@@ -476,7 +510,8 @@ def choose_and_record_by_attention(root: str, subject_id: str, components, insta
     if not probe_is_current(manifest, probe_options):
         manifest = record_probe(root, subject_id, components, instance_images, probe_options, progress)
     probe = manifest["attention_probe"]
-    choice = choose_pair_by_attention(probe["rows"], probe["base"], options.tolerance)
+    default = (manifest["guidance_step"], manifest["edit_step"])  # the fine-tune's own pair
+    choice = choose_pair_by_attention(probe["rows"], probe["base"], options.tolerance, default=default)
     choice["rows"] = [{k: v for k, v in r.items() if k != "per_prompt"} for r in choice["rows"]]
     choice.update(scorer="attention", prompts=probe["prompts"], seeds=probe["seeds"], options=to_dict(options))
     manifest = {**manifest, "guidance_step": choice["guidance_step"], "edit_step": choice["edit_step"],
