@@ -74,7 +74,7 @@ def first_step(rows: list[dict], predicate) -> int | None:
 def finetune_config(subject, saved: tuple[int, ...], steps: int) -> FinetuneConfig:
     """The demo's recipe (demo.DemoConfig) with the study's denser checkpoints."""
     return FinetuneConfig(method="full", steps=steps, learning_rate=3e-4, rank=16, batch_size=4,
-                          checkpoint_steps=saved, guidance_step=50, token=subject.token,
+                          checkpoint_steps=saved, guidance_step=50 if 50 in saved else None, token=subject.token,
                           prior_preservation=False, num_class_images=0)
 
 
@@ -210,9 +210,13 @@ def summary(results: list[dict]) -> dict:
                               for r in results},
             "collapse_before_fidelity_drop": {r["subject"]: before(r) for r in results},
             "choices_mean": {n: {k: round(v, 4) for k, v in s.items()} for n, s in mean.items()},
-            "attention_vs_fixed": {n: round(mean[n]["mean"] / mean["fixed"]["mean"], 4)
+            "attention_vs_fixed": {n: ratio(mean[n]["mean"], mean["fixed"]["mean"])
                                    for n in names if n.startswith("attention")},
-            "embedded_vs_fixed": round(mean["embedded"]["mean"] / mean["fixed"]["mean"], 4)}
+            "embedded_vs_fixed": ratio(mean["embedded"]["mean"], mean["fixed"]["mean"])}
+
+
+def ratio(value: float, reference: float) -> float | None:
+    return round(value / reference, 4) if reference else None
 
 
 def main() -> None:

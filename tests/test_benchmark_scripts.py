@@ -108,3 +108,17 @@ def test_bench_gpu_sdxl_part_dry_runs_on_cpu(tmp_path):
 def test_s3_exit_runs_and_reports(tmp_path):
     result = run_script("s3_exit.py", "--runs", "2", "--variants", "exit_process", cwd=tmp_path)
     assert result["results"]["exit_process"] == {"runs": 2, "aborts": 0, "failed_reads": 0}
+
+
+@pytest.mark.slow
+def test_attention_collapse_runs_and_reports(tmp_path):
+    result = run_script("attention_collapse.py", "--subjects", "striped-star", "--out", str(tmp_path / "a"),
+                        "--finetune-steps", "2", "--checkpoints", "1,2", "--contexts", "1", "--seeds", "1",
+                        "--eval-seeds", "1", "--probe-seeds", "1", "--probe-steps", "2", "--steps", "2",
+                        "--tolerances", "0.1", cwd=tmp_path)
+    assert result["subjects"] == ["striped-star"]
+    assert set(result["choices_mean"]) == {"attention@0.1", "embedded", "fixed"}
+    assert set(result["spearman_step"]["striped-star"]) == {"collapse", "sharpness", "subject_mass", "correlation"}
+    for scores in result["choices_mean"].values():
+        assert 0.0 <= scores["prompt_fidelity"] <= 1.0 and 0.0 <= scores["subject_fidelity"] <= 1.0
+    assert (tmp_path / "a" / "attention_collapse.json").is_file()
