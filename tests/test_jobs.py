@@ -536,7 +536,8 @@ def test_sigkill_of_the_driver_after_one_subject_leaves_its_row_readable(tmp_pat
 def test_a_subject_whose_actor_keeps_dying_becomes_a_failed_row(s3_server, ray_local, tmp_path):
     """Ray Data retries a task whose actor died forever by default, so a subject that kills its
     actor every time (out of memory, say) kept the job from ending. Retries are bounded: after
-    TASK_RETRIES + 1 deaths the subject is a failed row and the job ends."""
+    TASK_RETRIES + 1 deaths (one more when Ray Data re-dispatches first) the subject is a failed
+    row and the job ends."""
     import os
     import signal
     import threading
@@ -569,7 +570,11 @@ def test_a_subject_whose_actor_keeps_dying_becomes_a_failed_row(s3_server, ray_l
         killer.join(timeout=5)
     (row,) = result.rows
     assert row["status"] == "failed" and row["error"] == ACTOR_DIED, (killed, row)
-    assert len(killed) == TASK_RETRIES + 1  # one death per try, then no more tries
+    # One death per try, then no more tries: Ray core's TASK_RETRIES + 1 tries, plus at most the one
+    # extra try seen under load (4 deaths in 2 of 6 runs; see ACTOR_DIED).
+    # Unbounded retries would not end here: the killer stops after TASK_RETRIES + 4 deaths and the
+    # next try would finish the subject, failing the status check above.
+    assert TASK_RETRIES + 1 <= len(killed) <= TASK_RETRIES + 2, killed
     assert not layout.is_complete(output, "doomed")
 
 
