@@ -1,0 +1,277 @@
+"""DreamBlend one row at a time: every sample carries its own adapters, settings, timestep index
+and guidance window, so rows of different subjects, and rows that joined at different steps,
+share UNet calls (continuous, cross-subject batching; docs/serving.md).
+
+The maths per row is the sampler's (``method/sampler.py``, ARCHITECTURE.md "The method")::
+
+    if i < K and alpha > 0:  eps_G, A_G = G(z_G, t_i); z_G = ddim(z_G, eps_G)
+                             z_E = z_E - eta_i * dL/dz_E,  L = alpha * d(A_E(z_E), A_G)
+    eps_E = E(z_E, t_i);     z_E = ddim(z_E, eps_E)
+
+What changes is who shares a call. :meth:`RowEngine.step` advances any set of rows by one step
+each: G's rows in one UNet call, the guided rows' gradient in one, and E's rows in one, each row
+with its own LoRA adapter (``method/row_adapters.py``), timestep, CFG scale and DDIM stride
+(``method/ddim.py``). With ``co_batch`` G runs one step ahead inside E's call: G's step i + 1
+depends only on G's own trajectory, so it needs not wait for E's guided step i, and a guided step
+costs two UNet calls instead of three.
+
+Rows can share a step only when their latents and text have one shape and the guidance reads the
+same layers: :func:`row_key`. Requests that need the sampler's extras (heat maps, G's reference
+images) or two full UNets go through ``DreamBlendSampler`` instead (:func:`supported`).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dreamblend_ray.config import MAX_SEED, SamplingConfig
+from dreamblend_ray.method import ddim, guidance
+from dreamblend_ray.method.attention import Recorder, StopForward, recording, select_layers
+from dreamblend_ray.method.row_adapters import BASE, per_row
+from dreamblend_ray.method.sampler import decode_latents, initial_latents
+from dreamblend_ray.models.components import Components
+from dreamblend_ray.models.prompts import prompt_conditioning
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One image: its prompt, seed, settings and the adapters of its G and E (:data:`BASE`: none)."""
+
+    prompt: str
+    seed: int
+    config: SamplingConfig
+    guidance_adapter: str = BASE
+    edit_adapter: str = BASE
+    negative_prompt: str | None = None
+
+
+def supported(config: SamplingConfig) -> bool:
+    """Whether rows can run ``config``: not the sampler's extra trajectories (maps, references)."""
+    return not (config.attention_maps or config.return_reference)
+
+
+def row_key(config: SamplingConfig, components: Components) -> tuple:
+    """Rows with equal keys can share UNet calls: same latent size, CFG on/off and guidance layers."""
+    size = components.default_size
+    return (config.height or size, config.width or size, config.guidance_scale > 1.0, config.layers,
+            config.distance)
+
+
+@dataclass
+class Row:
+    """One sample in flight: its latents, conditioning and where it is in its own schedule."""
+
+    request: RowRequest
+    timesteps: list[int]
+    z_e: torch.Tensor  # (1, C, h, w)
+    z_g: torch.Tensor
+    embeds: torch.Tensor  # (2, T, D) [uncond; cond] under CFG, else (1, T, D)
+    added: dict | None  # the family's added conditioning, row-aligned with embeds
+    mask: torch.Tensor  # (1, T) the tokens the guidance compares
+    tag: object = None  # the caller's (e.g. which job and image)
+    index: int = 0  # the next step to take
+    g_index: int = -1  # the step G's maps_g belong to
+    maps_g: dict = field(default_factory=dict)
+    distances: list[float] = field(default_factory=list)
+
+    @property
+    def config(self) -> SamplingConfig:
+        return self.request.config
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    def guided(self, i: int) -> bool:
+        """Whether step ``i`` is inside this row's guidance window (G runs, E is steered)."""
+        return self.config.alpha > 0 and i < min(self.config.window, len(self.timesteps))
+
+    @property
+    def cfg_rows(self) -> int:
+        return self.embeds.shape[0]
+
+
+class RowEngine:
+    """Advances rows of any subjects, each at its own step. Not thread-safe per base UNet."""
+
+    def __init__(self, components: Components, co_batch: bool = True):
+        self.components = components
+        self.table = ddim.DDIMTable.of(components.scheduler.config)
+        self.co_batch = co_batch
+        self.recorder = Recorder()
+
+    # ------------------------------------------------------------------ rows in
+
+    def start(self, request: RowRequest, tag=None) -> Row:
+        """A new row at step 0 (its text encoded, its noise drawn from its seed)."""
+        config = request.config
+        if not isinstance(config, SamplingConfig) or not supported(config):
+            raise ValueError("rows run a SamplingConfig without attention_maps or return_reference")
+        if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {request.seed!r}")
+        c = self.components
+        height, width, do_cfg = row_key(config, c)[:3]
+        for name, value in (("height", height), ("width", width)):
+            if value % c.vae_scale_factor:
+                raise ValueError(f"{name} must be divisible by the VAE factor {c.vae_scale_factor}, got {value}")
+        negatives = None if request.negative_prompt is None else [request.negative_prompt]
+        cond = prompt_conditioning(c, [request.prompt], negatives, do_cfg, height, width)
+        mask = guidance.prompt_token_mask(cond.input_ids, c.tokenizer.eos_token_id, config.token_indices)
+        shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
+        z = initial_latents([request.seed], shape, c.device, c.unet.dtype)
+        return Row(request, ddim.timesteps(c.scheduler.config, config.num_inference_steps), z, z.clone(),
+                   cond.embeds, cond.added_cond_kwargs, mask, tag)
+
+    # ------------------------------------------------------------------ one step of every row
+
+    @torch.no_grad()
+    def step(self, rows: list[Row]) -> list[Row]:
+        """Advance every row by one denoising step; returns the rows that finished."""
+        if not rows:
+            return []
+        if len({row_key(row.config, self.components) for row in rows}) != 1:
+            raise ValueError("rows of one step must share a row_key (latent size, CFG, guidance layers)")
+        unet = self.components.unet
+        guided = [row for row in rows if row.guided(row.index)]
+        ahead = [row for row in rows if self.co_batch and row.guided(row.index + 1)]
+        with ExitStack() as stack:
+            layers = None
+            if guided or ahead:
+                layers = select_layers(unet, rows[0].config.layers)
+                stack.enter_context(recording(unet, layers, self.recorder))
+            behind = [row for row in guided if row.g_index != row.index]
+            if behind:  # G's step i not computed ahead (a row's first guided step, or no co_batch)
+                self._guidance_pass(behind, [row.index for row in behind])
+            if guided:
+                self._steer(guided, layers[-1].name)
+            self._edit_pass(rows, guided, ahead)
+        for row in rows:
+            row.index += 1
+        return [row for row in rows if row.done]
+
+    def _guidance_pass(self, rows: list[Row], steps: list[int]) -> None:
+        """G's step ``steps[b]`` for each row: its maps kept for the guidance, z_G moved on."""
+        entries = [(row, row.request.guidance_adapter, row.z_g, i) for row, i in zip(rows, steps)]
+        eps, maps = self._predict(entries, record=True)
+        self._advance_guidance(rows, steps, eps, maps)
+
+    def _advance_guidance(self, rows, steps, eps, maps) -> None:
+        z = self._ddim(torch.cat([row.z_g for row in rows]), eps, [row.timesteps[i] for row, i in zip(rows, steps)],
+                       rows)
+        for b, (row, i) in enumerate(zip(rows, steps)):
+            row.z_g, row.g_index = z[b:b + 1], i
+            row.maps_g = {name: value[b:b + 1] for name, value in maps.items()}
+
+    def _steer(self, rows: list[Row], last_layer: str) -> None:
+        """One attention-guidance step on the guided rows' E latents (gradient through E's cond branch)."""
+        c, unet = self.components, self.components.unet
+        z = torch.cat([row.z_e for row in rows]).detach().requires_grad_(True)
+        maps_g = {name: torch.cat([row.maps_g[name] for row in rows]) for name in rows[0].maps_g}
+        mask = torch.cat([row.mask for row in rows])
+        embeds, added = self._conditioning(rows, cond_only=True)
+        t = self._timesteps([row.timesteps[row.index] for row in rows], cfg=False)
+        with torch.enable_grad(), per_row(unet, [row.request.edit_adapter for row in rows]), \
+                self.recorder.capture(rows=slice(None), keep_graph=True, stop_after=last_layer) as store:
+            try:
+                unet(z, t, encoder_hidden_states=embeds, added_cond_kwargs=added)
+            except StopForward:
+                pass  # the rest of the UNet does not affect the selected maps
+            distance = guidance.attention_distance(store.maps, maps_g, mask, rows[0].config.distance)
+            (grad,) = torch.autograd.grad(distance.sum(), z)
+        strength = torch.tensor([row.config.alpha * guidance.step_size(
+            row.config.eta_schedule, row.config.step_size, row.index, min(row.config.window, len(row.timesteps)))
+            for row in rows], device=c.device)
+        moved = guidance.latent_update(z.detach(), grad, distance.detach(), strength, 1.0)
+        for b, row in enumerate(rows):
+            row.z_e = moved[b:b + 1]
+
+    def _edit_pass(self, rows: list[Row], guided: list[Row], ahead: list[Row]) -> None:
+        """E's step for every row (and, co-batched, G's next step for ``ahead``); z_E moved on."""
+        entries = [(row, row.request.edit_adapter, row.z_e, row.index) for row in rows]
+        entries += [(row, row.request.guidance_adapter, row.z_g, row.index + 1) for row in ahead]
+        eps, maps = self._predict(entries, record=bool(guided or ahead))
+        n = len(rows)
+        measured = {id(row) for row in guided}
+        for b, row in enumerate(rows):
+            if id(row) in measured:
+                maps_e = {name: value[b:b + 1] for name, value in maps.items()}
+                row.distances.append(float(guidance.attention_distance(
+                    maps_e, row.maps_g, row.mask, row.config.distance)[0]))
+        if ahead:
+            self._advance_guidance(ahead, [row.index + 1 for row in ahead], eps[n:],
+                                   {name: value[n:] for name, value in maps.items()})
+        z = self._ddim(torch.cat([row.z_e for row in rows]), eps[:n], [row.timesteps[row.index] for row in rows],
+                       rows)
+        for b, row in enumerate(rows):
+            row.z_e = z[b:b + 1]
+
+    # ------------------------------------------------------------------ model calls
+
+    def _predict(self, entries, record: bool) -> tuple[torch.Tensor, dict]:
+        """CFG noise predictions of ``entries`` (row, adapter, latents, step) in one UNet call, each
+        row with its own adapter, timestep and scale; the cond branch's maps when ``record``."""
+        rows = [row for row, *_ in entries]
+        cfg = rows[0].cfg_rows == 2
+        latents = torch.cat([z for _, _, z, _ in entries])
+        names = [adapter for _, adapter, _, _ in entries]
+        embeds, added = self._conditioning(rows, cond_only=False)
+        t = self._timesteps([row.timesteps[i] for row, _, _, i in entries], cfg)
+        model_input = torch.cat([latents, latents]) if cfg else latents
+        with per_row(self.components.unet, names * 2 if cfg else names):
+            if record:
+                n = len(entries)
+                with self.recorder.capture(rows=slice(n, 2 * n) if cfg else slice(0, n)) as store:
+                    noise = self.components.unet(model_input, t, encoder_hidden_states=embeds,
+                                                 added_cond_kwargs=added).sample
+                maps = store.maps
+            else:
+                noise = self.components.unet(model_input, t, encoder_hidden_states=embeds,
+                                             added_cond_kwargs=added).sample
+                maps = {}
+        if not cfg:
+            return noise, maps
+        scale = torch.tensor([row.config.guidance_scale for row in rows], device=noise.device,
+                             dtype=noise.dtype).view(-1, 1, 1, 1)
+        uncond, cond = noise.chunk(2)
+        return uncond + scale * (cond - uncond), maps
+
+    def _conditioning(self, rows: list[Row], cond_only: bool) -> tuple[torch.Tensor, dict | None]:
+        """The rows' text conditioning stacked as ``[uncond rows; cond rows]`` (or cond rows only)."""
+        count = rows[0].cfg_rows
+        parts = [slice(count - 1, count)] if cond_only else [slice(k, k + 1) for k in range(count)]
+        embeds = torch.cat([row.embeds[part] for part in parts for row in rows])
+        added = None
+        if rows[0].added is not None:
+            added = {key: torch.cat([row.added[key][part] for part in parts for row in rows])
+                     for key in rows[0].added}
+        return embeds, added
+
+    def _timesteps(self, values: list[int], cfg: bool) -> torch.Tensor:
+        t = torch.tensor(values, device=self.components.device, dtype=torch.long)
+        return torch.cat([t, t]) if cfg else t
+
+    def _ddim(self, z: torch.Tensor, eps: torch.Tensor, steps: list[int], rows: list[Row]) -> torch.Tensor:
+        t = torch.tensor(steps, dtype=torch.long)
+        lengths = torch.tensor([len(row.timesteps) for row in rows], dtype=torch.long)
+        return ddim.step(self.table, eps, t, lengths, z)
+
+    # ------------------------------------------------------------------ rows out
+
+    @torch.no_grad()
+    def decode(self, rows: list[Row]) -> np.ndarray:
+        """The finished rows' images: ``(B, H, W, 3)`` float32 in [0, 1]."""
+        latents = torch.cat([row.z_e for row in rows])
+        return decode_latents(self.components, latents).permute(0, 2, 3, 1).cpu().numpy()
+
+    def run(self, requests: list[RowRequest]) -> tuple[np.ndarray, list[Row]]:
+        """All ``requests`` to the end together (they must share a row_key): images and rows."""
+        rows = [self.start(request, tag=b) for b, request in enumerate(requests)]
+        active = list(rows)
+        while active:
+            self.step(active)
+            active = [row for row in active if not row.done]
+        return self.decode(rows), rows
