@@ -164,6 +164,31 @@ def start_driver(background, tmp_path, finally_body="pass", grace=10):
     return command
 
 
+RESPAWNER = textwrap.dedent("""
+    import signal, subprocess, sys, time
+    def respawn(*_):  # like a parent that restarts its agent when told to stop
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, respawn)
+    print("UP", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_sweep_also_ends_processes_started_after_its_first_scan():
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, **{lifecycle.MARKER_ENV: marker})
+    parent = subprocess.Popen([sys.executable, "-c", RESPAWNER], env=env, stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout.readline().strip() == b"UP"
+        assert lifecycle.sweep(marker, term_wait_s=1.0) == 0
+        assert lifecycle.marked_pids(marker) == set()
+    finally:
+        for pid in lifecycle.marked_pids(marker):
+            os.kill(pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_a_command_that_inherited_sigint_ignored(background, tmp_path, signum, code):
