@@ -14,12 +14,45 @@ by closed-loop HTTP clients at each concurrency level (one image per request, it
   (``router_max_backoff_s`` 0.5), at 16 and 64: the configuration behind issue 16's c=64 drop.
 - ``unbatched``: ``max_batch_size`` 1, at 1, 4 and 16.
 
-Prints a table and, last, ``RESULT {json}`` with images/s, p50/p95 latency and mean batch per
+Prints a table and, last, ``RESULT {json}`` with images/s, p50/p95/p99 latency and mean batch per
 (mode, concurrency), the peak RSS of the model replica, and the ratios: c=64 to c=16 throughput
 (batched, router-queue and ray-backoff) and batched to unbatched at c=16. Measures; never passes or fails.
 
+``--suite subjects`` (issue 20, serving many subjects at once) instead fine-tunes N distinct LoRA
+subjects ``bench-00`` .. ``bench-{N-1}`` (N = the largest of ``--subject-counts``, default 16; each
+from its own seed and images, so the adapters differ) and deploys the app once per
+``--batchings`` value (``static``: one sampler call per (subject, settings) group, run to the end;
+``continuous``: requests of different LoRA subjects share sampler steps and join a running batch at
+its next denoising step), with ``max_models_per_replica`` >= N so every subject stays loaded. Request
+``k`` asks for subject ``k % n`` with seed ``1000 + k``. Per batching, after one warm-up request per
+subject (which loads it):
+
+- floor: one request at a time (c=1) over the N subjects: the unloaded latency.
+- closed loop: ``--clients`` (16) closed-loop clients over 1, 4 and 16 distinct subjects
+  (``--requests`` per level): images/s, p50/p95/p99, mean batch (header ``x-dreamblend-batch-size``).
+- open loop: Poisson arrivals (exponential inter-arrival times from ``--arrival-seed``, the same
+  schedule for every batching; one sending thread per request, so sending never waits on a
+  response; latency counted from the scheduled arrival) over the N subjects, at ``--loads`` (50% and
+  80%) of the peak: p50/p95/p99 latency, achieved images/s and failed requests.
+
+The peak is the ``static`` batching's closed-loop throughput at ``--clients`` clients over the N
+subjects: the rate today's service sustains on that mix. ``static`` therefore runs first, and both
+batchings are offered the same arrival rates (without ``static`` in ``--batchings``, the first one
+listed defines the peak). A batching whose deployment or requests fail is reported with its error,
+and the suite goes on with the next.
+
+Its ``RESULT`` holds the rows per batching and the headline ratios with their targets:
+``continuous_to_static_throughput`` (closed loop over N subjects; target >= 1.8),
+``continuous_many_to_one_subject_throughput`` (continuous, N subjects over 1; target >= 0.85) and
+``p95_continuous_to_static_at_{50,80}pct`` (open loop; target <= 0.5); ``targets_met`` says which hold.
+The open loop's length is set by the arrival rate (32 requests at 50% of a slow static peak take
+minutes), so the suite's defaults are small: 32 requests per level, whose p99 is their maximum (raise
+``--requests`` and ``--open-requests`` for a firmer tail).
+
     .venv/bin/python benchmarks/bench_serve.py                 # tiny model, 5 DDIM steps
     .venv/bin/python benchmarks/bench_serve.py --steps 10 --modes batched --concurrency 16 64
+    .venv/bin/python benchmarks/bench_serve.py --suite subjects                # 16 subjects, both batchings
+    .venv/bin/python benchmarks/bench_serve.py --suite subjects --batchings static --requests 32
 """
 
 from __future__ import annotations
@@ -28,6 +61,7 @@ import argparse
 import concurrent.futures as futures
 import json
 import logging
+import random
 import socket
 import statistics
 import tempfile
@@ -49,22 +83,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_subject(base: str, root: str) -> str:
-    """A subject fine-tuned 2 LoRA steps (checkpoints 1 and 2): enough for real G/E adapters."""
+def subject_images(index: int) -> list:
+    """Three 64x64 images of a ball; subject ``index`` shifts it and tints it so subjects differ."""
     from PIL import Image, ImageDraw
-
-    from dreamblend_ray.config import FinetuneConfig
-    from dreamblend_ray.training.finetune import finetune_subject
 
     images = []
     for shift in range(3):
         image = Image.new("RGB", (64, 64), (0, 0, 0))
-        ImageDraw.Draw(image).ellipse((12 + shift, 12, 48 + shift, 48), fill=(255, 0, 0))
+        left = 8 + (index * 3) % 9 + shift
+        ImageDraw.Draw(image).ellipse((left, 12, left + 36, 48), fill=(255, (index * 37) % 200, (index * 71) % 200))
         images.append(image)
+    return images
+
+
+def finetune_bench_subject(base, root: str, subject_id: str, index: int) -> str:
+    """A subject fine-tuned 2 LoRA steps (checkpoints 1 and 2) from seed ``index``: real G/E adapters."""
+    from dreamblend_ray.config import FinetuneConfig
+    from dreamblend_ray.training.finetune import finetune_subject
+
     config = FinetuneConfig(steps=2, learning_rate=5e-2, prior_preservation=False, checkpoint_steps=(1, 2),
-                            device="cpu")
-    finetune_subject(base, images, "ball", "bench", root, config, progress=False)
-    return "bench"
+                            device="cpu", seed=index)
+    finetune_subject(base, subject_images(index), "ball", subject_id, root, config, progress=False)
+    return subject_id
+
+
+def make_subject(base: str, root: str) -> str:
+    """The ``--suite modes`` subject, ``bench``."""
+    return finetune_bench_subject(base, root, "bench", 0)
+
+
+def make_subjects(base: str, root: str, count: int) -> list[str]:
+    """``count`` distinct subjects ``bench-00``, ``bench-01``, ... on one loaded base."""
+    from dreamblend_ray.models.components import load_components
+
+    components = load_components(base, device="cpu")
+    return [finetune_bench_subject(components, root, f"bench-{index:02d}", index) for index in range(count)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,7 +125,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def drive(url: str, body: dict, concurrency: int, total: int) -> dict:
+def request_body(body: dict, subjects: list[str] | None, index: int) -> dict:
+    """Request ``index``: its own seed and, over ``subjects``, subject ``index % len(subjects)``."""
+    subject = {"subject_id": subjects[index % len(subjects)]} if subjects else {}
+    return {**body, **subject, "seed": 1000 + index}
+
+
+def latency_row(latencies: list[float], batch_sizes: list[int], images: int, wall: float) -> dict:
+    return {"images_per_s": round(images / wall, 3), "p50_s": round(percentile(latencies, 0.5), 3),
+            "p95_s": round(percentile(latencies, 0.95), 3), "p99_s": round(percentile(latencies, 0.99), 3),
+            "mean_batch": round(statistics.mean(batch_sizes), 2)}
+
+
+def drive(url: str, body: dict, concurrency: int, total: int, subjects: list[str] | None = None) -> dict:
     """``total`` requests from ``concurrency`` closed-loop clients; latency and throughput."""
     latencies, batch_sizes, counter = [], [], iter(range(total))
 
@@ -80,7 +145,7 @@ def drive(url: str, body: dict, concurrency: int, total: int) -> dict:
         with httpx.Client(base_url=url, timeout=600) as http:
             for index in counter:
                 start = time.perf_counter()
-                response = http.post("/v1/generate", json={**body, "seed": 1000 + index})
+                response = http.post("/v1/generate", json=request_body(body, subjects, index))
                 if response.status_code != 200:
                     raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
                 latencies.append(time.perf_counter() - start)
@@ -91,9 +156,50 @@ def drive(url: str, body: dict, concurrency: int, total: int) -> dict:
         for job in [pool.submit(client) for _ in range(concurrency)]:
             job.result()
     wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": total, "images_per_s": round(total / wall, 3),
-            "p50_s": round(percentile(latencies, 0.5), 3), "p95_s": round(percentile(latencies, 0.95), 3),
-            "mean_batch": round(statistics.mean(batch_sizes), 2)}
+    return {"concurrency": concurrency, "requests": total,
+            **latency_row(latencies, batch_sizes, total, wall)}
+
+
+def arrival_times(rate: float, total: int, seed: int) -> list[float]:
+    """Poisson arrivals: ``total`` offsets (s) with exponential gaps of mean ``1 / rate``."""
+    if rate <= 0:
+        raise ValueError(f"arrival rate must be > 0, got {rate}")
+    rng, now, times = random.Random(seed), 0.0, []
+    for _ in range(total):
+        now += rng.expovariate(rate)
+        times.append(now)
+    return times
+
+
+def open_loop(url: str, body: dict, subjects: list[str], rate: float, total: int, seed: int) -> dict:
+    """``total`` requests sent at Poisson arrival times, each on its own thread (sending never waits
+    on a response); latency from the scheduled arrival, achieved images/s over first arrival to last
+    response; failed requests are counted, not raised."""
+    latencies, batch_sizes, errors = [], [], []
+    limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
+    with httpx.Client(base_url=url, timeout=600, limits=limits) as http:
+        def send(index: int, due: float) -> None:
+            try:
+                response = http.post("/v1/generate", json=request_body(body, subjects, index))
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            if response.status_code != 200:
+                errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            latencies.append(time.perf_counter() - due)
+            batch_sizes.append(int(response.headers["x-dreamblend-batch-size"]))
+
+        start = time.perf_counter()
+        with futures.ThreadPoolExecutor(total) as pool:
+            for index, offset in enumerate(arrival_times(rate, total, seed)):
+                time.sleep(max(0.0, start + offset - time.perf_counter()))
+                pool.submit(send, index, start + offset)
+        wall = time.perf_counter() - start
+    if not latencies:
+        raise RuntimeError(f"every open-loop request failed, e.g. {errors[0]}")
+    return {"rate_per_s": round(rate, 3), "requests": total, "errors": len(errors),
+            **latency_row(latencies, batch_sizes, len(latencies), wall), "first_error": errors[0] if errors else None}
 
 
 def bench_mode(url: str, name: str, app_args: dict, body: dict, levels: list[int], rounds: int) -> dict:
@@ -136,17 +242,186 @@ def print_table(results: dict, base: str, steps: int) -> None:
         print(f"{mode:<12} peak replica RSS {result['peak_replica_rss_mb']} MiB")
 
 
-def main() -> None:
+# --------------------------------------------------------------------------------------------
+# --suite subjects (issue 20): many subjects at once, static against continuous batching
+
+BATCHINGS = ("static", "continuous")  # static first: its closed loop over N subjects defines the peak
+TARGETS = {"continuous_to_static_throughput": (">=", 1.8),
+           "continuous_many_to_one_subject_throughput": (">=", 0.85),
+           "p95_continuous_to_static_at_{pct}pct": ("<=", 0.5)}
+
+
+def bench_batching(url: str, app_args: dict, body: dict, subjects: list[str], args, peak: float | None) -> dict:
+    """One deployment: warm-up, floor (c=1), closed loop per subject count, open loop per load of
+    ``peak`` (None: this batching's own closed-loop rate over all ``subjects`` is the peak)."""
+    from ray import serve
+
+    from dreamblend_ray.serving.app import build_app
+
+    log = logging.getLogger("bench")
+    serve.run(build_app(app_args), name="dreamblend", route_prefix="/")
+    drive(url, body, 1, len(subjects), subjects)  # warm-up: loads every subject's pair
+    floor = drive(url, body, 1, args.floor_requests, subjects)
+    log.info("%s floor: %s", app_args["batching"], floor)
+    closed = []
+    for count in args.subject_counts:
+        row = {"subjects": count, **drive(url, body, args.clients, args.requests, subjects[:count])}
+        log.info("%s closed loop: %s", app_args["batching"], row)
+        closed.append(row)
+    own_peak = next(r["images_per_s"] for r in closed if r["subjects"] == len(subjects))
+    offered = peak or own_peak
+    opened = []
+    for level, load in enumerate(args.loads):
+        row = {"load": load, **open_loop(url, body, subjects, load * offered, args.open_requests,
+                                         args.arrival_seed + level)}
+        log.info("%s open loop: %s", app_args["batching"], row)
+        opened.append(row)
+    health = httpx.get(f"{url}/healthz", params={"deep": "true"}, timeout=60).json()["model"]
+    return {"floor": floor, "closed": closed, "open": opened, "peak_images_per_s": offered,
+            "peak_replica_rss_mb": health.get("peak_rss_mb")}
+
+
+def closed_rate(result: dict, subjects: int) -> float | None:
+    return next((r["images_per_s"] for r in result.get("closed", []) if r["subjects"] == subjects), None)
+
+
+def open_p95(result: dict, load: float) -> float | None:
+    return next((r["p95_s"] for r in result.get("open", []) if r["load"] == load), None)
+
+
+def subject_ratios(results: dict, subjects: int, loads: list[float]) -> dict:
+    """The headline ratios (None where a side is missing)."""
+    static, continuous = results.get("static", {}), results.get("continuous", {})
+    ratios = {"continuous_to_static_throughput": ratio(closed_rate(continuous, subjects),
+                                                       closed_rate(static, subjects)),
+              "continuous_many_to_one_subject_throughput": ratio(closed_rate(continuous, subjects),
+                                                                 closed_rate(continuous, 1))}
+    for load in loads:
+        ratios[f"p95_continuous_to_static_at_{round(load * 100)}pct"] = ratio(open_p95(continuous, load),
+                                                                              open_p95(static, load))
+    return ratios
+
+
+def target_of(name: str) -> tuple[str, float]:
+    return TARGETS.get(name) or TARGETS["p95_continuous_to_static_at_{pct}pct"]
+
+
+def targets_met(ratios: dict) -> dict:
+    met = {}
+    for name, value in ratios.items():
+        op, bound = target_of(name)
+        met[name] = None if value is None else (value >= bound if op == ">=" else value <= bound)
+    return met
+
+
+def print_subjects_table(results: dict, ratios: dict, args, subjects: int, peak: float | None) -> None:
+    print(f"\nDreamBlend Serve, many subjects: base={args.base}, {args.steps} DDIM steps, 1 image/request, one "
+          f"model replica, {subjects} LoRA subjects loaded; peak = static closed loop, {args.clients} clients, "
+          f"{subjects} subjects = {peak} img/s")
+    print(f"{'batching':<10} {'test':<12} {'subj':>4} {'conc/rate':>9} {'reqs':>5} {'img/s':>7} {'p50 s':>7} "
+          f"{'p95 s':>7} {'p99 s':>7} {'mean batch':>10} {'errors':>6}")
+    for name, result in results.items():
+        if "error" in result:
+            print(f"{name:<10} FAILED: {result['error']}")
+            continue
+        rows = [("floor c=1", subjects, 1, result["floor"])]
+        rows += [("closed", r["subjects"], args.clients, r) for r in result["closed"]]
+        rows += [(f"open {round(r['load'] * 100)}%", subjects, r["rate_per_s"], r) for r in result["open"]]
+        for test, count, load, row in rows:
+            print(f"{name:<10} {test:<12} {count:>4} {load:>9} {row['requests']:>5} {row['images_per_s']:>7.3f} "
+                  f"{row['p50_s']:>7.3f} {row['p95_s']:>7.3f} {row['p99_s']:>7.3f} {row['mean_batch']:>10.2f} "
+                  f"{row.get('errors', 0):>6}")
+        print(f"{name:<10} peak replica RSS {result['peak_replica_rss_mb']} MiB")
+    for name, value in ratios.items():
+        op, bound = target_of(name)
+        print(f"{name}: {'n/a' if value is None else f'{value}x'} (target {op} {bound})")
+
+
+def run_subjects(args, url: str, root: str, subjects: list[str]) -> dict:
+    body = {"prompt": "a sks ball on the grass", "num_inference_steps": args.steps}
+    common = {"base": args.base, "storage_root": root, "num_cpus": 1, "ingress_num_cpus": 0.1,
+              "batch_wait_timeout_s": args.batch_wait_timeout_s, "request_timeout_s": 600,
+              "max_models_per_replica": max(4, len(subjects))}
+    if args.max_batch_size:
+        common["max_batch_size"] = args.max_batch_size
+    results, peak = {}, None
+    for name in sorted(args.batchings, key=BATCHINGS.index):
+        try:
+            results[name] = bench_batching(url, {**common, "batching": name}, body, subjects, args, peak)
+        except Exception as exc:  # report the failed batching, measure the others
+            logging.getLogger("bench").exception("batching %s failed", name)
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            continue
+        peak = peak or results[name]["peak_images_per_s"]
+    ratios = subject_ratios(results, len(subjects), args.loads)
+    print_subjects_table(results, ratios, args, len(subjects), peak)
+    return {"suite": "subjects", "base": args.base, "steps": args.steps, "clients": args.clients,
+            "subject_counts": args.subject_counts, "subjects": len(subjects), "loads": args.loads,
+            "peak_images_per_s": peak, "peak": f"static closed loop, {args.clients} clients, {len(subjects)} subjects",
+            "floor_p50_s": results.get("continuous", {}).get("floor", {}).get("p50_s"),
+            "results": results, "ratios": ratios, "targets": {n: " ".join(map(str, target_of(n))) for n in ratios},
+            "targets_met": targets_met(ratios)}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run_modes(args, url: str, root: str, subject: str) -> dict:
+    body = {"subject_id": subject, "prompt": "a sks ball on the grass", "num_inference_steps": args.steps}
+    common = {"base": args.base, "storage_root": root, "num_cpus": 1, "ingress_num_cpus": 0.1,
+              "batch_wait_timeout_s": args.batch_wait_timeout_s, "request_timeout_s": 600}
+    results = {}
+    for mode in args.modes:
+        overrides, levels = MODES[mode]
+        results[mode] = bench_mode(url, mode, {**common, **overrides}, body, args.concurrency or levels, args.rounds)
+    print_table(results, args.base, args.steps)
+    ratios = {"batched_64_to_16": ratio(rate(results, "batched", 64), rate(results, "batched", 16)),
+              "router_queue_64_to_16": ratio(rate(results, "router-queue", 64), rate(results, "router-queue", 16)),
+              "ray_backoff_64_to_16": ratio(rate(results, "ray-backoff", 64), rate(results, "ray-backoff", 16)),
+              "batched_to_unbatched_at_16": ratio(rate(results, "batched", 16), rate(results, "unbatched", 16))}
+    print("throughput ratios: " + ", ".join(f"{name} {'n/a' if value is None else f'{value}x'}"
+                                            for name, value in ratios.items()))
+    return {"base": args.base, "steps": args.steps, "results": results, "ratios": ratios}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("modes", "subjects"), default="modes",
+                        help="modes: one subject, the batching/queueing modes (default); subjects: issue 20")
     parser.add_argument("--base", default="tiny", help="base model (default tiny)")
     parser.add_argument("--steps", type=int, default=5, help="DDIM steps per request")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
-                        help="levels for every mode (default: each mode's own, see above)")
-    parser.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    modes = parser.add_argument_group("--suite modes")
+    modes.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    modes.add_argument("--concurrency", type=int, nargs="+", default=None,
+                       help="levels for every mode (default: each mode's own, see above)")
+    modes.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
+    subjects = parser.add_argument_group("--suite subjects")
+    subjects.add_argument("--batchings", nargs="+", choices=BATCHINGS, default=list(BATCHINGS),
+                          help="app batching modes to compare (static runs first: it defines the peak)")
+    subjects.add_argument("--subject-counts", type=int, nargs="+", default=[1, 4, 16],
+                          help="distinct subjects per closed-loop level; the largest is N, the subjects fine-tuned")
+    subjects.add_argument("--clients", type=int, default=16, help="closed-loop clients")
+    subjects.add_argument("--requests", type=int, default=32, help="requests per closed-loop level")
+    subjects.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8],
+                          help="open-loop arrival rates, as fractions of the peak")
+    subjects.add_argument("--open-requests", type=int, default=32, help="requests per open-loop level")
+    subjects.add_argument("--floor-requests", type=int, default=4, help="requests of the c=1 floor")
+    subjects.add_argument("--arrival-seed", type=int, default=0, help="seed of the Poisson arrival times")
+    subjects.add_argument("--max-batch-size", type=int, default=None, help="app max_batch_size (default: the app's)")
     args = parser.parse_args()
+    counts = args.subject_counts + [args.clients, args.requests, args.open_requests, args.floor_requests]
+    if min(counts) < 1:
+        parser.error("subject counts, clients and request counts must be >= 1")
+    if min(args.loads) <= 0:
+        parser.error("--loads must be > 0")
+    args.subject_counts = sorted(set(args.subject_counts))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -156,32 +431,23 @@ def main() -> None:
 
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="bench-serve-")
-    subject = make_subject(args.base, root)
+    if args.suite == "subjects":
+        subjects = make_subjects(args.base, root, max(args.subject_counts))
+    else:
+        subject = make_subject(args.base, root)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    body = {"subject_id": subject, "prompt": "a sks ball on the grass", "num_inference_steps": args.steps}
-    common = {"base": args.base, "storage_root": root, "num_cpus": 1, "ingress_num_cpus": 0.1,
-              "batch_wait_timeout_s": args.batch_wait_timeout_s, "request_timeout_s": 600}
-    results = {}
     try:
-        for mode in args.modes:
-            overrides, levels = MODES[mode]
-            results[mode] = bench_mode(url, mode, {**common, **overrides}, body, args.concurrency or levels,
-                                       args.rounds)
+        if args.suite == "subjects":
+            result = run_subjects(args, url, root, subjects)
+        else:
+            result = run_modes(args, url, root, subject)
     finally:
         serve.shutdown()
         ray.shutdown()
-
-    print_table(results, args.base, args.steps)
-    ratios = {"batched_64_to_16": ratio(rate(results, "batched", 64), rate(results, "batched", 16)),
-              "router_queue_64_to_16": ratio(rate(results, "router-queue", 64), rate(results, "router-queue", 16)),
-              "ray_backoff_64_to_16": ratio(rate(results, "ray-backoff", 64), rate(results, "ray-backoff", 16)),
-              "batched_to_unbatched_at_16": ratio(rate(results, "batched", 16), rate(results, "unbatched", 16))}
-    print("throughput ratios: " + ", ".join(f"{name} {'n/a' if value is None else f'{value}x'}"
-                                            for name, value in ratios.items()))
-    print("RESULT " + json.dumps({"base": args.base, "steps": args.steps, "results": results, "ratios": ratios}))
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":
