@@ -432,6 +432,12 @@ class SamplingConfig:
         return int(round(self.guidance_fraction * self.num_inference_steps))
 
     @property
+    def row_batchable(self) -> bool:
+        """Whether per-row sampling (``method/rows.py``, continuous batching) runs this config: it
+        does DreamBlend's E only, not the extra trajectories of heat maps or G's reference images."""
+        return not (self.attention_maps or self.return_reference)
+
+    @property
     def map_steps(self) -> range:
         """The step indices averaged into the heat maps (when ``attention_maps``)."""
         return range(self.maps_start, self.num_inference_steps if self.maps_stop is None else self.maps_stop)

@@ -11,6 +11,7 @@ refused on another with a clear ValueError.
 import io
 import json
 import threading
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -58,6 +59,7 @@ def replica(base: str, root) -> DreamBlendModel.func_or_class:
     model.sampler = DreamBlendSampler(model.components)
     model.unet_lock = threading.RLock()
     model.materialised = {}
+    model.adapter_users = Counter()
     return model
 
 

@@ -17,7 +17,7 @@ costs two UNet calls instead of three.
 
 Rows can share a step only when their latents and text have one shape and the guidance reads the
 same layers: :func:`row_key`. Requests that need the sampler's extras (heat maps, G's reference
-images) or two full UNets go through ``DreamBlendSampler`` instead (:func:`supported`).
+images) or two full UNets go through ``DreamBlendSampler`` instead (``SamplingConfig.row_batchable``).
 """
 
 from __future__ import annotations
@@ -47,11 +47,6 @@ class RowRequest:
     guidance_adapter: str = BASE
     edit_adapter: str = BASE
     negative_prompt: str | None = None
-
-
-def supported(config: SamplingConfig) -> bool:
-    """Whether rows can run ``config``: not the sampler's extra trajectories (maps, references)."""
-    return not (config.attention_maps or config.return_reference)
 
 
 def row_key(config: SamplingConfig, components: Components) -> tuple:
@@ -109,7 +104,7 @@ class RowEngine:
     def start(self, request: RowRequest, tag=None) -> Row:
         """A new row at step 0 (its text encoded, its noise drawn from its seed)."""
         config = request.config
-        if not isinstance(config, SamplingConfig) or not supported(config):
+        if not isinstance(config, SamplingConfig) or not config.row_batchable:
             raise ValueError("rows run a SamplingConfig without attention_maps or return_reference")
         if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {request.seed!r}")

@@ -21,12 +21,14 @@ are named by subject and step and shared between pairs of the same subject.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
 import sys
 import threading
 import time
+from collections import Counter
 from functools import partial
 
 import ray
@@ -67,10 +69,20 @@ def replica_lost(exc: BaseException) -> bool:
     return isinstance(exc, (RayActorError, WorkerCrashedError, ReplicaUnavailableError))
 
 
+def adapter_names(pair) -> set[str]:
+    """The peft adapters a loaded pair uses on the base UNet (none for a full fine-tune's UNets)."""
+    return {name for name in (getattr(pair, "guidance_adapter", None), getattr(pair, "edit_adapter", None)) if name}
+
+
 class LoadedPair:
     """A subject's checkpoint pair on a replica's UNet; (re)loaded on demand, unloaded on eviction.
 
-    The multiplexed LRU calls ``__del__`` (in an executor thread) when it evicts the model.
+    The multiplexed LRU calls ``__del__`` (in an executor thread) when it evicts the model. A pair
+    in use is pinned (:meth:`pin` / :meth:`unpin`): an eviction then only marks it, and the last
+    unpin unloads it, so eviction never pulls adapters from under rows that are sampling.
+    Adapters are named by subject and step and shared between pairs (two (G, E) choices of one
+    subject share G's adapter); the replica counts their users and deletes one only when its last
+    user unloads (``DreamBlendModel.adopt`` / ``release``).
     """
 
     def __init__(self, model_id: str, replica: "DreamBlendModel"):
@@ -79,35 +91,69 @@ class LoadedPair:
         self._replica = replica
         self.pair = None
         self.manifest = None
+        self.pins = 0
+        self.evicted = False
 
-    def ensure(self):
-        """Blocking; call with the replica's UNet lock held. Returns the pair."""
+    def fetch(self):
+        """Blocking, no lock needed: read and check the pair's files (None when already loaded), so
+        storage I/O never holds up the rows sampling on the UNet."""
+        if self.pair is not None:
+            return None
+        from dreamblend_ray.training import checkpoints
+
+        with self._load_errors():
+            return checkpoints.fetch_pair(self._replica.args.storage_root, self.subject_id,
+                                          self._replica.components, guidance_step=self.guidance_step,
+                                          edit_step=self.edit_step)
+
+    def ensure(self, files=None):
+        """Blocking; call with the replica's UNet lock held. Returns the pair (``files`` from
+        :meth:`fetch`, or read now)."""
         if self.pair is None:
-            self._replica.release_subject(self.subject_id, keep=self)
             from dreamblend_ray.training import checkpoints
 
-            try:
-                self.pair, self.manifest = checkpoints.load_pair(
-                    self._replica.args.storage_root, self.subject_id, self._replica.components,
-                    guidance_step=self.guidance_step, edit_step=self.edit_step)
-            except FileNotFoundError as exc:
-                raise SubjectNotFound(f"subject {self.subject_id!r} has no complete checkpoint pair") from exc
-            except ValueError as exc:  # a damaged manifest (424), a step not saved or another base (409)
-                raise serving.subject_load_error(self.subject_id, exc) from exc
-            self._replica.materialised[self.subject_id] = self
+            files = files or self.fetch()
+            with self._load_errors():
+                self.pair, self.manifest = checkpoints.attach_pair(files, self._replica.components), files.manifest
+            self._replica.adopt(self)
         return self.pair
 
-    def close(self) -> None:
-        """Unload the adapters (idempotent)."""
-        with self._replica.unet_lock:
-            if self.pair is None:
-                return
-            from dreamblend_ray.training import checkpoints
+    @contextlib.contextmanager
+    def _load_errors(self):
+        """Storage and checkpoint errors as the client-facing ones."""
+        try:
+            yield
+        except FileNotFoundError as exc:
+            raise SubjectNotFound(f"subject {self.subject_id!r} has no complete checkpoint pair") from exc
+        except ValueError as exc:  # a damaged manifest (424), a step not saved or another base (409)
+            raise serving.subject_load_error(self.subject_id, exc) from exc
 
-            checkpoints.unload_pair(self.pair, self._replica.components)
-            self.pair = None
-            if self._replica.materialised.get(self.subject_id) is self:
-                del self._replica.materialised[self.subject_id]
+    def pin(self):
+        """Blocking: load if needed and hold the pair until :meth:`unpin`. Returns the pair."""
+        files = self.fetch()
+        with self._replica.unet_lock:
+            pair = self.ensure(files)
+            self.pins += 1
+            return pair
+
+    def unpin(self) -> None:
+        with self._replica.unet_lock:
+            self.pins -= 1
+            if self.pins == 0 and self.evicted:
+                self._unload()
+
+    def close(self) -> None:
+        """Evicted: unload now, or when the last user unpins (idempotent)."""
+        with self._replica.unet_lock:
+            self.evicted = True
+            if self.pins == 0:
+                self._unload()
+
+    def _unload(self) -> None:
+        if self.pair is None:
+            return
+        self._replica.release(self)
+        self.pair = None
         logger.info("unloaded %s", self.model_id)
 
     def __del__(self):
@@ -133,7 +179,9 @@ class DreamBlendModel:
         self.sampler = DreamBlendSampler(self.components)
         self.unet_lock = threading.RLock()  # re-entrant: a finaliser may run on a thread holding it
         self.model_lock = asyncio.Lock()
-        self.materialised: dict[str, LoadedPair] = {}  # subject id -> its pair on the UNet
+        self.materialised: dict[str, LoadedPair] = {}  # model id -> its pair on the UNet
+        self.adapter_users: Counter = Counter()  # adapter name -> loaded pairs using it
+        self.continuous = self._continuous_batch()
         self.pending: list[tuple[GenerationJob, asyncio.Future]] = []  # jobs waiting for the model lock
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.batches = 0
@@ -150,17 +198,47 @@ class DreamBlendModel:
         handle = LoadedPair(model_id, self)
 
         def materialise():
+            files = handle.fetch()
             with self.unet_lock:
-                handle.ensure()
+                handle.ensure(files)
 
         await asyncio.to_thread(materialise)
         return handle
 
-    def release_subject(self, subject_id: str, keep: LoadedPair) -> None:
-        """Unload another (G, E) choice of the same subject: adapters are shared by name."""
-        other = self.materialised.get(subject_id)
-        if other is not None and other is not keep:
-            other.close()
+    def _continuous_batch(self):
+        """The step-level batch of LoRA subjects' rows, unless the app asks for static batching or
+        the base's scheduler is one that per-row DDIM does not do."""
+        if self.args.batching != "continuous":
+            return None
+        from dreamblend_ray.method.rows import RowEngine
+        from dreamblend_ray.serving.continuous import ContinuousBatch
+
+        try:
+            engine = RowEngine(self.components, co_batch=True)
+        except ValueError as exc:
+            logger.warning("static batching: %s", exc)
+            return None
+        return ContinuousBatch(engine, self.unet_lock, self.args.max_batch_size)
+
+    def adopt(self, handle: LoadedPair) -> None:
+        """With the UNet lock held: ``handle``'s pair is loaded; count its adapters' users."""
+        self.adapter_users.update(adapter_names(handle.pair))  # first: a handle replaced below may unload
+        self.materialised[handle.model_id] = handle
+
+    def release(self, handle: LoadedPair) -> None:
+        """With the UNet lock held: unload ``handle``'s pair, deleting the adapters no other pair uses."""
+        from dreamblend_ray.training import checkpoints
+
+        unused = []
+        for name in adapter_names(handle.pair):
+            self.adapter_users[name] -= 1
+            if self.adapter_users[name] <= 0:
+                del self.adapter_users[name]
+                unused.append(name)
+        if unused:
+            checkpoints.remove_adapters(self.components.unet, unused)
+        if self.materialised.get(handle.model_id) is handle:
+            del self.materialised[handle.model_id]
 
     def loaded_models(self) -> list[str]:
         return [handle.model_id for handle in self.materialised.values()]
@@ -168,7 +246,30 @@ class DreamBlendModel:
     async def generate(self, job: GenerationJob) -> GenerationResult | Exception:
         """The job's result, or the client-facing exception as a value (raised by the ingress, so its
         type survives the trip instead of arriving wrapped in a RayTaskError)."""
+        if self.continuous is not None and job.config.row_batchable:
+            return await self._generate_rows(job)
         return await self.generate_batch(job)
+
+    async def _generate_rows(self, job: GenerationJob) -> GenerationResult | Exception:
+        """A LoRA subject's job through the continuous batch (a full fine-tune's through the static one)."""
+        from dreamblend_ray.method.pair import AdapterPair
+
+        try:
+            handle = await self.get_pair(job.model_id)  # may evict the LRU pair: pinned ones stay
+            pair = await asyncio.to_thread(handle.pin)
+        except (SubjectNotFound, FieldError) as exc:
+            return exc
+        try:
+            if not isinstance(pair, AdapterPair):
+                return await self.generate_batch(job)
+            output, jobs, images = await self.continuous.submit(job, (pair.guidance_adapter, pair.edit_adapter))
+        finally:
+            await asyncio.to_thread(handle.unpin)
+        if isinstance(output, Exception):
+            return output
+        return GenerationResult(pngs=output.pngs, seeds=job.seeds, batch_requests=jobs, batch_images=images,
+                                replica=self.replica, loaded_models=self.loaded_models(),
+                                sample_seconds=output.seconds, attention_distance=output.distances)
 
     # Serve forms batches eagerly, even while the replica is busy, so under load it queues many
     # small batches. Many may therefore enter at once (max_concurrent_batches): their jobs join the
@@ -235,8 +336,12 @@ class DreamBlendModel:
         return results
 
     def _sample(self, handle: LoadedPair, jobs: list[GenerationJob], callback):
-        with self.unet_lock:
-            return batching.run_group(self.sampler, handle.ensure(), jobs, callback=callback)
+        pair = handle.pin()
+        try:
+            with self.unet_lock:
+                return batching.run_group(self.sampler, pair, jobs, callback=callback)
+        finally:
+            handle.unpin()
 
     def process_id(self) -> int:
         """This replica's worker process id (for operators and the replica-loss test)."""
@@ -246,7 +351,9 @@ class DreamBlendModel:
         """This replica's id, loaded models, batches served and memory (peak RSS)."""
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        steps = 0 if self.continuous is None else self.continuous.steps
         return {"replica": self.replica, "loaded_models": self.loaded_models(), "batches": self.batches,
+                "batching": "continuous" if self.continuous is not None else "static", "continuous_steps": steps,
                 "device": str(self.components.device), "peak_rss_mb": round(peak / 2**20, 1)}
 
     def check_health(self) -> None:

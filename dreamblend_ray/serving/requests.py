@@ -91,6 +91,10 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(8, ge=1, le=256, description="requests per @serve.batch call")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
     max_models_per_replica: int = Field(4, ge=1, le=1024, description="subject pairs kept per replica (LRU)")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: LoRA subjects' requests share sampler steps across subjects and "
+                                  "join a running batch at its next denoising step; static: one sampler call "
+                                  "per (subject, settings) group, run to the end (docs/serving.md)")
     manifest_cache_s: float = Field(5.0, ge=0, le=3600, description="ingress cache of subject manifests")
     # replicas and back-pressure
     num_gpus: float = Field(0.0, ge=0)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -142,11 +143,86 @@ def _load_adapter(unet: UNet2DConditionModel, uri: str, adapter_name: str) -> No
     if adapter_name in (getattr(unet, "peft_config", None) or {}):
         logger.debug("adapter %s already loaded; reusing it", adapter_name)
         return
-    tensors, metadata = decode_safetensors(storage.read_bytes(uri), uri)
+    _attach_adapter(unet, adapter_name, *decode_safetensors(storage.read_bytes(uri), uri))
+
+
+def _attach_adapter(unet: UNet2DConditionModel, adapter_name: str, tensors: dict, metadata: dict) -> None:
+    """Inject a decoded LoRA checkpoint as adapter ``adapter_name`` (kept if already loaded)."""
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        logger.debug("adapter %s already loaded; reusing it", adapter_name)
+        return
     lora_config = json.loads(metadata[LORA_METADATA_KEY]) if LORA_METADATA_KEY in metadata else None
     with warnings.catch_warnings():  # several adapters on one UNet is the design, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         unet.load_lora_adapter(tensors, prefix=LORA_PREFIX, adapter_name=adapter_name, metadata=lora_config)
+
+
+@dataclass
+class PairFiles:
+    """What loading a subject's pair reads from storage, read before the UNet is touched.
+
+    ``weights``: adapter name (LoRA) or step (full) -> decoded ``(tensors, metadata)``; a LoRA
+    adapter already on the UNet when it was fetched is not read again.
+    """
+
+    root: str
+    manifest: dict
+    guidance_step: int
+    edit_step: int
+    meta: dict
+    weights: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    def adapter_names(self) -> tuple[str, str]:
+        g_name = f"{self.manifest['subject_id']}--g{self.guidance_step}"
+        return g_name, g_name if self.edit_step == self.guidance_step else \
+            f"{self.manifest['subject_id']}--e{self.edit_step}"
+
+
+def fetch_pair(root: str, subject_id: str, components, guidance_step: int | None = None,
+               edit_step: int | None = None) -> PairFiles:
+    """Read and check a subject's G/E checkpoints without changing the UNet (storage I/O and
+    decoding only, so a serving replica can do it while other requests sample)."""
+    manifest = layout.read_manifest(root, subject_id)
+    g, e = layout.resolve_steps(manifest, guidance_step, edit_step)
+    _check_base(manifest, components)
+    meta = {key: manifest[key] for key in ("subject_id", "kind", "class_noun", "token", "instance_prompt")}
+    meta.update(guidance_step=g, edit_step=e)
+    files = PairFiles(root, manifest, g, e, meta)
+    if files.kind == "full":
+        for step in dict.fromkeys((g, e)):
+            uri = layout.weight_uri(root, subject_id, step, "full")
+            files.weights[step] = decode_safetensors(storage.read_bytes(uri), uri)
+        return files
+    loaded = getattr(components.unet, "peft_config", None) or {}
+    for name, step in zip(files.adapter_names(), (g, e)):
+        if name not in loaded and name not in files.weights:
+            uri = layout.weight_uri(root, subject_id, step, "lora")
+            files.weights[name] = decode_safetensors(storage.read_bytes(uri), uri)
+    return files
+
+
+def attach_pair(files: PairFiles, components):
+    """The sampler's pair from fetched files: LoRA adapters injected into ``components.unet`` (the
+    one step that changes the shared UNet), or new UNets for a full fine-tune."""
+    if files.kind == "full":
+        g_unet = unet_from_state(components.unet, files.weights[files.guidance_step][0])
+        e_unet = g_unet if files.edit_step == files.guidance_step else \
+            unet_from_state(components.unet, files.weights[files.edit_step][0])
+        return TwoUNetPair(g_unet, e_unet, meta=files.meta)
+    unet = components.unet
+    g_name, e_name = files.adapter_names()
+    for name in dict.fromkeys((g_name, e_name)):
+        if name in files.weights:
+            _attach_adapter(unet, name, *files.weights[name])
+        elif name not in (getattr(unet, "peft_config", None) or {}):  # unloaded since the fetch
+            step = files.guidance_step if name == g_name else files.edit_step
+            _load_adapter(unet, layout.weight_uri(files.root, files.manifest["subject_id"], step, "lora"), name)
+    unet.requires_grad_(False)
+    return AdapterPair(unet, g_name, e_name, meta=files.meta)
 
 
 def load_pair(root: str, subject_id: str, components, guidance_step: int | None = None,
@@ -158,27 +234,11 @@ def load_pair(root: str, subject_id: str, components, guidance_step: int | None 
     returned; when G and E are the same step one adapter serves both (``pair.identical``).
     Full fine-tunes: a ``TwoUNetPair`` of new UNets (one object when G = E). Steps default to the
     manifest's ``guidance_step`` / ``edit_step`` and must be saved steps. The base must be the
-    model the subject was fine-tuned from (same config hash).
+    model the subject was fine-tuned from (same config hash). :func:`fetch_pair` then
+    :func:`attach_pair`.
     """
-    manifest = layout.read_manifest(root, subject_id)
-    g, e = layout.resolve_steps(manifest, guidance_step, edit_step)
-    _check_base(manifest, components)
-    meta = {key: manifest[key] for key in ("subject_id", "kind", "class_noun", "token", "instance_prompt")}
-    meta.update(guidance_step=g, edit_step=e)
-    if manifest["kind"] == "full":
-        def load(step):
-            uri = layout.weight_uri(root, subject_id, step, "full")
-            return unet_from_state(components.unet, decode_safetensors(storage.read_bytes(uri), uri)[0])
-
-        g_unet = load(g)
-        return TwoUNetPair(g_unet, g_unet if e == g else load(e), meta=meta), manifest
-    unet = components.unet
-    g_name = f"{subject_id}--g{g}"
-    e_name = g_name if e == g else f"{subject_id}--e{e}"
-    for name, step in ((g_name, g), (e_name, e)):
-        _load_adapter(unet, layout.weight_uri(root, subject_id, step, "lora"), name)
-    unet.requires_grad_(False)
-    return AdapterPair(unet, g_name, e_name, meta=meta), manifest
+    files = fetch_pair(root, subject_id, components, guidance_step, edit_step)
+    return attach_pair(files, components), files.manifest
 
 
 def load_checkpoint_pair(components, guidance_uri: str, edit_uri: str):

@@ -1,0 +1,198 @@
+"""The replica's continuous batch (issue 20): requests of several subjects share steps, join a
+running batch at its next step, leave when done, and each gets the images it gets served alone.
+
+Drives the real replica class (``DreamBlendModel``, built as its ``__init__`` builds it, without a
+Serve context) on the tiny model with three really fine-tuned LoRA subjects. The static path
+(``_sample``, one sampler call per group) is the reference for "served alone".
+"""
+
+import asyncio
+import io
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from dreamblend_ray.config import FinetuneConfig, SamplingConfig
+from dreamblend_ray.method.sampler import DreamBlendSampler
+from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
+from dreamblend_ray.serving.batching import GenerationJob
+from dreamblend_ray.serving.continuous import ContinuousBatch
+from dreamblend_ray.serving.requests import AppArgs, DeadlineExceeded
+from dreamblend_ray.training.checkpoints import remove_adapters
+
+SUBJECTS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+CONFIG = SamplingConfig(num_inference_steps=6, alpha=0.5, step_size=3.0)
+
+
+def ball_images(color) -> list:
+    images = []
+    for shift in range(3):
+        image = Image.new("RGB", (32, 32), (0, 0, 0))
+        ImageDraw.Draw(image).ellipse((6 + shift, 6, 24 + shift, 24), fill=color)
+        images.append(image)
+    return images
+
+
+@pytest.fixture(scope="module")
+def storage_root(tmp_path_factory, tiny_components, one_torch_thread):
+    from dreamblend_ray.training.finetune import finetune_subject
+
+    root = str(tmp_path_factory.mktemp("continuous"))
+    config = FinetuneConfig(steps=4, learning_rate=5e-2, prior_preservation=False, checkpoint_steps=(2, 4),
+                            device="cpu")
+    for subject_id, color in SUBJECTS.items():
+        finetune_subject(tiny_components, ball_images(color), "ball", subject_id, root, config, progress=False)
+    return root
+
+
+@pytest.fixture()
+def replica(storage_root, tiny_components):
+    """The model replica as ``__init__`` builds it (continuous batching), minus Serve."""
+    cls = DreamBlendModel.func_or_class
+    model = cls.__new__(cls)
+    model.args = AppArgs(base="tiny", storage_root=storage_root, max_batch_size=4)
+    model.components = tiny_components
+    model.sampler = DreamBlendSampler(tiny_components)
+    model.unet_lock = threading.RLock()
+    model.materialised = {}
+    model.adapter_users = Counter()
+    model.continuous = model._continuous_batch()
+    yield model
+    remove_adapters(tiny_components.unet, list(getattr(tiny_components.unet, "peft_config", None) or {}))
+
+
+def job(subject: str, prompt: str, seed: int, config: SamplingConfig = CONFIG, **fields) -> GenerationJob:
+    return GenerationJob(subject, [prompt], [seed], config, **fields)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def alone(replica, generation_job: GenerationJob) -> np.ndarray:
+    """The job's image from the static path, in a sampler call of its own."""
+    return pixels(replica._sample(LoadedPair(generation_job.model_id, replica), [generation_job], None)[0].pngs[0])
+
+
+def adapters(pair) -> tuple[str, str]:
+    return pair.guidance_adapter, pair.edit_adapter
+
+
+async def staggered(replica, jobs, after_steps, handles):
+    """Submit each job once the batch has taken ``after_steps`` steps; the (output, jobs, rows) of each."""
+    pairs = {h.model_id: await asyncio.to_thread(h.pin) for h in handles}
+
+    async def submit(generation_job, steps):
+        while replica.continuous.steps < steps:
+            await asyncio.sleep(0.005)
+        return await replica.continuous.submit(generation_job, adapters(pairs[generation_job.model_id]))
+    return await asyncio.gather(*[submit(j, s) for j, s in zip(jobs, after_steps)])
+
+
+def test_three_subjects_share_steps_and_late_arrivals_join_with_the_images_they_get_alone(replica):
+    jobs = [job("red", "a sks ball on grass", 1), job("green", "a sks ball in snow", 2),
+            job("blue", "a sks ball at night", 3, SamplingConfig(num_inference_steps=4, alpha=0.0)),
+            job("red", "a sks ball on a table", 4, negative_prompts=["blurry"])]
+    handles = [LoadedPair(subject, replica) for subject in SUBJECTS]
+    results = asyncio.run(staggered(replica, jobs, [0, 2, 4, 5], handles))  # later jobs join mid-batch
+    assert replica.continuous.steps < sum(j.config.num_inference_steps for j in jobs)  # steps were shared
+    assert max(shared for _, shared, _ in results) >= 2
+    for generation_job, (output, _, _) in zip(jobs, results):
+        diff = np.abs(pixels(output.pngs[0]) - alone(replica, generation_job))
+        assert diff.max() <= 1, (generation_job.model_id, generation_job.prompts, diff.max())
+    guided = results[0][0].distances[0]
+    assert guided > 0 and results[2][0].distances == [0.0]  # alpha 0: no guided step, no distance
+
+
+def test_an_evicted_pair_stays_loaded_until_its_rows_finish_and_shared_adapters_survive(replica):
+    red, red_early = LoadedPair("red", replica), LoadedPair("red@e2", replica)  # both use red--g2
+
+    async def scenario():
+        pair = await asyncio.to_thread(red.pin)
+        await asyncio.to_thread(red_early.pin)
+        running = asyncio.create_task(replica.continuous.submit(job("red", "a sks ball", 5), adapters(pair)))
+        while replica.continuous.steps < 2:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(red.close)  # the LRU evicts red mid-sampling
+        assert "red--e4" in replica.components.unet.peft_config  # still pinned: still loaded
+        output, _, _ = await running
+        await asyncio.to_thread(red.unpin)
+        return output
+    output = asyncio.run(scenario())
+    assert len(output.pngs) == 1
+    loaded = set(replica.components.unet.peft_config)
+    assert "red--e4" not in loaded and "red--g2" in loaded  # G's adapter is red@e2's too
+    assert replica.loaded_models() == ["red@e2"]
+
+
+def test_a_job_past_its_deadline_leaves_at_the_next_step_and_the_others_finish(replica):
+    handle = LoadedPair("green", replica)
+    slow = SamplingConfig(num_inference_steps=40, alpha=0.0)
+
+    async def scenario():
+        pair = adapters(await asyncio.to_thread(handle.pin))
+        late = replica.continuous.submit(job("green", "a sks ball", 1, slow, deadline=time.time() + 0.5), pair)
+        on_time = replica.continuous.submit(job("green", "a sks ball", 2, slow), pair)
+        return await asyncio.gather(late, on_time)
+    (late, _, _), (on_time, _, _) = asyncio.run(scenario())
+    assert isinstance(late, DeadlineExceeded)
+    assert len(on_time.pngs) == 1
+
+
+def test_a_cancelled_caller_leaves_and_a_failing_step_fails_only_its_jobs(replica, monkeypatch):
+    handle = LoadedPair("blue", replica)
+
+    async def cancel_one():
+        pair = adapters(await asyncio.to_thread(handle.pin))
+        gone = asyncio.create_task(replica.continuous.submit(job("blue", "a sks ball", 1), pair))
+        kept = asyncio.create_task(replica.continuous.submit(job("blue", "a sks ball", 2), pair))
+        await asyncio.sleep(0.3)
+        gone.cancel()
+        return await kept
+    output, _, _ = asyncio.run(cancel_one())
+    assert len(output.pngs) == 1 and replica.continuous.active == []
+
+    engine = replica.continuous.engine
+    real_step = engine.step
+    calls = []
+
+    def fail_once(rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step(rows)
+    monkeypatch.setattr(engine, "step", fail_once)
+
+    async def fail_then_serve():
+        pair = adapters(await asyncio.to_thread(handle.pin))
+        failed, _, _ = await replica.continuous.submit(job("blue", "a sks ball", 3), pair)
+        served, _, _ = await replica.continuous.submit(job("blue", "a sks ball", 3), pair)
+        return failed, served
+    failed, served = asyncio.run(fail_then_serve())
+    assert isinstance(failed, RuntimeError) and "boom" in str(failed)
+    assert len(served.pngs) == 1
+
+
+def test_admission_bounds_the_batch_and_keeps_arrival_order_across_row_keys(replica):
+    small = SamplingConfig(num_inference_steps=3, alpha=0.0, height=32, width=32)
+    other = SamplingConfig(num_inference_steps=3, alpha=0.0, height=64, width=64)
+    batch = ContinuousBatch(replica.continuous.engine, replica.unet_lock, max_requests=2)
+    handle = LoadedPair("red", replica)
+
+    async def scenario():
+        pair = adapters(await asyncio.to_thread(handle.pin))
+        jobs = [job("red", "a", 1, small), job("red", "b", 2, small), job("red", "c", 3, other),
+                job("red", "d", 4, small)]
+        return await asyncio.gather(*[batch.submit(j, pair) for j in jobs])
+    results = asyncio.run(scenario())
+    shared = [jobs for _, jobs, _ in results]
+    assert max(shared) == 2  # never more than max_requests jobs in a step
+    assert shared[2] == 1  # the other size ran on its own, and "d" (after it) did not jump ahead of it
+    assert pixels(results[2][0].pngs[0]).shape == (64, 64, 3)
+    assert batch.steps == 3 + 3 + 3
+    with pytest.raises(ValueError, match="max_requests"):
+        ContinuousBatch(replica.continuous.engine, replica.unet_lock, max_requests=0)
