@@ -16,7 +16,7 @@ from dreamblend_ray.runtime import lifecycle
 logger = logging.getLogger(__name__)
 
 # flag -> AppArgs field, for the flags that map one to one
-FLAG_FIELDS = ("base", "storage_root", "device", "dtype", "max_batch_size", "batch_wait_timeout_s",
+FLAG_FIELDS = ("base", "storage_root", "device", "dtype", "max_batch_size", "batch_wait_timeout_s", "batching",
                "max_models_per_replica", "min_replicas", "max_replicas", "num_gpus", "num_cpus",
                "default_steps", "request_timeout_s")
 
@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_argument(parser)
     parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None)
     parser.add_argument("--batch-wait-timeout-s", dest="batch_wait_timeout_s", type=float, default=None)
+    parser.add_argument("--batching", choices=("continuous", "static"), default=None,
+                        help="continuous (default): LoRA subjects' requests share denoising steps across subjects "
+                             "and join a running batch; static: one sampler call per (subject, settings) group")
     parser.add_argument("--max-models-per-replica", dest="max_models_per_replica", type=int, default=None)
     parser.add_argument("--min-replicas", dest="min_replicas", type=int, default=None)
     parser.add_argument("--max-replicas", dest="max_replicas", type=int, default=None)
