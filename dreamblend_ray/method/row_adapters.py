@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from peft.tuners.lora import LoraLayer
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -31,27 +32,77 @@ def check_adapters(unet, names: list[str]) -> None:
         raise ValueError(f"adapters {missing} are not loaded on the UNet (loaded: {sorted(loaded)})")
 
 
+METHODS = ("peft", "gather")
+
+
 @contextmanager
-def per_row(unet, names: list[str]):
+def per_row(unet, names: list[str], method: str = "peft"):
     """Within the block, every call of ``unet`` applies adapter ``names[b]`` to row ``b``.
 
     ``names`` must have one entry per row of the UNet's input (under CFG: ``[uncond rows; cond
     rows]``, the same names twice). Rows named :data:`BASE` get the base model.
+    method: "peft" (peft's mixed batch: per adapter, its rows' sub-batch through its A and B) or
+    "gather" (Punica's: every row's A and B gathered into one batched matmul per layer, whatever
+    the number of adapters; plain linear LoRA layers, the others fall back to peft's).
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_adapters(unet, names)
     layers = lora_layers(unet)
-    if not layers:  # no adapter loaded: every row is the base model already
-        yield unet
-        return
     rows = list(names)
+    bases = [BASE] * len(rows)
+    handles = []
 
     def inject(_module, args, kwargs):
         kwargs["adapter_names"] = rows
         return args, kwargs
 
-    handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers]
+    def base_only(_module, args, kwargs):
+        kwargs["adapter_names"] = bases
+        return args, kwargs
+
+    def add_delta(module, args, _kwargs, output):
+        delta = gathered_delta(module, args[0], rows)
+        return output if delta is None else output + delta.to(output.dtype)
+
+    for layer in layers:
+        if method == "gather" and gatherable(layer):
+            handles.append(layer.register_forward_pre_hook(base_only, with_kwargs=True))
+            handles.append(layer.register_forward_hook(add_delta, with_kwargs=True))
+        else:
+            handles.append(layer.register_forward_pre_hook(inject, with_kwargs=True))
     try:
         yield unet
     finally:
         for handle in handles:
             handle.remove()
+
+
+def gatherable(layer) -> bool:
+    """A plain (not DoRA, not merged) LoRA layer on an ``nn.Linear``."""
+    return (isinstance(layer.get_base_layer(), torch.nn.Linear) and not layer.merged
+            and not any(layer.use_dora.values()) and not getattr(layer, "lora_variant", None))
+
+
+def gathered_delta(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+    """Each row's LoRA delta ``scale_b * B_b A_b x_b`` as two batched matmuls: ``(rows, ..., out)``.
+
+    The rows' adapters are stacked (rank-padded with zeros; a row without an adapter here gets a
+    zero slot) and gathered per row, so the cost does not grow with the number of adapters.
+    """
+    unique = [name for name in dict.fromkeys(names) if name != BASE and name in layer.lora_A]
+    if not unique:
+        return None
+    rank = max(layer.r[name] for name in unique)
+    weight_a = layer.lora_A[unique[0]].weight
+    a = weight_a.new_zeros(len(unique) + 1, rank, weight_a.shape[1])
+    b = weight_a.new_zeros(len(unique) + 1, layer.lora_B[unique[0]].weight.shape[0], rank)
+    for k, name in enumerate(unique):
+        r = layer.r[name]
+        a[k, :r] = layer.lora_A[name].weight
+        b[k, :, :r] = layer.lora_B[name].weight * layer.scaling[name]
+    slot = {name: k for k, name in enumerate(unique)}
+    index = torch.tensor([slot.get(name, len(unique)) for name in names], device=a.device)
+    rows = x.reshape(len(names), -1, x.shape[-1]).to(a.dtype)
+    delta = torch.bmm(torch.bmm(rows, a[index].transpose(1, 2)), b[index].transpose(1, 2))
+    return delta.reshape(*x.shape[:-1], delta.shape[-1])

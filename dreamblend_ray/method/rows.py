@@ -31,7 +31,7 @@ import torch
 from dreamblend_ray.config import MAX_SEED, SamplingConfig
 from dreamblend_ray.method import ddim, guidance
 from dreamblend_ray.method.attention import Recorder, StopForward, recording, select_layers
-from dreamblend_ray.method.row_adapters import BASE, per_row
+from dreamblend_ray.method.row_adapters import BASE, METHODS, per_row
 from dreamblend_ray.method.sampler import decode_latents, initial_latents
 from dreamblend_ray.models.components import Components
 from dreamblend_ray.models.prompts import prompt_conditioning
@@ -93,10 +93,13 @@ class Row:
 class RowEngine:
     """Advances rows of any subjects, each at its own step. Not thread-safe per base UNet."""
 
-    def __init__(self, components: Components, co_batch: bool = True):
+    def __init__(self, components: Components, co_batch: bool = True, adapter_method: str = "peft"):
+        if adapter_method not in METHODS:
+            raise ValueError(f"adapter_method must be one of {METHODS}, got {adapter_method!r}")
         self.components = components
         self.table = ddim.DDIMTable.of(components.scheduler.config)
         self.co_batch = co_batch
+        self.adapter_method = adapter_method
         self.recorder = Recorder()
 
     # ------------------------------------------------------------------ rows in
@@ -169,7 +172,7 @@ class RowEngine:
         mask = torch.cat([row.mask for row in rows])
         embeds, added = self._conditioning(rows, cond_only=True)
         t = self._timesteps([row.timesteps[row.index] for row in rows], cfg=False)
-        with torch.enable_grad(), per_row(unet, [row.request.edit_adapter for row in rows]), \
+        with torch.enable_grad(), per_row(unet, [row.request.edit_adapter for row in rows], self.adapter_method), \
                 self.recorder.capture(rows=slice(None), keep_graph=True, stop_after=last_layer) as store:
             try:
                 unet(z, t, encoder_hidden_states=embeds, added_cond_kwargs=added)
@@ -216,7 +219,7 @@ class RowEngine:
         embeds, added = self._conditioning(rows, cond_only=False)
         t = self._timesteps([row.timesteps[i] for row, _, _, i in entries], cfg)
         model_input = torch.cat([latents, latents]) if cfg else latents
-        with per_row(self.components.unet, names * 2 if cfg else names):
+        with per_row(self.components.unet, names * 2 if cfg else names, self.adapter_method):
             if record:
                 n = len(entries)
                 with self.recorder.capture(rows=slice(n, 2 * n) if cfg else slice(0, n)) as store:
