@@ -33,7 +33,9 @@ subject (which loads it):
 - open loop: Poisson arrivals (exponential inter-arrival times from ``--arrival-seed``, the same
   schedule for every batching; one sending thread per request, so sending never waits on a
   response; latency counted from the scheduled arrival) over the N subjects, at ``--loads`` (50% and
-  80%) of the peak: p50/p95/p99 latency, achieved images/s and failed requests.
+  80%) of the peak: p50/p95/p99 latency, achieved images/s (first arrival to last response), the
+  schedule's realised arrival rate (``arrivals_per_s``; a short Poisson run strays from the mean)
+  and failed requests.
 
 The peak is the ``static`` batching's closed-loop throughput at ``--clients`` clients over the N
 subjects: the rate today's service sustains on that mix. ``static`` therefore runs first, and both
@@ -47,7 +49,8 @@ Its ``RESULT`` holds the rows per batching and the headline ratios with their ta
 ``p95_continuous_to_static_at_{50,80}pct`` (open loop; target <= 0.5); ``targets_met`` says which hold.
 The open loop's length is set by the arrival rate (32 requests at 50% of a slow static peak take
 minutes), so the suite's defaults are small: 32 requests per level, whose p99 is their maximum (raise
-``--requests`` and ``--open-requests`` for a firmer tail).
+``--requests`` and ``--open-requests`` for a firmer tail). With them the suite took 10.5 minutes on 2
+CPU cores shared with other jobs (load average 4-6), half of it in the open loops.
 
     .venv/bin/python benchmarks/bench_serve.py                 # tiny model, 5 DDIM steps
     .venv/bin/python benchmarks/bench_serve.py --steps 10 --modes batched --concurrency 16 64
@@ -190,15 +193,16 @@ def open_loop(url: str, body: dict, subjects: list[str], rate: float, total: int
             latencies.append(time.perf_counter() - due)
             batch_sizes.append(int(response.headers["x-dreamblend-batch-size"]))
 
-        start = time.perf_counter()
+        start, offsets = time.perf_counter(), arrival_times(rate, total, seed)
         with futures.ThreadPoolExecutor(total) as pool:
-            for index, offset in enumerate(arrival_times(rate, total, seed)):
+            for index, offset in enumerate(offsets):
                 time.sleep(max(0.0, start + offset - time.perf_counter()))
                 pool.submit(send, index, start + offset)
         wall = time.perf_counter() - start
     if not latencies:
         raise RuntimeError(f"every open-loop request failed, e.g. {errors[0]}")
-    return {"rate_per_s": round(rate, 3), "requests": total, "errors": len(errors),
+    return {"rate_per_s": round(rate, 3), "arrivals_per_s": round(total / offsets[-1], 3), "requests": total,
+            "errors": len(errors),
             **latency_row(latencies, batch_sizes, len(latencies), wall), "first_error": errors[0] if errors else None}
 
 
@@ -260,7 +264,7 @@ def bench_batching(url: str, app_args: dict, body: dict, subjects: list[str], ar
 
     log = logging.getLogger("bench")
     serve.run(build_app(app_args), name="dreamblend", route_prefix="/")
-    drive(url, body, 1, len(subjects), subjects)  # warm-up: loads every subject's pair
+    drive(url, body, min(args.clients, len(subjects)), len(subjects), subjects)  # warm-up: loads every pair
     floor = drive(url, body, 1, args.floor_requests, subjects)
     log.info("%s floor: %s", app_args["batching"], floor)
     closed = []

@@ -75,7 +75,7 @@ def test_bench_serve_runs_and_reports(tmp_path):
         for row in [run["floor"], *run["closed"], *run["open"]]:
             assert row["images_per_s"] > 0 and row["mean_batch"] >= 1, row
             assert 0 < row["p50_s"] <= row["p95_s"] <= row["p99_s"], row
-        assert [r["errors"] for r in run["open"]] == [0, 0]
+        assert [r["errors"] for r in run["open"]] == [0, 0] and all(r["arrivals_per_s"] > 0 for r in run["open"])
     assert set(result["ratios"]) == {"continuous_to_static_throughput", "continuous_many_to_one_subject_throughput",
                                      "p95_continuous_to_static_at_50pct", "p95_continuous_to_static_at_80pct"}
     assert all(value > 0 for value in result["ratios"].values()) and result["floor_p50_s"] > 0
