@@ -16,7 +16,7 @@ from peft import LoraConfig
 from dreamblend_ray.config import MAX_SEED, LayerSelection, SamplingConfig
 from dreamblend_ray.method import ddim
 from dreamblend_ray.method.pair import AdapterPair, adapters_disabled
-from dreamblend_ray.method.row_adapters import BASE, lora_layers, per_row
+from dreamblend_ray.method.row_adapters import BASE, METHODS, lora_layers, per_row
 from dreamblend_ray.method.rows import RowEngine, RowRequest
 from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.models.components import build_tiny_components, default_scheduler
@@ -171,7 +171,7 @@ def _unet_inputs(unet, batch: int):
     generator = torch.Generator().manual_seed(2)
     latents = torch.randn(batch, unet.config.in_channels, 16, 16, generator=generator)
     embeds = torch.randn(batch, 8, unet.config.cross_attention_dim, generator=generator)
-    return latents, torch.tensor([900, 500, 100][:batch]), embeds
+    return latents, torch.tensor([900, 500, 100, 700][:batch]), embeds
 
 
 @torch.no_grad()
@@ -185,11 +185,12 @@ def _alone(unet, name, latents, t, embeds):
     return unet(latents, t, encoder_hidden_states=embeds).sample
 
 
-def test_per_row_gives_each_row_its_adapter_in_one_call(components):
+@pytest.mark.parametrize("method", METHODS)
+def test_per_row_gives_each_row_its_adapter_in_one_call(components, method):
     unet = components.unet
     names = ["s1_e", "s2_e", BASE]
     latents, t, embeds = _unet_inputs(unet, 3)
-    with torch.no_grad(), per_row(unet, names), UNetCalls(unet) as seen:
+    with torch.no_grad(), per_row(unet, names, method), UNetCalls(unet) as seen:
         mixed = unet(latents, t, encoder_hidden_states=embeds).sample
     assert len(seen.calls) == 1
     for b, name in enumerate(names):
@@ -198,6 +199,33 @@ def test_per_row_gives_each_row_its_adapter_in_one_call(components):
     # the adapters matter: row 0 under another adapter, or none, is another output
     for other in ("s2_e", BASE):
         assert (mixed[:1] - _alone(unet, other, latents[:1], t[:1], embeds[:1])).abs().max() > 1e-3
+
+
+def test_gathered_adapters_of_different_ranks_equal_peft_s_and_each_alone(components):
+    unet = components.unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=3, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_v"]), adapter_name="rank2")
+    try:
+        with torch.no_grad():
+            for pname, param in unet.named_parameters():
+                if "lora_B" in pname and ".rank2." in pname:
+                    param.normal_(0, 0.3)
+        unet.requires_grad_(False)
+        names = ["rank2", "s1_e", BASE, "rank2"]
+        latents, t, embeds = _unet_inputs(unet, 4)
+        with torch.no_grad():
+            with per_row(unet, names, "gather"):
+                gathered = unet(latents, t, encoder_hidden_states=embeds).sample
+            with per_row(unet, names, "peft"):
+                mixed = unet(latents, t, encoder_hidden_states=embeds).sample
+        assert (gathered - mixed).abs().max() < 1e-5
+        for b, name in enumerate(names):
+            expected = _alone(unet, name, latents[b:b + 1], t[b:b + 1], embeds[b:b + 1])
+            assert (gathered[b:b + 1] - expected).abs().max() < 1e-5, name
+        with pytest.raises(ValueError, match="method"), per_row(unet, names, "punica"):
+            pass
+    finally:
+        unet.delete_adapters("rank2")
 
 
 def test_per_row_leaves_no_hooks_behind(components):
@@ -240,9 +268,9 @@ def test_per_row_names_what_it_cannot_apply(components, tiny_components):
 CALLS_PER_STEP = {True: [3, 2, 2, 2, 1], False: [3, 3, 3, 3, 1]}
 
 
-@pytest.mark.parametrize("co_batch", [True, False])
-def test_mixed_batch_gives_each_row_its_image_alone(components, alone, co_batch):
-    engine = RowEngine(components, co_batch=co_batch)
+@pytest.mark.parametrize("co_batch, method", [(True, "peft"), (False, "peft"), (True, "gather")])
+def test_mixed_batch_gives_each_row_its_image_alone(components, alone, co_batch, method):
+    engine = RowEngine(components, co_batch=co_batch, adapter_method=method)
     rows = [engine.start(request, tag=b) for b, request in enumerate(REQUESTS)]
     active, calls, finished = list(rows), [], []
     with UNetCalls(components.unet) as seen:

@@ -131,6 +131,8 @@ class RowEngine:
         """Advance every row by one denoising step; returns the rows that finished."""
         if not rows:
             return []
+        if any(row.done for row in rows):
+            raise ValueError("a finished row cannot take another step; leave it out of the batch")
         if len({row_key(row.config, self.components) for row in rows}) != 1:
             raise ValueError("rows of one step must share a row_key (latent size, CFG, guidance layers)")
         unet = self.components.unet
