@@ -49,8 +49,9 @@ Its ``RESULT`` holds the rows per batching and the headline ratios with their ta
 ``p95_continuous_to_static_at_{50,80}pct`` (open loop; target <= 0.5); ``targets_met`` says which hold.
 The open loop's length is set by the arrival rate (32 requests at 50% of a slow static peak take
 minutes), so the suite's defaults are small: 32 requests per level, whose p99 is their maximum (raise
-``--requests`` and ``--open-requests`` for a firmer tail). With them the suite took 10.5 minutes on 2
-CPU cores shared with other jobs (load average 4-6), half of it in the open loops.
+``--requests`` and ``--open-requests`` for a firmer tail). With them the suite took 8.5 to 10.5 minutes on
+2 CPU cores shared with other jobs (load average 3 to 6), half of it in the open loops; figures from
+such a machine move by some 30% between runs (the static peak read 0.70 and 0.93 images/s).
 
     .venv/bin/python benchmarks/bench_serve.py                 # tiny model, 5 DDIM steps
     .venv/bin/python benchmarks/bench_serve.py --steps 10 --modes batched --concurrency 16 64
