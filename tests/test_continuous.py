@@ -21,7 +21,7 @@ from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.batching import GenerationJob
 from dreamblend_ray.serving.continuous import ContinuousBatch
-from dreamblend_ray.serving.requests import AppArgs, DeadlineExceeded
+from dreamblend_ray.serving.requests import AppArgs, DeadlineExceeded, FieldError
 from dreamblend_ray.training.checkpoints import remove_adapters
 
 SUBJECTS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -194,5 +194,14 @@ def test_admission_bounds_the_batch_and_keeps_arrival_order_across_row_keys(repl
     assert shared[2] == 1  # the other size ran on its own, and "d" (after it) did not jump ahead of it
     assert pixels(results[2][0].pngs[0]).shape == (64, 64, 3)
     assert batch.steps == 3 + 3 + 3
+    odd = SamplingConfig(num_inference_steps=3, alpha=0.0, height=33, width=33)
+
+    async def one_bad():
+        pair = adapters(await asyncio.to_thread(handle.pin))
+        return await asyncio.gather(batch.submit(job("red", "e", 5, odd), pair),
+                                    batch.submit(job("red", "f", 6, small), pair))
+    (bad, _, _), (good, _, _) = asyncio.run(one_bad())
+    assert isinstance(bad, FieldError) and "divisible" in bad.message
+    assert len(good.pngs) == 1  # a job that cannot start fails alone
     with pytest.raises(ValueError, match="max_requests"):
         ContinuousBatch(replica.continuous.engine, replica.unet_lock, max_requests=0)

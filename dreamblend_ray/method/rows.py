@@ -93,36 +93,72 @@ class Row:
 class RowEngine:
     """Advances rows of any subjects, each at its own step. Not thread-safe per base UNet."""
 
-    def __init__(self, components: Components, co_batch: bool = True, adapter_method: str = "peft"):
+    def __init__(self, components: Components, co_batch: bool = True, adapter_method: str = "gather"):
         if adapter_method not in METHODS:
             raise ValueError(f"adapter_method must be one of {METHODS}, got {adapter_method!r}")
         self.components = components
         self.table = ddim.DDIMTable.of(components.scheduler.config)
         self.co_batch = co_batch
         self.adapter_method = adapter_method
+        self.device, self.dtype = components.device, components.unet.dtype  # fixed while serving; slow to ask
+        self._timesteps_cache: dict[int, list[int]] = {}
         self.recorder = Recorder()
 
     # ------------------------------------------------------------------ rows in
 
     def start(self, request: RowRequest, tag=None) -> Row:
         """A new row at step 0 (its text encoded, its noise drawn from its seed)."""
+        return self.start_many([request], [tag])[0]
+
+    def start_many(self, requests: list[RowRequest], tags: list | None = None) -> list[Row]:
+        """New rows at step 0: the text of rows with one shape and kind of negative prompt encoded
+        in one call (a row's conditioning does not depend on its batch), each row's noise from its seed."""
+        tags = [None] * len(requests) if tags is None else tags
+        for request in requests:
+            self._check(request)
+        rows: list[Row | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for b, request in enumerate(requests):
+            groups.setdefault(row_key(request.config, self.components)[:3] + (request.negative_prompt is None,),
+                              []).append(b)
+        for (height, width, do_cfg, no_negative), members in groups.items():
+            batch = [requests[b] for b in members]
+            negatives = None if no_negative else [request.negative_prompt for request in batch]
+            cond = prompt_conditioning(self.components, [request.prompt for request in batch], negatives, do_cfg,
+                                       height, width)
+            for k, b in enumerate(members):
+                rows[b] = self._row(requests[b], tags[b], cond, k, height, width)
+        return rows
+
+    def _check(self, request: RowRequest) -> None:
         config = request.config
         if not isinstance(config, SamplingConfig) or not config.row_batchable:
             raise ValueError("rows run a SamplingConfig without attention_maps or return_reference")
         if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {request.seed!r}")
-        c = self.components
-        height, width, do_cfg = row_key(config, c)[:3]
-        for name, value in (("height", height), ("width", width)):
-            if value % c.vae_scale_factor:
-                raise ValueError(f"{name} must be divisible by the VAE factor {c.vae_scale_factor}, got {value}")
-        negatives = None if request.negative_prompt is None else [request.negative_prompt]
-        cond = prompt_conditioning(c, [request.prompt], negatives, do_cfg, height, width)
-        mask = guidance.prompt_token_mask(cond.input_ids, c.tokenizer.eos_token_id, config.token_indices)
+        factor = self.components.vae_scale_factor
+        for name, value in zip(("height", "width"), row_key(config, self.components)[:2]):
+            if value % factor:
+                raise ValueError(f"{name} must be divisible by the VAE factor {factor}, got {value}")
+
+    def _row(self, request: RowRequest, tag, cond, k: int, height: int, width: int) -> Row:
+        """Row ``k`` of a batch's conditioning ``cond`` as a Row of its own."""
+        c, n = self.components, cond.batch
+        parts = [slice(k, k + 1)] if not cond.do_cfg else [slice(k, k + 1), slice(n + k, n + k + 1)]
+        embeds = torch.cat([cond.embeds[part] for part in parts])
+        added = None if cond.added_cond_kwargs is None else {
+            key: torch.cat([value[part] for part in parts]) for key, value in cond.added_cond_kwargs.items()}
+        input_ids = cond.input_ids[k:k + 1]
+        mask = guidance.prompt_token_mask(input_ids, c.tokenizer.eos_token_id, request.config.token_indices)
         shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
-        z = initial_latents([request.seed], shape, c.device, c.unet.dtype)
-        return Row(request, ddim.timesteps(c.scheduler.config, config.num_inference_steps), z, z.clone(),
-                   cond.embeds, cond.added_cond_kwargs, mask, tag)
+        z = initial_latents([request.seed], shape, self.device, self.dtype)
+        return Row(request, self.timesteps(request.config.num_inference_steps), z, z.clone(), embeds, added, mask, tag)
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The DDIM timesteps of a ``steps``-step schedule (cached: every row asks)."""
+        if steps not in self._timesteps_cache:
+            self._timesteps_cache[steps] = ddim.timesteps(self.components.scheduler.config, steps)
+        return self._timesteps_cache[steps]
 
     # ------------------------------------------------------------------ one step of every row
 
@@ -168,7 +204,7 @@ class RowEngine:
 
     def _steer(self, rows: list[Row], last_layer: str) -> None:
         """One attention-guidance step on the guided rows' E latents (gradient through E's cond branch)."""
-        c, unet = self.components, self.components.unet
+        unet = self.components.unet
         z = torch.cat([row.z_e for row in rows]).detach().requires_grad_(True)
         maps_g = {name: torch.cat([row.maps_g[name] for row in rows]) for name in rows[0].maps_g}
         mask = torch.cat([row.mask for row in rows])
@@ -184,7 +220,7 @@ class RowEngine:
             (grad,) = torch.autograd.grad(distance.sum(), z)
         strength = torch.tensor([row.config.alpha * guidance.step_size(
             row.config.eta_schedule, row.config.step_size, row.index, min(row.config.window, len(row.timesteps)))
-            for row in rows], device=c.device)
+            for row in rows], device=self.device)
         moved = guidance.latent_update(z.detach(), grad, distance.detach(), strength, 1.0)
         for b, row in enumerate(rows):
             row.z_e = moved[b:b + 1]
@@ -251,7 +287,7 @@ class RowEngine:
         return embeds, added
 
     def _timesteps(self, values: list[int], cfg: bool) -> torch.Tensor:
-        t = torch.tensor(values, device=self.components.device, dtype=torch.long)
+        t = torch.tensor(values, device=self.device, dtype=torch.long)
         return torch.cat([t, t]) if cfg else t
 
     def _ddim(self, z: torch.Tensor, eps: torch.Tensor, steps: list[int], rows: list[Row]) -> torch.Tensor:
@@ -269,7 +305,7 @@ class RowEngine:
 
     def run(self, requests: list[RowRequest]) -> tuple[np.ndarray, list[Row]]:
         """All ``requests`` to the end together (they must share a row_key): images and rows."""
-        rows = [self.start(request, tag=b) for b, request in enumerate(requests)]
+        rows = self.start_many(requests, list(range(len(requests))))
         active = list(rows)
         while active:
             self.step(active)

@@ -26,7 +26,7 @@ from dreamblend_ray.io.images import encode_png
 from dreamblend_ray.method.rows import Row, RowEngine, RowRequest, row_key
 from dreamblend_ray.method.sampler import to_pil
 from dreamblend_ray.serving.batching import GenerationJob, JobOutput
-from dreamblend_ray.serving.requests import DeadlineExceeded
+from dreamblend_ray.serving.requests import DeadlineExceeded, FieldError
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +113,7 @@ class ContinuousBatch:
     def _step(self, admitted: list[Pending]) -> None:
         """Blocking: start the admitted jobs' rows, then one step of every active row."""
         with self.lock:
-            for pending in admitted:
-                pending.started = time.perf_counter()
-                pending.rows = [self.engine.start(request, tag=(pending, b))
-                                for b, request in enumerate(pending.requests())]
-            self.active.extend(admitted)
+            self.active.extend(self._start(admitted))
             self._drop_gone(self.active)
             rows = [row for pending in self.active for row in pending.rows if not row.done]
             for pending in self.active:
@@ -127,6 +123,30 @@ class ContinuousBatch:
             self.steps += 1
             if finished:
                 self._finish(finished)
+
+    def _start(self, admitted: list[Pending]) -> list[Pending]:
+        """Start the admitted jobs' rows (text encoded together); a job whose rows cannot start is
+        answered with the reason and left out, without failing the others."""
+        try:
+            self._start_rows(admitted)
+            return admitted
+        except ValueError:
+            started = []
+            for pending in admitted:
+                try:
+                    self._start_rows([pending])
+                    started.append(pending)
+                except ValueError as exc:
+                    self._answer(pending, FieldError("settings", str(exc)))
+            return started
+
+    def _start_rows(self, jobs: list[Pending]) -> None:
+        requests = [(pending, b, request) for pending in jobs for b, request in enumerate(pending.requests())]
+        rows = self.engine.start_many([request for *_, request in requests],
+                                      [(pending, b) for pending, b, _ in requests])
+        for pending in jobs:
+            pending.started = time.perf_counter()
+            pending.rows = [row for row in rows if row.tag[0] is pending]
 
     def _finish(self, rows: list[Row]) -> None:
         """Decode the rows that finished this step; answer the jobs whose rows are all done."""
