@@ -134,3 +134,19 @@ def test_attention_collapse_runs_and_reports(tmp_path):
     for scores in result["choices_mean"].values():
         assert 0.0 <= scores["prompt_fidelity"] <= 1.0 and 0.0 <= scores["subject_fidelity"] <= 1.0
     assert (tmp_path / "a" / "attention_collapse.json").is_file()
+
+
+def test_bench_rows_runs_and_reports(tmp_path):
+    result = run_script("bench_rows.py", "--images", "2", "--subjects", "1", "2", "--steps", "2", "--repeats", "1",
+                        cwd=tmp_path)
+    variants = {"per-subject", "rows", "rows co_batch", "rows gather"}
+    assert result["subjects"] == [1, 2] and set(result["images_per_s"]) == {"1", "2"}
+    for rates in result["images_per_s"].values():
+        assert set(rates) == variants and all(rate > 0 for rate in rates.values())
+    assert result["unet_calls"]["2"]["rows"] < result["unet_calls"]["2"]["per-subject"]  # rows share calls
+    ratios = result["ratios"]
+    assert {"rows_to_per_subject", "rows_to_single_subject_batch", "co_batch_to_no_co_batch",
+            "per_row_lora_overhead", "gather_to_peft", "per_row_lora_overhead_gather"} <= set(ratios)
+    assert all(value > 0 for key, value in ratios.items() if not key.endswith("_by_subjects"))
+    assert result["faster_on_cpu"] in {"co_batch=True", "co_batch=False"}
+    assert result["sanity_ok"] and result["max_abs_diff_x255"] <= 1.0  # rows match the per-subject images
