@@ -31,7 +31,11 @@ the faster mode at the largest N); and for the adapter method, ``gather_to_peft`
 ``rows gather`` over ``rows co_batch``, at the largest N) and ``per_row_lora_overhead_gather``.
 Measures; never passes or fails on time.
 
+The default run takes ~5 min on the shared 2-core machine (7 min under heavy load); figures move
+by up to ~1.5x between quiet and loaded periods, the ratios within one run much less (interleaved).
+
     .venv/bin/python benchmarks/bench_rows.py                       # 16 images, N = 1, 4, 16, 10 steps
+    .venv/bin/python benchmarks/bench_rows.py --subjects 16 --repeats 5   # N = 1 and 16, 5 rounds (~6 min)
     .venv/bin/python benchmarks/bench_rows.py --images 2 --subjects 1 2 --steps 2 --repeats 1
 """
 
