@@ -8,7 +8,9 @@ fidelity, and the mean absolute pixel difference (0-255) to the fp32 images of t
 Part 2, a random model of Stable Diffusion 1.5's shapes (860M-parameter UNet, 512 px, CLIP-L-sized
 text encoder; no weights can be downloaded here), per half precision: plain sampling against
 DreamBlend with the default window and with guidance at every step: the cost of the method at the
-scale it is used at.
+scale it is used at; and the serving path of issue 20 (``method/rows.py``, default window) with G's
+step in its own UNet call and co-batched into E's (``rows`` / ``rows co_batch``; the issue's GPU
+target: DreamBlend default over plain at 512 px, batch 1, at most 1.15x co-batched: ``--sd-batch 1``).
 
 Part 3 (``--sdxl``, issue 18), a random model of SDXL 1.0's shapes (2.6B-parameter UNet with
 ``text_time`` added conditioning, 1024 px, CLIP-L + OpenCLIP-bigG-sized text encoders, SDXL's VAE
@@ -51,6 +53,7 @@ from dreamblend_ray.embedded import metrics  # noqa: E402
 from dreamblend_ray.embedded.subjects import get_subject  # noqa: E402
 from dreamblend_ray.training.finetune import finetune_subject  # noqa: E402
 from dreamblend_ray.method.pair import AdapterPair  # noqa: E402
+from dreamblend_ray.method.rows import RowEngine, RowRequest  # noqa: E402
 from dreamblend_ray.method.sampler import DreamBlendSampler  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
@@ -162,6 +165,13 @@ def adapter_sampling_rows(components, part: str, precision: str, steps: int, bat
         rows.append({"part": part, "precision": precision, "variant": name,
                      "s_per_image": seconds / batch, "peak_mb": peak / 2**20,
                      "nan": bool(np.isnan(result.arrays).any()), **(extra(result) if extra else {})})
+    requests = [RowRequest(prompt, seed, default, "early", "late") for prompt, seed in zip(prompts, seeds)]
+    for co_batch in (False, True):  # issue 20: the serving path, G's step inside E's call or not
+        engine = RowEngine(components, co_batch=co_batch)
+        (arrays, _), seconds, peak = timed(partial(engine.run, requests), device_of(components))
+        rows.append({"part": part, "precision": precision, "variant": f"rows{' co_batch' if co_batch else ''} "
+                     f"K={default.window}", "s_per_image": seconds / batch, "peak_mb": peak / 2**20,
+                     "nan": bool(np.isnan(arrays).any())})
     plain = rows[0]["s_per_image"]
     for row in rows:
         row["x_plain"] = row["s_per_image"] / plain

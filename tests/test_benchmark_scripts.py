@@ -77,6 +77,7 @@ def test_bench_serve_runs_and_reports(tmp_path):
             assert 0 < row["p50_s"] <= row["p95_s"] <= row["p99_s"], row
         assert [r["errors"] for r in run["open"]] == [0, 0] and all(r["arrivals_per_s"] > 0 for r in run["open"])
     assert set(result["ratios"]) == {"continuous_to_static_throughput", "continuous_many_to_one_subject_throughput",
+                                     "continuous_many_to_static_one_subject_throughput",
                                      "p95_continuous_to_static_at_50pct", "p95_continuous_to_static_at_80pct"}
     assert all(value > 0 for value in result["ratios"].values()) and result["floor_p50_s"] > 0
     assert set(result["targets_met"]) == set(result["targets"]) == set(result["ratios"])
@@ -114,7 +115,8 @@ def test_bench_gpu_sdxl_part_dry_runs_on_cpu(tmp_path):
     sdxl = result["sdxl_shaped"]
     assert result["device"] == "cpu" and not result["any_nan_image"] and result["finetune_steps_per_s"] == {}
     assert sdxl["image_size"] == 64 and sdxl["vae_dtype"] == {"fp32": "float32"}
-    assert set(sdxl["ratio_to_plain"]) == {"fp32 plain", "fp32 DreamBlend K=1", "fp32 DreamBlend K=2"}
+    assert set(sdxl["ratio_to_plain"]) == {"fp32 plain", "fp32 DreamBlend K=1", "fp32 DreamBlend K=2",
+                                           "fp32 rows K=1", "fp32 rows co_batch K=1"}  # issue 20's serving path
 
 
 def test_s3_exit_runs_and_reports(tmp_path):
@@ -139,7 +141,7 @@ def test_attention_collapse_runs_and_reports(tmp_path):
 def test_bench_rows_runs_and_reports(tmp_path):
     result = run_script("bench_rows.py", "--images", "2", "--subjects", "1", "2", "--steps", "2", "--repeats", "1",
                         cwd=tmp_path)
-    variants = {"per-subject", "rows", "rows co_batch", "rows gather"}
+    variants = {"per-subject", "rows", "rows co_batch", "rows gather solo", "rows gather"}
     assert result["subjects"] == [1, 2] and set(result["images_per_s"]) == {"1", "2"}
     for rates in result["images_per_s"].values():
         assert set(rates) == variants and all(rate > 0 for rate in rates.values())
