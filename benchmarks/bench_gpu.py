@@ -324,7 +324,7 @@ def main() -> None:
             "ratio_to_plain": {f"{r['precision']} {r['variant']}": round(r["x_plain"], 3) for r in sdxl},
             "s_per_image": {f"{r['precision']} {r['variant']}": round(r["s_per_image"], 4) for r in sdxl},
             "peak_mb": {f"{r['precision']} {r['variant']}": round(r["peak_mb"], 1) for r in sdxl},
-            "vae_dtype": {r["precision"]: r["vae_dtype"] for r in sdxl},
+            "vae_dtype": {r["precision"]: r["vae_dtype"] for r in sdxl if "vae_dtype" in r},
             "image_size": sdxl[0]["size"]}
     print("RESULT " + json.dumps(result))  # noqa: T201
 
