@@ -14,9 +14,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from dreamblend_ray.config import FinetuneConfig, SamplingConfig
+from ball_subjects import SUBJECTS, finetune_balls  # tests/ is on sys.path
+from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.batching import GenerationJob
@@ -24,29 +25,12 @@ from dreamblend_ray.serving.continuous import ContinuousBatch
 from dreamblend_ray.serving.requests import AppArgs, DeadlineExceeded, FieldError
 from dreamblend_ray.training.checkpoints import remove_adapters
 
-SUBJECTS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 CONFIG = SamplingConfig(num_inference_steps=6, alpha=0.5, step_size=3.0)
-
-
-def ball_images(color) -> list:
-    images = []
-    for shift in range(3):
-        image = Image.new("RGB", (32, 32), (0, 0, 0))
-        ImageDraw.Draw(image).ellipse((6 + shift, 6, 24 + shift, 24), fill=color)
-        images.append(image)
-    return images
 
 
 @pytest.fixture(scope="module")
 def storage_root(tmp_path_factory, tiny_components, one_torch_thread):
-    from dreamblend_ray.training.finetune import finetune_subject
-
-    root = str(tmp_path_factory.mktemp("continuous"))
-    config = FinetuneConfig(steps=4, learning_rate=5e-2, prior_preservation=False, checkpoint_steps=(2, 4),
-                            device="cpu")
-    for subject_id, color in SUBJECTS.items():
-        finetune_subject(tiny_components, ball_images(color), "ball", subject_id, root, config, progress=False)
-    return root
+    return finetune_balls(tiny_components, str(tmp_path_factory.mktemp("continuous")))
 
 
 @pytest.fixture()

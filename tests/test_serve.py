@@ -16,7 +16,9 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from ball_subjects import finetune_balls  # tests/ is on sys.path
 
 httpx = pytest.importorskip("httpx")
 
@@ -30,27 +32,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ball_images(color) -> list:
-    images = []
-    for shift in range(3):
-        image = Image.new("RGB", (32, 32), (0, 0, 0))
-        ImageDraw.Draw(image).ellipse((6 + shift, 6, 24 + shift, 24), fill=color)
-        images.append(image)
-    return images
-
-
 @pytest.fixture(scope="module")
 def storage_root(tmp_path_factory, tiny_components):
     """Three subjects, LoRA-fine-tuned 4 steps each, checkpoints at steps 2 (G) and 4 (E)."""
-    from dreamblend_ray.config import FinetuneConfig
-    from dreamblend_ray.training.finetune import finetune_subject
-
-    root = str(tmp_path_factory.mktemp("serve-storage"))
-    config = FinetuneConfig(steps=4, learning_rate=5e-2, prior_preservation=False, checkpoint_steps=(2, 4),
-                            device="cpu")
-    for subject_id, color in (("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))):
-        finetune_subject(tiny_components, ball_images(color), "ball", subject_id, root, config, progress=False)
-    return root
+    return finetune_balls(tiny_components, str(tmp_path_factory.mktemp("serve-storage")))
 
 
 @pytest.fixture(scope="module")
