@@ -62,23 +62,23 @@ def test_bench_gpu_runs_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_bench_serve_runs_and_reports(tmp_path):
-    """The many-subjects suite (issue 20) at toy size: 2 subjects, both batchings, both loads."""
+    """The many-subjects suite (issue 20) at toy size: 2 subjects, both batchings, one open-loop load."""
     result = run_script("bench_serve.py", "--suite", "subjects", "--subject-counts", "1", "2", "--clients", "2",
-                        "--requests", "4", "--open-requests", "4", "--floor-requests", "1", "--steps", "1",
-                        cwd=tmp_path)
+                        "--requests", "4", "--open-requests", "3", "--floor-requests", "1", "--steps", "1",
+                        "--loads", "0.8", cwd=tmp_path)
     assert (result["suite"], result["subjects"], result["subject_counts"]) == ("subjects", 2, [1, 2])
     assert result["peak_images_per_s"] == result["results"]["static"]["closed"][-1]["images_per_s"] > 0
     for name in ("static", "continuous"):
         run = result["results"][name]
         assert "error" not in run, run.get("error")
-        assert [r["subjects"] for r in run["closed"]] == [1, 2] and [r["load"] for r in run["open"]] == [0.5, 0.8]
+        assert [r["subjects"] for r in run["closed"]] == [1, 2] and [r["load"] for r in run["open"]] == [0.8]
         for row in [run["floor"], *run["closed"], *run["open"]]:
             assert row["images_per_s"] > 0 and row["mean_batch"] >= 1, row
             assert 0 < row["p50_s"] <= row["p95_s"] <= row["p99_s"], row
-        assert [r["errors"] for r in run["open"]] == [0, 0] and all(r["arrivals_per_s"] > 0 for r in run["open"])
+        assert [r["errors"] for r in run["open"]] == [0] and all(r["arrivals_per_s"] > 0 for r in run["open"])
     assert set(result["ratios"]) == {"continuous_to_static_throughput", "continuous_many_to_one_subject_throughput",
                                      "continuous_many_to_static_one_subject_throughput",
-                                     "p95_continuous_to_static_at_50pct", "p95_continuous_to_static_at_80pct"}
+                                     "p95_continuous_to_static_at_80pct"}
     assert all(value > 0 for value in result["ratios"].values()) and result["floor_p50_s"] > 0
     assert set(result["targets_met"]) == set(result["targets"]) == set(result["ratios"])
 

@@ -115,16 +115,20 @@ def test_an_evicted_pair_stays_loaded_until_its_rows_finish_and_shared_adapters_
 
 def test_a_job_past_its_deadline_leaves_at_the_next_step_and_the_others_finish(replica):
     handle = LoadedPair("green", replica)
-    slow = SamplingConfig(num_inference_steps=40, alpha=0.0)
+    config = SamplingConfig(num_inference_steps=10, alpha=0.0)
+    late_job = job("green", "a sks ball", 1, config)
 
     async def scenario():
         pair = adapters(await asyncio.to_thread(handle.pin))
-        late = replica.continuous.submit(job("green", "a sks ball", 1, slow, deadline=time.time() + 0.5), pair)
-        on_time = replica.continuous.submit(job("green", "a sks ball", 2, slow), pair)
-        return await asyncio.gather(late, on_time)
-    (late, _, _), (on_time, _, _) = asyncio.run(scenario())
+        late = asyncio.create_task(replica.continuous.submit(late_job, pair))
+        on_time = asyncio.create_task(replica.continuous.submit(job("green", "a sks ball", 2, config), pair))
+        while replica.continuous.steps < 2:
+            await asyncio.sleep(0.005)
+        late_job.deadline = time.time() - 1  # its deadline passes mid-sampling
+        return await late, await on_time, replica.continuous.steps
+    (late, _, _), (on_time, _, _), steps = asyncio.run(scenario())
     assert isinstance(late, DeadlineExceeded)
-    assert len(on_time.pngs) == 1
+    assert len(on_time.pngs) == 1 and steps == 10
 
 
 def test_a_cancelled_caller_leaves_and_a_failing_step_fails_only_its_jobs(replica, monkeypatch):
@@ -132,13 +136,16 @@ def test_a_cancelled_caller_leaves_and_a_failing_step_fails_only_its_jobs(replic
 
     async def cancel_one():
         pair = adapters(await asyncio.to_thread(handle.pin))
-        gone = asyncio.create_task(replica.continuous.submit(job("blue", "a sks ball", 1), pair))
+        longer = SamplingConfig(num_inference_steps=12, alpha=0.0)
+        gone = asyncio.create_task(replica.continuous.submit(job("blue", "a sks ball", 1, longer), pair))
         kept = asyncio.create_task(replica.continuous.submit(job("blue", "a sks ball", 2), pair))
-        await asyncio.sleep(0.3)
-        gone.cancel()
+        while replica.continuous.steps < 1:
+            await asyncio.sleep(0.005)
+        gone.cancel()  # its caller went away mid-sampling
         return await kept
     output, _, _ = asyncio.run(cancel_one())
     assert len(output.pngs) == 1 and replica.continuous.active == []
+    assert replica.continuous.steps == CONFIG.num_inference_steps  # the 12-step job left at once
 
     engine = replica.continuous.engine
     real_step = engine.step

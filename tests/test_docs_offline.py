@@ -84,7 +84,8 @@ class RefusingProxy:
                 conn.settimeout(5)
                 try:
                     line = conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
-                    self.requests.append(line)
+                    if line:  # a connection closed unused (chromium preconnects) asked for nothing
+                        self.requests.append(line)
                     conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 except OSError:
                     pass

@@ -429,8 +429,10 @@ def test_generate_job_stops_on_sigterm_and_leaves_no_process(background, tmp_pat
 @pytest.mark.slow
 def test_demo_console_shows_steps_not_library_chatter(background, tmp_path):
     out = tmp_path / "demo"
+    # The console is what is checked here; the probe and the heat maps are tests/test_demo.py's.
     command = background([DREAMBLEND, "demo", "--base", "tiny", "--subjects", "striped-star", "--finetune-steps",
-                          "3", "--steps", "3", "--contexts", "1", "--out", str(out)])
+                          "3", "--steps", "3", "--contexts", "1", "--no-attention-probe", "--no-attention-maps",
+                          "--out", str(out)])
     assert command.process.wait(timeout=600) == 0, command.console()[-3000:]
     console, log = command.console(), (out / "dreamblend.log").read_text()
     assert f"log file: {out / 'dreamblend.log'}" in console
