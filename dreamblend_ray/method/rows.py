@@ -102,6 +102,7 @@ class RowEngine:
         self.adapter_method = adapter_method
         self.device, self.dtype = components.device, components.unet.dtype  # fixed while serving; slow to ask
         self._timesteps_cache: dict[int, list[int]] = {}
+        self._layers_cache: dict = {}
         self.recorder = Recorder()
 
     # ------------------------------------------------------------------ rows in
@@ -154,6 +155,12 @@ class RowEngine:
         z = initial_latents([request.seed], shape, self.device, self.dtype)
         return Row(request, self.timesteps(request.config.num_inference_steps), z, z.clone(), embeds, added, mask, tag)
 
+    def layers(self, selection) -> list:
+        """The UNet's cross-attention layers ``selection`` names (cached: every guided step asks)."""
+        if selection not in self._layers_cache:
+            self._layers_cache[selection] = select_layers(self.components.unet, selection)
+        return self._layers_cache[selection]
+
     def timesteps(self, steps: int) -> list[int]:
         """The DDIM timesteps of a ``steps``-step schedule (cached: every row asks)."""
         if steps not in self._timesteps_cache:
@@ -177,7 +184,7 @@ class RowEngine:
         with ExitStack() as stack:
             layers = None
             if guided or ahead:
-                layers = select_layers(unet, rows[0].config.layers)
+                layers = self.layers(rows[0].config.layers)
                 stack.enter_context(recording(unet, layers, self.recorder))
             behind = [row for row in guided if row.g_index != row.index]
             if behind:  # G's step i not computed ahead (a row's first guided step, or no co_batch)

@@ -5,19 +5,22 @@
               v
             DreamBlendModel (autoscaled; base components loaded once per replica)
               @serve.multiplexed: a subject's G/E checkpoint pair, LRU per replica
-              @serve.batch: concurrent jobs -> one sampler call per (model id, SamplingConfig) group
-                            (``serving/batching.py``), merged with whatever queued while the
-                            replica was busy
+              continuous batch (``serving/continuous.py``, the default): LoRA subjects' jobs of
+                            any subjects share denoising steps and join at the next step
+              @serve.batch: the other jobs -> one sampler call per (model id, SamplingConfig)
+                            group (``serving/batching.py``), merged with whatever queued while
+                            the replica was busy
 
 ``deployments/app.py`` re-exports ``build_app`` for ``serve run deployments/serve_config.yaml``;
 the classes live in the package so that ``dreamblend serve`` works from an installed wheel.
 
-Concurrency on a replica: the UNet carries every loaded subject's adapters and ``set_adapter`` is
-global state, so one asyncio lock serialises "load the pair, then sample" per group (eviction by
-the multiplexed LRU can therefore never hit a pair in use), and the blocking work itself runs in a
-worker thread so the replica's event loop keeps answering health checks and queueing requests.
-At most one (G, E) choice of a subject is materialised on a replica at a time, because adapters
-are named by subject and step and shared between pairs of the same subject.
+Concurrency on a replica: the UNet carries every loaded subject's adapters. One threading lock
+(``unet_lock``) guards it: the continuous batch holds it for one step at a time, a static group
+for its sampler call, a load only for the adapters' injection (files are read before). Static
+groups are serialised by an asyncio lock, since ``set_adapter`` is global state. Pairs in use are
+pinned, so an eviction by the multiplexed LRU never hits a pair in use; adapters are named by
+subject and step, shared between pairs, and counted per user (``adopt`` / ``release``). The
+blocking work runs in worker threads, so the event loop keeps answering health checks.
 """
 
 import asyncio
