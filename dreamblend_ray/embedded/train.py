@@ -28,6 +28,11 @@ software stack and hardware; floating-point reductions may differ across CPUs):
 
 ``--compose-only`` runs stage 5 alone on an existing model (how the shipped UNet was made).
 
+``--grow-from DIR`` grows the model in DIR (:mod:`dreamblend_ray.embedded.grow`: transformer
+blocks at the 16x16 level, zero-initialised so that the output is unchanged), then runs stage 5
+on it with ``--grow-lr`` for the new blocks, saving EMA checkpoints every ``--checkpoint-every``
+steps under ``--out/checkpoints/step-N``, and the result to ``--out``.
+
 Because the rate is constant after warm-up, a run stopped at step N equals a run with
 ``--unet-steps N``; checkpoints every ``--checkpoint-every`` steps make that usable.
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import random
@@ -49,6 +55,7 @@ import torch.nn.functional as F
 
 from dreamblend_ray.config import check_range
 from dreamblend_ray.embedded import world
+from dreamblend_ray.embedded.grow import grow_unet
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +88,7 @@ class TrainConfig:
     compose_scenes: int = 6000
     compose_lr: float = 5e-4
     compose_pairs: float = 0.5
+    grow_lr: float = 1e-3
     threads: int = 1
 
     def __post_init__(self):
@@ -98,6 +106,8 @@ class TrainConfig:
         check_range("compose_steps", self.compose_steps, 0, 10 ** 7)
         check_range("compose_scenes", self.compose_scenes, 64, 10 ** 6)
         check_range("compose_pairs", self.compose_pairs, 0.0, 1.0)
+        check_range("grow_lr", self.grow_lr, 0.0, 1.0)
+        check_range("checkpoint_every", self.checkpoint_every, 1, 10 ** 7)
 
 
 # --------------------------------------------------------------------------- models
@@ -320,8 +330,9 @@ def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def train_unet(unet, text_encoder, tokenizer, latents, combos, config: TrainConfig,
-               on_checkpoint=None) -> tuple[EMA, list[float]]:
-    """Denoising training of UNet + text encoder on cached latent posteriors ``(mean, std)``."""
+               on_checkpoint=None, new_parameters: frozenset[str] = frozenset()) -> tuple[EMA, list[float]]:
+    """Denoising training of UNet + text encoder on cached latent posteriors ``(mean, std)``;
+    the UNet parameters named in ``new_parameters`` (grown blocks) learn at ``config.grow_lr``."""
     from dreamblend_ray.models.components import default_scheduler
 
     means, stds = latents
@@ -329,7 +340,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, combos, config: TrainConf
     generator = torch.Generator().manual_seed(config.seed + 2)
     rng = random.Random(config.seed + 3)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(_parameter_groups(unet, text_encoder, config, new_parameters),
+                                  lr=config.lr, weight_decay=1e-2)
     ema = EMA([unet, text_encoder], config.ema_decay)
     unet.train()
     text_encoder.train()
@@ -337,7 +349,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, combos, config: TrainConf
     started = time.time()
     for step in range(config.unet_steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+            group["lr"] = group["base_lr"] * min(1.0, (step + 1) / config.warmup)
         loss = _unet_loss(unet, text_encoder, tokenizer, means, stds, combos, alphas,
                           generator, rng, config)
         optimizer.zero_grad(set_to_none=True)
@@ -352,6 +364,16 @@ def train_unet(unet, text_encoder, tokenizer, latents, combos, config: TrainConf
         if on_checkpoint and (step + 1) % config.checkpoint_every == 0:
             on_checkpoint(step + 1, ema, losses)
     return ema, losses
+
+
+def _parameter_groups(unet, text_encoder, config: TrainConfig, new_parameters: frozenset[str]) -> list[dict]:
+    """One optimizer group at ``config.lr``, plus one at ``config.grow_lr`` for the new parameters."""
+    new = [p for name, p in unet.named_parameters() if name in new_parameters]
+    old = [p for name, p in unet.named_parameters() if name not in new_parameters]
+    groups = [{"params": old + list(text_encoder.parameters()), "base_lr": config.lr}]
+    if new:
+        groups.append({"params": new, "base_lr": config.grow_lr})
+    return groups
 
 
 def _unet_loss(unet, text_encoder, tokenizer, means, stds, combos, alphas, generator, rng,
@@ -432,7 +454,8 @@ def train_decoder_only(directory: str | Path, config: TrainConfig = TrainConfig(
     return directory
 
 
-def compose(unet, text_encoder, tokenizer, vae, config: TrainConfig):
+def compose(unet, text_encoder, tokenizer, vae, config: TrainConfig, on_checkpoint=None,
+            new_parameters: frozenset[str] = frozenset()):
     """Stage 5: go on training UNet + text encoder on a mix of one- and two-object scenes, so
     that the model can put a second, named object beside the first (the spatial context that
     DreamBlend's cross-attention guidance can carry; see docs/embedded.md). Returns the EMA."""
@@ -441,7 +464,8 @@ def compose(unet, text_encoder, tokenizer, vae, config: TrainConfig):
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
     stage = replace(config, unet_steps=config.compose_steps, lr=config.compose_lr, seed=config.seed + 6)
-    ema, losses = train_unet(unet, text_encoder, tokenizer, latents, combos, stage)
+    ema, losses = train_unet(unet, text_encoder, tokenizer, latents, combos, stage, on_checkpoint,
+                             new_parameters)
     return ema, losses
 
 
@@ -455,11 +479,37 @@ def train_compose_only(directory: str | Path, config: TrainConfig = TrainConfig(
     return directory
 
 
+def train_grown(out: str | Path, config: TrainConfig = TrainConfig(), grow_from: str | Path = "embedded") -> Path:
+    """Grow the model in ``grow_from`` (attention at 16x16, output unchanged), then run stage 5 on
+    it; EMA checkpoints go to ``out/checkpoints/step-N``, the result to ``out``."""
+    source, components = _existing_model(grow_from, config)
+    out = Path(out)
+    started = time.time()
+    old_names = {name for name, _ in components.unet.named_parameters()}
+    components.unet = grow_unet(components.unet)
+    new_parameters = frozenset(n for n, _ in components.unet.named_parameters() if n not in old_names)
+
+    def checkpoint(step, ema, losses):
+        snapshot = copy.copy(components)
+        snapshot.unet, snapshot.text_encoder = ema.shadow
+        _save_stage(out / "checkpoints" / f"step-{step}", snapshot, "compose", config,
+                    time.time() - started, losses, source)
+
+    ema, losses = compose(components.unet, components.text_encoder, components.tokenizer,
+                          components.vae, config, checkpoint, new_parameters)
+    components.unet, components.text_encoder = ema.shadow
+    _save_stage(out, components, "compose", config, time.time() - started, losses, source,
+                grown_from=str(grow_from), grow_lr=config.grow_lr, compose_seed=config.seed)
+    return out
+
+
 def _existing_model(directory: str | Path, config: TrainConfig):
     """``(directory, components)`` of a model to run one stage on; ValueError if there is none."""
-    from dreamblend_ray.models.components import load_components
+    from dreamblend_ray.models.components import embedded_model_dir, load_components
 
     torch.set_num_threads(config.threads)
+    if str(directory) == "embedded":
+        directory = embedded_model_dir()
     directory = Path(directory)
     if not (directory / "model_index.json").is_file():
         raise ValueError(f"no model in {directory} (model_index.json missing); train one first")
@@ -467,14 +517,17 @@ def _existing_model(directory: str | Path, config: TrainConfig):
 
 
 def _save_stage(directory: Path, components, stage: str, config: TrainConfig, seconds: float,
-                losses: list[float]) -> None:
-    """Rewrite the model in place after one stage, recording that stage's settings, time and loss."""
-    meta_path = directory / "training.json"
+                losses: list[float], source: Path | None = None, **extra) -> None:
+    """Rewrite the model in place after one stage (or write it to ``directory`` with the record of
+    ``source``'s training), recording that stage's settings, time and loss."""
+    meta_path = (source or directory) / "training.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.setdefault("config", {}).update({k: v for k, v in asdict(config).items() if k.startswith(stage + "_")})
     meta.setdefault("timings", {})[f"{stage}_s"] = seconds
     meta[f"{stage}_threads"] = config.threads
     meta[f"{stage}_loss_last100"] = float(np.mean(losses[-100:])) if losses else None
+    meta[f"{stage}_steps_done"] = len(losses)
+    meta.update(extra)
     save(directory, components.vae, components.unet, components.text_encoder, components.tokenizer, meta)
     logger.info("stage %s on %s took %.0f s", stage, directory, seconds)
 
@@ -488,6 +541,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="run stage 4 (decoder refinement) alone on the model in --out")
     stage.add_argument("--compose-only", action="store_true",
                        help="run stage 5 (two-object scenes) alone on the model in --out")
+    stage.add_argument("--grow-from", default=None, metavar="DIR",
+                       help="grow the model in DIR (or 'embedded') with attention at 16x16, "
+                            "output unchanged, then run stage 5 on it; writes --out")
     for name, value in asdict(defaults).items():
         flags = ["--" + name.replace("_", "-")] + (["--steps"] if name == "unet_steps" else [])
         parser.add_argument(*flags, dest=name, type=type(value), default=value,
@@ -495,7 +551,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def runner(args: argparse.Namespace):
-    """What the parsed arguments ask to run: all stages, stage 4 alone or stage 5 alone."""
+    """What the parsed arguments ask to run: all stages, stage 4 alone, stage 5 alone, or a grown
+    model's stage 5."""
+    if getattr(args, "grow_from", None):
+        return functools.partial(train_grown, grow_from=args.grow_from)
     if args.decoder_only:
         return train_decoder_only
     return train_compose_only if args.compose_only else train
