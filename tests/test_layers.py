@@ -31,7 +31,7 @@ LAYERS = [
     ("method",),
     ("training",),
     ("evaluation",),
-    ("jobs", "serving"),
+    ("jobs",), ("lifecycle",), ("serving",),
     ("embedded",),  # the toy world: its model, metrics, scorer; may use everything below
     ("demo", "serve_entry", "job_entry"),  # applications and the entry import paths of deployed configs
     ("commands", "cli"),  # the `dreamblend` command
