@@ -133,10 +133,12 @@ def test_shared_job_flags_have_one_spelling():
     args = parsers["jobs/evaluate.py"].parse_args(["--subjects", "s", "--checkpoints", "c", "--output", "o",
                                                    "--actors", "3"])
     assert args.num_actors == 3 and args.gpus_per_actor is None
-    for where in ("dreamblend finetune", "dreamblend generate", "dreamblend evaluate", "jobs/finetune_subjects.py",
+    for where in ("dreamblend finetune", "dreamblend evaluate", "jobs/finetune_subjects.py",
                   "jobs/generate_batch.py"):
         (base,) = [a for a in parsers[where]._actions if "--base" in a.option_strings]
         assert base.default == "embedded", where
+    (base,) = [a for a in parsers["dreamblend generate"]._actions if "--base" in a.option_strings]
+    assert base.default is None  # the base the subject's subject.json records
 
 
 def test_older_spellings_build_the_same_config():

@@ -1,6 +1,7 @@
 """``dreamblend attention``: per-word cross-attention heat maps of G, E and DreamBlend.
 
-The same pair sources and sampling flags as ``dreamblend generate``; one sampler call per batch
+The same pair sources, ``--base`` (by default the base the subject's subject.json records) and
+sampling flags as ``dreamblend generate``; one sampler call per batch
 returns the three trajectories' images and maps (docs/attention.md)::
 
     dreamblend attention --checkpoints outputs/demo/storage --subject-id striped-star \\

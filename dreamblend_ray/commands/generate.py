@@ -5,7 +5,8 @@ Either a subject from a fine-tuning output root (its manifest's recorded pair, o
     dreamblend generate --checkpoints outputs/demo/storage --subject-id striped_star \\
         --prompt "a photo of sks star on a green background" --seed 0 --alpha 0.25 --out outputs/gen
 
-or two checkpoint directories (LoRA or full fine-tune) given directly::
+``--base`` defaults to the base the subject's subject.json records (``commands.subject_base``);
+or two checkpoint directories (LoRA or full fine-tune) given directly, with their base::
 
     dreamblend generate --base embedded --guidance-ckpt ROOT/subjects/x/checkpoints/step-100 \\
         --edit-ckpt ROOT/subjects/x/checkpoints/step-400 --prompt "..." --out outputs/gen
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dreamblend_ray import config
+from dreamblend_ray.commands.subject_base import add_base_argument, resolve_base_arg
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.dtypes import add_dtype_argument
-from dreamblend_ray.jobs.flags import add_base_argument
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser, sampling_flags: list[str] = S
     config.add_arguments(parser.add_argument_group("sampling settings"), SamplingConfig, sampling_flags)
 
 
-def load_pair_from_args(args, components):
-    from dreamblend_ray.training import checkpoints
-
+def check_pair_source(args: argparse.Namespace) -> bool:
+    """Whether the pair is a subject (``--checkpoints``/``--subject-id``, True) or two checkpoint
+    URIs (False); ValueError for a mix or a half of either (checked before any model loads)."""
     by_subject = args.checkpoints or args.subject_id
     by_uri = args.guidance_ckpt or args.edit_ckpt
     if by_subject and by_uri:
@@ -65,11 +66,20 @@ def load_pair_from_args(args, components):
     if by_subject:
         if not (args.checkpoints and args.subject_id):
             raise ValueError("--checkpoints and --subject-id go together")
+        return True
+    if not (args.guidance_ckpt and args.edit_ckpt):
+        raise ValueError("give --guidance-ckpt and --edit-ckpt (or --checkpoints and --subject-id)")
+    return False
+
+
+def load_pair_from_args(args, components):
+    # Deferred: training.checkpoints imports torch.
+    from dreamblend_ray.training import checkpoints
+
+    if check_pair_source(args):
         pair, _ = checkpoints.load_pair(args.checkpoints, args.subject_id, components,
                                         args.guidance_step, args.edit_step)
         return pair
-    if not (args.guidance_ckpt and args.edit_ckpt):
-        raise ValueError("give --guidance-ckpt and --edit-ckpt (or --checkpoints and --subject-id)")
     return checkpoints.load_checkpoint_pair(components, args.guidance_ckpt, args.edit_ckpt)
 
 
@@ -85,14 +95,17 @@ class Session:
 
 
 def open_session(args: argparse.Namespace) -> Session:
-    """Checks the counts, loads the base model and the pair, makes the output folder."""
+    """Checks the counts and the pair's source, loads the base model (``--base``, else the
+    subject's own) and the pair, makes the output folder."""
     # Deferred: these import torch and diffusers, and `dreamblend --help` must stay instant.
     from dreamblend_ray.models.components import load_components, select_device, select_dtype
 
     config.check_range("--num-images", args.num_images, 1, 64, integer=True)
     config.check_range("--batch-size", args.batch_size, 1, 256, integer=True)
+    check_pair_source(args)
+    base = resolve_base_arg(args)
     device = select_device(args.device)
-    components = load_components(args.base, device=device, dtype=select_dtype(device, args.dtype))
+    components = load_components(base, device=device, dtype=select_dtype(device, args.dtype))
     pair = load_pair_from_args(args, components)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
