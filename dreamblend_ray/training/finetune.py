@@ -44,6 +44,7 @@ import logging
 import math
 import platform
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -61,7 +62,7 @@ from PIL import Image
 
 from dreamblend_ray import __version__
 
-from dreamblend_ray.training import checkpoints, layout
+from dreamblend_ray.training import checkpoints, layout, resume
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import decode_image, encode_png
@@ -78,6 +79,7 @@ CLASS_IMAGE_BATCH = 8
 VAE_BATCH = 16
 
 StepCallback = Callable[[int, float], None]
+Resumable = tuple["resume.ResumeState | None", Callable[[bytes], None]]
 
 
 # --------------------------------------------------------------------------- instance images
@@ -438,8 +440,13 @@ class RunResult:
 
 
 def train(unet, params, data: TrainData, scheduler, config: FinetuneConfig, save: Callable[[int], None],
-          progress: bool, callback: StepCallback | None, desc: str) -> RunResult:
-    """The optimisation loop: ``config.steps`` AdamW steps, ``save(step)`` on the schedule."""
+          progress: bool, callback: StepCallback | None, desc: str, resumable: Resumable | None = None
+          ) -> RunResult:
+    """The optimisation loop: ``config.steps`` AdamW steps, ``save(step)`` on the schedule.
+
+    ``resumable``: (saved resume point or None, writer): the loop starts after the saved point's
+    step with its parameters, AdamW moments and random streams, and hands the writer a new resume
+    point at every checkpoint (``training.resume``)."""
     from tqdm.auto import tqdm
 
     device = data.instance_mean.device
@@ -453,13 +460,24 @@ def train(unet, params, data: TrainData, scheduler, config: FinetuneConfig, save
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     index_gen = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device).manual_seed(config.seed + 1)
+    generators = {"index": index_gen, "noise": noise_gen}
     schedule, curve, saved = set(config.schedule()), [], []
+    first = 1
+    if resumable is not None and resumable[0] is not None:
+        first = resume.restore(resumable[0], params, optimizer, generators) + 1
+        with warnings.catch_warnings():  # fast-forwarding the schedule, before any optimizer step of this run
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for _ in range(first - 1):
+                lr_sched.step()
+        saved = [s for s in sorted(schedule) if s < first]
+        logger.info("%s: resuming after step %d of %d", desc, first - 1, config.steps)
     save_seconds, start = 0.0, time.perf_counter()
     checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None \
         else device.type == "cuda"
-    bar = tqdm(total=config.steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=first - 1, desc=desc, unit="step", disable=not progress,
+               dynamic_ncols=True)
     with training_mode(unet, checkpointing), bar:
-        for step in range(1, config.steps + 1):
+        for step in range(first, config.steps + 1):
             loss = 0.0
             for _ in range(config.gradient_accumulation_steps):
                 micro = step_loss(unet, scheduler, data, config, index_gen, noise_gen, autocast,
@@ -482,6 +500,8 @@ def train(unet, params, data: TrainData, scheduler, config: FinetuneConfig, save
             if step in schedule:
                 t0 = time.perf_counter()
                 save(step)
+                if resumable is not None and step < config.steps:
+                    resumable[1](resume.capture(step, params, optimizer, generators))
                 save_seconds += time.perf_counter() - t0
                 saved.append(step)
             if callback is not None:
@@ -545,13 +565,15 @@ def _clear_previous(root: str, subject_id: str) -> None:
 
 def finetune_subject(base: Components | str, images: list, class_noun: str, subject_id: str,
                      output_root: str, config: FinetuneConfig, progress: bool = True,
-                     callback: StepCallback | None = None) -> dict:
+                     callback: StepCallback | None = None, resumable: bool = False) -> dict:
     """DreamBooth-fine-tune one subject; write its checkpoints and, last, its manifest.
 
     base: loaded components (trained in place for LoRA, restored on exit) or a base name/URI
         for ``load_components``. images: PIL images or image URIs (local paths or s3://).
     callback(step, loss) runs after every optimizer step (after that step's checkpoint); an
-    exception from it aborts the run, leaving no manifest. Returns the manifest.
+    exception from it aborts the run, leaving no manifest. ``resumable``: keep a resume point at
+    every checkpoint, and continue from the one a killed run left (``training.resume``) instead of
+    starting over. Returns the manifest.
     """
     t_start = time.perf_counter()
     validate_subject_id(subject_id)
@@ -564,7 +586,11 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
     t0 = time.perf_counter()
     instance = load_instance_images(list(images), config.min_image_size or math.ceil(resolution / 2))
     timings = {"load_images_s": time.perf_counter() - t0}
-    _clear_previous(output_root, subject_id)
+    saved_point = resume.load(output_root, subject_id) if resumable else None
+    if saved_point is None:
+        _clear_previous(output_root, subject_id)
+    else:
+        storage.delete(layout.manifest_uri(output_root, subject_id))
 
     t0 = time.perf_counter()
     prior = class_images(components, class_noun, output_root, resolution, config) \
@@ -584,8 +610,12 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
         def save(step: int) -> None:
             checkpoints.save_checkpoint(output_root, subject_id, step, unet, config.method, adapter_name)
 
+        writer = (saved_point, lambda data: resume.save(output_root, subject_id, data)) if resumable else None
         result = train(unet, params, data, noise_scheduler, config, save, progress, callback,
-                       desc=f"finetune {subject_id}")
+                       desc=f"finetune {subject_id}", resumable=writer)
+    if resumable:
+        resume.discard(output_root, subject_id)
+        timings["resumed_after_step"] = saved_point.step if saved_point is not None else 0
 
     timings.update(train_s=result.train_seconds, save_s=result.save_seconds,
                    steps_per_s=config.steps / max(result.train_seconds, 1e-9))
