@@ -7,12 +7,14 @@ test_docs_offline.py (a headless browser): no Ray, no model.
 import base64
 import contextlib
 import socket
+import tempfile
 import threading
 import time
 
 from PIL import Image
 
 from dreamblend_ray.io.images import encode_png
+from dreamblend_ray.lifecycle.scheduler import SubjectScheduler
 from dreamblend_ray.serving import http
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
 from dreamblend_ray.serving.requests import AppArgs
@@ -107,6 +109,27 @@ def serve_on_loopback(app):
         sock.close()
 
 
+class InProcessScheduler(SubjectScheduler):
+    """The real subject scheduler without Ray: creates, cancels, deletes and jobs are recorded in
+    the (temporary) store; trainings and jobs are admitted but never run."""
+
+    def _launch_training(self, subject_id):
+        return None
+
+    async def _reap_trainings(self):
+        return None
+
+    def _admit_jobs(self):
+        return None
+
+    async def start(self):
+        return True
+
+
 def make_app(backend=None, **overrides):
-    args = AppArgs(**{"base": "tiny", **overrides})
-    return http.make_api(args, backend or RecordingBackend(), read_manifest, list_subjects, read_collapse_plot)
+    """The fake store's app; the subject service runs in process on a temporary storage root."""
+    values = {"base": "tiny", "storage_root": tempfile.mkdtemp(prefix="dreamblend-api-"), **overrides}
+    args = AppArgs(**values)
+    service = InProcessScheduler({"storage_root": args.storage_root, "max_concurrent_trainings": 1})
+    return http.make_api(args, backend or RecordingBackend(), read_manifest, list_subjects, read_collapse_plot,
+                         subject_service=service)

@@ -378,7 +378,9 @@ def test_subject_is_a_public_view_without_paths_or_versions():
     body = http.get("/v1/subjects/dog").json()
     assert body == {"subject_id": "dog", "class_noun": "dog", "token": "sks", "instance_prompt": "a sks dog",
                     "kind": "lora", "steps": [2, 4, 6], "guidance_step": 2, "edit_step": 6,
-                    "base": {"name": "tiny-sd", "config_id": "ab" * 6}, "created_at": "2026-12-02T00:00:00Z"}
+                    "base": {"name": "tiny-sd", "config_id": "ab" * 6}, "created_at": "2026-12-02T00:00:00Z",
+                    "status": "ready", "progress": None, "queue_position": None, "started_at": None,
+                    "finished_at": None, "error": None}
     assert http.get("/v1/subjects/cat").status_code == 404
 
 

@@ -43,6 +43,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from dreamblend_ray.config import SamplingConfig
+from dreamblend_ray.lifecycle.scheduler import scheduler_handle
+from dreamblend_ray.lifecycle.settings import ServiceSettings
+from dreamblend_ray.serving.subjects_api import ActorService
 from dreamblend_ray.serving import batching, http
 from dreamblend_ray.training import layout
 from dreamblend_ray.serving import requests as serving
@@ -53,6 +56,8 @@ from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldErr
 logger = logging.getLogger(__name__)
 
 RETRY_MARGIN_S = 0.5  # a retry must be able to finish this long before the request's deadline
+DELETION_POLL_S = 0.5  # how often a model replica asks the subject scheduler for deletions
+DELETED_MEMORY_S = 30.0  # how long a replica refuses a deleted subject's stragglers
 
 
 def cluster_node_count() -> int:
@@ -193,6 +198,10 @@ class DreamBlendModel:
             return await self._load(model_id)
 
         self.get_pair = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load)
+        self._multiplexed = load  # Serve keeps its LRU on the decorated function (``forget`` evicts from it)
+        self.deleted: dict[str, float] = {}  # subject id -> when this replica dropped it
+        self.deletion_epoch = 0
+        self._watcher = None
         self.generate_batch.set_max_batch_size(self.args.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         logger.info("replica %s ready: base %s on %s", self.replica, self.components.source, device)
@@ -243,12 +252,57 @@ class DreamBlendModel:
         if self.materialised.get(handle.model_id) is handle:
             del self.materialised[handle.model_id]
 
+    # ------------------------------------------------------------------ deletions
+
+    def _watch_deletions(self) -> None:
+        """Start (once) the poll of the subject scheduler for deleted subjects."""
+        if self.args.subjects_service and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.get_running_loop().create_task(self._poll_deletions())
+
+    async def _poll_deletions(self) -> None:
+        settings, scheduler = ServiceSettings.from_args(self.args.model_dump()), None
+        while True:
+            try:
+                scheduler = scheduler or scheduler_handle(settings, create=False)
+                if scheduler is not None:
+                    epoch, gone = await scheduler.poll_deletions.remote(self.replica, self.deletion_epoch)
+                    for subject_id in gone:
+                        await self.forget(subject_id)
+                    self.deletion_epoch = epoch
+            except Exception as exc:  # noqa: BLE001 - the scheduler restarts; look it up again
+                logger.debug("deletion poll failed: %r", exc)
+                scheduler = None
+            await asyncio.sleep(DELETION_POLL_S)
+
+    async def forget(self, subject_id: str) -> None:
+        """A deleted subject: refuse its new jobs, drop its waiting ones, unload its pairs once their
+        running rows finish (pinned pairs unload at their last unpin)."""
+        self.deleted[subject_id] = time.time()
+        self.deleted = {s: t for s, t in self.deleted.items() if time.time() - t < DELETED_MEMORY_S}
+        gone = SubjectNotFound(f"subject {subject_id!r} not found")
+        if self.continuous is not None:
+            self.continuous.drop_waiting(subject_id, gone)
+        for job, future in [entry for entry in self.pending
+                            if serving.parse_model_id(entry[0].model_id)[0] == subject_id]:
+            self.pending.remove((job, future))
+            if not future.done():
+                future.set_result(gone)
+        cache = getattr(self._multiplexed, "__serve_multiplex_wrapper", None)
+        for model_id in [m for m in (cache.models if cache else {}) if serving.parse_model_id(m)[0] == subject_id]:
+            handle = cache.models.pop(model_id)
+            await asyncio.to_thread(handle.close)
+        logger.info("subject %s deleted: dropped from replica %s", subject_id, self.replica)
+
     def loaded_models(self) -> list[str]:
         return [handle.model_id for handle in self.materialised.values()]
 
     async def generate(self, job: GenerationJob) -> GenerationResult | Exception:
         """The job's result, or the client-facing exception as a value (raised by the ingress, so its
         type survives the trip instead of arriving wrapped in a RayTaskError)."""
+        self._watch_deletions()
+        subject_id = serving.parse_model_id(job.model_id)[0]
+        if time.time() - self.deleted.get(subject_id, float("-inf")) < DELETED_MEMORY_S:
+            return SubjectNotFound(f"subject {subject_id!r} not found")
         if self.continuous is not None and job.config.row_batchable:
             return await self._generate_rows(job)
         return await self.generate_batch(job)
@@ -381,16 +435,24 @@ class DreamBlendIngress:
         self.args = AppArgs.model_validate(args)
         serving.check_storage_root(self.args.storage_root, cluster_node_count())
         self.model = model
+        self.subjects = self._subject_service() if self.args.subjects_service else None
         # Validating a SamplingConfig looks its distance and eta schedule up in method/guidance.py's
         # registries, which loads torch (1.7 s, 182 MiB measured): pay that while the replica
         # starts, not on its first request.
         SamplingConfig()
 
+    def _subject_service(self):
+        """The storage root's scheduler actor (started on first use, shared by every ingress replica)."""
+        values = {**self.args.model_dump(), "webhook_allow_private": self.args.allow_private_urls,
+                  "webhook_allow_loopback": self.args.allow_private_urls}
+        return ActorService(scheduler_handle(ServiceSettings.from_args(values)))
+
     def __serve_build_asgi_app__(self):
         root = self.args.storage_root
         return http.make_api(self.args, backend=self, read_manifest=partial(layout.read_manifest, root),
                              list_subjects=partial(layout.list_subject_ids, root),
-                             read_collapse_plot=partial(serving.read_collapse_plot, root))
+                             read_collapse_plot=partial(serving.read_collapse_plot, root),
+                             subject_service=self.subjects)
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """The job's result. Generation is deterministic given the job's seeds, so a job whose replica

@@ -26,7 +26,7 @@ from dreamblend_ray.io.images import encode_png
 from dreamblend_ray.method.rows import Row, RowEngine, RowRequest, row_key
 from dreamblend_ray.method.sampler import to_pil
 from dreamblend_ray.serving.batching import GenerationJob, JobOutput
-from dreamblend_ray.serving.requests import DeadlineExceeded, FieldError
+from dreamblend_ray.serving.requests import DeadlineExceeded, FieldError, parse_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,15 @@ class ContinuousBatch:
             if pending.future.done() or pending.job.deadline <= now:
                 jobs.remove(pending)
                 self._answer(pending, DeadlineExceeded("deadline passed while sampling"))
+
+    def drop_waiting(self, subject_id: str, error: Exception) -> int:
+        """Answer ``error`` to the waiting (not yet started) jobs of a subject; started rows finish.
+        Returns how many were dropped."""
+        gone = [p for p in self.waiting if parse_model_id(p.job.model_id)[0] == subject_id]
+        for pending in gone:
+            self.waiting.remove(pending)
+            self._answer(pending, error)
+        return len(gone)
 
     def _fail(self, jobs: list[Pending], error: Exception) -> None:
         for pending in jobs:

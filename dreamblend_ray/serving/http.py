@@ -21,19 +21,24 @@ import base64
 import logging
 import math
 import time
+from functools import partial
 from importlib import resources
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 
 from dreamblend_ray.config import SUBJECT_ID_PATTERN
 from dreamblend_ray.io.storage import StorageError
 from dreamblend_ray.training.layout import base_name
 from dreamblend_ray.serving import requests as serving
+from dreamblend_ray.lifecycle.scheduler import IdempotencyMismatch, SubjectExists
+from dreamblend_ray.serving import subjects_api
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
+from dreamblend_ray.serving.subjects_api import Progress
 from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, Overloaded,
                                              ReplicaUnavailable, SubjectConflict, SubjectNotFound, SubjectUnusable)
 
@@ -63,10 +68,13 @@ SECURITY = [{"bearer": []}, {"apiKey": []}]
 ERRORS: dict[int, str] = {
     400: "the body cannot be read as JSON text (it is not UTF-8)",
     401: "auth is on and the API key is missing or wrong (also `/healthz?deep=true`)",
-    404: "no such subject (never fine-tuned, or its fine-tune did not finish)",
+    404: "no such subject or job (never created, or deleted)",
     409: "the request conflicts with the subject's saved state: a guidance_step/edit_step that was not saved, "
-         "or a subject fine-tuned from another base model than the one this service loaded",
-    413: "the request body is larger than `max_body_bytes`",
+         "a subject fine-tuned from another base model than the one this service loaded, a subject that is not "
+         "ready (its status is named), or a create naming a subject id that exists",
+    413: "the request body is larger than `max_body_bytes` (uploads: a file or the whole upload is over its limit; "
+         "the body names the file and the rule)",
+    415: "POST /v1/subjects: the body is neither multipart/form-data nor application/json",
     422: "a field is invalid or over a configured limit; `detail[].loc` names it",
     424: "the subject's saved manifest is damaged (not JSON, or not this subject's); fine-tune it again",
     500: "a fault in the service (logged there); the body says nothing more",
@@ -157,18 +165,27 @@ class BaseView(BaseModel):
 
 
 class SubjectView(BaseModel):
-    """What a client may know about a subject (not the storage layout or the training machine)."""
+    """What a client may know about a subject (not the storage layout or the training machine):
+    its lifecycle (``status``, ``progress``, ``queue_position``, timestamps, ``error``) and, once
+    ready, its checkpoints."""
 
     subject_id: str
-    class_noun: str
-    token: str
-    instance_prompt: str
-    kind: Literal["lora", "full"]
-    steps: list[int] = Field(description="saved checkpoint steps: the values guidance_step/edit_step accept")
-    guidance_step: int = Field(description="default G checkpoint")
-    edit_step: int = Field(description="default E checkpoint")
-    base: BaseView
+    status: Literal["queued", "training", "ready", "failed", "canceled"] = "ready"
+    class_noun: str | None = None
+    token: str | None = None
+    instance_prompt: str | None = Field(None, description="ready only")
+    kind: Literal["lora", "full"] | None = Field(None, description="ready only")
+    steps: list[int] | None = Field(None, description="ready only: saved checkpoint steps, the values "
+                                                      "guidance_step/edit_step accept")
+    guidance_step: int | None = Field(None, description="ready only: default G checkpoint")
+    edit_step: int | None = Field(None, description="ready only: default E checkpoint")
+    base: BaseView | None = Field(None, description="ready only")
+    progress: Progress | None = Field(None, description="service trainings: optimizer steps and checkpoints")
+    queue_position: int | None = Field(None, description="queued only: 1 = next to train")
     created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = Field(None, description="failed only: why")
 
     @classmethod
     def of(cls, manifest: dict) -> "SubjectView":
@@ -250,12 +267,29 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
     async def deadline(request, exc: DeadlineExceeded):
         return _error(504, f"generation did not finish within {args.request_timeout_s:g} s")
 
+    async def exists(request, exc: SubjectExists):
+        return _error(409, str(exc))
+
+    async def idempotency(request, exc: IdempotencyMismatch):
+        return _field_error("Idempotency-Key", str(exc))
+
     async def internal(request, exc: Exception):
         logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal error")
 
+    async def http_error(request, exc: StarletteHTTPException):
+        """Starlette's own answers (unknown path, method); a 405 lists every method of the path."""
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = {m for r in request.app.routes if getattr(r, "methods", None)
+                       and r.path_regex.match(request.url.path) for m in r.methods}
+            headers["Allow"] = ", ".join(sorted(allowed))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    api.add_exception_handler(StarletteHTTPException, http_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
-    for kind, handler in ((FieldError, field_error), (SubjectConflict, conflict), (SubjectUnusable, unusable),
+    for kind, handler in ((SubjectExists, exists), (IdempotencyMismatch, idempotency),
+                          (FieldError, field_error), (SubjectConflict, conflict), (SubjectUnusable, unusable),
                           (SubjectNotFound, not_found), (ReplicaUnavailable, replica_lost),
                           (Overloaded, overloaded), (StorageError, storage_down),
                           (DeadlineExceeded, deadline), (Exception, internal)):
@@ -308,6 +342,10 @@ class ManifestCache:
         if self._ttl > 0:
             self._entries[subject_id] = (self._clock(), manifest)
         return manifest
+
+    def forget(self, subject_id: str) -> None:
+        """Drop a cached manifest (its subject was deleted)."""
+        self._entries.pop(subject_id, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,8 +405,9 @@ class BodyLimitMiddleware:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS") or \
+                (scope.get("method") == "POST" and scope.get("path") == subjects_api.SUBJECTS_PATH):
+            return await self.app(scope, receive, send)  # uploads are streamed and counted by their route
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await _too_large(self.max_bytes)(scope, receive, send)
@@ -487,7 +526,8 @@ def _add_playground(api: FastAPI) -> None:
         return Response(files[name], media_type=PLAYGROUND_FILES[name], headers=headers)
 
 
-def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjects, read_collapse_plot) -> FastAPI:
+def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjects, read_collapse_plot,
+             subject_service: "subjects_api.SubjectsService | None" = None) -> FastAPI:
     """The FastAPI app of the ingress. Blocking storage I/O, run in worker threads:
     ``read_manifest(subject_id) -> dict``, ``list_subjects(after, limit) -> list[str]`` (complete
     subjects, sorted, after the cursor) and ``read_collapse_plot(subject_id) -> bytes`` (a PNG;
@@ -495,6 +535,7 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
     from fastapi_offline import FastAPIOffline
 
     api_key = serving.load_api_key(args)
+    service = subject_service if args.subjects_service else None
     manifests = ManifestCache(read_manifest, args.manifest_cache_s)
     Request_ = serving.request_model(args)
     api = FastAPIOffline(
@@ -532,10 +573,14 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
              responses=_responses(args, 401, 422, 500, 503))
     async def subjects(limit: Annotated[int, Query(ge=1, le=MAX_SUBJECTS_PAGE, description="ids per page")] = 50,
                        after: Annotated[str | None, Query(pattern=SUBJECT_ID_PATTERN.pattern,
-                                                          description="the previous page's `next`")] = None
+                                                          description="the previous page's `next`")] = None,
+                       status: Annotated[Literal["queued", "training", "ready", "failed", "canceled"] | None,
+                                         Query(description="only subjects in this state (default: ready)")] = None
                        ) -> SubjectList:
-        """Ids of the subjects whose fine-tune finished, sorted; page on with ``after=<next>``."""
-        ids = await asyncio.to_thread(list_subjects, after, limit + 1)  # one more: is there a next page?
+        """Ids of the ready subjects (or those in ``status``), sorted; page on with ``after=<next>``."""
+        lister = list_subjects if status in (None, "ready") else \
+            (lambda a, n: subjects_api.ids_with_status(args.storage_root, status, a, n))
+        ids = await asyncio.to_thread(lister, after, limit + 1)  # one more: is there a next page?
         page = ids[:limit]
         return SubjectList(subjects=page, next=page[-1] if len(ids) > limit else None)
 
@@ -554,11 +599,24 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
                                   "without the probe)") from None
         return Response(content=plot, media_type="image/png")
 
-    @api.get("/v1/subjects/{subject_id}", response_model=SubjectView, summary="A subject's saved steps and base",
+    @api.get("/v1/subjects/{subject_id}", response_model=SubjectView, operation_id="get_subject",
+             summary="A subject's status and, when ready, its saved steps and base",
              responses=_responses(args, 401, 404, 422, 424, 500, 503))
     async def subject(subject_id: Annotated[str, subject_path]) -> SubjectView:
-        """A subject's public description: saved steps, default pair, base model name."""
-        return SubjectView.of(await manifests.get(subject_id))
+        """A subject's status (``queued``, ``training`` with progress, ``ready``, ``failed`` with its
+        reason, ``canceled``) and, once ready, its saved steps, default pair and base model name."""
+        positions = await service.positions() if service is not None else {}
+        try:
+            view = SubjectView.of(await manifests.get(subject_id))
+        except SubjectUnusable:
+            raise
+        except SubjectNotFound:
+            state = await asyncio.to_thread(subjects_api.subject_state, args.storage_root, subject_id, positions)
+            return SubjectView(**state.model_dump(exclude={"replayed"}))
+        if service is None:
+            return view
+        state = await asyncio.to_thread(subjects_api.subject_state, args.storage_root, subject_id, positions)
+        return view.model_copy(update=state.model_dump(exclude={"replayed", "subject_id", "class_noun", "token"}))
 
     @api.post("/v1/generate", response_model=None, summary="DreamBlend images of a subject",
               responses=_generate_responses(args))
@@ -569,7 +627,14 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
         default); ``guidance_step``/``edit_step`` must be saved steps of the subject
         (``GET /v1/subjects/{id}`` lists them)."""
         serving.check_limits(request, args)
-        request = serving.canonical_overrides(request, await manifests.get(request.subject_id))
+        try:
+            manifest = await manifests.get(request.subject_id)
+        except SubjectUnusable:
+            raise
+        except SubjectNotFound:  # a 409 naming the status when it exists but is not ready
+            await asyncio.to_thread(subjects_api.require_ready, args.storage_root, request.subject_id)
+            raise
+        request = serving.canonical_overrides(request, manifest)
         seed = serving.random_seed() if request.seed is None else request.seed
         job = serving.build_job(request, args, seed)
         try:
@@ -578,4 +643,6 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
             raise DeadlineExceeded(str(exc)) from exc
         return render_result(request, job, result)
 
+    subjects_api.add_subject_routes(api, args, service, Request_,
+                                    partial(_responses, args), manifests.forget)
     return api

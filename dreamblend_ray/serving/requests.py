@@ -28,7 +28,7 @@ import os
 import random
 import time
 from dataclasses import fields, replace
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
@@ -120,6 +120,48 @@ class AppArgs(BaseModel):
                                                      "replaced at the next check)")
     env_vars: dict[str, str] = Field(default_factory=dict,
                                      description="extra environment of both deployments' replicas")
+    # the subject service (docs/lifecycle.md): uploads, trainings on the cluster, webhooks, async jobs
+    subjects_service: bool = Field(True, description="serve POST/DELETE /v1/subjects, cancel and /v1/jobs (a "
+                                                     "scheduler actor per storage root runs the trainings)")
+    max_concurrent_trainings: int = Field(2, ge=1, le=10_000, description="trainings at once; the rest queue")
+    training_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of one training task")
+    training_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of one training task")
+    training_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources of a training task, e.g. {training: 1} to keep "
+                                          "trainings on their own worker group")
+    training_max_retries: int = Field(2, ge=0, le=100, description="retries of a training whose worker died "
+                                                                   "(each resumes from its last checkpoint)")
+    training_torch_threads: int = Field(1, ge=1, le=1024)
+    finetune_defaults: dict[str, Any] = Field(default_factory=dict,
+                                              description="FinetuneConfig fields of every service training")
+    max_train_steps: int = Field(2000, ge=1, le=1_000_000, description="the largest `steps` a create may ask")
+    max_lora_rank: int = Field(64, ge=1, le=1024, description="the largest `rank` a create may ask")
+    train_methods: list[Literal["lora", "full"]] = Field(["lora", "full"], min_length=1,
+                                                         description="the `method`s a create may ask")
+    upload_max_files: int = Field(20, ge=1, le=1000)
+    upload_max_file_bytes: int = Field(10 * 2**20, ge=1024, le=2**30)
+    upload_max_total_bytes: int = Field(50 * 2**20, ge=1024, le=16 * 2**30)
+    upload_max_pixels: int = Field(16_000_000, ge=64 * 64, le=2**31)
+    upload_min_side: int = Field(64, ge=1, le=65536)
+    image_source_prefixes: list[str] = Field(
+        default_factory=list, description="storage prefixes image_uris may name (default: the storage root only)")
+    image_url_hosts: list[str] = Field(default_factory=list, description="https hosts image_uris may name")
+    allow_private_urls: bool = Field(False, description="let image URLs and webhooks reach private and "
+                                                        "loopback addresses (tests, private networks)")
+    webhook_secret_env: str = Field("DREAMBLEND_WEBHOOK_SECRET",
+                                    description="environment variable holding the whsec_ signing secret")
+    webhook_secret_file: str | None = Field(None, description="file holding the signing secret")
+    webhook_allow_hosts: list[str] = Field(default_factory=list)
+    webhook_max_attempts: int = Field(8, ge=1, le=100)
+    webhook_base_delay_s: float = Field(1.0, ge=0, le=3600)
+    retention_days: int | None = Field(None, ge=1, le=36500, description="delete finished subjects this "
+                                                                          "many days after they finished")
+    retention_sweep_s: float = Field(3600.0, ge=1, le=7 * 86400)
+    job_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of an async job's generate actor")
+    job_num_gpus: float = Field(0.0, ge=0)
+    max_job_requests: int = Field(100, ge=1, le=100_000, description="request bodies in one async job (the "
+                                                                     "body must also fit max_body_bytes)")
+    max_job_images: int = Field(1000, ge=1, le=1_000_000, description="images one async job may ask")
     # auth
     auth_enabled: bool = False
     api_key_env: str = Field("DREAMBLEND_API_KEY", description="environment variable holding the key")

@@ -1,0 +1,405 @@
+"""The subject service's scheduler: one small Ray actor per storage root that owns every transition.
+
+    ingress ── submit / cancel / delete / submit_job ──> SubjectScheduler (this actor, no CPUs)
+                                                           │ admits up to max_concurrent_trainings,
+                                                           │ in arrival order (``seq``)
+                                                           ├─> run_training  (Ray task, training resources)
+                                                           ├─> run_job       (Ray task: the bulk generate job)
+                                                           ├─> webhook outbox (delivered every tick)
+                                                           └─> retention sweep
+    model replicas ── poll_deletions ──> (deleted ids; their acks let a DELETE answer)
+
+Only this actor writes ``state.json`` and ``job.json``; training workers write ``progress.json``.
+All of it lives in storage, so the actor itself is disposable: it is detached and restarted by Ray
+(``max_restarts=-1``) and rebuilds its queue from storage when it starts. A subject found
+``training`` then is queued again (its worker died with the old actor) and resumes from its last
+checkpoint; after ``training_max_retries`` such restarts it fails with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+
+from dreamblend_ray.io import storage
+from dreamblend_ray.io.netguard import NetPolicy
+from dreamblend_ray.jobs.common import error_text
+from dreamblend_ray.lifecycle import async_jobs, records, webhooks
+from dreamblend_ray.lifecycle.training import run_training
+from dreamblend_ray.lifecycle.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "dreamblend"
+ACK_TIMEOUT_S = 10.0  # how long a DELETE waits for the model replicas to drop the subject
+REPLICA_STALE_S = 5.0  # a replica that has not polled for this long is gone
+STOP_TIMEOUT_S = 30.0  # how long a cancel or delete waits for a running training to stop
+
+
+class SubjectExists(ValueError):
+    """A create named an id that is taken."""
+
+
+class IdempotencyMismatch(ValueError):
+    """An Idempotency-Key reused with another body."""
+
+
+def _error_text(exc: BaseException) -> str:
+    return error_text(exc, 500)
+
+
+class SubjectScheduler:
+    """The actor's body (a plain class, so tests can drive it without Ray's actor machinery)."""
+
+    def __init__(self, settings: dict):
+        self.settings = ServiceSettings.from_args(settings)
+        self.root = self.settings.storage_root
+        self.queue: list[str] = []  # queued subject ids, arrival order
+        self.running: dict[str, object] = {}  # subject id -> ObjectRef of its training
+        self.job_queue: list[str] = []
+        self.jobs_running: dict[str, object] = {}
+        self.epoch, self.deletions = 0, []  # (epoch, subject id): what the replicas must drop
+        self.replicas: dict[str, tuple[int, float]] = {}  # replica id -> (epoch processed, last poll)
+        self.outbox = self._outbox()
+        self.erasures: list[str] = []  # deletions a dead scheduler left half done
+        self.last_sweep = 0.0
+        self._loop: asyncio.Task | None = None
+        self._recover()
+
+    # ------------------------------------------------------------------ start-up
+
+    def _outbox(self) -> webhooks.Outbox | None:
+        s = self.settings
+        secret = webhooks.load_secret(s.webhook_secret_env, s.webhook_secret_file)
+        net = NetPolicy(allow_hosts=s.webhook_allow_hosts, allow_private=s.webhook_allow_private,
+                        allow_loopback=s.webhook_allow_loopback, require_https=not s.webhook_allow_loopback)
+        policy = webhooks.WebhookPolicy(max_attempts=s.webhook_max_attempts, base_delay_s=s.webhook_base_delay_s,
+                                        net=net)
+        return webhooks.Outbox(self.root, secret, policy)
+
+    def _recover(self) -> None:
+        """Rebuild the queues from storage: queued and interrupted trainings, unfinished jobs,
+        half-done deletions (finished by the first ticks)."""
+        for record in sorted(records.list_records(self.root), key=lambda r: r["seq"]):
+            if record.get("deleting"):
+                self.erasures.append(record["id"])
+            elif record["status"] == "training":
+                record = self._interrupted(record)
+                if record["status"] == "queued":
+                    self.queue.insert(0, record["id"])
+            elif record["status"] == "queued" and not record.get("uploading"):
+                self.queue.append(record["id"])
+        for job in sorted(async_jobs.list_jobs(self.root), key=lambda r: r["seq"]):
+            if job["status"] in ("queued", "running"):
+                self.job_queue.append(job["id"])
+        logger.info("scheduler on %s: %d queued trainings, %d queued jobs, %d deletions to finish",
+                    storage.scheme(self.root) or "local", len(self.queue), len(self.job_queue), len(self.erasures))
+
+    def _interrupted(self, record: dict) -> dict:
+        """A record found ``training`` at start-up: its worker is gone. Queue it to resume, or fail
+        it when it has been restarted too often."""
+        if record["attempts"] > self.settings.training_max_retries:
+            return self._finish(record, "failed", error=f"training was interrupted {record['attempts']} times "
+                                                        "(its worker or the scheduler died); giving up")
+        return self._save(records.transition(record, "queued"))
+
+    async def start(self) -> bool:
+        """Start the periodic loop (idempotent); True once running."""
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.get_running_loop().create_task(self._run())
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - the loop must survive any one bad tick
+                logger.exception("scheduler tick failed")
+            await asyncio.sleep(self.settings.tick_s)
+
+    # ------------------------------------------------------------------ the tick
+
+    async def tick(self) -> None:
+        while self.erasures:
+            await self.delete(self.erasures.pop(0))
+        await self._reap_trainings()
+        await self._reap_jobs()
+        self._admit()
+        self._admit_jobs()
+        await asyncio.to_thread(self._deliver)
+        if time.time() - self.last_sweep >= self.settings.retention_sweep_s:
+            self.last_sweep = time.time()
+            await self.sweep_retention()
+
+    def _admit(self) -> None:
+        while self.queue and len(self.running) < self.settings.max_concurrent_trainings:
+            subject_id = self.queue.pop(0)
+            record = records.read_state(self.root, subject_id)
+            if record is None or record.get("deleting") or record["status"] != "queued":
+                continue
+            record = self._save(records.transition(record, "training"))
+            self._event(record, "subject.training")
+            self.running[subject_id] = self._launch_training(subject_id)
+            logger.info("subject %s: training started (attempt %d)", subject_id, record["attempts"])
+
+    def _launch_training(self, subject_id: str):
+        import ray
+
+        s = self.settings
+        task = ray.remote(run_training).options(
+            num_cpus=s.training_num_cpus, num_gpus=s.training_num_gpus, resources=dict(s.training_resources),
+            max_retries=s.training_max_retries, retry_exceptions=False, name=f"train:{subject_id}")
+        return task.remote(self.root, subject_id, s.base, s.training_torch_threads)
+
+    async def _reap_trainings(self) -> None:
+        import ray
+
+        for subject_id, ref in list(self.running.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            del self.running[subject_id]
+            try:
+                await ref
+                outcome, error = "ready", None
+            except Exception as exc:  # noqa: BLE001 - sorted into the record below
+                outcome, error = self._failure(subject_id, exc)
+            record = records.read_state(self.root, subject_id)
+            if record is None or record.get("deleting") or record["status"] != "training":
+                continue
+            self._finish(record, outcome, error=error)
+
+    def _failure(self, subject_id: str, exc: BaseException) -> tuple[str, str | None]:
+        from ray.exceptions import TaskCancelledError, WorkerCrashedError
+
+        record = records.read_state(self.root, subject_id) or {}
+        if isinstance(exc, TaskCancelledError) or record.get("cancel_requested") or \
+                "TrainingStopped" in type(exc).__name__ + str(exc)[:200]:
+            return "canceled", None
+        if isinstance(exc, WorkerCrashedError) or "died" in str(exc)[:300].lower():
+            tries = self.settings.training_max_retries + 1
+            return "failed", f"the training worker died {tries} times (last: {type(exc).__name__})"
+        cause = getattr(exc, "cause", None) or exc
+        logger.error("subject %s: training failed: %s", subject_id, _error_text(exc))
+        return "failed", f"training failed: {_error_text(cause)}"
+
+    def _finish(self, record: dict, status: str, error: str | None = None) -> dict:
+        record = self._save(records.transition(record, status, error=error))
+        self._event(record, f"subject.{status}")
+        logger.info("subject %s: %s%s", record["id"], status, f" ({error})" if error else "")
+        return record
+
+    # ------------------------------------------------------------------ the client's calls
+
+    async def reserve(self, record: dict, idempotency: tuple[str, str] | None = None) -> dict:
+        """Claim a new subject's id before its images are stored (the record says ``uploading``).
+        With (key, body digest), a retried create gets the first subject's view back instead
+        (``replayed``). SubjectExists / IdempotencyMismatch (ValueErrors) for the client's mistakes."""
+        await self.start()
+        if idempotency is not None:
+            earlier = await asyncio.to_thread(self._idempotent, *idempotency)
+            if earlier is not None:
+                return {**earlier, "replayed": True}
+        status, _ = await asyncio.to_thread(records.status_of, self.root, record["id"])
+        taken = await asyncio.to_thread(storage.exists, storage.join(self.root, "subjects", record["id"]))
+        if status != "missing" or taken or record["id"] in self.running:
+            raise SubjectExists(f"subject {record['id']!r} already exists")
+        await asyncio.to_thread(self._save, {**record, "uploading": True})
+        if idempotency is not None:
+            await asyncio.to_thread(storage.write_json, records.idempotency_uri(self.root, idempotency[0]),
+                                    {"subject_id": record["id"], "body_sha256": idempotency[1]})
+        return {**self.view(record["id"]), "replayed": False}
+
+    async def commit(self, subject_id: str, images: list[str]) -> dict:
+        """The reserved subject's images are stored: queue its training."""
+        record = await asyncio.to_thread(records.read_state, self.root, subject_id)
+        if record is None or record.get("deleting"):
+            raise SubjectExists(f"subject {subject_id!r} was deleted while its images were stored")
+        await asyncio.to_thread(self._save, {**record, "images": list(images), "uploading": False})
+        self.queue.append(subject_id)
+        self._admit()
+        return await asyncio.to_thread(self.view, subject_id)
+
+    def _idempotent(self, key: str, body_sha256: str) -> dict | None:
+        try:
+            seen = storage.read_json(records.idempotency_uri(self.root, key))
+        except FileNotFoundError:
+            return None
+        if seen["body_sha256"] != body_sha256:
+            raise IdempotencyMismatch("this Idempotency-Key was used with a different request body")
+        status, _ = records.status_of(self.root, seen["subject_id"])
+        return None if status == "missing" else self.view(seen["subject_id"])
+
+    def view(self, subject_id: str) -> dict:
+        """The record as clients see it, with progress and queue position (no storage paths)."""
+        status, record = records.status_of(self.root, subject_id)
+        return {"id": subject_id, "status": status, "record": record,
+                "progress": records.read_progress(self.root, subject_id),
+                "queue_position": self.queue.index(subject_id) + 1 if subject_id in self.queue else None}
+
+    async def positions(self) -> dict[str, int]:
+        return {subject_id: i + 1 for i, subject_id in enumerate(self.queue)}
+
+    async def cancel(self, subject_id: str) -> dict | None:
+        """Cancel a queued or training subject; its view (unchanged when already final); None if absent."""
+        await self.start()
+        record = await asyncio.to_thread(records.read_state, self.root, subject_id)
+        if record is None or record.get("deleting"):
+            return None
+        if record["status"] == "queued":
+            self.queue = [s for s in self.queue if s != subject_id]
+            await asyncio.to_thread(self._finish, record, "canceled")
+        elif record["status"] == "training":
+            await asyncio.to_thread(self._save, {**record, "cancel_requested": True})
+            await self._stop_training(subject_id)
+        return await asyncio.to_thread(self.view, subject_id)
+
+    async def _stop_training(self, subject_id: str) -> None:
+        """Interrupt a running training and wait (bounded) until its task has ended and been reaped."""
+        import ray
+
+        ref = self.running.get(subject_id)
+        if ref is None:
+            return
+        ray.cancel(ref, force=False)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while subject_id in self.running and time.monotonic() < deadline:
+            await self._reap_trainings()
+            await asyncio.sleep(0.1)
+        if subject_id in self.running:  # it did not stop: kill its worker
+            ray.cancel(self.running[subject_id], force=True)
+
+    async def delete(self, subject_id: str, webhook_url: str | None = None) -> bool:
+        """Erase a subject: stop its training, have every model replica drop it, remove its files.
+        False when there was nothing to delete (deleting twice is harmless)."""
+        await self.start()
+        status, record = await asyncio.to_thread(records.status_of, self.root, subject_id)
+        leftovers = await asyncio.to_thread(storage.list_files, storage.join(self.root, "subjects", subject_id))
+        if status == "missing" and not leftovers:
+            return False
+        record = record or {"id": subject_id, "status": "ready", "webhook_url": webhook_url, "seq": 0}
+        await asyncio.to_thread(self._save, {**record, "deleting": True})  # from now on: 404 everywhere
+        self.queue = [s for s in self.queue if s != subject_id]
+        await self._stop_training(subject_id)
+        await self._drop_from_replicas(subject_id)
+        from dreamblend_ray.lifecycle.erasure import erase_subject
+
+        await asyncio.to_thread(erase_subject, self.root, subject_id)
+        self._event({**record, "status": "deleted"}, "subject.deleted")
+        return True
+
+    async def _drop_from_replicas(self, subject_id: str) -> None:
+        self.epoch += 1
+        self.deletions.append((self.epoch, subject_id))
+        self.deletions = self.deletions[-1000:]
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            live = {r: e for r, (e, seen) in self.replicas.items() if now - seen < REPLICA_STALE_S}
+            if all(e >= self.epoch for e in live.values()):
+                return
+            await asyncio.sleep(0.05)
+        logger.warning("subject %s: not every model replica confirmed dropping it within %.0fs",
+                       subject_id, ACK_TIMEOUT_S)
+
+    async def poll_deletions(self, replica_id: str, processed_epoch: int) -> tuple[int, list[str]]:
+        """A model replica's heartbeat: it has dropped everything up to ``processed_epoch``; the
+        subjects deleted after that, and the epoch to confirm next time."""
+        await self.start()
+        self.replicas[replica_id] = (processed_epoch, time.monotonic())
+        return self.epoch, [s for e, s in self.deletions if e > processed_epoch]
+
+    async def sweep_retention(self) -> list[str]:
+        """Delete finished subjects past their retention; the ids deleted."""
+        expired = [r["id"] for r in await asyncio.to_thread(records.list_records, self.root)
+                   if not r.get("deleting") and records.expired(r, self.settings.retention_days)]
+        for subject_id in expired:
+            logger.info("subject %s: past its retention, deleting", subject_id)
+            await self.delete(subject_id)
+        return expired
+
+    # ------------------------------------------------------------------ async generation jobs
+
+    async def submit_job(self, record: dict) -> dict:
+        await self.start()
+        await asyncio.to_thread(async_jobs.write_job, self.root, record)
+        self.job_queue.append(record["id"])
+        self._admit_jobs()
+        return record
+
+    def _admit_jobs(self) -> None:
+        import ray
+
+        while self.job_queue and len(self.jobs_running) < self.settings.max_concurrent_trainings:
+            job_id = self.job_queue.pop(0)
+            record = async_jobs.read_job(self.root, job_id)
+            if record is None or record["status"] in async_jobs.JOB_FINAL:
+                continue
+            async_jobs.write_job(self.root, {**record, "status": "running", "started_at": records.now_iso()})
+            s = self.settings
+            task = ray.remote(async_jobs.run_job).options(num_cpus=0, max_retries=1, name=f"job:{job_id}")
+            self.jobs_running[job_id] = task.remote(self.root, job_id, s.base, s.job_num_cpus, s.job_num_gpus)
+
+    async def _reap_jobs(self) -> None:
+        import ray
+
+        for job_id, ref in list(self.jobs_running.items()):
+            if not ray.wait([ref], timeout=0)[0]:
+                continue
+            del self.jobs_running[job_id]
+            record = async_jobs.read_job(self.root, job_id)
+            if record is None:
+                continue
+            try:
+                results = await ref
+                failed = sum(r["status"] != "succeeded" for r in results)
+                record = {**record, "status": "succeeded" if not failed else "failed", "results": results,
+                          "error": f"{failed} of {len(results)} images failed" if failed else None}
+            except Exception as exc:  # noqa: BLE001 - the job fails with its reason
+                record = {**record, "status": "failed", "error": f"the job failed: {_error_text(exc)}"}
+            record["finished_at"] = records.now_iso()
+            async_jobs.write_job(self.root, record)
+            self._event(record, "job.completed", job=True)
+
+    # ------------------------------------------------------------------ storage and webhooks
+
+    def _save(self, record: dict) -> dict:
+        records.write_state(self.root, record)
+        return record
+
+    def _event(self, record: dict, event: str, job: bool = False) -> None:
+        url = record.get("webhook_url")
+        if not url or self.outbox is None:
+            return
+        data = {"id": record["id"], "status": record["status"], "error": record.get("error"),
+                "request_id": record.get("request_id")}
+        if job:
+            data["images_total"] = record.get("images_total")
+        try:
+            self.outbox.enqueue(event, url, data, request_id=record.get("request_id"))
+        except ValueError as exc:  # no secret, or the URL turned bad: logged, never blocks training
+            logger.warning("%s %s: webhook %s not queued: %s", "job" if job else "subject", record["id"], event, exc)
+
+    def _deliver(self) -> None:
+        if self.outbox is not None:
+            self.outbox.deliver_due()
+
+    async def webhook_backlog(self) -> int:
+        return 0 if self.outbox is None else len(await asyncio.to_thread(self.outbox.pending))
+
+
+def scheduler_handle(settings: ServiceSettings, create: bool = True):
+    """The root's scheduler actor: found by name, or started (detached, restarted by Ray forever)."""
+    import ray
+
+    if not create:
+        try:
+            return ray.get_actor(settings.actor_name, namespace=NAMESPACE)
+        except ValueError:
+            return None
+    actor = ray.remote(SubjectScheduler).options(
+        name=settings.actor_name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=1000)
+    return actor.remote(asdict(settings))
