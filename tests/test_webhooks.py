@@ -334,3 +334,22 @@ def test_a_pass_honours_its_limit_most_overdue_first(tmp_path, secret, clock, re
     assert outbox.deliver_due(limit=2)["delivered"] == 2
     assert [json.loads(body)["data"]["n"] for _, body in receiver.received] == [0, 1]
     assert [r["id"] for r in outbox.pending()] == [ids[2]]
+
+
+def test_deliveries_to_one_url_arrive_in_the_order_they_were_queued(tmp_path, secret, clock, receivers):
+    receiver = Receiver(secret, clock, statuses=[503]).start()  # the first try of the first event fails
+    receivers.append(receiver)
+    other = Receiver(secret, clock).start()
+    receivers.append(other)
+    outbox = outbox_at(str(tmp_path), secret, clock)
+    for n, kind in enumerate(("subject.training", "subject.ready")):
+        outbox.enqueue(kind, receiver.url, {"n": n})
+        clock.now += 0.001
+    outbox.enqueue("subject.ready", other.url, {"n": 9})
+    counts = outbox.deliver_due()
+    assert counts["retried"] == 1 and counts["delivered"] == 1  # the later event waits; another URL does not
+    assert [json.loads(b)["data"]["n"] for _, b in other.received] == [9]
+    clock.now += 60
+    assert outbox.deliver_due()["delivered"] == 2
+    kinds = [json.loads(body)["type"] for _, body in receiver.received]
+    assert kinds == ["subject.training", "subject.training", "subject.ready"]  # failed try, retry, then the next

@@ -240,6 +240,7 @@ class SubjectScheduler:
                 "queue_position": self.queue.index(subject_id) + 1 if subject_id in self.queue else None}
 
     async def positions(self) -> dict[str, int]:
+        await self.start()
         return {subject_id: i + 1 for i, subject_id in enumerate(self.queue)}
 
     async def cancel(self, subject_id: str) -> dict | None:

@@ -213,7 +213,7 @@ class Outbox:
         netguard.check_outbound_url(url, self.policy.net, need_allow_list=False)
         now = self._clock()
         body = encode_body(event_type, data, now)
-        msg_id = "msg_" + uuid.uuid4().hex
+        msg_id = f"msg_{time.time_ns():x}{uuid.uuid4().hex[:12]}"  # sorts by creation
         record = {"id": msg_id, "type": event_type, "url": url, "payload": json.loads(body), "body": body,
                   "attempts": 0, "next_attempt_at": now, "created_at": now, "last_error": None,
                   "request_id": request_id}
@@ -230,7 +230,11 @@ class Outbox:
         return sorted(self._records(self.dead_dir), key=lambda r: (r.get("created_at", 0), r["id"]))
 
     def deliver_due(self, now: float | None = None, limit: int = 50) -> dict:
-        """One delivery pass: try up to ``limit`` due records, the most overdue first. Never raises.
+        """One delivery pass: try up to ``limit`` due records, oldest first. Never raises.
+
+        Deliveries to one URL go out in the order they were queued: a URL whose oldest pending
+        record is not due yet, or fails this pass, holds its later records back (so
+        ``subject.training`` never arrives after ``subject.ready``).
 
         Returns counts ``{"delivered", "retried", "dead", "errors"}`` (``errors``: records that
         could not be read or updated in storage; they are tried again on a later pass).
@@ -238,17 +242,27 @@ class Outbox:
         counts = {"delivered": 0, "retried": 0, "dead": 0, "errors": 0}
         try:
             now = self._clock() if now is None else now
-            due = [r for r in self.pending() if r.get("next_attempt_at", 0) <= now][:limit]
+            queue = sorted(self._records(self.outbox_dir), key=lambda r: (r.get("created_at", 0), r["id"]))
         except Exception as exc:  # noqa: BLE001 - a delivery pass never raises
             logger.warning("webhook outbox %s could not be listed: %s", self.root, type(exc).__name__)
             counts["errors"] += 1
             return counts
-        for record in due:
+        held, tried = set(), 0
+        for record in queue:
+            if tried >= limit:
+                break
+            if record["url"] in held or record.get("next_attempt_at", 0) > now:
+                held.add(record["url"])
+                continue
+            tried += 1
             try:
-                counts[self._attempt(record, now)] += 1
+                outcome = self._attempt(record, now)
             except Exception as exc:  # noqa: BLE001 - storage trouble: the record stays, tried later
                 logger.warning("webhook %s could not be updated: %s", record.get("id"), exc)
-                counts["errors"] += 1
+                outcome = "errors"
+            counts[outcome] += 1
+            if outcome != "delivered":
+                held.add(record["url"])
         return counts
 
     def _attempt(self, record: dict, now: float) -> str:
