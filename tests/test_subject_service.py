@@ -340,3 +340,5 @@ def test_an_async_job_runs_the_bulk_job_and_serves_its_images(service):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert client.delete("/v1/subjects/joby").status_code == 204
+    assert client.get(job["results"][1]["url"]).status_code == 404  # its images went with it
+    assert client.get(f"/v1/jobs/{job_id}").json()["results"][1]["error"] == "subject deleted"

@@ -309,7 +309,7 @@ def test_enqueue_refuses_bad_input_and_stores_nothing(tmp_path, secret, clock):
 
 
 def test_delivery_never_raises_and_never_logs_the_query_or_the_secret(tmp_path, secret, clock, caplog):
-    def failing_post(url, body, headers, policy, timeout_s):
+    def failing_post(url, body, headers, policy, timeout_s, need_allow_list=False):
         raise RuntimeError(f"boom at {url}")
 
     outbox = Outbox(str(tmp_path), decode_secret(secret), WebhookPolicy(net=LOCAL), clock=clock, post=failing_post)
@@ -353,3 +353,10 @@ def test_deliveries_to_one_url_arrive_in_the_order_they_were_queued(tmp_path, se
     assert outbox.deliver_due()["delivered"] == 2
     kinds = [json.loads(body)["type"] for _, body in receiver.received]
     assert kinds == ["subject.training", "subject.training", "subject.ready"]  # failed try, retry, then the next
+
+
+def test_an_allow_list_binds_webhook_urls(tmp_path, secret, clock):
+    policy = {"net": NetPolicy(allow_hosts=("hooks.example.com",))}
+    outbox = outbox_at(str(tmp_path), secret, clock, **policy)
+    with pytest.raises(ValueError, match="allow"):
+        outbox.enqueue("subject.ready", "https://elsewhere.example.org/hook", {"id": "x"})

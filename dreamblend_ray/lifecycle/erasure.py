@@ -1,9 +1,10 @@
 """Erasure of a subject: everything stored for it, nothing else (GDPR art. 17).
 
 Removed: the whole ``subjects/{id}/`` prefix (instance images, checkpoints, subject.json, state and
-progress, the attention probe's plot) and the subject's result rows in every job run
+progress, the attention probe's plot), the subject's result rows in every job run
 (``runs/{run}/rows/{id}.parquet``, and its rows of ``runs/{run}/results.parquet``, rewritten
-without them). Kept: the shared class-image cache (images the base model generated for a class
+without them), and the images asynchronous jobs made of it (``jobs/{job}/images/{id}/``; the job's
+results then list them as failed, "subject deleted"). Kept: the shared class-image cache (images the base model generated for a class
 noun: no personal data) and other subjects' files. Idempotent: erasing twice is harmless.
 """
 
@@ -16,6 +17,7 @@ from dreamblend_ray.io import storage
 from dreamblend_ray.jobs import run_records
 from dreamblend_ray.jobs.common import read_parquet, write_parquet
 from dreamblend_ray.jobs.finetune import RESULT_SCHEMA
+from dreamblend_ray.lifecycle import async_jobs
 from dreamblend_ray.training import layout
 
 logger = logging.getLogger(__name__)
@@ -31,8 +33,22 @@ def erase_subject(root: str, subject_id: str) -> dict:
     storage.delete(prefix)
     rows = sum(_erase_from_run(storage.join(root, "runs", run), subject_id)
                for run in storage.list_dir(storage.join(root, "runs")))
-    logger.info("erased subject %s: %d files and %d result rows", subject_id, files, rows)
-    return {"files": files, "result_rows": rows}
+    images = sum(_erase_from_job(root, job_id, subject_id) for job_id in storage.list_dir(storage.join(root, "jobs")))
+    logger.info("erased subject %s: %d files, %d result rows, %d job images", subject_id, files, rows, images)
+    return {"files": files, "result_rows": rows, "job_images": images}
+
+
+def _erase_from_job(root: str, job_id: str, subject_id: str) -> int:
+    """Drop the images an async job made of the subject; its results name them as deleted."""
+    folder = storage.join(async_jobs.job_uri(root, job_id), "images", subject_id)
+    count = len(storage.list_files(folder))
+    storage.delete(folder)
+    record = async_jobs.read_job(root, job_id)
+    if record and any(r["subject_id"] == subject_id for r in record.get("results") or []):
+        record["results"] = [{**r, "status": "failed", "error": "subject deleted", "image_uri": None}
+                             if r["subject_id"] == subject_id else r for r in record["results"]]
+        async_jobs.write_job(root, record)
+    return count
 
 
 def _erase_from_run(run: str, subject_id: str) -> int:

@@ -210,7 +210,7 @@ class Outbox:
                              f"to whsec_<base64 of at least {MIN_SECRET_BYTES} random bytes>")
         if event_type not in EVENTS:
             raise ValueError(f"unknown webhook event {event_type!r}; known: {', '.join(EVENTS)}")
-        netguard.check_outbound_url(url, self.policy.net, need_allow_list=False)
+        netguard.check_outbound_url(url, self.policy.net, need_allow_list=bool(self.policy.net.allow_hosts))
         now = self._clock()
         body = encode_body(event_type, data, now)
         msg_id = f"msg_{time.time_ns():x}{uuid.uuid4().hex[:12]}"  # sorts by creation
@@ -294,7 +294,8 @@ class Outbox:
                    "webhook-signature": sign(self._secret, record["id"], timestamp, body),
                    "content-type": "application/json", "user-agent": USER_AGENT}
         try:
-            status = self._post(record["url"], body, headers, self.policy.net, self.policy.timeout_s)
+            status = self._post(record["url"], body, headers, self.policy.net, self.policy.timeout_s,
+                                need_allow_list=bool(self.policy.net.allow_hosts))
         except ValueError as exc:  # netguard's refusals name the rule and the host only
             return None, f"refused: {exc}"[:300]
         except Exception as exc:  # noqa: BLE001 - connection refused, timeout, TLS, protocol

@@ -227,7 +227,8 @@ def check_webhook_url(args: AppArgs, url: str | None) -> None:
     if url is None:
         return
     try:
-        netguard.check_outbound_url(url, net_policy(args, args.webhook_allow_hosts), need_allow_list=False)
+        netguard.check_outbound_url(url, net_policy(args, args.webhook_allow_hosts),
+                                    need_allow_list=bool(args.webhook_allow_hosts))  # an allow-list, when given, binds
     except ValueError as exc:
         raise FieldError("webhook_url", f"webhook_url is refused: {exc}") from exc
 
