@@ -23,6 +23,7 @@ COMMANDS = {
     "finetune": ("finetune", "DreamBooth fine-tuning of one subject into a checkpoint pair"),
     "submit": ("submit", "submit the fine-tune or generate job to a running Ray cluster"),
     "serve": ("serve", "run the Ray Serve HTTP endpoint locally"),
+    "subjects": ("subjects", "create, follow, cancel and delete subjects on a running service (its HTTP API)"),
     "demo": ("demo", "the main job: fine-tune demo subjects, serve, and render a DreamBlend grid"),
     "evaluate": ("evaluate", "CLIP-I / CLIP-T / DINO / diversity evaluation job"),
     "train-embedded": ("train_embedded", "train the embedded shapes-world base model"),

@@ -9,11 +9,14 @@
   const SVG = "http://www.w3.org/2000/svg";
   // subjects per GET /v1/subjects page; "/?page_size=N" picks another (1..200)
   const PAGE = Math.min(200, Math.max(1, parseInt(new URLSearchParams(location.search).get("page_size"), 10) || 50));
+  const POLL_MS = 1000; // a training's GET /v1/subjects/{id} period
+  const FINAL = ["ready", "failed", "canceled"];
 
   let apiKey = "";
   let subject = null; // the chosen subject's GET /v1/subjects/{id} body
   let nextCursor = null;
   let collapseUrl = null;
+  const trainings = new Map(); // subject id -> {row, timer}: the subjects uploaded from this page
 
   const $ = (id) => document.getElementById(id);
 
@@ -22,7 +25,8 @@
   function call(path, init = {}) {
     const headers = {};
     if (apiKey) headers.Authorization = "Bearer " + apiKey;
-    if (init.body !== undefined) headers["Content-Type"] = "application/json";
+    // JSON text is labelled; a FormData body gets its multipart type (and boundary) from the browser.
+    if (typeof init.body === "string") headers["Content-Type"] = "application/json";
     return fetch(path, { ...init, headers, cache: "no-store", credentials: "omit" });
   }
 
@@ -31,10 +35,11 @@
     return parts.length ? parts.join(".") : "request";
   }
 
-  // {"detail": "sentence"} as is; 422's [{loc, msg}] as "field: message" lines.
+  // {"detail": "sentence"} as is (an upload's 413 adds its file and rule); 422's [{loc, msg}] as
+  // "field: message" lines.
   function detailText(body) {
     const detail = body && body.detail;
-    if (typeof detail === "string") return detail;
+    if (typeof detail === "string") return body.rule ? `${detail} (file ${body.file}, rule ${body.rule})` : detail;
     if (Array.isArray(detail)) return detail.map((i) => `${fieldName(i.loc)}: ${i.msg}`).join("\n");
     return null;
   }
@@ -95,6 +100,26 @@
     }
   }
 
+  // The list changes in place (a reload would lose the choice and the pages already loaded).
+  function addSubjectOption(id) {
+    const select = $("subject");
+    if ([...select.options].some((o) => o.value === id)) return;
+    if (select.options.length === 0 || select.options[0].value !== "" || select.options.length === 1) {
+      select.replaceChildren(option("", "(choose a subject)"), ...[...select.options].filter((o) => o.value));
+    }
+    select.append(option(id, id));
+  }
+
+  function removeSubjectOption(id) {
+    const select = $("subject");
+    const chosen = select.value === id;
+    for (const o of [...select.options]) if (o.value === id) o.remove();
+    if (chosen) {
+      select.value = "";
+      chooseSubject("");
+    }
+  }
+
   function fillSteps(select, steps, chosen) {
     select.replaceChildren(...steps.map((s) => option(s, String(s))));
     select.value = String(chosen);
@@ -102,12 +127,14 @@
 
   async function chooseSubject(id) {
     subject = null;
+    $("delete-subject").disabled = !id;
     $("subject-info").textContent = "";
     for (const s of [$("g-step"), $("e-step")]) s.replaceChildren();
     showCollapse(null, "choose a subject");
     if (!id) return;
     try {
       const view = await getJson(`/v1/subjects/${encodeURIComponent(id)}`);
+      if ($("subject").value !== id) return; // chosen again (or deleted) meanwhile: a stale answer
       subject = view;
       const base = view.base ? `${view.base.name} (${view.base.config_id})` : "?";
       $("subject-info").textContent = `saved steps ${view.steps.join(", ")} · default pair G=${view.guidance_step}, `
@@ -118,7 +145,7 @@
       clearError();
       await loadCollapse(id);
     } catch (error) {
-      showError(error);
+      if ($("subject").value === id) showError(error);
     }
   }
 
@@ -140,6 +167,125 @@
       return showCollapse(null, `collapse plot unavailable: ${error.text}`);
     }
     showCollapse(await response.blob(), `${id}: attention collapse against the fine-tuning step`);
+  }
+
+  // ------------------------------------------------------------------ upload, training, delete
+
+  function uploadForm() {
+    const form = new FormData();
+    for (const file of $("upload-images").files) form.append("images", file, file.name);
+    form.append("class_noun", $("upload-class").value.trim());
+    const id = $("upload-id").value.trim();
+    if (id) form.append("subject_id", id);
+    const steps = $("upload-steps").value.trim();
+    if (steps) form.append("steps", steps);
+    return form;
+  }
+
+  async function upload(event) {
+    event.preventDefault();
+    if ($("upload-images").files.length === 0) return showError({ text: "choose one or more images to upload" });
+    if (!$("upload-class").value.trim()) return showError({ text: "the class noun is required (e.g. dog)" });
+    const button = $("upload");
+    button.disabled = true;
+    $("upload-status").textContent = "uploading…";
+    try {
+      const response = await call("/v1/subjects", { method: "POST", body: uploadForm() });
+      if (!response.ok) throw await failure(response);
+      const created = await response.json();
+      clearError();
+      $("upload-status").textContent = `${created.subject_id} queued`;
+      $("upload-form").reset();
+      track(created);
+    } catch (error) {
+      $("upload-status").textContent = "";
+      showError(error);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function track(state) {
+    const old = trainings.get(state.subject_id);
+    if (old) { clearTimeout(old.timer); old.row.remove(); }
+    const row = $("training-template").content.firstElementChild.cloneNode(true);
+    row.dataset.subject = state.subject_id;
+    row.querySelector(".training-id").textContent = state.subject_id;
+    row.querySelector(".training-id").title = state.subject_id;
+    row.querySelector(".training-delete").addEventListener("click", () => deleteSubject(state.subject_id));
+    $("trainings").prepend(row);
+    trainings.set(state.subject_id, { row, timer: null });
+    showTraining(state);
+  }
+
+  function statusText(state) {
+    const p = state.progress;
+    if (state.status === "queued") return state.queue_position ? `queued (#${state.queue_position})` : "queued";
+    if (state.status === "training") {
+      const retry = p && p.attempt > 1 ? ` · attempt ${p.attempt}` : "";
+      return p ? `training · step ${p.step}/${p.total}${retry}` : "training · starting";
+    }
+    if (state.status === "failed") return `failed: ${state.error || "no reason given"}`;
+    return state.status;
+  }
+
+  // One GET's answer drawn on its row; the next poll scheduled until the state is final.
+  function showTraining(state) {
+    const entry = trainings.get(state.subject_id);
+    if (!entry) return; // deleted meanwhile
+    const { row } = entry;
+    const bar = row.querySelector(".training-progress");
+    const p = state.progress;
+    if (state.status === "ready") {
+      bar.max = 1;
+      bar.value = 1;
+    } else if (p && p.total) {
+      bar.max = p.total;
+      bar.value = p.step;
+    } else {
+      bar.removeAttribute("value"); // indeterminate while queued or starting
+    }
+    row.dataset.status = state.status;
+    row.querySelector(".training-status").textContent = statusText(state);
+    if (!FINAL.includes(state.status)) entry.timer = setTimeout(() => poll(state.subject_id), POLL_MS);
+    else if (state.status === "ready") addSubjectOption(state.subject_id); // it can now be chosen under Subject
+  }
+
+  async function poll(id) {
+    const entry = trainings.get(id);
+    if (!entry) return;
+    try {
+      showTraining(await getJson(`/v1/subjects/${encodeURIComponent(id)}`));
+    } catch (error) {
+      if (error.status === 404) return forget(id, "deleted");
+      // a restarting service or a lost connection: say so, and keep polling
+      entry.row.querySelector(".training-status").textContent = `no answer (${error.text || error}); retrying`;
+      entry.timer = setTimeout(() => poll(id), POLL_MS);
+    }
+  }
+
+  function forget(id, status) {
+    const entry = trainings.get(id);
+    if (!entry) return;
+    clearTimeout(entry.timer);
+    trainings.delete(id);
+    entry.row.dataset.status = status;
+    entry.row.querySelector(".training-status").textContent = status;
+    entry.row.querySelector(".training-delete").disabled = true;
+  }
+
+  async function deleteSubject(id) {
+    if (!id || !confirm(`Delete subject "${id}" and everything stored for it (its images and checkpoints)? `
+                        + "This cannot be undone.")) return;
+    try {
+      const response = await call(`/v1/subjects/${encodeURIComponent(id)}`, { method: "DELETE" });
+      if (!response.ok && response.status !== 404) throw await failure(response);
+      clearError();
+      forget(id, "deleted");
+      removeSubjectOption(id);
+    } catch (error) {
+      showError(error);
+    }
   }
 
   // ------------------------------------------------------------------ generate
@@ -325,6 +471,8 @@
     $("more-subjects").addEventListener("click", () => loadSubjects(true));
     $("subject").addEventListener("change", (e) => chooseSubject(e.target.value));
     $("generate-form").addEventListener("submit", generate);
+    $("upload-form").addEventListener("submit", upload);
+    $("delete-subject").addEventListener("click", () => deleteSubject($("subject").value));
     loadSubjects(false, true); // works as is when auth is off; else shows the 401 until a key is given
   });
 })();
