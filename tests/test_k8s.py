@@ -38,7 +38,7 @@ SDXL = K8S / "overlays" / "sdxl"
 APP_DIR = "/home/ray/dreamblend"  # where the Dockerfile puts the repository
 PROJECT_IMAGE = "ghcr.io/dreamblend/dreamblend-ray"
 S3_SECRET, API_KEY_SECRET = "dreamblend-s3", "dreamblend-api-key"
-EXAMPLE_FILES = {"secret-s3.example.yaml", "secret-api-key.example.yaml"}
+EXAMPLE_FILES = {"secret-s3.example.yaml", "secret-api-key.example.yaml", "secret-webhook.example.yaml"}
 
 
 def _load_module(name: str, path: Path):
@@ -203,7 +203,7 @@ def test_every_manifest_parses_into_the_expected_objects(manifests):
     assert kinds == sorted([
         ("RayJob", "dreamblend-finetune"), ("RayService", "dreamblend"),
         ("RayCluster", "dreamblend-shared"), ("Secret", S3_SECRET), ("Secret", API_KEY_SECRET),
-        ("ServiceAccount", "dreamblend")])
+        ("Secret", "dreamblend-webhook"), ("ServiceAccount", "dreamblend")])
     for docs in manifests.values():
         for doc in docs:
             assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from dreamblend_ray.config import CLASS_NOUN_PATTERN, SUBJECT_ID_PATTERN, TOKEN_PATTERN, FinetuneConfig, from_dict, to_dict
 from dreamblend_ray.io import netguard, storage, uploads
-from dreamblend_ray.lifecycle import async_jobs, records
+from dreamblend_ray.lifecycle import async_jobs, records, webhooks
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.requests import AppArgs, FieldError, SubjectConflict, SubjectNotFound
 
@@ -224,8 +224,15 @@ def net_policy(args: AppArgs, allow_hosts: list[str]) -> netguard.NetPolicy:
 
 
 def check_webhook_url(args: AppArgs, url: str | None) -> None:
+    """A webhook URL the scheduler will be able to sign for and reach (FieldError otherwise)."""
     if url is None:
         return
+    try:
+        secret = webhooks.load_secret(args.webhook_secret_env, args.webhook_secret_file)
+    except ValueError:
+        secret = None  # logged where the scheduler loads it; to the client: webhooks are off
+    if secret is None:
+        raise FieldError("webhook_url", "webhooks are off on this service (no signing secret is configured)")
     try:
         netguard.check_outbound_url(url, net_policy(args, args.webhook_allow_hosts),
                                     need_allow_list=bool(args.webhook_allow_hosts))  # an allow-list, when given, binds
