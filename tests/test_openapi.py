@@ -118,6 +118,27 @@ def test_schemathesis_all_checks_find_nothing(base_url, tmp_path):
     assert "failure" not in output.split("SUMMARY")[-1].lower(), output[-3000:]
 
 
+@pytest.mark.slow
+def test_schemathesis_stateful_walks_the_subject_lifecycle(base_url, tmp_path):
+    """The OpenAPI links (create -> get / cancel / delete) walked with real images: no server error,
+    no schema violation, and the links are really followed."""
+    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(TESTS / "schemathesis.toml"), "run",
+               f"{base_url}/openapi.json", "--checks", "all", "--phases", "stateful", "--max-examples", "20",
+               "--seed", "20261207", "--generation-database", "none", "--workers", "1", "--request-timeout", "60",
+               "--max-response-time", "30", "--header", f"Authorization: Bearer {KEY}", "--no-color",
+               "--include-path-regex", "^/v1/subjects", "--mode", "positive",
+               # positive data only (the hook puts real images in): refusals are the fuzzing test's
+               "--exclude-checks", "negative_data_rejection"]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_stateful_hooks",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[output.find("FAILURES"):][:6000]
+    assert "✅ Stateful" in output, output[-3000:]
+    links = re.search(r"Links:\s+(\d+) covered / (\d+) selected", output)
+    assert links and int(links.group(1)) >= 3, output[-3000:]  # get, cancel and delete after a create
+
+
 def test_the_error_table_in_the_docs_lists_every_status():
     from dreamblend_ray.serving.http import ERRORS
 

@@ -441,19 +441,31 @@ def job_view(root: str, job_id: str) -> JobView:
 # Routes
 
 
-CREATE_SCHEMA = {
-    "requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {
-            "type": "object", "required": ["images", "class_noun"],
-            "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                           **{name: {"type": "string"} for name in ("class_noun", "subject_id", "token",
-                                                                    "webhook_url", "method")},
-                           **{name: {"type": "integer"} for name in ("steps", "rank", "retention_days")}}}},
-        "application/json": {"schema": CreateSubjectJSON.model_json_schema()}}},
-    "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                    "description": "a retried create with the same key and body returns the same subject",
-                    "schema": {"type": "string", "maxLength": IDEMPOTENCY_KEY_MAX}}],
-}
+def create_schema(args: AppArgs) -> dict:
+    """The create's two bodies for OpenAPI: multipart (the JSON body's fields as form fields, with
+    ``images`` files) and JSON; the operator's bounds on steps, rank and method are in both."""
+    json_schema = CreateSubjectJSON.model_json_schema()
+    props = json_schema["properties"]
+    props["steps"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": args.max_train_steps},
+                                {"type": "null"}], "default": None}
+    props["rank"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": args.max_lora_rank},
+                               {"type": "null"}], "default": None}
+    props["method"] = {"anyOf": [{"enum": list(args.train_methods)}, {"type": "null"}], "default": None}
+    form = {name: {k: v for k, v in spec["anyOf"][0].items()} if "anyOf" in spec else spec
+            for name, spec in props.items() if name != "image_uris"}
+    form["images"] = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                      "maxItems": args.upload_max_files}
+    return {
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["images", "class_noun"],
+                                               "properties": form}},
+            "application/json": {"schema": json_schema}}},
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                        "description": "a retried create with the same key and body returns the same subject",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX}}],
+    }
+
+
 SUBJECT_LINKS = {name: {"operationId": op, "parameters": {"subject_id": "$response.body#/subject_id"}}
                  for name, op in (("GetSubject", "get_subject"), ("CancelSubject", "cancel_subject"),
                                   ("DeleteSubject", "delete_subject"))}
@@ -480,7 +492,7 @@ def add_subject_routes(api: FastAPI, args: AppArgs, service: "SubjectsService | 
         return service
 
     @api.post(SUBJECTS_PATH, status_code=202, response_model=SubjectState, operation_id="create_subject",
-              summary="Create a subject from images and queue its training", openapi_extra=CREATE_SCHEMA,
+              summary="Create a subject from images and queue its training", openapi_extra=create_schema(args),
               responses={202: {"description": "queued", "links": SUBJECT_LINKS,
                                "headers": {"Location": {"schema": {"type": "string"}}}},
                          **responses(400, 401, 409, 413, 415, 422, 500, 503)})
