@@ -152,3 +152,15 @@ def test_bench_rows_runs_and_reports(tmp_path):
     assert all(value > 0 for key, value in ratios.items() if not key.endswith("_by_subjects"))
     assert result["faster_on_cpu"] in {"co_batch=True", "co_batch=False"}
     assert result["sanity_ok"] and result["max_abs_diff_x255"] <= 1.0  # rows match the per-subject images
+
+
+@pytest.mark.slow
+def test_bench_lifecycle_runs_and_reports(tmp_path):
+    result = run_script("bench_lifecycle.py", "--toy", cwd=tmp_path)
+    upload = result["upload"]
+    assert upload["files"] >= 2 and upload["rss_peak_mib"] >= upload["rss_before_mib"] > 0
+    ready = result["create_to_ready"]
+    assert len(ready["create_to_ready_s"]) == 2 and ready["median_s"] >= ready["train_s_median"] > 0
+    serving = result["serving_while_training"]
+    assert serving["alone"] > 0 and serving["shared_cores_trainings_ran_throughout"]
+    assert {"shared_over_alone", "own_core_over_alone"} <= set(serving)

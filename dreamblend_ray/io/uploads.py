@@ -205,11 +205,15 @@ def _upright_rgb(name: str, image: Image.Image) -> Image.Image:
 
 class UploadBatch:
     """The files of one upload, checked as they arrive: count and total bytes before each file is
-    decoded, so a streaming receiver can stop at the first file over a limit."""
+    decoded, so a streaming receiver can stop at the first file over a limit. ``keep_images=False``
+    checks without keeping the re-encoded images (a server then re-reads each file to store it, so
+    it never holds the whole upload in memory)."""
 
-    def __init__(self, limits: UploadLimits | None = None):
+    def __init__(self, limits: UploadLimits | None = None, keep_images: bool = True):
         self.limits = limits or UploadLimits()
+        self.keep_images = keep_images
         self.images: list[ValidatedImage] = []
+        self.count = 0
         self.total_bytes = 0
 
     @property
@@ -218,7 +222,7 @@ class UploadBatch:
         return self.limits.max_total_bytes - self.total_bytes
 
     def _check_count(self, filename: str) -> None:
-        if len(self.images) >= self.limits.max_files:
+        if self.count >= self.limits.max_files:
             raise UploadError(filename, "count", f"an upload holds at most {self.limits.max_files} files")
 
     def add(self, filename: str, data: bytes) -> ValidatedImage:
@@ -228,7 +232,9 @@ class UploadBatch:
             raise UploadError(filename, "total_bytes", f"the files together exceed the limit of "
                                                        f"{self.limits.max_total_bytes} bytes")
         image = validate_image(filename, data, self.limits)
-        self.images.append(image)
+        if self.keep_images:
+            self.images.append(image)
+        self.count += 1
         self.total_bytes += len(data)
         return image
 
@@ -247,7 +253,7 @@ class UploadBatch:
 
     def finish(self) -> list[ValidatedImage]:
         """The accepted images; UploadError ``count`` if fewer than ``limits.min_files``."""
-        if len(self.images) < self.limits.min_files:
-            raise UploadError(None, "count", f"it holds {len(self.images)} images; at least "
+        if self.count < self.limits.min_files:
+            raise UploadError(None, "count", f"it holds {self.count} images; at least "
                                              f"{self.limits.min_files} are required")
         return list(self.images)

@@ -284,16 +284,26 @@ async def read_multipart(request: Request, args: AppArgs) -> tuple[dict[str, str
     return fields, files
 
 
-def validate_files(files: list[tuple[str, Any]], limits: uploads.UploadLimits) -> tuple[list[bytes], str]:
-    """Every file checked (nothing stored yet); their PNGs and the digest of the raw bytes."""
-    batch, digest, pngs = uploads.UploadBatch(limits), hashlib.sha256(), []
+def validate_files(files: list[tuple[str, Any]], limits: uploads.UploadLimits) -> tuple[list, str]:
+    """Every file checked (nothing stored yet, nothing kept); a loader per file that reads and
+    re-encodes it again when it is stored, and the digest of the raw bytes. So the ingress holds
+    one file at a time, never the whole upload (starlette spooled the files to disk)."""
+    batch, digest = uploads.UploadBatch(limits, keep_images=False), hashlib.sha256()
     for filename, upload in files:
-        upload.file.seek(0)
-        data = uploads.read_limited(upload.file, limits.max_file_bytes, filename)
+        data = _read(upload, limits, filename)
         digest.update(hashlib.sha256(data).digest())
-        pngs.append(batch.add(filename, data).png)
+        batch.add(filename, data)
     batch.finish()
-    return pngs, digest.hexdigest()
+
+    def loader(filename, upload):
+        return lambda: uploads.validate_image(filename, _read(upload, limits, filename), limits).png
+
+    return [loader(filename, upload) for filename, upload in files], digest.hexdigest()
+
+
+def _read(upload, limits: uploads.UploadLimits, filename: str) -> bytes:
+    upload.file.seek(0)
+    return uploads.read_limited(upload.file, limits.max_file_bytes, filename)
 
 
 def read_sources(uris: list[str], args: AppArgs) -> list[tuple[str, bytes]]:
@@ -348,11 +358,12 @@ def idempotency_of(request: Request, digest: str, fields: dict) -> tuple[str, st
     return key, body
 
 
-async def store_images(root: str, subject_id: str, pngs: list[bytes]) -> list[str]:
-    names = [records.image_name(i) for i in range(len(pngs))]
+async def store_images(root: str, subject_id: str, loaders: list) -> list[str]:
+    """Write each image (``loaders``: callables returning its PNG), one at a time."""
+    names = [records.image_name(i) for i in range(len(loaders))]
     folder = records.images_uri(root, subject_id)
-    for name, png in zip(names, pngs):
-        await asyncio.to_thread(storage.write_bytes, storage.join(folder, name), png)
+    for name, load in zip(names, loaders):
+        await asyncio.to_thread(lambda: storage.write_bytes(storage.join(folder, name), load()))
     return names
 
 
@@ -377,13 +388,13 @@ async def create_subject(request: Request, args: AppArgs, service: SubjectsServi
                                                                 "application/json (image_uris)"})
     check_webhook_url(args, fields.get("webhook_url"))
     config = finetune_config(args, fields.get("token"), fields.get("steps"), fields.get("method"), fields.get("rank"))
-    pngs, digest = await asyncio.to_thread(validate_files if kind == "multipart/form-data" else validate_bytes,
+    images, digest = await asyncio.to_thread(validate_files if kind == "multipart/form-data" else validate_bytes,
                                            sources, limits)
-    record = subject_record(args, fields, config, len(pngs), request.headers.get("x-request-id"))
+    record = subject_record(args, fields, config, len(images), request.headers.get("x-request-id"))
     view = await service.reserve(record, idempotency_of(request, digest, fields))
     if not view.get("replayed"):
         try:
-            names = await store_images(args.storage_root, record["id"], pngs)
+            names = await store_images(args.storage_root, record["id"], images)
         except BaseException:  # nothing half-stored stays behind
             await service.delete(record["id"])
             raise
@@ -401,7 +412,7 @@ def validate_bytes(sources: list[tuple[str, bytes]], limits: uploads.UploadLimit
         digest.update(hashlib.sha256(data).digest())
         pngs.append(batch.add(name, data).png)
     batch.finish()
-    return pngs, digest.hexdigest()
+    return [lambda png=png: png for png in pngs], digest.hexdigest()
 
 
 def job_rows(requests: list, args: AppArgs) -> list[dict]:
