@@ -29,6 +29,8 @@ from dreamblend_ray.dtypes import MIXED_PRECISION, normalize_mixed_precision
 # Python code must test ids with ``fullmatch``: ``re.match`` with ``$`` also accepts a trailing "\n".
 SUBJECT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CLASS_NOUN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")
+TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_TENANT = "default"
 TOKEN_PATTERN = re.compile(r"^[^\s\x00-\x1f\x7f]{1,32}$")  # no whitespace, no control characters
 
 # One seed range everywhere (CLI, jobs, HTTP, manifests): the largest integer a JSON number holds
@@ -77,6 +79,13 @@ def validate_subject_id(subject_id: str) -> SubjectId:
         raise ValueError(
             f"subject_id must match [A-Za-z0-9_-] and be 1 to 64 characters long, got {subject_id!r}")
     return SubjectId(subject_id)
+
+
+def validate_tenant(tenant: str) -> str:
+    """Tenant ids become storage prefixes: [a-z0-9-], 1 to 63 characters, starting with a letter or digit."""
+    if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
+        raise ValueError(f"tenant must match [a-z0-9][a-z0-9-]{{0,62}}, got {tenant!r}")
+    return tenant
 
 
 def validate_class_noun(class_noun: str) -> str:
@@ -374,6 +383,11 @@ class LayerSelection:
                                    "resolutions are compared")
     name_contains: tuple[str, ...] = setting((), help="keep only layers whose processor name contains one "
                                                       "of these (e.g. up_blocks.1)")
+    streams: tuple[str, ...] = setting(("double", "joint"), choices=("double", "single", "joint"),
+                                       help="transformer bases (Flux, SD3): which joint-attention streams are "
+                                            "compared (Flux: double, single; SD3: joint)")
+    blocks: tuple[int, ...] = setting((), low=0, high=1000,
+                                      help="transformer bases: which block indices are compared (empty: all)")
 
     def __post_init__(self):
         if not self.places:

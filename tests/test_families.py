@@ -135,7 +135,7 @@ def test_family_detection_and_its_errors():
     with pytest.raises(ValueError, match="KandinskyPipeline"):
         families.detect({"_class_name": "KandinskyPipeline"})
     with pytest.raises(ValueError, match="model family must be one of"):
-        families.get("sd3")
+        families.get("kandinsky")
 
 
 def test_the_families_differ_in_identity():

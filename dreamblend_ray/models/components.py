@@ -3,8 +3,8 @@
 ``load_components`` reads a directory with ``model_index.json`` (UNet, VAE, scheduler and the
 family's text encoders and tokenizers), from a local path, a remote URI (s3://, gs://, ...;
 downloaded once to a local cache), or one of the built-in names: ``tiny``, ``tiny-sd2`` and
-``tiny-sdxl`` (deterministic random models built in code, for tests; ``models/sd.py``,
-``models/sdxl.py``) and ``embedded`` (the small model trained here and shipped with the package).
+``tiny-sdxl``, ``tiny-flux`` and ``tiny-sd3`` (deterministic random models built in code, for
+tests; ``models/sd.py``, ``models/sdxl.py``, ``models/flux.py``, ``models/sd3.py``) and ``embedded`` (the small model trained here and shipped with the package).
 The family (``models/families.py``) is detected from ``model_index.json``'s ``_class_name``.
 Nothing is ever downloaded from a model hub.
 """
@@ -24,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from dreamblend_ray import dtypes
 from dreamblend_ray.io import storage
-from dreamblend_ray.models import families, sd, sdxl  # noqa: F401 - sd and sdxl register their families
+from dreamblend_ray.models import families, flux, sd, sd3, sdxl  # noqa: F401 - each registers its family
 from dreamblend_ray.models.families import Family
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,12 @@ BUILTIN_BASES = tuple(families.BUILTINS) + ("embedded",)
 @dataclass
 class Components:
     """The pieces of a base model that DreamBlend needs. ``family`` names its entry in
-    ``models/families.py`` (how prompts become conditioning); SDXL adds the second text encoder
-    and tokenizer; ``options`` holds the family's model_index.json settings."""
+    ``models/families.py`` (how prompts become conditioning); SDXL and Flux add a second text
+    encoder and tokenizer, SD3 a third; ``options`` holds the family's model_index.json settings.
+    The denoiser is ``unet`` (SD, SDXL) or ``transformer`` (Flux, SD3; ``unet`` is then None):
+    family-neutral code asks for ``denoiser``."""
 
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | None
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
@@ -48,14 +50,23 @@ class Components:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: CLIPTokenizer | None = None
     options: dict = field(default_factory=dict)
+    transformer: torch.nn.Module | None = None
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: object | None = None
 
     @property
     def model_family(self) -> Family:
         return families.get(self.family)
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or the transformer, whichever the family samples with."""
+        return self.transformer if self.transformer is not None else self.unet
+
+    @property
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+        return [m for m in (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+                if m is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -63,11 +74,11 @@ class Components:
 
     @property
     def default_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.model_family.default_size(self)
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.denoiser.device
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Components":
         """Move to ``device`` (and ``dtype``). A VAE whose config asks for it (``force_upcast``,
@@ -117,8 +128,8 @@ def _seeded(seed: int):
 
 
 def build_tiny_components(seed: int = 0, name: str = "tiny") -> Components:
-    """A deterministic random model of a built-in kind (``tiny``, ``tiny-sd2``, ``tiny-sdxl``):
-    32x32 images, 16x16x4 latents. The same seed gives the same weights on every machine (weights
+    """A deterministic random model of a built-in kind (``tiny``, ``tiny-sd2``, ``tiny-sdxl``,
+    ``tiny-flux``, ``tiny-sd3``): 32x32 images, 16x16x4 latents. The same seed gives the same weights on every machine (weights
     are drawn on the CPU)."""
     if name not in families.BUILTINS:
         raise ValueError(f"built-in tiny models are {sorted(families.BUILTINS)}, got {name!r}")
@@ -128,7 +139,8 @@ def build_tiny_components(seed: int = 0, name: str = "tiny") -> Components:
         parts = builder(seed)
     finally:
         torch.random.set_rng_state(state)
-    options = dict(families.get(family).options)
+    options = {**families.get(family).options, **parts.pop("options", {})}
+    parts.setdefault("unet", None)
     return Components(**parts, source=name, family=family, options=options).eval()
 
 
@@ -151,7 +163,7 @@ def save_components(components: Components, directory: str | os.PathLike) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
              **family.index_extras, **{k: components.options.get(k, v) for k, v in family.options.items()}}
-    for name in ("vae", "unet", "scheduler") + family.text_parts:
+    for name in family.model_parts + family.text_parts:
         part = getattr(components, name)
         if isinstance(part, torch.nn.Module):
             part.save_pretrained(directory / name, safe_serialization=True)
@@ -207,20 +219,15 @@ def load_components(base: str = "embedded", device: str | torch.device | None = 
 def _load_directory(directory: Path, family_name: str | None = None) -> Components:
     index = json.loads((directory / "model_index.json").read_text())
     family = families.detect(index, family_name)
-    missing = [name for name in ("unet", "vae", "scheduler") + family.text_parts
+    missing = [name for name in family.model_parts + family.text_parts
                if name not in index or not (directory / name).is_dir()]
     if missing:
         raise ValueError(f"{directory} lacks components {missing} in model_index.json "
                          f"(a {family.pipeline_class} needs them)")
     logger.info("loading %s base components from %s", family.name, directory)
-    return Components(
-        unet=UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True),
-        vae=AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True),
-        scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(directory / "scheduler")),
-        source=str(directory), family=family.name,
-        options={k: index.get(k, v) for k, v in family.options.items()},
-        **family.load_text_parts(directory),
-    )
+    parts = {"unet": None, **family.load_model_parts(directory), **family.load_text_parts(directory)}
+    return Components(source=str(directory), family=family.name,
+                      options={k: index.get(k, v) for k, v in family.options.items()}, **parts)
 
 
 def model_identity(components: Components) -> dict:
@@ -233,12 +240,13 @@ def model_identity(components: Components) -> dict:
         return {k: v for k, v in config.items() if not k.startswith("_") and k not in volatile}
 
     configs = {
-        "unet": clean(dict(components.unet.config)),
+        components.model_family.denoiser_name: clean(dict(components.denoiser.config)),
         "vae": clean(dict(components.vae.config)),
         "text_encoder": clean(components.text_encoder.config.to_dict()),
     }
-    if components.text_encoder_2 is not None:
-        configs["text_encoder_2"] = clean(components.text_encoder_2.config.to_dict())
+    for name in ("text_encoder_2", "text_encoder_3"):
+        if getattr(components, name) is not None:
+            configs[name] = clean(getattr(components, name).config.to_dict())
     blob = json.dumps(configs, sort_keys=True, default=str).encode()
     return {"source": components.source, "family": components.family,
             "config_sha256": hashlib.sha256(blob).hexdigest()}

@@ -42,7 +42,9 @@ class Family:
 
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()  # model_index.json ``_class_name`` values of this family
+    model_parts: tuple[str, ...] = ("unet", "vae", "scheduler")  # the denoiser first
     text_parts: tuple[str, ...] = ("text_encoder", "tokenizer")
+    flow_matching: bool = False  # True: a transformer sampled by flow matching (method/flow_sampler.py)
     options: dict[str, Any] = {}  # model_index.json settings this family reads, with their defaults
     index_extras: dict[str, Any] = {}  # what its pipeline's save_pretrained also writes to model_index.json
 
@@ -50,6 +52,23 @@ class Family:
     def pipeline_class(self) -> str:
         """The diffusers pipeline class written to model_index.json (and used by the equivalence tests)."""
         return self.pipeline_classes[0]
+
+    @property
+    def denoiser_name(self) -> str:
+        """The pipeline component that predicts the noise or velocity (``unet`` or ``transformer``)."""
+        return self.model_parts[0]
+
+    def load_model_parts(self, directory: Path) -> dict:
+        """The UNet, VAE and DDIM scheduler of a Stable Diffusion layout (transformer families override)."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        return {"unet": UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True),
+                "vae": AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True),
+                "scheduler": DDIMScheduler.from_config(DDIMScheduler.load_config(directory / "scheduler"))}
+
+    def default_size(self, components) -> int:
+        """The pipeline's default image side: the denoiser's ``sample_size`` times the VAE factor."""
+        return int(components.denoiser.config.sample_size) * components.vae_scale_factor
 
     def load_text_parts(self, directory: Path) -> dict:
         raise NotImplementedError

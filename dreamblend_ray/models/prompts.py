@@ -83,6 +83,6 @@ def prompt_conditioning(components: Components, prompts: list[str], negative_pro
 
 def _on_unet(components: Components, text: TextEmbedding) -> TextEmbedding:
     """Embeddings on the UNet's device and dtype (ids on its device)."""
-    device, dtype = components.device, components.unet.dtype
+    device, dtype = components.device, components.denoiser.dtype
     pooled = None if text.pooled is None else text.pooled.to(device=device, dtype=dtype)
     return TextEmbedding(text.embeds.to(device=device, dtype=dtype), text.input_ids.to(device), pooled)

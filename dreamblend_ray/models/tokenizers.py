@@ -5,7 +5,8 @@ Every word of the list is one token, so attention maps of a word are one column.
 
 from __future__ import annotations
 
-from transformers import CLIPTokenizer
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTokenizer, T5TokenizerFast
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -67,3 +68,26 @@ TINY_WORDS = (
     "a photo of sks dog cat toy on the beach in snow with red blue green yellow hat wearing "
     "grass city forest background painting style".split()
 )
+
+
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2
+_METASPACE = "\u2581"
+
+
+def build_t5_tokenizer(words: list[str], max_length: int):
+    """A T5 tokenizer (``T5TokenizerFast``) built in code with the ``tokenizers`` library: a Unigram
+    model in which every word of ``words`` is one token (after T5's metaspace), lower-case letters
+    and digits as fallback pieces, ``</s>`` appended to every sequence and ``<pad>`` = 0, as T5's
+    own tokenizer does. No hub, no sentencepiece file; ``save_pretrained`` writes ``tokenizer.json``.
+    """
+    pieces = [(token, 0.0) for token in T5_SPECIAL_TOKENS]
+    pieces += [(_METASPACE + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
+    pieces += [(_METASPACE, -2.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    model = Tokenizer(models.Unigram(pieces, unk_id=T5_SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_METASPACE, prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement=_METASPACE, prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)

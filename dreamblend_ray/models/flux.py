@@ -1,0 +1,230 @@
+"""FLUX.1: an MMDiT transformer (double- then single-stream blocks) sampled by flow matching.
+
+As ``FluxPipeline`` computes it:
+- text: CLIP's pooled output is ``pooled_projections``; T5's last hidden states (padded to
+  ``max_sequence_length``, 512 for FLUX.1-dev, truncated) are the text tokens of the joint attention;
+  ``txt_ids`` are zeros. The token mask is T5's: no start token, the prompt runs up to ``</s>``.
+- latents: ``(B, C, H, W)`` packed into 2x2 patches ``(B, H/2 * W/2, 4C)`` around the transformer
+  call, with ``img_ids`` (row, column) per patch; the VAE latent is ``(z - shift) * scale``.
+- guidance: FLUX.1-dev is guidance-distilled: ``guidance_scale`` enters as the transformer's
+  guidance embedding and there is no classifier-free guidance (the pipeline's ``true_cfg_scale``
+  stays 1, so negative prompts are not used).
+- schedule: flow-matching Euler with the shift ``mu`` computed from the image token count
+  (``method/flow.py``); the transformer takes ``timestep / 1000``.
+Built-in tiny model: ``tiny-flux``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+from dreamblend_ray.models import sd
+from dreamblend_ray.models.families import Family, TextEmbedding, register, register_builtin, tokenize
+from dreamblend_ray.models.tokenizers import TINY_WORDS, build_t5_tokenizer, build_tokenizer
+
+
+class FlowFamily(Family):
+    """What Flux and SD3 share: a transformer, a flow-matching scheduler, T5 text tokens, a VAE
+    with a shift, and pooled text projections."""
+
+    model_parts = ("transformer", "vae", "scheduler")
+    flow_matching = True
+    max_sequence_length = 256
+    transformer_class: type = FluxTransformer2DModel
+    t5_part = "tokenizer_2"  # which tokenizer is T5's
+    custom_sigmas = True  # the pipeline passes linspace(1, 1/n, n) sigmas (FluxPipeline) or not (SD3)
+    max_shift_default = 1.15  # the pipeline's max_shift when the scheduler config has none
+
+    def load_model_parts(self, directory: Path) -> dict:
+        scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(directory / "scheduler")
+        return {"transformer": self.transformer_class.from_pretrained(directory / "transformer",
+                                                                      use_safetensors=True),
+                "vae": AutoencoderKL.from_pretrained(directory / "vae", use_safetensors=True),
+                "scheduler": FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)}
+
+    def sequence_length(self, components) -> int:
+        """T5's padded length: the pipeline's ``max_sequence_length`` default, or the tokenizer's limit."""
+        return min(self.max_sequence_length, int(getattr(components, self.t5_part).model_max_length))
+
+    def added_conditioning(self, components, text: TextEmbedding, height: int, width: int,
+                           original_size=None, crop_top_left=(0, 0)) -> dict:
+        return {"pooled_projections": text.pooled}
+
+    def text_offset(self, components) -> int:
+        """Where T5's tokens start in the joint attention's text sequence."""
+        return 0
+
+    def token_mask(self, components, input_ids: torch.Tensor, token_indices: tuple[int, ...] = ()) -> torch.Tensor:
+        """``(B, T)`` bool: T5 tokens before the first ``</s>`` (T5 has no start token; padding and
+        ``</s>`` excluded). ``token_indices`` are 1-based positions within the prompt."""
+        offset = self.text_offset(components)
+        t5_ids = input_ids[:, offset:]
+        eos = getattr(components, self.t5_part).eos_token_id
+        batch, length = t5_ids.shape
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        first_eos = torch.where(t5_ids == eos, positions, torch.full_like(positions, length)).min(dim=1).values
+        mask = positions < first_eos[:, None]
+        if token_indices:
+            chosen = torch.zeros(length, dtype=torch.bool, device=input_ids.device)
+            chosen[[i - 1 for i in token_indices if i - 1 < length]] = True
+            mask = mask & chosen
+        return torch.cat([torch.zeros(batch, offset, dtype=torch.bool, device=input_ids.device), mask], dim=1)
+
+    @staticmethod
+    def to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents to the denoiser's: ``(z - shift_factor) * scaling_factor``."""
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    @staticmethod
+    def to_vae_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse: ``z / scaling_factor + shift_factor``, as the pipelines decode."""
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
+
+    def image_seq_len(self, components, latent_height: int, latent_width: int) -> int:
+        patch = int(components.transformer.config.patch_size)
+        return (latent_height // patch) * (latent_width // patch)
+
+    def t5_encode(self, components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5's last hidden states ``(N, L, D)`` and ids ``(N, L)``."""
+        tokenizer, encoder = getattr(components, self.t5_part), self.t5_encoder(components)
+        ids = tokenize(tokenizer, prompts, self.sequence_length(components)).to(encoder.device)
+        return encoder(ids)[0], ids
+
+
+class Flux(FlowFamily):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    index_extras = {"feature_extractor": [None, None], "image_encoder": [None, None]}
+    max_sequence_length = 512
+    default_sample_size = 128  # FluxPipeline.default_sample_size
+
+    def load_text_parts(self, directory: Path) -> dict:
+        return {"text_encoder": CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True),
+                "tokenizer": CLIPTokenizer.from_pretrained(directory / "tokenizer"),
+                "text_encoder_2": T5EncoderModel.from_pretrained(directory / "text_encoder_2", use_safetensors=True),
+                "tokenizer_2": T5TokenizerFast.from_pretrained(directory / "tokenizer_2")}
+
+    @staticmethod
+    def t5_encoder(components):
+        return components.text_encoder_2
+
+    def default_size(self, components) -> int:
+        """FluxPipeline's default (128 latent pixels times the VAE factor: 1024 px), or the tiny
+        model's own (``options["sample_size"]``)."""
+        size = int(components.options.get("sample_size", self.default_sample_size))
+        return size * components.vae_scale_factor
+
+    @torch.no_grad()
+    def encode(self, components, prompts: list[str]) -> TextEmbedding:
+        clip = components.text_encoder
+        clip_ids = tokenize(components.tokenizer, prompts).to(clip.device)
+        pooled = clip(clip_ids, output_hidden_states=False).pooler_output
+        embeds, ids = self.t5_encode(components, prompts)
+        return TextEmbedding(embeds, ids, pooled)
+
+    def negative(self, components, negative_prompts, positive: TextEmbedding) -> TextEmbedding:
+        raise ValueError("FLUX.1 is guidance-distilled: guidance_scale is its embedded guidance and it "
+                         "samples without classifier-free guidance, so negative prompts do not apply")
+
+    def uses_cfg(self, components, guidance_scale: float) -> bool:
+        """Whether sampling runs an unconditional branch: never, as FluxPipeline with its default
+        ``true_cfg_scale=1`` (FLUX.1-dev's guidance is embedded; FLUX.1-schnell has none)."""
+        return False
+
+    @staticmethod
+    def pack(latents: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4C)``, as ``FluxPipeline._pack_latents``."""
+        b, c, h, w = latents.shape
+        latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpack(latents: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+        """``(B, H/2 * W/2, 4C)`` -> ``(B, C, H, W)``, as ``FluxPipeline._unpack_latents``."""
+        b, _, channels = latents.shape
+        latents = latents.view(b, latent_height // 2, latent_width // 2, channels // 4, 2, 2)
+        return latents.permute(0, 3, 1, 4, 2, 5).reshape(b, channels // 4, latent_height, latent_width)
+
+    def latent_channels(self, components) -> int:
+        return int(components.transformer.config.in_channels) // 4
+
+    def latent_multiple(self, components) -> int:
+        """Image sides must be multiples of this (the VAE factor times the 2x2 packing)."""
+        return components.vae_scale_factor * 2
+
+    def image_seq_len(self, components, latent_height: int, latent_width: int) -> int:
+        return (latent_height // 2) * (latent_width // 2)
+
+    @staticmethod
+    def image_ids(latent_height: int, latent_width: int, device, dtype) -> torch.Tensor:
+        """``(H/2 * W/2, 3)`` positions (0, row, column), as ``FluxPipeline._prepare_latent_image_ids``."""
+        ids = torch.zeros(latent_height // 2, latent_width // 2, 3)
+        ids[..., 1] += torch.arange(latent_height // 2)[:, None]
+        ids[..., 2] += torch.arange(latent_width // 2)[None, :]
+        return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+    def denoise(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                added: dict, guidance_scale: float, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The velocity ``(B, N, 4C)`` of packed ``latents`` at ``timesteps`` ``(B,)`` (0..1000)."""
+        rows = latents.shape[0]
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([rows], guidance_scale, device=latents.device, dtype=torch.float32)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype)
+        image_ids = self.image_ids(*latent_hw, latents.device, embeds.dtype)
+        return transformer(hidden_states=latents, timestep=timesteps.to(latents.dtype) / 1000, guidance=guidance,
+                           pooled_projections=added["pooled_projections"], encoder_hidden_states=embeds,
+                           txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+
+
+FLUX = register(Flux())
+
+
+def scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler config: shift 3, dynamic shifting from the image token count."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def tiny_vae(latent_channels: int, shift: float, scale: float) -> AutoencoderKL:
+    """A tiny VAE with FLUX's/SD3's layout: no quant convs, a latent shift and scale."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=32,
+        block_out_channels=(16, 32), norm_num_groups=16, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale,
+    )
+
+
+def tiny_t5(tokenizer, d_model: int = 32) -> T5EncoderModel:
+    """A two-layer T5 v1.1-shaped encoder (gated GELU) over the tiny T5 vocabulary."""
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    return T5EncoderModel(config)
+
+
+def build_tiny(seed: int = 0) -> dict:
+    """FLUX-shaped: one double-stream and one single-stream block, guidance embeds, rotary axes
+    (2, 2, 4); 32x32 images, 16x16x4 latents (64 packed tokens), T5 length 16."""
+    tokenizer = build_tokenizer(list(TINY_WORDS), max_length=32)
+    tokenizer_2 = build_t5_tokenizer(list(TINY_WORDS), max_length=16)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4))
+    return {"transformer": transformer, "vae": tiny_vae(4, 0.1159, 0.3611),
+            "text_encoder": sd.tiny_text_encoder(tokenizer, hidden_act="gelu"), "tokenizer": tokenizer,
+            "text_encoder_2": tiny_t5(tokenizer_2), "tokenizer_2": tokenizer_2, "scheduler": scheduler(),
+            "options": {"sample_size": 16}}
+
+
+register_builtin("tiny-flux", "flux", build_tiny)
