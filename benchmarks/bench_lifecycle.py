@@ -14,9 +14,10 @@ Three parts, one process (plus the servers it starts):
    ``--train-steps`` steps created one after another over HTTP and polled until ready; wall time,
    and how much of it the training itself took (the manifest's train_s).
 3. serving while training: a closed loop of ``--clients`` clients generating on two ready subjects
-   for ``--seconds``: alone; with two trainings running on the same cores; with two trainings
-   pinned to their own core (``os.sched_setaffinity`` on the training workers and the model
-   replica: what a separate training worker group gives a cluster). Images/s and ratios.
+   for ``--seconds``: alone (on all cores, and on all cores but one); with two trainings running on
+   the same cores; with two trainings pinned to a core of their own and the replica to the rest
+   (``os.sched_setaffinity``: what a separate training worker group gives a cluster). The fair
+   comparison for "training on its own resources" is own core against alone on the same cores.
 
 The last line is ``RESULT {json}``.
 """
@@ -255,6 +256,10 @@ def measure_serving_while_training(client, root: str, clients: int, seconds: flo
     pin(replica, set(cpus))
     alone = closed_loop(client, ready, clients, seconds)
     results = {"alone": alone}
+    if len(cpus) > 1:  # the replica on the cores it keeps when the trainings get their own
+        pin(replica, set(cpus[:-1]))
+        results["alone_same_cores"] = closed_loop(client, ready, clients, seconds)
+        pin(replica, set(cpus))
     for mode in ("shared_cores", "own_core"):
         trainers = [f"{mode}-{k}" for k in range(2)]
         for k, subject_id in enumerate(trainers):
@@ -271,8 +276,10 @@ def measure_serving_while_training(client, root: str, clients: int, seconds: flo
         for subject_id in trainers:
             client.delete(f"/v1/subjects/{subject_id}")
         pin(replica, set(cpus))
+    same = results.get("alone_same_cores", alone)
     return {**results, "clients": clients, "seconds": seconds, "replica_pinned": bool(replica),
-            "shared_over_alone": results["shared_cores"] / alone, "own_core_over_alone": results["own_core"] / alone}
+            "shared_over_alone": results["shared_cores"] / alone, "own_core_over_alone": results["own_core"] / alone,
+            "own_core_over_alone_same_cores": results["own_core"] / same}
 
 
 def main() -> None:
@@ -302,8 +309,10 @@ def main() -> None:
           f"(training {ready['train_s_median']:.2f} s, the rest {ready['overhead_s_median']:.2f} s); "
           f"runs {', '.join(f'{s:.2f}' for s in ready['create_to_ready_s'])}")
     print("\n| serving on 2 ready subjects | images/s | vs alone |\n|---|---|---|")
-    for name in ("alone", "shared_cores", "own_core"):
-        print(f"| {name.replace('_', ' ')} | {serving[name]:.2f} | {serving[name] / serving['alone']:.2f}x |")
+    for name in ("alone", "alone_same_cores", "shared_cores", "own_core"):
+        if name in serving:
+            print(f"| {name.replace('_', ' ')} | {serving[name]:.2f} | {serving[name] / serving['alone']:.2f}x |")
+    print(f"own core against alone on the same cores: {serving['own_core_over_alone_same_cores']:.2f}x")
     client.close()
     from ray import serve
     import ray

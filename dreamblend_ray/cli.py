@@ -27,6 +27,8 @@ COMMANDS = {
     "demo": ("demo", "the main job: fine-tune demo subjects, serve, and render a DreamBlend grid"),
     "evaluate": ("evaluate", "CLIP-I / CLIP-T / DINO / diversity evaluation job"),
     "train-embedded": ("train_embedded", "train the embedded shapes-world base model"),
+    "keys": ("keys", "make tenant API keys (the keys-file entry, then the key) and check keys files"),
+    "audit": ("audit", "print a storage root's audit trail (creates, deletes, reloads, refusals) as JSON lines"),
 }
 
 

@@ -164,3 +164,12 @@ def test_bench_lifecycle_runs_and_reports(tmp_path):
     serving = result["serving_while_training"]
     assert serving["alone"] > 0 and serving["shared_cores_trainings_ran_throughout"]
     assert {"shared_over_alone", "own_core_over_alone"} <= set(serving)
+
+
+@pytest.mark.slow
+def test_bench_quotas_runs_and_reports(tmp_path):
+    result = run_script("bench_quotas.py", "--calls", "20", "--warmup", "2", "--concurrency", "4", cwd=tmp_path)
+    for variant in ("in_process", "actor"):
+        assert result[variant]["calls"] == 20 and 0 < result[variant]["median_us"] <= result[variant]["p95_us"]
+    assert result["actor_throughput"]["checks_per_s"] > 0
+    assert result["ratio_actor_to_in_process_median"] > 0
