@@ -36,6 +36,10 @@ class FlowFamily(Family):
     max_sequence_length = 256
     transformer_class: type = FluxTransformer2DModel
     t5_part = "tokenizer_2"  # which tokenizer is T5's
+    # train_dreambooth_lora_flux.py's default LoRA targets (attention of both streams, both MLPs)
+    lora_target_modules = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                           "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                           "ff_context.net.0.proj", "ff_context.net.2")
     custom_sigmas = True  # the pipeline passes linspace(1, 1/n, n) sigmas (FluxPipeline) or not (SD3)
     max_shift_default = 1.15  # the pipeline's max_shift when the scheduler config has none
 

@@ -35,6 +35,9 @@ class StableDiffusion3(flux.FlowFamily):
     max_sequence_length = 256  # StableDiffusion3Pipeline's default
     transformer_class = SD3Transformer2DModel
     t5_part = "tokenizer_3"
+    # train_dreambooth_lora_sd3.py's default LoRA targets (the joint attention of both streams)
+    lora_target_modules = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                           "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
     custom_sigmas = False
     max_shift_default = 1.16
 
