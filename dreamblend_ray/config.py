@@ -388,6 +388,10 @@ class LayerSelection:
                                             "compared (Flux: double, single; SD3: joint)")
     blocks: tuple[int, ...] = setting((), low=0, high=1000,
                                       help="transformer bases: which block indices are compared (empty: all)")
+    normalisation: str = setting("text", choices=("text", "joint"),
+                                 help="transformer bases: an image token's map over the prompt is the softmax "
+                                      "over the text tokens only (text) or the block's own joint softmax "
+                                      "restricted to them (joint)")
 
     def __post_init__(self):
         if not self.places:

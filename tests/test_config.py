@@ -81,7 +81,8 @@ def test_to_dict_and_from_dict_round_trip_exactly_through_json(config):
 def test_to_dict_is_recursive():
     saved = cfg.to_dict(SamplingConfig(layers=LayerSelection(resolutions=(8,))))
     assert saved["layers"] == {"places": ["down", "mid", "up"], "resolutions": [8], "num_lowest": 2,
-                               "name_contains": [], "streams": ["double", "joint"], "blocks": []}
+                               "name_contains": [], "streams": ["double", "joint"], "blocks": [],
+                               "normalisation": "text"}
 
 
 def test_from_dict_refuses_unknown_keys_by_name():

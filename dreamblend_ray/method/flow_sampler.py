@@ -38,16 +38,13 @@ def joint_layers_for(transformer, selection) -> list:
 
 
 class FlowSampler(SamplerBase):
-    """Lockstep G/E flow-matching sampling with joint-attention guidance.
+    """Lockstep G/E flow-matching sampling with joint-attention guidance. The maps' softmax is
+    ``config.layers.normalisation``: over the text tokens, or the block's own joint softmax
+    restricted to them (``method/joint_attention.py``)."""
 
-    normalisation: the maps' softmax, ``"text"`` (over the text tokens) or ``"joint"`` (the block's
-    own, restricted to the text keys); see ``method/joint_attention.py``.
-    """
-
-    def __init__(self, components, normalisation: str = "text"):
+    def __init__(self, components):
         super().__init__(components)
         self.family = components.model_family
-        self.normalisation = normalisation
 
     def check_flow_inputs(self, prompts, seeds, config, negative_prompts) -> tuple[int, int, bool]:
         height, width = self.check_inputs(prompts, seeds, config, negative_prompts)
@@ -117,7 +114,7 @@ class FlowSampler(SamplerBase):
         sigmas, rows = plan_schedule.sigmas, z_e.shape[0]
         with ExitStack() as stack:
             for model in pair.unets:
-                stack.enter_context(recording_joint(model, layers, recorder, self.normalisation))
+                stack.enter_context(recording_joint(model, layers, recorder, config.layers.normalisation))
             for i, t in enumerate(plan_schedule.timesteps.to(c.device)):
                 guided = guided_any and i < window
                 measured = i < window and (guided or track_distance)
