@@ -163,7 +163,7 @@ def write_sidecar(session: Session, args: argparse.Namespace, settings: Sampling
     components = session.components
     sidecar = {"base": model_identity(components), "pair": getattr(session.pair, "meta", {}),
                "negative_prompt": args.negative_prompt, "settings": config.to_dict(settings),
-               "device": str(session.device), "dtype": str(components.unet.dtype).replace("torch.", ""),
+               "device": str(session.device), "dtype": str(components.denoiser.dtype).replace("torch.", ""),
                key: records}
     (session.out / "settings.json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
 

@@ -290,8 +290,8 @@ def probe_checkpoints(root: str, subject_id: str, components, prompts: list[str]
     def measure(pair) -> dict:
         return probe_model(sampler, pair, prompts, seeds, token, class_noun, steps, guidance_scale)
 
-    with adapters_disabled(components.unet):
-        base = measure(single(components.unet))
+    with adapters_disabled(components.denoiser):
+        base = measure(single(components.denoiser))
     rows = []
     for step in tqdm(list(checkpoint_steps or manifest["steps"]), desc="probing checkpoints", disable=not progress):
         pair = checkpoints.load_pair(root, subject_id, components, guidance_step=step, edit_step=step)[0]

@@ -219,8 +219,8 @@ def choose_and_record(root: str, subject_id: str, components, scorer: Scorer, pr
 
     manifest = layout.read_manifest(root, subject_id)
     sampler = DreamBlendSampler(components)
-    with adapters_disabled(components.unet):
-        base = score_model(sampler, single(components.unet), prompts, plain_prompts, seeds, scorer, config)
+    with adapters_disabled(components.denoiser):
+        base = score_model(sampler, single(components.denoiser), prompts, plain_prompts, seeds, scorer, config)
 
     def pair_for_step(step: int):
         return checkpoints.load_pair(root, subject_id, components, guidance_step=step, edit_step=step)[0]

@@ -204,7 +204,7 @@ class FinetuneActor:
                 manifest = record_probe(self.output, subject_id, self.components, images, self.probe)
             except Exception as exc:  # noqa: BLE001 - recorded in the row; the checkpoints stay usable
                 logger.exception("subject %s: attention probe failed", subject_id)
-                drop_subject_adapters(self.components.unet, subject_id)
+                drop_subject_adapters(self.components.denoiser, subject_id)
                 return result_row(subject_id, "failed", self.output, time.perf_counter() - start, manifest,
                                   error=f"attention probe failed (checkpoints and subject.json kept): "
                                         f"{error_text(exc)}")
@@ -220,7 +220,7 @@ class FinetuneActor:
                                         manifest["token"], self.pair_choice)
         except Exception as exc:  # noqa: BLE001 - recorded in the row; the checkpoints stay usable
             logger.exception("subject %s: pair choice failed", subject_id)
-            drop_subject_adapters(self.components.unet, subject_id)
+            drop_subject_adapters(self.components.denoiser, subject_id)
             return result_row(subject_id, "failed", self.output, time.perf_counter() - start, manifest,
                               error=f"pair choice failed (checkpoints and subject.json kept, default pair "
                                     f"G={manifest['guidance_step']}, E={manifest['edit_step']}): "

@@ -96,6 +96,9 @@ class RowEngine:
     def __init__(self, components: Components, co_batch: bool = True, adapter_method: str = "gather"):
         if adapter_method not in METHODS:
             raise ValueError(f"adapter_method must be one of {METHODS}, got {adapter_method!r}")
+        if components.model_family.flow_matching:
+            raise ValueError(f"per-row batching does not run the flow-matching family {components.family!r} yet; "
+                             "its requests are batched per sampler call (batching='static')")
         self.components = components
         self.table = ddim.DDIMTable.of(components.scheduler.config)
         self.co_batch = co_batch

@@ -70,6 +70,11 @@ class Family:
         """The pipeline's default image side: the denoiser's ``sample_size`` times the VAE factor."""
         return int(components.denoiser.config.sample_size) * components.vae_scale_factor
 
+    def latent_multiple(self, components) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
+        levels = len(components.unet.config.block_out_channels)
+        return components.vae_scale_factor * 2 ** (levels - 1)
+
     def load_text_parts(self, directory: Path) -> dict:
         raise NotImplementedError
 

@@ -248,7 +248,7 @@ class DreamBlendModel:
                 del self.adapter_users[name]
                 unused.append(name)
         if unused:
-            checkpoints.remove_adapters(self.components.unet, unused)
+            checkpoints.remove_adapters(self.components.denoiser, unused)
         if self.materialised.get(handle.model_id) is handle:
             del self.materialised[handle.model_id]
 

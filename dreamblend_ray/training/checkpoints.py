@@ -32,6 +32,7 @@ from dreamblend_ray.training import layout
 logger = logging.getLogger(__name__)
 
 LORA_PREFIX = "unet"  # StableDiffusionLoraLoaderMixin.unet_name
+TRANSFORMER_LORA_PREFIX = "transformer"  # FluxLoraLoaderMixin / SD3LoraLoaderMixin.transformer_name
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
@@ -69,12 +70,21 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def lora_prefix(model) -> str:
+    """The key prefix of a denoiser's LoRA file: ``unet`` (SD, SDXL) or ``transformer`` (Flux, SD3)."""
+    return LORA_PREFIX if isinstance(model, UNet2DConditionModel) else TRANSFORMER_LORA_PREFIX
+
+
 def lora_checkpoint_bytes(unet: UNet2DConditionModel, adapter_name: str) -> bytes:
-    """One adapter of ``unet`` as diffusers' ``pytorch_lora_weights.safetensors`` bytes."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    tensors = {f"{LORA_PREFIX}.{k}": v.to(torch.float32) for k, v in state.items()}
+    """One adapter of ``unet`` as diffusers' ``pytorch_lora_weights.safetensors`` bytes (a
+    transformer's in peft's key names, as ``FluxLoraLoaderMixin.save_lora_weights`` writes them)."""
+    prefix = lora_prefix(unet)
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    if prefix == LORA_PREFIX:
+        state = convert_state_dict_to_diffusers(state)
+    tensors = {f"{prefix}.{k}": v.to(torch.float32) for k, v in state.items()}
     config = _json_safe(unet.peft_config[adapter_name].to_dict())
-    packed = {f"{LORA_PREFIX}.{k}": v for k, v in config.items()}
+    packed = {f"{prefix}.{k}": v for k, v in config.items()}
     return encode_safetensors(tensors, {LORA_METADATA_KEY: json.dumps(packed, sort_keys=True)})
 
 
@@ -94,11 +104,11 @@ def save_checkpoint(root: str, subject_id: str, step: int, unet: UNet2DCondition
 # --------------------------------------------------------------------------- loading a pair
 
 def empty_unet_like(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """A UNet of ``unet``'s architecture with parameters on the meta device (to be assigned)."""
+    """A denoiser of ``unet``'s class and architecture with parameters on the meta device (to be assigned)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return UNet2DConditionModel.from_config(unet.config)
+        return type(unet).from_config(unet.config)
 
 
 def base_unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
@@ -154,7 +164,7 @@ def _attach_adapter(unet: UNet2DConditionModel, adapter_name: str, tensors: dict
     lora_config = json.loads(metadata[LORA_METADATA_KEY]) if LORA_METADATA_KEY in metadata else None
     with warnings.catch_warnings():  # several adapters on one UNet is the design, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        unet.load_lora_adapter(tensors, prefix=LORA_PREFIX, adapter_name=adapter_name, metadata=lora_config)
+        unet.load_lora_adapter(tensors, prefix=lora_prefix(unet), adapter_name=adapter_name, metadata=lora_config)
 
 
 @dataclass
@@ -197,7 +207,7 @@ def fetch_pair(root: str, subject_id: str, components, guidance_step: int | None
             uri = layout.weight_uri(root, subject_id, step, "full")
             files.weights[step] = decode_safetensors(storage.read_bytes(uri), uri)
         return files
-    loaded = getattr(components.unet, "peft_config", None) or {}
+    loaded = getattr(components.denoiser, "peft_config", None) or {}
     for name, step in zip(files.adapter_names(), (g, e)):
         if name not in loaded and name not in files.weights:
             uri = layout.weight_uri(root, subject_id, step, "lora")
@@ -209,11 +219,11 @@ def attach_pair(files: PairFiles, components):
     """The sampler's pair from fetched files: LoRA adapters injected into ``components.unet`` (the
     one step that changes the shared UNet), or new UNets for a full fine-tune."""
     if files.kind == "full":
-        g_unet = unet_from_state(components.unet, files.weights[files.guidance_step][0])
+        g_unet = unet_from_state(components.denoiser, files.weights[files.guidance_step][0])
         e_unet = g_unet if files.edit_step == files.guidance_step else \
-            unet_from_state(components.unet, files.weights[files.edit_step][0])
+            unet_from_state(components.denoiser, files.weights[files.edit_step][0])
         return TwoUNetPair(g_unet, e_unet, meta=files.meta)
-    unet = components.unet
+    unet = components.denoiser
     g_name, e_name = files.adapter_names()
     for name in dict.fromkeys((g_name, e_name)):
         if name in files.weights:
@@ -254,15 +264,15 @@ def load_checkpoint_pair(components, guidance_uri: str, edit_uri: str):
     if kinds[0] == "full":
         def load(uri):
             weights = storage.join(uri, layout.FULL_WEIGHT_NAME)
-            return unet_from_state(components.unet, decode_safetensors(storage.read_bytes(weights), weights)[0])
+            return unet_from_state(components.denoiser, decode_safetensors(storage.read_bytes(weights), weights)[0])
 
         g_unet = load(guidance_uri)
         return TwoUNetPair(g_unet, g_unet if edit_uri == guidance_uri else load(edit_uri), meta=meta)
     names = [f"ckpt--{hashlib.sha256(uri.encode()).hexdigest()[:12]}" for uri in (guidance_uri, edit_uri)]
     for name, uri in zip(names, (guidance_uri, edit_uri)):
-        _load_adapter(components.unet, storage.join(uri, layout.LORA_WEIGHT_NAME), name)
-    components.unet.requires_grad_(False)
-    return AdapterPair(components.unet, names[0], names[1], meta=meta)
+        _load_adapter(components.denoiser, storage.join(uri, layout.LORA_WEIGHT_NAME), name)
+    components.denoiser.requires_grad_(False)
+    return AdapterPair(components.denoiser, names[0], names[1], meta=meta)
 
 
 def unload_pair(pair, components) -> None:
@@ -274,7 +284,7 @@ def unload_pair(pair, components) -> None:
     """
     if not isinstance(pair, AdapterPair):
         return
-    remove_adapters(components.unet, [pair.guidance_adapter, pair.edit_adapter])
+    remove_adapters(components.denoiser, [pair.guidance_adapter, pair.edit_adapter])
 
 
 def remove_adapters(unet: UNet2DConditionModel, names: list[str]) -> None:

@@ -56,13 +56,13 @@ import safetensors
 import torch
 import torch.nn.functional as F
 import transformers
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from PIL import Image
 
 from dreamblend_ray import __version__
 
-from dreamblend_ray.training import checkpoints, layout, resume
+from dreamblend_ray.training import checkpoints, flow_lora, layout, resume
 
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.images import decode_image, encode_png
@@ -196,10 +196,10 @@ def generate_class_images(components: Components, prompt: str, seeds: list[int],
     sampling = SamplingConfig(num_inference_steps=config.class_sampling_steps, alpha=0.0,
                               guidance_scale=config.class_guidance_scale, height=resolution, width=resolution)
     sampler, out = DreamBlendSampler(components), []
-    with adapters_disabled(components.unet):
+    with adapters_disabled(components.denoiser):
         for start in range(0, len(seeds), CLASS_IMAGE_BATCH):
             batch = seeds[start:start + CLASS_IMAGE_BATCH]
-            result = sampler.sample(single(components.unet), [prompt] * len(batch), batch, sampling)
+            result = sampler.sample(single(components.denoiser), [prompt] * len(batch), batch, sampling)
             out.extend(encode_png(image) for image in result.images)
     return out
 
@@ -331,7 +331,10 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor,
     """Per-sample MSE of the UNet's prediction at a random timestep: (B,) float32.
 
     Noise and targets stay float32; the UNet gets its inputs (and ``added``, its
-    ``added_cond_kwargs`` row-aligned with ``latents``) in ``input_dtype``."""
+    ``added_cond_kwargs`` row-aligned with ``latents``) in ``input_dtype``. A flow-matching family
+    (Flux, SD3) passes its ``training.flow_lora.FlowObjective`` as ``scheduler``."""
+    if isinstance(scheduler, flow_lora.FlowObjective):
+        return scheduler.losses(unet, latents, embeds, noise_gen, autocast, input_dtype, added)
     noise = torch.randn(latents.shape, generator=noise_gen, device=latents.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                       generator=noise_gen, device=latents.device)
@@ -382,6 +385,14 @@ def precision(device: torch.device, config: FinetuneConfig) -> torch.dtype | Non
 
 # --------------------------------------------------------------------------- the trainable UNet
 
+def lora_targets(denoiser, config: FinetuneConfig) -> tuple[str, ...]:
+    """The LoRA target modules: the configured ones, except that a transformer (Flux, SD3) left at
+    the UNet default gets its diffusers DreamBooth script's default targets."""
+    if config.target_modules == FinetuneConfig().target_modules and not isinstance(denoiser, UNet2DConditionModel):
+        return flow_lora.default_targets(denoiser)
+    return config.target_modules
+
+
 @contextmanager
 def lora_unet(unet, config: FinetuneConfig, adapter_name: str):
     """Add a trainable LoRA adapter to ``unet``; delete it (and restore the rest) on exit."""
@@ -389,7 +400,7 @@ def lora_unet(unet, config: FinetuneConfig, adapter_name: str):
         raise ValueError(f"adapter {adapter_name!r} is already loaded on the UNet")
     previous = unet.active_adapters() if getattr(unet, "peft_config", None) else []
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                      target_modules=list(config.target_modules))
+                      target_modules=list(lora_targets(unet, config)))
     with torch.random.fork_rng(devices=[]):  # the gaussian init draws from the global CPU RNG
         torch.manual_seed(config.seed)
         unet.add_adapter(lora, adapter_name=adapter_name)
@@ -547,7 +558,7 @@ def _resolve_base(base: Components | str, config: FinetuneConfig) -> Components:
 
 def training_resolution(components: Components, config: FinetuneConfig) -> int:
     """``config.resolution`` or the model's size; must survive the VAE and UNet downsampling."""
-    multiple = components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    multiple = components.model_family.latent_multiple(components)
     resolution = config.resolution or components.default_size
     if resolution % multiple:
         raise ValueError(f"resolution must be a multiple of {multiple} for this base model, got {resolution}")
@@ -602,10 +613,11 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
                         resolution, config.random_flip)
     timings["encode_s"] = time.perf_counter() - t0
 
-    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+    noise_scheduler = flow_lora.FlowObjective.of(components) if components.model_family.flow_matching \
+        else DDPMScheduler.from_config(components.scheduler.config)
     adapter_name = f"finetune--{subject_id}"
-    trainable = lora_unet(components.unet, config, adapter_name) if config.method == "lora" \
-        else full_unet(components.unet, config)
+    trainable = lora_unet(components.denoiser, config, adapter_name) if config.method == "lora" \
+        else full_unet(components.denoiser, config)
     with trainable as (unet, params):
         def save(step: int) -> None:
             checkpoints.save_checkpoint(output_root, subject_id, step, unet, config.method, adapter_name)

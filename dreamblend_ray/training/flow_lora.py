@@ -33,6 +33,8 @@ from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin, SD3LoraLoaderMi
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from dreamblend_ray.models import families
+
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 LOADERS = {"flux": FluxLoraLoaderMixin, "sd3": SD3LoraLoaderMixin}
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -74,17 +76,45 @@ def training_scheduler(scheduler_config) -> FlowMatchEulerDiscreteScheduler:
 
 def sample_timesteps(scheduler, config: FlowLossConfig, batch: int,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(timesteps, sigmas)``, each ``(batch,)``, drawn from the density of ``config.weighting_scheme``."""
+    """``(timesteps, sigmas)``, each ``(batch,)`` on the CPU, drawn from the density of
+    ``config.weighting_scheme`` (with ``generator``, on its device)."""
+    device = generator.device if generator is not None else "cpu"
     if config.weighting_scheme == "logit_normal":
-        u = torch.normal(mean=config.logit_mean, std=config.logit_std, size=(batch,), generator=generator)
+        u = torch.normal(mean=config.logit_mean, std=config.logit_std, size=(batch,), generator=generator,
+                         device=device)
         u = torch.sigmoid(u)
     elif config.weighting_scheme == "mode":
-        u = torch.rand(size=(batch,), generator=generator)
+        u = torch.rand(size=(batch,), generator=generator, device=device)
         u = 1 - u - config.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     else:
-        u = torch.rand(size=(batch,), generator=generator)
-    indices = (u * scheduler.config.num_train_timesteps).long()
+        u = torch.rand(size=(batch,), generator=generator, device=device)
+    indices = (u.cpu() * scheduler.config.num_train_timesteps).long()
     return scheduler.timesteps[indices], scheduler.sigmas[indices]
+
+
+@dataclass(frozen=True)
+class FlowObjective:
+    """What ``training/finetune.py``'s loop needs to train a flow-matching family: it stands where
+    a UNet family's noise scheduler stands, and gives the per-sample losses of a micro-batch."""
+
+    family: object
+    scheduler: FlowMatchEulerDiscreteScheduler
+    config: FlowLossConfig
+
+    @classmethod
+    def of(cls, components, **overrides) -> "FlowObjective":
+        family = components.model_family
+        return cls(family, training_scheduler(components.scheduler.config),
+                   FlowLossConfig.for_family(family.name, **overrides))
+
+    def losses(self, transformer, latents: torch.Tensor, embeds: torch.Tensor, noise_gen: torch.Generator,
+               autocast, input_dtype: torch.dtype, added: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """``(B,)`` float32 losses of ``latents`` (float32 model latents) with random noise and timesteps."""
+        noise = torch.randn(latents.shape, generator=noise_gen, device=latents.device)
+        timesteps, sigmas = sample_timesteps(self.scheduler, self.config, latents.shape[0], noise_gen)
+        with autocast:
+            return flow_losses(self.family, transformer, latents, noise, timesteps, sigmas, embeds,
+                               added["pooled_projections"], self.config, input_dtype)
 
 
 def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
@@ -96,29 +126,46 @@ def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(sigmas)
 
 
-def flow_loss(family, transformer, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-              sigmas: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, config: FlowLossConfig,
-              num_prior: int = 0) -> torch.Tensor:
-    """The scripts' loss of one batch: latents/noise ``(B, C, H, W)`` (model latents, after shift and
-    scale), timesteps/sigmas ``(B,)``, embeds ``(B, T, D)``, pooled ``(B, P)``; the last
-    ``num_prior`` rows are class images (prior preservation). Returns a scalar."""
+def flow_losses(family, transformer, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                sigmas: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, config: FlowLossConfig,
+                input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sample weighted MSE ``(B,)`` float32: latents/noise ``(B, C, H, W)`` (model latents, after
+    shift and scale), timesteps/sigmas ``(B,)``, embeds ``(B, T, D)``, pooled ``(B, P)``; the
+    transformer gets its inputs in ``input_dtype`` (default: the latents')."""
     shape = (-1,) + (1,) * (latents.dim() - 1)
     sigma = sigmas.to(latents.device, latents.dtype).view(shape)
     noisy = (1.0 - sigma) * latents + sigma * noise
     latent_hw = tuple(latents.shape[-2:])
-    pred = family.denoise(transformer, family.pack(noisy), timesteps.to(latents.device), embeds,
-                          {"pooled_projections": pooled}, config.guidance_scale, latent_hw)
+    dtype = input_dtype or latents.dtype
+    pred = family.denoise(transformer, family.pack(noisy).to(dtype), timesteps.to(latents.device), embeds.to(dtype),
+                          {"pooled_projections": pooled.to(dtype)}, config.guidance_scale, latent_hw)
     pred = family.unpack(pred, *latent_hw)
     if family.name == "sd3" and config.precondition_outputs:
-        pred, target = pred * (-sigma) + noisy, latents
+        pred, target = pred.float() * (-sigma) + noisy, latents
     else:
         target = noise - latents
     weighting = loss_weighting(config.weighting_scheme, sigma)
-    per_sample = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(latents.shape[0], -1).mean(1)
+    return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(latents.shape[0], -1).mean(1)
+
+
+def flow_loss(family, transformer, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              sigmas: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, config: FlowLossConfig,
+              num_prior: int = 0) -> torch.Tensor:
+    """The scripts' loss of one batch (see :func:`flow_losses`); the last ``num_prior`` rows are
+    class images (prior preservation). Returns a scalar."""
+    per_sample = flow_losses(family, transformer, latents, noise, timesteps, sigmas, embeds, pooled, config)
     instance = per_sample[:latents.shape[0] - num_prior].mean()
     if num_prior == 0:
         return instance
     return instance + config.prior_loss_weight * per_sample[latents.shape[0] - num_prior:].mean()
+
+
+def default_targets(transformer) -> tuple[str, ...]:
+    """The LoRA targets of the family whose transformer class ``transformer`` is (its script's defaults)."""
+    for family in families.FAMILIES.values():
+        if getattr(family, "transformer_class", None) is type(transformer):
+            return tuple(family.lora_target_modules)
+    raise ValueError(f"no flow-matching family has the transformer class {type(transformer).__name__}")
 
 
 def add_lora(transformer, family, rank: int, alpha: float | None, adapter_name: str,

@@ -1,0 +1,100 @@
+"""Issue 31: everything above the model works unchanged on the flow-matching bases tiny-flux and tiny-sd3.
+
+As tests/test_families_e2e.py does for SDXL: a subject fine-tuned with the training API is
+generated from through the code the Serve replica runs (``build_job`` -> ``LoadedPair`` ->
+``_sample``; per-row batching declines these families, so the replica batches per call) and
+through ``dreamblend generate`` and ``dreamblend attention``; every --base validator accepts them.
+"""
+
+import io
+import json
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamblend_ray.cli import main
+from dreamblend_ray.config import FinetuneConfig
+from dreamblend_ray.jobs.common import check_base
+from dreamblend_ray.method.rows import RowEngine
+from dreamblend_ray.method.sampler import DreamBlendSampler
+from dreamblend_ray.models.components import BUILTIN_BASES, load_components, resolve_base
+from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
+from dreamblend_ray.serving.requests import AppArgs, GenerateRequest, build_job
+from dreamblend_ray.training.finetune import finetune_subject
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+STEPS = 4
+KINDS = ["tiny-flux", "tiny-sd3"]
+CONFIG = dict(steps=2, checkpoint_steps=(1, 2), prior_preservation=False, learning_rate=1e-3)
+
+
+def photos(count: int = 2, size: int = 32) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """A LoRA subject "rex" per family, each in its own storage root."""
+    out = {}
+    for kind in KINDS:
+        root = tmp_path_factory.mktemp(kind)
+        manifest = finetune_subject(kind, photos(), "dog", "rex", str(root), FinetuneConfig(**CONFIG), progress=False)
+        assert manifest["base"]["family"] == kind.removeprefix("tiny-") and manifest["kind"] == "lora"
+        out[kind] = root
+    return out
+
+
+def replica(base: str, root):
+    """The Serve replica class with its base loaded as ``__init__`` loads it (no Serve context)."""
+    args = AppArgs(base=base, storage_root=str(root), default_steps=STEPS)
+    model = DreamBlendModel.func_or_class.__new__(DreamBlendModel.func_or_class)
+    model.args = args
+    model.components = load_components(args.base, device="cpu")
+    model.sampler = DreamBlendSampler(model.components)
+    model.unet_lock = threading.RLock()
+    model.materialised = {}
+    model.adapter_users = Counter()
+    return model
+
+
+@pytest.mark.parametrize("base", KINDS)
+def test_every_base_validator_accepts_the_flow_families(base):
+    assert base in BUILTIN_BASES and resolve_base(base) == base
+    assert check_base(base) == base
+    assert AppArgs(base=base).base == base
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_subject_is_served_at_the_familys_size(kind, roots):
+    model = replica(kind, roots[kind])
+    with pytest.raises(ValueError, match="static"):
+        RowEngine(model.components)  # the replica falls back to per-call batching
+    request = GenerateRequest(subject_id="rex", prompt="a photo of sks dog on the beach", num_images=2, seed=3)
+    job = build_job(request, model.args, seed=request.seed)
+    output = model._sample(LoadedPair(job.model_id, model), [job], None)[0]
+    images = [Image.open(io.BytesIO(png)) for png in output.pngs]
+    size = model.components.default_size
+    assert [im.size for im in images] == [(size, size)] * 2
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dreamblend_generate_and_attention_on_a_flow_subject(kind, roots, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["--log-level", "WARNING", "generate", "--base", kind, "--steps", str(STEPS), "--checkpoints",
+               str(roots[kind]), "--subject-id", "rex", "--prompt", "a photo of sks dog", "--seed", "3",
+               "--out", str(out)])
+    assert rc == 0
+    sidecar = json.loads((out / "settings.json").read_text())
+    assert sidecar["base"]["family"] == kind.removeprefix("tiny-")
+    assert Image.open(out / sidecar["images"][0]["image"]).size == (32, 32)
+    maps = tmp_path / "maps"
+    rc = main(["--log-level", "WARNING", "attention", "--base", kind, "--steps", str(STEPS), "--checkpoints",
+               str(roots[kind]), "--subject-id", "rex", "--prompt", "a photo of sks dog", "--seed", "3",
+               "--out", str(maps)])
+    assert rc == 0
+    assert any(maps.iterdir())
