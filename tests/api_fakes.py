@@ -66,21 +66,21 @@ class RecordingBackend:
         return {"replica": "r1", "loaded_models": ["dog"]}
 
 
-def read_manifest(subject_id):
+def read_manifest(subject_id, tenant="default"):
     """The store: the SUBJECT_IDS exist ("dog" is MANIFEST, the others the same under their id)."""
-    if subject_id not in SUBJECT_IDS:
+    if subject_id not in SUBJECT_IDS or tenant != "default":  # the other tenants' stores are empty
         raise FileNotFoundError(subject_id)
     return MANIFEST if subject_id == "dog" else {**MANIFEST, "subject_id": subject_id}
 
 
-def list_subjects(after, limit):
+def list_subjects(after, limit, tenant="default"):
     """``layout.list_subject_ids`` over the store: sorted ids after the cursor, at most ``limit``."""
-    return [s for s in SUBJECT_IDS if after is None or s > after][:limit]
+    return [s for s in SUBJECT_IDS if (after is None or s > after) and tenant == "default"][:limit]
 
 
-def read_collapse_plot(subject_id):
+def read_collapse_plot(subject_id, tenant="default"):
     """Only "dog" has an attention-probe plot."""
-    if subject_id != "dog":
+    if subject_id != "dog" or tenant != "default":
         raise FileNotFoundError(subject_id)
     return png((0, 255, 0))
 

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from api_fakes import make_app, serve_on_loopback
 
-KEY = "docs-test-key"
+KEY = "docs-k3y-2c4e6a8b0d2f4a6c8e0b2d4f6a8c"
 # Chromium's own services, contacted whatever the page (measured with about:blank; Chromium 150
 # also opens www.google.com several times for about:blank); a page's assets would come from
 # elsewhere (cdn.jsdelivr.net, fastapi.tiangolo.com, fonts.googleapis.com).

@@ -45,7 +45,7 @@ from test_docs_offline import BROWSER_SERVICES, URL, RefusingProxy, chromium
 import api_fakes
 from api_fakes import make_app, serve_on_loopback
 
-KEY = "playground-test-key"
+KEY = "playground-k3y-9e8d7c6b5a4f3e2d1c0b"
 SCREENSHOT = os.environ.get("DREAMBLEND_SCREENSHOT")  # e.g. docs/img/playground.png
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"  # an identifier for createElementNS, never fetched
 ASSET = re.compile(r"""(?:src|href)=["']([^"']+)["']""")
@@ -272,7 +272,7 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
         backend = TinyModelBackend()
         plot = probe_plot(backend) if SCREENSHOT else api_fakes.read_collapse_plot("dog")
 
-        def read_plot(subject_id):
+        def read_plot(subject_id, tenant="default"):
             return plot if subject_id == "dog" else api_fakes.read_collapse_plot(subject_id)
 
         app = http.make_api(AppArgs(base="tiny", auth_enabled=True, api_key_env="DB_PLAYGROUND_KEY"), backend,
@@ -351,7 +351,7 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
 
             tools.type_into("#api-key", "wrong-key")  # a one-sentence detail, as is
             click(tools, "#use-key")
-            tools.wait_for("document.getElementById('error-text').innerText === 'missing or invalid API key'",
+            tools.wait_for("document.getElementById('error-text').innerText.startsWith('missing or invalid API key')",
                            what="the 401 sentence")
             assert tools.evaluate("document.getElementById('error-status').innerText") == "HTTP 401"
 

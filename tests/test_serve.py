@@ -22,7 +22,7 @@ from ball_subjects import finetune_balls  # tests/ is on sys.path
 
 httpx = pytest.importorskip("httpx")
 
-API_KEY = "test-key-0123456789"
+API_KEY = "serve-k3y-0123456789abcdefghijklmnop"
 STEPS = 4  # default DDIM steps of the test apps: the tiny model, seconds per request on CPU
 
 
@@ -131,7 +131,9 @@ def test_two_subjects_on_one_replica_and_lru_eviction(auth_app):
     def loaded_after(subject_id):
         response = auth_app.post("/v1/generate", json={"subject_id": subject_id, "prompt": "a ball", "seed": 1})
         assert response.status_code == 200, response.text
-        return response.headers["x-dreamblend-replica"], response.headers["x-dreamblend-loaded-models"]
+        assert "x-dreamblend-loaded-models" not in response.headers  # other subjects are not revealed
+        loaded = auth_app.get("/healthz", params={"deep": "true"}).json()["model"]["loaded_models"]
+        return response.headers["x-dreamblend-replica"], ",".join(loaded)
 
     replica, _ = loaded_after("red")
     assert loaded_after("green") == (replica, "red,green")

@@ -27,6 +27,7 @@ def cluster_env() -> dict:
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "PYTHONPATH"):
         env.pop(name, None)
+    env["DREAMBLEND_API_KEY"] = "serve-deploy-k3y-7f2a9c01d4e5b6a8c9d0e1f2"  # the shipped config has auth on
     return env
 
 
@@ -38,6 +39,7 @@ def deploy_config(source: Path, port: int, storage_root: Path) -> dict:
     app = config["applications"][0]
     app["args"].update(base="tiny", storage_root=str(storage_root), num_gpus=0, num_cpus=1,
                        min_replicas=1, max_replicas=1, ingress_num_cpus=0.1)
+    assert app["args"]["auth_enabled"] is True  # shipped with auth on; the key comes from cluster_env
     return config
 
 

@@ -39,8 +39,11 @@ def client(backend=None, **overrides) -> tuple[TestClient, RecordingBackend]:
 def test_model_id_round_trip_and_rejects_garbage():
     for g, e, text in [(None, None, "dog"), (2, None, "dog@g2"), (None, 6, "dog@e6"), (2, 6, "dog@g2,e6")]:
         assert serving.model_id_for("dog", g, e) == text
-        assert serving.parse_model_id(text) == ("dog", g, e)
-    for bad in ("", "d/og", "dog@", "dog@x3", "dog@g", "dog@g1,g2", "dog@g-1"):
+        assert serving.parse_model_id(text) == ("default", "dog", g, e)
+        assert serving.model_id_for("dog", g, e, tenant="acme") == "acme~" + text
+        assert serving.parse_model_id("acme~" + text) == ("acme", "dog", g, e)
+    assert serving.parse_model_id("acme~dog").owner == ("acme", "dog") != serving.parse_model_id("dog").owner
+    for bad in ("", "d/og", "dog@", "dog@x3", "dog@g", "dog@g1,g2", "dog@g-1", "Acme~dog", "~dog", "a~b~dog"):
         with pytest.raises(ValueError):
             serving.parse_model_id(bad)
 
@@ -209,9 +212,9 @@ def test_api_key_from_file_or_env(tmp_path, monkeypatch):
 def test_manifest_cache_ttl():
     reads = []
 
-    def read(subject_id):
+    def read(subject_id, tenant="default"):
         reads.append(subject_id)
-        return read_manifest(subject_id)
+        return read_manifest(subject_id, tenant)
 
     now = [0.0]
     cache = ManifestCache(read, ttl_s=5, clock=lambda: now[0])
@@ -226,7 +229,8 @@ def test_manifest_cache_ttl():
 
 # ------------------------------------------------------------------------------ HTTP, in process
 
-KEY_HEADERS = {"X-API-Key": "s3cret"}
+STRONG_KEY = "serving-k3y-7f2a9c01d4e5b6a8c9d0e1f2"
+KEY_HEADERS = {"X-API-Key": STRONG_KEY}
 
 
 def strict_json(response) -> object:
@@ -395,8 +399,8 @@ def _store_with(tmp_path, text: str | bytes):
     args = AppArgs(base="tiny", manifest_cache_s=0)
     backend = RecordingBackend()
     root = str(tmp_path)
-    return TestClient(http.make_api(args, backend, partial(layout.read_manifest, root),
-                                    partial(layout.list_subject_ids, root), partial(serving.read_collapse_plot, root)),
+    return TestClient(http.make_api(args, backend, serving.per_tenant(layout.read_manifest, root),
+                                    serving.per_tenant(layout.list_subject_ids, root), serving.per_tenant(serving.read_collapse_plot, root)),
                       raise_server_exceptions=False), backend
 
 
@@ -425,9 +429,16 @@ def test_replica_load_errors_are_named_without_paths():
 
     damaged = serving.subject_load_error("dog", ManifestError("/srv/store/subjects/dog/subject.json: bad"))
     assert isinstance(damaged, serving.SubjectUnusable) and "/srv" not in str(damaged)
-    other = serving.subject_load_error("dog", ValueError("subject 'dog' was fine-tuned from base 'sd15'"))
-    assert isinstance(other, SubjectConflict)
+    from dreamblend_ray.training.layout import PairConflict
+
+    other = serving.subject_load_error("dog", PairConflict("subject 'dog' was fine-tuned from base 'sd15'"))
+    assert isinstance(other, SubjectConflict) and "sd15" in other.message  # a known conflict keeps its sentence
     assert pickle.loads(pickle.dumps(other)).message == other.message  # crosses Ray as a value
+    corrupt = ValueError("s3://bucket/private/subjects/dog/checkpoints/step-4/pytorch_lora_weights.safetensors "
+                         "is not a valid safetensors file: HeaderTooLarge")
+    unknown = serving.subject_load_error("dog", corrupt)  # anything else: 424, a fixed sentence
+    assert isinstance(unknown, serving.SubjectUnusable) and "s3://" not in str(unknown)
+    assert "HeaderTooLarge" not in str(unknown) and "'dog'" in str(unknown)
 
 
 def test_base_mismatch_message_names_bases_without_their_paths(tiny_components):
@@ -452,14 +463,14 @@ def test_ids_with_control_tails_are_refused_everywhere(tail):
 
 
 def test_auth_on(monkeypatch):
-    monkeypatch.setenv("DB_TEST_KEY", "s3cret")
+    monkeypatch.setenv("DB_TEST_KEY", STRONG_KEY)
     http, _ = client(auth_enabled=True, api_key_env="DB_TEST_KEY")
     body = {"subject_id": "dog", "prompt": "x"}
     assert http.post("/v1/generate", json=body).status_code == 401
     assert http.post("/v1/generate", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
     assert http.post("/v1/generate", content=b"{not json").status_code == 401  # the key is checked first
     assert http.get("/v1/subjects/dog").status_code == 401
-    assert http.post("/v1/generate", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert http.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {STRONG_KEY}"}).status_code == 200
     assert http.get("/v1/subjects/dog", headers=KEY_HEADERS).json()["subject_id"] == "dog"
     for path in ("/healthz", "/healthz?deep=false", "/docs", "/redoc", "/openapi.json",
                  "/static-offline-docs/swagger-ui.css"):
@@ -468,7 +479,7 @@ def test_auth_on(monkeypatch):
 
 @pytest.mark.parametrize("query", ["deep=true", "deep=1", "deep=yes", "deep=on", "deep=True", "deep=false&deep=true"])
 def test_deep_health_needs_the_key_when_auth_is_on(monkeypatch, query):
-    monkeypatch.setenv("DB_TEST_KEY", "s3cret")
+    monkeypatch.setenv("DB_TEST_KEY", STRONG_KEY)
     http, _ = client(auth_enabled=True, api_key_env="DB_TEST_KEY")
     response = http.get(f"/healthz?{query}")
     assert response.status_code == 401 and "dog" not in response.text

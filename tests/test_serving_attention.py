@@ -26,7 +26,7 @@ from api_fakes import MAP_SIZE, SUBJECT_IDS, make_app  # the tests' fakes (tests
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster under load
 
-KEY = "attention-test-key"
+KEY = "attention-k3y-1a3c5e7a9c1e3a5c7e9a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -162,7 +162,7 @@ def test_a_storage_fault_while_listing_is_a_503_without_the_path():
     from dreamblend_ray.io.storage import StorageError
     from dreamblend_ray.serving import http as http_api
 
-    def down(after, limit):
+    def down(after, limit, tenant="default"):
         raise StorageError("list s3://bucket/secret/subjects failed")
 
     app = http_api.make_api(AppArgs(base="tiny"), RecordingBackend(), read_manifest, down, read_collapse_plot)
@@ -199,8 +199,8 @@ def test_the_plot_from_a_real_store(tmp_path):
     (tmp_path / "subjects" / "cat").mkdir()  # an unfinished fine-tune: not listed
     plot = png((1, 2, 3))
     (tmp_path / "subjects" / "dog" / "collapse.png").write_bytes(plot)
-    app = http_api.make_api(AppArgs(base="tiny"), RecordingBackend(), partial(layout.read_manifest, root),
-                            partial(layout.list_subject_ids, root), partial(serving.read_collapse_plot, root))
+    app = http_api.make_api(AppArgs(base="tiny"), RecordingBackend(), serving.per_tenant(layout.read_manifest, root),
+                            serving.per_tenant(layout.list_subject_ids, root), serving.per_tenant(serving.read_collapse_plot, root))
     client = TestClient(app, raise_server_exceptions=False)
     assert client.get("/v1/subjects", params={"limit": 1}).json() == {"subjects": ["dog"], "next": "dog"}
     assert client.get("/v1/subjects", params={"after": "dog"}).json() == {"subjects": ["eel"], "next": None}

@@ -92,7 +92,7 @@ def test_the_scheduler_rebuilds_its_queue_from_storage(tmp_path):
     records.write_state(root, worn_out)
     records.write_state(root, record("half-uploaded", uploading=True))
     scheduler = InProcessScheduler({"storage_root": root, "training_max_retries": 2})
-    assert scheduler.queue == ["first", "second"]  # the interrupted one resumes first; uploads never ran
+    assert scheduler.queue == [("default", "first"), ("default", "second")]  # the interrupted first; uploads never ran
     assert records.read_state(root, "first")["status"] == "queued"
     failed = records.read_state(root, "worn")
     assert failed["status"] == "failed" and "interrupted 3 times" in failed["error"]
@@ -105,7 +105,7 @@ def test_reserve_commit_idempotency_and_taken_ids(tmp_path):
     async def scenario():
         view = await scheduler.reserve(record("a"), ("key-1", "body-1"))
         assert view["replayed"] is False and records.read_state(root, "a")["uploading"]
-        await scheduler.commit("a", ["0000.png"])
+        await scheduler.commit("default", "a", ["0000.png"])
         again = await scheduler.reserve(record("b"), ("key-1", "body-1"))
         assert again["replayed"] is True and again["id"] == "a"
         with pytest.raises(IdempotencyMismatch):
@@ -113,9 +113,9 @@ def test_reserve_commit_idempotency_and_taken_ids(tmp_path):
         with pytest.raises(SubjectExists):
             await scheduler.reserve(record("a"))
         await scheduler.reserve(record("d"))
-        await scheduler.commit("d", ["0000.png"])
+        await scheduler.commit("default", "d", ["0000.png"])
         assert await scheduler.positions() == {"d": 1}  # a trains (one at a time), d waits
-        canceled = await scheduler.cancel("d")
+        canceled = await scheduler.cancel("default", "d")
         assert canceled["status"] == "canceled" and await scheduler.positions() == {}
 
     asyncio.run(scenario())
@@ -129,6 +129,6 @@ def test_the_retention_sweep_deletes_expired_subjects(tmp_path):
     records.write_state(root, old)
     records.write_state(root, records.transition(records.transition(record("new"), "training"), "ready"))
     scheduler = InProcessScheduler({"storage_root": root, "retention_days": 30})
-    assert asyncio.run(scheduler.sweep_retention()) == ["old"]
+    assert asyncio.run(scheduler.sweep_retention()) == [("default", "old")]
     assert storage.list_files(storage.join(root, "subjects", "old")) == []
     assert records.status_of(root, "new")[0] == "ready"

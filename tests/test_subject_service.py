@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 
 from dreamblend_ray.io import storage
@@ -24,7 +25,8 @@ from dreamblend_ray.lifecycle import webhooks
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.slow
 
-KEY = "subject-service-key-0123456789abcdef"
+KEY = "subject-service-key-0123456789abcdef"  # tenant "default": the store's root, as before tenants
+KEY_B = "second-tenant-key-fedcba9876543210xyz"  # tenant "beta": {root}/tenants/beta
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FINETUNE = {"prior_preservation": False, "resolution": 32, "min_image_size": 32, "learning_rate": 5e-2,
             "steps": 6, "checkpoint_steps": [2, 4, 6]}
@@ -85,13 +87,16 @@ def service(ray_local, s3_server, tmp_path_factory):
     from dreamblend_ray.serving.app import build_app
     from test_serve import free_port
 
+    from dreamblend_ray.serving.tenants import key_entry
+
     secrets = tmp_path_factory.mktemp("secrets")
-    (secrets / "key").write_text(KEY)
+    entries = [yaml.safe_load(key_entry(t, f"{t}-1", k)) for t, k in (("default", KEY), ("beta", KEY_B))]
+    (secrets / "keys.yaml").write_text(yaml.safe_dump({"tenants": {**entries[0]["tenants"], **entries[1]["tenants"]}}))
     (secrets / "whsec").write_text(SECRET)
     root = f"s3://{s3_server.new_bucket('subjects')}/svc"
     port = free_port()
     args = {"base": "tiny", "storage_root": root, "default_steps": 4, "num_cpus": 0.1, "ingress_num_cpus": 0.1,
-            "manifest_cache_s": 0, "auth_enabled": True, "api_key_file": str(secrets / "key"),
+            "manifest_cache_s": 0, "auth_enabled": True, "keys_file": str(secrets / "keys.yaml"),
             "finetune_defaults": FINETUNE, "upload_min_side": 32, "upload_max_files": 4,
             "upload_max_file_bytes": 200_000, "upload_max_total_bytes": 400_000, "max_concurrent_trainings": 1,
             "training_num_cpus": 0.5, "job_num_cpus": 0.5, "webhook_secret_file": str(secrets / "whsec"),
@@ -342,3 +347,31 @@ def test_an_async_job_runs_the_bulk_job_and_serves_its_images(service):
     assert client.delete("/v1/subjects/joby").status_code == 204
     assert client.get(job["results"][1]["url"]).status_code == 404  # its images went with it
     assert client.get(f"/v1/jobs/{job_id}").json()["results"][1]["error"] == "subject deleted"
+
+
+def test_two_tenants_one_subject_id_two_adapters_on_one_replica(service):
+    client = service["client"]
+    beta = httpx.Client(base_url=str(client.base_url), timeout=120, headers={"X-API-Key": KEY_B})
+    for who, color in ((client, (255, 0, 0)), (beta, (0, 0, 255))):
+        response = who.post("/v1/subjects", files=files(color), data={"class_noun": "ball", "subject_id": "twin"})
+        assert response.status_code == 202, response.text
+    assert wait_for(service, "twin")["status"] == "ready"
+    deadline = time.monotonic() + 120
+    while beta.get("/v1/subjects/twin").json()["status"] != "ready":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    body = {"subject_id": "twin", "prompt": "a sks ball", "seed": 11, "alpha": 0.0}
+    red, blue = client.post("/v1/generate", json=body), beta.post("/v1/generate", json=body)
+    assert red.status_code == blue.status_code == 200
+    assert red.headers["x-dreamblend-replica"] == blue.headers["x-dreamblend-replica"]  # one replica, both loaded
+    assert np.abs(pixels(red.content) - pixels(blue.content)).max() > 0  # two adapters, not one shared
+    again = client.post("/v1/generate", json=body)
+    assert np.abs(pixels(again.content) - pixels(red.content)).max() <= 1  # and each keeps its own
+    assert client.get("/healthz", params={"deep": "true"}).json()["model"]["loaded_models"].count("twin") == 1
+    assert beta.get("/healthz", params={"deep": "true"}).json()["model"]["loaded_models"].count("twin") == 1
+    assert beta.delete("/v1/subjects/twin").status_code == 204
+    assert beta.post("/v1/generate", json=body).status_code == 404
+    assert client.post("/v1/generate", json=body).status_code == 200  # the default tenant's twin stays
+    assert storage.list_files(storage.join(service["root"], "tenants", "beta", "subjects", "twin")) == []
+    assert client.delete("/v1/subjects/twin").status_code == 204
+    beta.close()

@@ -30,7 +30,7 @@ from dreamblend_ray.cli import build_parser
 from dreamblend_ray.commands import subjects
 from dreamblend_ray.runtime import exit_codes
 
-KEY = "subjects-cli-test-key"
+KEY = "subjects-cli-k3y-4d6f8b0c2e4a6d8f"
 
 
 def run_cli(*argv: str) -> int:
@@ -331,33 +331,6 @@ def test_the_multipart_body_has_the_length_it_announces(tmp_path):
 # ------------------------------------------------------------------------------ (b) the real routes
 
 
-class InProcessService:
-    """The scheduler's calls that a create, a GET and a delete make, on local storage (no Ray)."""
-
-    def __init__(self, root: str):
-        self.root = root
-
-    async def reserve(self, record, idempotency=None):
-        from dreamblend_ray.lifecycle import records
-        from dreamblend_ray.lifecycle.scheduler import SubjectExists
-
-        if records.status_of(self.root, record["id"])[0] != "missing":
-            raise SubjectExists(f"subject {record['id']!r} already exists")
-        records.write_state(self.root, record)
-        return {"id": record["id"], "status": "queued", "replayed": False}
-
-    async def commit(self, subject_id, images):
-        return {"id": subject_id, "status": "queued", "queue_position": 1}
-
-    async def positions(self):
-        return {}
-
-    async def delete(self, subject_id, webhook_url=None):  # the real erasure is lifecycle.erasure's tests'
-        folder = os.path.join(self.root, "subjects", subject_id)
-        await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
-        return True
-
-
 def png_file(path, size, color=(200, 30, 30)):
     Image.new("RGB", size, color).save(path)
     return path
@@ -365,11 +338,11 @@ def png_file(path, size, color=(200, 30, 30)):
 
 @pytest.fixture
 def served(tmp_path, monkeypatch):
-    from api_fakes import list_subjects, read_collapse_plot, serve_on_loopback, RecordingBackend
+    from api_fakes import InProcessScheduler, RecordingBackend, list_subjects, read_collapse_plot, serve_on_loopback
     from dreamblend_ray.serving import http
     from dreamblend_ray.serving.requests import AppArgs, SubjectNotFound
 
-    def no_manifest(subject_id):
+    def no_manifest(subject_id, tenant="default"):
         raise SubjectNotFound(f"subject {subject_id!r} not found")
 
     monkeypatch.setenv("DB_SUBJECTS_CLI_KEY", KEY)
@@ -378,7 +351,7 @@ def served(tmp_path, monkeypatch):
     args = AppArgs(base="tiny", storage_root=root, auth_enabled=True, api_key_env="DB_SUBJECTS_CLI_KEY",
                    upload_max_total_bytes=200_000)
     app = http.make_api(args, RecordingBackend(), no_manifest, list_subjects, read_collapse_plot,
-                        InProcessService(root))
+                        InProcessScheduler({"storage_root": root}))
     with serve_on_loopback(app) as url:
         yield url, root
 
@@ -393,13 +366,14 @@ def test_the_real_routes_accept_the_streamed_upload_and_store_the_images(served,
     assert run_cli("create", "--url", url, "--images", str(folder), "--class-noun", "dog", "--subject-id", "rex",
                    "--steps", "20") == 0
     created = json.loads(capsys.readouterr().out)
-    assert (created["subject_id"], created["status"], created["class_noun"]) == ("rex", "queued", "dog")
+    assert (created["subject_id"], created["class_noun"]) == ("rex", "dog")
+    assert created["status"] in ("queued", "training")  # the in-process scheduler admits it at once
     stored = sorted(os.listdir(os.path.join(root, "subjects", "rex", "images")))
     assert stored == ["0000.png", "0001.png", "0002.png"]
     with Image.open(os.path.join(root, "subjects", "rex", "images", "0001.png")) as image:
         assert image.size == (96, 64)
     assert run_cli("status", "rex", "--url", url) == 0
-    assert json.loads(capsys.readouterr().out)["status"] == "queued"
+    assert json.loads(capsys.readouterr().out)["status"] in ("queued", "training")
 
     with caplog.at_level(logging.ERROR):  # the same id again: the service's 409, as one line
         assert run_cli("create", "--url", url, "--images", str(folder), "--class-noun", "dog",

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth", action="store_true",
                         help="require an API key (from $DREAMBLEND_API_KEY or --api-key-file)")
     parser.add_argument("--api-key-file", default=None, help="file holding the API key")
+    parser.add_argument("--keys-file", default=None,
+                        help="tenants' keys file (YAML/JSON: each tenant's hashed keys and quotas; reloaded when "
+                             "it changes; `dreamblend keys new --tenant T` makes an entry); turns auth on")
+    parser.add_argument("--allow-insecure", action="store_true",
+                        help="serve without auth on a non-loopback --host (refused otherwise)")
     parser.add_argument("--ray-address", default=None,
                         help="connect to this Ray cluster instead of starting a local one")
 
@@ -72,10 +77,27 @@ def app_args(args: argparse.Namespace):
         values["auth_enabled"] = True
     if args.api_key_file:
         values["api_key_file"] = args.api_key_file
+    if args.keys_file:
+        values.update(keys_file=args.keys_file, auth_enabled=True)
+    if args.allow_insecure:
+        values["allow_insecure"] = True
     try:
         return AppArgs.model_validate(values)
     except Exception as exc:  # pydantic.ValidationError -> the CLI's "bad input" path
         raise ValueError(f"invalid serve arguments: {exc}") from exc
+
+
+def check_exposure(settings, host: str) -> None:
+    """ValueError for auth off on an address other machines can reach, unless --allow-insecure."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not settings.auth_enabled and not loopback and not settings.allow_insecure:
+        raise ValueError(f"refusing to serve without auth on {host}: pass --auth (or --keys-file), or "
+                         "--allow-insecure if this network is yours alone")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,11 +105,12 @@ def run(args: argparse.Namespace) -> int:
 
     from dreamblend_ray.models.components import resolve_base
     from dreamblend_ray.serving.app import build_app, cluster_node_count
-    from dreamblend_ray.serving.requests import load_api_key, resolve_local_root
+    from dreamblend_ray.serving.requests import key_source, resolve_local_root
 
     settings = app_args(args)
+    check_exposure(settings, args.host)
     resolve_base(settings.base)  # fail fast on a bad --base
-    load_api_key(settings)  # fail fast when --auth has no key
+    key_source(settings)  # fail fast when --auth has no key, a weak one, or a bad keys file
     lifecycle.init_ray(args.ray_address)
     try:
         root = resolve_local_root(settings.storage_root, cluster_node_count())  # ValueError on several nodes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 import time
 
+from dreamblend_ray.config import DEFAULT_TENANT
 from dreamblend_ray.io import storage
 from dreamblend_ray.jobs.common import JobResources
 from dreamblend_ray.jobs.manifests import GenerationRequest
@@ -39,10 +40,10 @@ def record_uri(root: str, job_id: str) -> str:
 
 
 def new_job(job_id: str, requests: list[dict], webhook_url: str | None, request_id: str | None,
-            now: float | None = None) -> dict:
+            now: float | None = None, tenant: str = DEFAULT_TENANT) -> dict:
     """A queued job; ``requests`` are the bulk job's rows (``jobs.manifests.GenerationRequest`` fields)."""
     now = time.time() if now is None else now
-    return {"id": job_id, "status": "queued", "requests": requests, "webhook_url": webhook_url,
+    return {"id": job_id, "tenant": tenant, "status": "queued", "requests": requests, "webhook_url": webhook_url,
             "request_id": request_id, "images_total": sum(r["num_images"] for r in requests),
             "seq": int(now * 1e9), "created_at": now_iso(now), "started_at": None, "finished_at": None,
             "results": None, "error": None}

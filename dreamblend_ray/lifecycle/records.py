@@ -26,7 +26,7 @@ import hashlib
 import time
 from typing import Any
 
-from dreamblend_ray.config import SUBJECT_ID_PATTERN
+from dreamblend_ray.config import DEFAULT_TENANT, SUBJECT_ID_PATTERN, TENANT_PATTERN
 from dreamblend_ray.io import storage
 from dreamblend_ray.training import layout
 
@@ -53,14 +53,21 @@ def now_iso(now: float | None = None) -> str:
 
 def new_record(subject_id: str, class_noun: str, token: str, finetune: dict, base: str, images: list[str],
                webhook_url: str | None = None, retention_days: int | None = None, request_id: str | None = None,
-               now: float | None = None) -> dict:
-    """A queued subject's record; ``seq`` (nanoseconds at creation) orders the queue."""
+               now: float | None = None, tenant: str = DEFAULT_TENANT, max_concurrent: int | None = None) -> dict:
+    """A queued subject's record; ``seq`` (nanoseconds at creation) orders the queue;
+    ``max_concurrent``: its tenant's concurrent-trainings quota when it was created."""
     now = time.time() if now is None else now
-    return {"version": RECORD_VERSION, "id": subject_id, "status": "queued", "class_noun": class_noun,
+    return {"version": RECORD_VERSION, "id": subject_id, "tenant": tenant, "max_concurrent": max_concurrent,
+            "status": "queued", "class_noun": class_noun,
             "token": token, "finetune": finetune, "base": base, "images": list(images),
             "webhook_url": webhook_url, "retention_days": retention_days, "request_id": request_id,
             "seq": int(now * 1e9), "created_at": now_iso(now), "updated_at": now_iso(now), "started_at": None,
             "finished_at": None, "attempts": 0, "error": None, "cancel_requested": False, "deleting": False}
+
+
+def owner(record: dict) -> tuple[str, str]:
+    """(tenant, id) of a subject or job record (records written before tenants are ``default``'s)."""
+    return record.get("tenant") or DEFAULT_TENANT, record["id"]
 
 
 def transition(record: dict, status: str, now: float | None = None, **changes: Any) -> dict:
@@ -147,6 +154,13 @@ def list_ids(root: str) -> list[str]:
     """Every subject folder's id (records, complete subjects, and leftovers), sorted."""
     names = storage.list_dir(storage.join(root, "subjects"))
     return sorted(n for n in names if SUBJECT_ID_PATTERN.fullmatch(n))
+
+
+def tenants(root: str) -> list[str]:
+    """The tenants with anything under ``root``: ``default`` (the root itself) and every
+    ``tenants/{tenant}/`` folder."""
+    found = [n for n in storage.list_dir(storage.join(root, "tenants")) if TENANT_PATTERN.fullmatch(n)]
+    return [DEFAULT_TENANT, *sorted(n for n in found if n != DEFAULT_TENANT)]
 
 
 def list_records(root: str) -> list[dict]:

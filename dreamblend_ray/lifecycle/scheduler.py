@@ -23,11 +23,13 @@ import logging
 import time
 from dataclasses import asdict
 
+from dreamblend_ray.config import DEFAULT_TENANT
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.netguard import NetPolicy
 from dreamblend_ray.jobs.common import error_text
 from dreamblend_ray.lifecycle import async_jobs, records, webhooks
 from dreamblend_ray.lifecycle.training import run_training
+from dreamblend_ray.training import layout
 from dreamblend_ray.lifecycle.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -46,27 +48,47 @@ class IdempotencyMismatch(ValueError):
     """An Idempotency-Key reused with another body."""
 
 
+class QuotaExceeded(ValueError):
+    """A tenant's quota refuses the request (429); ``quota`` names it."""
+
+    def __init__(self, quota: str, message: str, retry_after_s: int = 60):
+        super().__init__(message)
+        self.quota, self.retry_after_s = quota, retry_after_s
+
+
 def _error_text(exc: BaseException) -> str:
     return error_text(exc, 500)
 
 
+Owner = tuple  # (tenant, subject or job id): every queue, map and deletion is keyed on it
+
+
 class SubjectScheduler:
-    """The actor's body (a plain class, so tests can drive it without Ray's actor machinery)."""
+    """The actor's body (a plain class, so tests can drive it without Ray's actor machinery).
+
+    Tenants: every record lives under its tenant's root (``layout.tenant_root``); the queues hold
+    (tenant, id) pairs, so two tenants' ``dog`` are two subjects. A tenant's concurrent-trainings
+    quota is carried by its records (``max_concurrent``); admission skips a tenant at its quota
+    without letting it hold up the others (arrival order otherwise)."""
 
     def __init__(self, settings: dict):
         self.settings = ServiceSettings.from_args(settings)
         self.root = self.settings.storage_root
-        self.queue: list[str] = []  # queued subject ids, arrival order
-        self.running: dict[str, object] = {}  # subject id -> ObjectRef of its training
-        self.job_queue: list[str] = []
-        self.jobs_running: dict[str, object] = {}
-        self.epoch, self.deletions = 0, []  # (epoch, subject id): what the replicas must drop
+        self.queue: list[Owner] = []  # queued subjects, arrival order
+        self.running: dict[Owner, object] = {}  # -> ObjectRef of its training
+        self.job_queue: list[Owner] = []
+        self.jobs_running: dict[Owner, object] = {}
+        self.epoch = time.time_ns()  # grows across restarts, so a replica's acknowledged epoch stays valid
+        self.deletions: list[tuple[int, Owner]] = []  # what the replicas must drop
         self.replicas: dict[str, tuple[int, float]] = {}  # replica id -> (epoch processed, last poll)
         self.outbox = self._outbox()
-        self.erasures: list[str] = []  # deletions a dead scheduler left half done
+        self.erasures: list[Owner] = []  # deletions a dead scheduler left half done
         self.last_sweep = 0.0
         self._loop: asyncio.Task | None = None
         self._recover()
+
+    def root_of(self, tenant: str) -> str:
+        return layout.tenant_root(self.root, tenant)
 
     # ------------------------------------------------------------------ start-up
 
@@ -81,19 +103,21 @@ class SubjectScheduler:
 
     def _recover(self) -> None:
         """Rebuild the queues from storage: queued and interrupted trainings, unfinished jobs,
-        half-done deletions (finished by the first ticks)."""
-        for record in sorted(records.list_records(self.root), key=lambda r: r["seq"]):
+        half-done deletions (finished by the first ticks), across every tenant."""
+        found = [r for tenant in records.tenants(self.root) for r in records.list_records(self.root_of(tenant))]
+        for record in sorted(found, key=lambda r: r["seq"]):
+            owner = records.owner(record)
             if record.get("deleting"):
-                self.erasures.append(record["id"])
+                self.erasures.append(owner)
             elif record["status"] == "training":
-                record = self._interrupted(record)
-                if record["status"] == "queued":
-                    self.queue.insert(0, record["id"])
+                if self._interrupted(record)["status"] == "queued":
+                    self.queue.insert(0, owner)
             elif record["status"] == "queued" and not record.get("uploading"):
-                self.queue.append(record["id"])
-        for job in sorted(async_jobs.list_jobs(self.root), key=lambda r: r["seq"]):
+                self.queue.append(owner)
+        jobs = [j for tenant in records.tenants(self.root) for j in async_jobs.list_jobs(self.root_of(tenant))]
+        for job in sorted(jobs, key=lambda r: r["seq"]):
             if job["status"] in ("queued", "running"):
-                self.job_queue.append(job["id"])
+                self.job_queue.append(records.owner(job))
         logger.info("scheduler on %s: %d queued trainings, %d queued jobs, %d deletions to finish",
                     storage.scheme(self.root) or "local", len(self.queue), len(self.job_queue), len(self.erasures))
 
@@ -123,7 +147,7 @@ class SubjectScheduler:
 
     async def tick(self) -> None:
         while self.erasures:
-            await self.delete(self.erasures.pop(0))
+            await self.delete(*self.erasures.pop(0))
         await self._reap_trainings()
         await self._reap_jobs()
         self._admit()
@@ -134,47 +158,55 @@ class SubjectScheduler:
             await self.sweep_retention()
 
     def _admit(self) -> None:
-        while self.queue and len(self.running) < self.settings.max_concurrent_trainings:
-            subject_id = self.queue.pop(0)
-            record = records.read_state(self.root, subject_id)
+        """Start queued trainings in arrival order, up to the service's limit; a tenant at its own
+        concurrent-trainings quota waits without holding up the others."""
+        for owner in list(self.queue):
+            if len(self.running) >= self.settings.max_concurrent_trainings:
+                return
+            record = records.read_state(self.root_of(owner[0]), owner[1])
             if record is None or record.get("deleting") or record["status"] != "queued":
+                self.queue.remove(owner)
                 continue
+            limit = record.get("max_concurrent")
+            if limit is not None and sum(t == owner[0] for t, _ in self.running) >= limit:
+                continue
+            self.queue.remove(owner)
             record = self._save(records.transition(record, "training"))
             self._event(record, "subject.training")
-            self.running[subject_id] = self._launch_training(subject_id)
-            logger.info("subject %s: training started (attempt %d)", subject_id, record["attempts"])
+            self.running[owner] = self._launch_training(owner)
+            logger.info("subject %s of %s: training started (attempt %d)", owner[1], owner[0], record["attempts"])
 
-    def _launch_training(self, subject_id: str):
+    def _launch_training(self, owner: Owner):
         import ray
 
         s = self.settings
         task = ray.remote(run_training).options(
             num_cpus=s.training_num_cpus, num_gpus=s.training_num_gpus, resources=dict(s.training_resources),
-            max_retries=s.training_max_retries, retry_exceptions=False, name=f"train:{subject_id}")
-        return task.remote(self.root, subject_id, s.base, s.training_torch_threads)
+            max_retries=s.training_max_retries, retry_exceptions=False, name=f"train:{owner[0]}/{owner[1]}")
+        return task.remote(self.root_of(owner[0]), owner[1], s.base, s.training_torch_threads)
 
     async def _reap_trainings(self) -> None:
         import ray
 
-        for subject_id, ref in list(self.running.items()):
+        for owner, ref in list(self.running.items()):
             ready, _ = ray.wait([ref], timeout=0)
             if not ready:
                 continue
-            del self.running[subject_id]
+            del self.running[owner]
             try:
                 await ref
                 outcome, error = "ready", None
             except Exception as exc:  # noqa: BLE001 - sorted into the record below
-                outcome, error = self._failure(subject_id, exc)
-            record = records.read_state(self.root, subject_id)
+                outcome, error = self._failure(owner, exc)
+            record = records.read_state(self.root_of(owner[0]), owner[1])
             if record is None or record.get("deleting") or record["status"] != "training":
                 continue
             self._finish(record, outcome, error=error)
 
-    def _failure(self, subject_id: str, exc: BaseException) -> tuple[str, str | None]:
+    def _failure(self, owner: Owner, exc: BaseException) -> tuple[str, str | None]:
         from ray.exceptions import TaskCancelledError, WorkerCrashedError
 
-        record = records.read_state(self.root, subject_id) or {}
+        record = records.read_state(self.root_of(owner[0]), owner[1]) or {}
         if isinstance(exc, TaskCancelledError) or record.get("cancel_requested") or \
                 "TrainingStopped" in type(exc).__name__ + str(exc)[:200]:
             return "canceled", None
@@ -182,7 +214,7 @@ class SubjectScheduler:
             tries = self.settings.training_max_retries + 1
             return "failed", f"the training worker died {tries} times (last: {type(exc).__name__})"
         cause = getattr(exc, "cause", None) or exc
-        logger.error("subject %s: training failed: %s", subject_id, _error_text(exc))
+        logger.error("subject %s of %s: training failed: %s", owner[1], owner[0], _error_text(exc))
         return "failed", f"training failed: {_error_text(cause)}"
 
     def _finish(self, record: dict, status: str, error: str | None = None) -> dict:
@@ -193,107 +225,120 @@ class SubjectScheduler:
 
     # ------------------------------------------------------------------ the client's calls
 
-    async def reserve(self, record: dict, idempotency: tuple[str, str] | None = None) -> dict:
+    async def reserve(self, record: dict, idempotency: tuple[str, str] | None = None,
+                      max_subjects: int | None = None) -> dict:
         """Claim a new subject's id before its images are stored (the record says ``uploading``).
         With (key, body digest), a retried create gets the first subject's view back instead
-        (``replayed``). SubjectExists / IdempotencyMismatch (ValueErrors) for the client's mistakes."""
+        (``replayed``). SubjectExists / IdempotencyMismatch / QuotaExceeded for the client's mistakes."""
         await self.start()
+        tenant, root = records.owner(record)[0], self.root_of(records.owner(record)[0])
         if idempotency is not None:
-            earlier = await asyncio.to_thread(self._idempotent, *idempotency)
+            earlier = await asyncio.to_thread(self._idempotent, tenant, *idempotency)
             if earlier is not None:
                 return {**earlier, "replayed": True}
-        status, _ = await asyncio.to_thread(records.status_of, self.root, record["id"])
-        taken = await asyncio.to_thread(storage.exists, storage.join(self.root, "subjects", record["id"]))
-        if status != "missing" or taken or record["id"] in self.running:
+        status, _ = await asyncio.to_thread(records.status_of, root, record["id"])
+        taken = await asyncio.to_thread(storage.exists, storage.join(root, "subjects", record["id"]))
+        if status != "missing" or taken or (tenant, record["id"]) in self.running:
             raise SubjectExists(f"subject {record['id']!r} already exists")
+        if max_subjects is not None and len(await asyncio.to_thread(records.list_ids, root)) >= max_subjects:
+            raise QuotaExceeded("subjects", f"this tenant stores at most {max_subjects} subjects")
         await asyncio.to_thread(self._save, {**record, "uploading": True})
         if idempotency is not None:
-            await asyncio.to_thread(storage.write_json, records.idempotency_uri(self.root, idempotency[0]),
+            await asyncio.to_thread(storage.write_json, records.idempotency_uri(root, idempotency[0]),
                                     {"subject_id": record["id"], "body_sha256": idempotency[1]})
-        return {**self.view(record["id"]), "replayed": False}
+        return {**self.view(tenant, record["id"]), "replayed": False}
 
-    async def commit(self, subject_id: str, images: list[str]) -> dict:
+    async def commit(self, tenant: str, subject_id: str, images: list[str]) -> dict:
         """The reserved subject's images are stored: queue its training."""
-        record = await asyncio.to_thread(records.read_state, self.root, subject_id)
+        record = await asyncio.to_thread(records.read_state, self.root_of(tenant), subject_id)
         if record is None or record.get("deleting"):
             raise SubjectExists(f"subject {subject_id!r} was deleted while its images were stored")
         await asyncio.to_thread(self._save, {**record, "images": list(images), "uploading": False})
-        self.queue.append(subject_id)
+        self.queue.append((tenant, subject_id))
         self._admit()
-        return await asyncio.to_thread(self.view, subject_id)
+        return await asyncio.to_thread(self.view, tenant, subject_id)
 
-    def _idempotent(self, key: str, body_sha256: str) -> dict | None:
+    def _idempotent(self, tenant: str, key: str, body_sha256: str) -> dict | None:
+        root = self.root_of(tenant)
         try:
-            seen = storage.read_json(records.idempotency_uri(self.root, key))
+            seen = storage.read_json(records.idempotency_uri(root, key))
         except FileNotFoundError:
             return None
         if seen["body_sha256"] != body_sha256:
             raise IdempotencyMismatch("this Idempotency-Key was used with a different request body")
-        status, _ = records.status_of(self.root, seen["subject_id"])
-        return None if status == "missing" else self.view(seen["subject_id"])
+        status, _ = records.status_of(root, seen["subject_id"])
+        return None if status == "missing" else self.view(tenant, seen["subject_id"])
 
-    def view(self, subject_id: str) -> dict:
+    def view(self, tenant: str, subject_id: str) -> dict:
         """The record as clients see it, with progress and queue position (no storage paths)."""
-        status, record = records.status_of(self.root, subject_id)
+        root = self.root_of(tenant)
+        status, record = records.status_of(root, subject_id)
+        owner = (tenant, subject_id)
         return {"id": subject_id, "status": status, "record": record,
-                "progress": records.read_progress(self.root, subject_id),
-                "queue_position": self.queue.index(subject_id) + 1 if subject_id in self.queue else None}
+                "progress": records.read_progress(root, subject_id),
+                "queue_position": self.queue.index(owner) + 1 if owner in self.queue else None}
 
-    async def positions(self) -> dict[str, int]:
+    async def positions(self, tenant: str = DEFAULT_TENANT) -> dict[str, int]:
+        """The tenant's queued subjects and their places in the service's queue."""
         await self.start()
-        return {subject_id: i + 1 for i, subject_id in enumerate(self.queue)}
+        return {subject_id: i + 1 for i, (t, subject_id) in enumerate(self.queue) if t == tenant}
 
-    async def cancel(self, subject_id: str) -> dict | None:
+    async def training_count(self, tenant: str) -> int:
+        return sum(t == tenant for t, _ in self.running)
+
+    async def cancel(self, tenant: str, subject_id: str) -> dict | None:
         """Cancel a queued or training subject; its view (unchanged when already final); None if absent."""
         await self.start()
-        record = await asyncio.to_thread(records.read_state, self.root, subject_id)
+        owner = (tenant, subject_id)
+        record = await asyncio.to_thread(records.read_state, self.root_of(tenant), subject_id)
         if record is None or record.get("deleting"):
             return None
         if record["status"] == "queued":
-            self.queue = [s for s in self.queue if s != subject_id]
+            self.queue = [o for o in self.queue if o != owner]
             await asyncio.to_thread(self._finish, record, "canceled")
         elif record["status"] == "training":
             await asyncio.to_thread(self._save, {**record, "cancel_requested": True})
-            await self._stop_training(subject_id)
-        return await asyncio.to_thread(self.view, subject_id)
+            await self._stop_training(owner)
+        return await asyncio.to_thread(self.view, tenant, subject_id)
 
-    async def _stop_training(self, subject_id: str) -> None:
+    async def _stop_training(self, owner: Owner) -> None:
         """Interrupt a running training and wait (bounded) until its task has ended and been reaped."""
         import ray
 
-        ref = self.running.get(subject_id)
+        ref = self.running.get(owner)
         if ref is None:
             return
         ray.cancel(ref, force=False)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while subject_id in self.running and time.monotonic() < deadline:
+        while owner in self.running and time.monotonic() < deadline:
             await self._reap_trainings()
             await asyncio.sleep(0.1)
-        if subject_id in self.running:  # it did not stop: kill its worker
-            ray.cancel(self.running[subject_id], force=True)
+        if owner in self.running:  # it did not stop: kill its worker
+            ray.cancel(self.running[owner], force=True)
 
-    async def delete(self, subject_id: str, webhook_url: str | None = None) -> bool:
+    async def delete(self, tenant: str, subject_id: str) -> bool:
         """Erase a subject: stop its training, have every model replica drop it, remove its files.
         False when there was nothing to delete (deleting twice is harmless)."""
         await self.start()
-        status, record = await asyncio.to_thread(records.status_of, self.root, subject_id)
-        leftovers = await asyncio.to_thread(storage.list_files, storage.join(self.root, "subjects", subject_id))
+        owner, root = (tenant, subject_id), self.root_of(tenant)
+        status, record = await asyncio.to_thread(records.status_of, root, subject_id)
+        leftovers = await asyncio.to_thread(storage.list_files, storage.join(root, "subjects", subject_id))
         if status == "missing" and not leftovers:
             return False
-        record = record or {"id": subject_id, "status": "ready", "webhook_url": webhook_url, "seq": 0}
+        record = record or {"id": subject_id, "tenant": tenant, "status": "ready", "seq": 0}
         await asyncio.to_thread(self._save, {**record, "deleting": True})  # from now on: 404 everywhere
-        self.queue = [s for s in self.queue if s != subject_id]
-        await self._stop_training(subject_id)
-        await self._drop_from_replicas(subject_id)
+        self.queue = [o for o in self.queue if o != owner]
+        await self._stop_training(owner)
+        await self._drop_from_replicas(owner)
         from dreamblend_ray.lifecycle.erasure import erase_subject
 
-        await asyncio.to_thread(erase_subject, self.root, subject_id)
+        await asyncio.to_thread(erase_subject, root, subject_id)
         self._event({**record, "status": "deleted"}, "subject.deleted")
         return True
 
-    async def _drop_from_replicas(self, subject_id: str) -> None:
+    async def _drop_from_replicas(self, owner: Owner) -> None:
         self.epoch += 1
-        self.deletions.append((self.epoch, subject_id))
+        self.deletions.append((self.epoch, owner))
         self.deletions = self.deletions[-1000:]
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -302,31 +347,35 @@ class SubjectScheduler:
             if all(e >= self.epoch for e in live.values()):
                 return
             await asyncio.sleep(0.05)
-        logger.warning("subject %s: not every model replica confirmed dropping it within %.0fs",
-                       subject_id, ACK_TIMEOUT_S)
+        logger.warning("subject %s of %s: not every model replica confirmed dropping it within %.0fs",
+                       owner[1], owner[0], ACK_TIMEOUT_S)
 
-    async def poll_deletions(self, replica_id: str, processed_epoch: int) -> tuple[int, list[str]]:
+    async def poll_deletions(self, replica_id: str, processed_epoch: int) -> tuple[int, list[Owner]]:
         """A model replica's heartbeat: it has dropped everything up to ``processed_epoch``; the
-        subjects deleted after that, and the epoch to confirm next time."""
+        (tenant, subject) pairs deleted after that, and the epoch to confirm next time."""
         await self.start()
         self.replicas[replica_id] = (processed_epoch, time.monotonic())
-        return self.epoch, [s for e, s in self.deletions if e > processed_epoch]
+        return self.epoch, [o for e, o in self.deletions if e > processed_epoch]
 
-    async def sweep_retention(self) -> list[str]:
-        """Delete finished subjects past their retention; the ids deleted."""
-        expired = [r["id"] for r in await asyncio.to_thread(records.list_records, self.root)
-                   if not r.get("deleting") and records.expired(r, self.settings.retention_days)]
-        for subject_id in expired:
-            logger.info("subject %s: past its retention, deleting", subject_id)
-            await self.delete(subject_id)
+    async def sweep_retention(self) -> list[Owner]:
+        """Delete finished subjects past their retention, and creates whose upload never finished
+        (an hour old); the (tenant, id) pairs deleted."""
+        found = [r for tenant in await asyncio.to_thread(records.tenants, self.root)
+                 for r in await asyncio.to_thread(records.list_records, self.root_of(tenant))]
+        stale = time.time() - 3600
+        expired = [records.owner(r) for r in found if not r.get("deleting") and (
+            records.expired(r, self.settings.retention_days) or (r.get("uploading") and r["seq"] / 1e9 < stale))]
+        for owner in expired:
+            logger.info("subject %s of %s: past its retention, deleting", owner[1], owner[0])
+            await self.delete(*owner)
         return expired
 
     # ------------------------------------------------------------------ async generation jobs
 
     async def submit_job(self, record: dict) -> dict:
         await self.start()
-        await asyncio.to_thread(async_jobs.write_job, self.root, record)
-        self.job_queue.append(record["id"])
+        await asyncio.to_thread(async_jobs.write_job, self.root_of(records.owner(record)[0]), record)
+        self.job_queue.append(records.owner(record))
         self._admit_jobs()
         return record
 
@@ -334,23 +383,25 @@ class SubjectScheduler:
         import ray
 
         while self.job_queue and len(self.jobs_running) < self.settings.max_concurrent_trainings:
-            job_id = self.job_queue.pop(0)
-            record = async_jobs.read_job(self.root, job_id)
+            owner = self.job_queue.pop(0)
+            root = self.root_of(owner[0])
+            record = async_jobs.read_job(root, owner[1])
             if record is None or record["status"] in async_jobs.JOB_FINAL:
                 continue
-            async_jobs.write_job(self.root, {**record, "status": "running", "started_at": records.now_iso()})
+            async_jobs.write_job(root, {**record, "status": "running", "started_at": records.now_iso()})
             s = self.settings
-            task = ray.remote(async_jobs.run_job).options(num_cpus=0, max_retries=1, name=f"job:{job_id}")
-            self.jobs_running[job_id] = task.remote(self.root, job_id, s.base, s.job_num_cpus, s.job_num_gpus)
+            task = ray.remote(async_jobs.run_job).options(num_cpus=0, max_retries=1, name=f"job:{owner[1]}")
+            self.jobs_running[owner] = task.remote(root, owner[1], s.base, s.job_num_cpus, s.job_num_gpus)
 
     async def _reap_jobs(self) -> None:
         import ray
 
-        for job_id, ref in list(self.jobs_running.items()):
+        for owner, ref in list(self.jobs_running.items()):
             if not ray.wait([ref], timeout=0)[0]:
                 continue
-            del self.jobs_running[job_id]
-            record = async_jobs.read_job(self.root, job_id)
+            del self.jobs_running[owner]
+            root = self.root_of(owner[0])
+            record = async_jobs.read_job(root, owner[1])
             if record is None:
                 continue
             try:
@@ -361,13 +412,13 @@ class SubjectScheduler:
             except Exception as exc:  # noqa: BLE001 - the job fails with its reason
                 record = {**record, "status": "failed", "error": f"the job failed: {_error_text(exc)}"}
             record["finished_at"] = records.now_iso()
-            async_jobs.write_job(self.root, record)
+            async_jobs.write_job(root, record)
             self._event(record, "job.completed", job=True)
 
     # ------------------------------------------------------------------ storage and webhooks
 
     def _save(self, record: dict) -> dict:
-        records.write_state(self.root, record)
+        records.write_state(self.root_of(records.owner(record)[0]), record)
         return record
 
     def _event(self, record: dict, event: str, job: bool = False) -> None:

@@ -42,7 +42,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from dreamblend_ray.config import SamplingConfig
+from dreamblend_ray.config import DEFAULT_TENANT, SamplingConfig
 from dreamblend_ray.lifecycle.scheduler import scheduler_handle
 from dreamblend_ray.lifecycle.settings import ServiceSettings
 from dreamblend_ray.serving.subjects_api import ActorService
@@ -95,7 +95,7 @@ class LoadedPair:
 
     def __init__(self, model_id: str, replica: "DreamBlendModel"):
         self.model_id = model_id
-        self.subject_id, self.guidance_step, self.edit_step = serving.parse_model_id(model_id)
+        self.tenant, self.subject_id, self.guidance_step, self.edit_step = serving.parse_model_id(model_id)
         self._replica = replica
         self.pair = None
         self.manifest = None
@@ -110,9 +110,10 @@ class LoadedPair:
         from dreamblend_ray.training import checkpoints
 
         with self._load_errors():
-            return checkpoints.fetch_pair(self._replica.args.storage_root, self.subject_id,
-                                          self._replica.components, guidance_step=self.guidance_step,
-                                          edit_step=self.edit_step)
+            return checkpoints.fetch_pair(layout.tenant_root(self._replica.args.storage_root, self.tenant),
+                                          self.subject_id, self._replica.components,
+                                          guidance_step=self.guidance_step, edit_step=self.edit_step,
+                                          namespace="" if self.tenant == DEFAULT_TENANT else self.tenant)
 
     def ensure(self, files=None):
         """Blocking; call with the replica's UNet lock held. Returns the pair (``files`` from
@@ -199,7 +200,7 @@ class DreamBlendModel:
 
         self.get_pair = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load)
         self._multiplexed = load  # Serve keeps its LRU on the decorated function (``forget`` evicts from it)
-        self.deleted: dict[str, float] = {}  # subject id -> when this replica dropped it
+        self.deleted: dict[tuple[str, str], float] = {}  # (tenant, subject) -> when this replica dropped it
         self.deletion_epoch = 0
         self._watcher = None
         self.generate_batch.set_max_batch_size(self.args.max_batch_size)
@@ -266,29 +267,30 @@ class DreamBlendModel:
                 scheduler = scheduler or scheduler_handle(settings, create=False)
                 if scheduler is not None:
                     epoch, gone = await scheduler.poll_deletions.remote(self.replica, self.deletion_epoch)
-                    for subject_id in gone:
-                        await self.forget(subject_id)
+                    for tenant, subject_id in gone:
+                        await self.forget(tenant, subject_id)
                     self.deletion_epoch = epoch
             except Exception as exc:  # noqa: BLE001 - the scheduler restarts; look it up again
                 logger.debug("deletion poll failed: %r", exc)
                 scheduler = None
             await asyncio.sleep(DELETION_POLL_S)
 
-    async def forget(self, subject_id: str) -> None:
+    async def forget(self, tenant: str, subject_id: str) -> None:
         """A deleted subject: refuse its new jobs, drop its waiting ones, unload its pairs once their
         running rows finish (pinned pairs unload at their last unpin)."""
-        self.deleted[subject_id] = time.time()
+        owner = (tenant, subject_id)
+        self.deleted[owner] = time.time()
         self.deleted = {s: t for s, t in self.deleted.items() if time.time() - t < DELETED_MEMORY_S}
         gone = SubjectNotFound(f"subject {subject_id!r} not found")
         if self.continuous is not None:
-            self.continuous.drop_waiting(subject_id, gone)
+            self.continuous.drop_waiting(owner, gone)
         for job, future in [entry for entry in self.pending
-                            if serving.parse_model_id(entry[0].model_id)[0] == subject_id]:
+                            if serving.parse_model_id(entry[0].model_id).owner == owner]:
             self.pending.remove((job, future))
             if not future.done():
                 future.set_result(gone)
         cache = getattr(self._multiplexed, "__serve_multiplex_wrapper", None)
-        for model_id in [m for m in (cache.models if cache else {}) if serving.parse_model_id(m)[0] == subject_id]:
+        for model_id in [m for m in (cache.models if cache else {}) if serving.parse_model_id(m).owner == owner]:
             handle = cache.models.pop(model_id)
             await asyncio.to_thread(handle.close)
         logger.info("subject %s deleted: dropped from replica %s", subject_id, self.replica)
@@ -300,8 +302,9 @@ class DreamBlendModel:
         """The job's result, or the client-facing exception as a value (raised by the ingress, so its
         type survives the trip instead of arriving wrapped in a RayTaskError)."""
         self._watch_deletions()
-        subject_id = serving.parse_model_id(job.model_id)[0]
-        if time.time() - self.deleted.get(subject_id, float("-inf")) < DELETED_MEMORY_S:
+        model = serving.parse_model_id(job.model_id)
+        subject_id = model.subject_id
+        if time.time() - self.deleted.get(model.owner, float("-inf")) < DELETED_MEMORY_S:
             return SubjectNotFound(f"subject {subject_id!r} not found")
         if self.continuous is not None and job.config.row_batchable:
             return await self._generate_rows(job)
@@ -449,9 +452,9 @@ class DreamBlendIngress:
 
     def __serve_build_asgi_app__(self):
         root = self.args.storage_root
-        return http.make_api(self.args, backend=self, read_manifest=partial(layout.read_manifest, root),
-                             list_subjects=partial(layout.list_subject_ids, root),
-                             read_collapse_plot=partial(serving.read_collapse_plot, root),
+        return http.make_api(self.args, backend=self, read_manifest=serving.per_tenant(layout.read_manifest, root),
+                             list_subjects=serving.per_tenant(layout.list_subject_ids, root),
+                             read_collapse_plot=serving.per_tenant(serving.read_collapse_plot, root),
                              subject_service=self.subjects)
 
     async def generate(self, job: GenerationJob) -> GenerationResult:

@@ -166,10 +166,10 @@ class ContinuousBatch:
                 jobs.remove(pending)
                 self._answer(pending, DeadlineExceeded("deadline passed while sampling"))
 
-    def drop_waiting(self, subject_id: str, error: Exception) -> int:
-        """Answer ``error`` to the waiting (not yet started) jobs of a subject; started rows finish.
-        Returns how many were dropped."""
-        gone = [p for p in self.waiting if parse_model_id(p.job.model_id)[0] == subject_id]
+    def drop_waiting(self, owner: tuple[str, str], error: Exception) -> int:
+        """Answer ``error`` to the waiting (not yet started) jobs of a (tenant, subject); started
+        rows finish. Returns how many were dropped."""
+        gone = [p for p in self.waiting if parse_model_id(p.job.model_id).owner == owner]
         for pending in gone:
             self.waiting.remove(pending)
             self._answer(pending, error)

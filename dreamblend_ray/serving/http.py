@@ -20,6 +20,7 @@ import asyncio
 import base64
 import logging
 import math
+import threading
 import time
 from functools import partial
 from importlib import resources
@@ -28,17 +29,20 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 
-from dreamblend_ray.config import SUBJECT_ID_PATTERN
+from dreamblend_ray.config import DEFAULT_TENANT, SUBJECT_ID_PATTERN
 from dreamblend_ray.io.storage import StorageError
-from dreamblend_ray.training.layout import base_name
+from dreamblend_ray.training.layout import base_name, tenant_root
 from dreamblend_ray.serving import requests as serving
-from dreamblend_ray.lifecycle.scheduler import IdempotencyMismatch, SubjectExists
-from dreamblend_ray.serving import subjects_api
+from dreamblend_ray.lifecycle.scheduler import IdempotencyMismatch, QuotaExceeded, SubjectExists
+from dreamblend_ray.serving import subjects_api, tenants
+from dreamblend_ray.serving.quotas import QuotaLimiter
+from dreamblend_ray.lifecycle.audit import AuditLog
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
-from dreamblend_ray.serving.subjects_api import Progress
+from dreamblend_ray.serving.subjects_api import Progress, tenant_of
 from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, GenerateRequest, Overloaded,
                                              ReplicaUnavailable, SubjectConflict, SubjectNotFound, SubjectUnusable)
 
@@ -76,7 +80,10 @@ ERRORS: dict[int, str] = {
          "the body names the file and the rule)",
     415: "POST /v1/subjects: the body is neither multipart/form-data nor application/json",
     422: "a field is invalid or over a configured limit; `detail[].loc` names it",
-    424: "the subject's saved manifest is damaged (not JSON, or not this subject's); fine-tune it again",
+    424: "the subject's saved manifest or checkpoints are damaged (the detail is logged, not answered); "
+         "fine-tune it again",
+    429: "a tenant's quota (the body's `quota` names it) or too many 401s from one address: retry after "
+         "`Retry-After` seconds",
     500: "a fault in the service (logged there); the body says nothing more",
     503: "overloaded, storage unreachable or the model unavailable: retry after `Retry-After` seconds",
     504: "generation did not finish within `request_timeout_s`",
@@ -270,6 +277,13 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
     async def exists(request, exc: SubjectExists):
         return _error(409, str(exc))
 
+    async def quota(request, exc: QuotaExceeded):
+        principal = subjects_api.principal_of(request)
+        subjects_api.audit_event(request, "quota.refused", detail={"quota": exc.quota})
+        logger.info("429: quota %s of tenant %s", exc.quota, principal.tenant if principal else "default")
+        return JSONResponse({"detail": str(exc), "quota": exc.quota}, status_code=429,
+                            headers={"Retry-After": str(exc.retry_after_s)})
+
     async def idempotency(request, exc: IdempotencyMismatch):
         return _field_error("Idempotency-Key", str(exc))
 
@@ -288,7 +302,7 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
 
     api.add_exception_handler(StarletteHTTPException, http_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
-    for kind, handler in ((SubjectExists, exists), (IdempotencyMismatch, idempotency),
+    for kind, handler in ((QuotaExceeded, quota), (SubjectExists, exists), (IdempotencyMismatch, idempotency),
                           (FieldError, field_error), (SubjectConflict, conflict), (SubjectUnusable, unusable),
                           (SubjectNotFound, not_found), (ReplicaUnavailable, replica_lost),
                           (Overloaded, overloaded), (StorageError, storage_down),
@@ -297,14 +311,16 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
 
 
 def _responses(args: AppArgs, *statuses: int) -> dict:
-    """OpenAPI ``responses`` for the given error statuses (401 only when auth is on)."""
+    """OpenAPI ``responses`` for the given error statuses (401 only when auth is on; then 429 too,
+    for a tenant's quotas and the 401 throttle can answer any keyed route)."""
     out: dict[int, dict] = {}
-    for status in statuses:
+    statuses = (*statuses, 429) if args.auth_enabled and 401 in statuses else statuses
+    for status in sorted(set(statuses)):
         if status == 401 and not args.auth_enabled:
             continue
         entry: dict[str, Any] = {"model": ValidationErrorBody if status == 422 else ErrorBody,
                                  "description": ERRORS[status]}
-        if status == 503:
+        if status in (429, 503):
             entry["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
         if status == 401:
             entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
@@ -327,12 +343,13 @@ class ManifestCache:
         self._read, self._ttl, self._clock = read, ttl_s, clock
         self._entries: dict[str, tuple[float, dict]] = {}
 
-    async def get(self, subject_id: str) -> dict:
-        hit = self._entries.get(subject_id)
+    async def get(self, subject_id: str, tenant: str = DEFAULT_TENANT) -> dict:
+        key = (tenant, subject_id)
+        hit = self._entries.get(key)
         if hit is not None and self._clock() - hit[0] < self._ttl:
             return hit[1]
         try:
-            manifest = await asyncio.to_thread(self._read, subject_id)
+            manifest = await asyncio.to_thread(self._read, subject_id, tenant=tenant)
         except FileNotFoundError as exc:
             raise SubjectNotFound(f"subject {subject_id!r} not found") from exc
         except ValueError as exc:
@@ -340,12 +357,12 @@ class ManifestCache:
             raise SubjectUnusable(f"subject {subject_id!r} is damaged in storage (its manifest cannot be "
                                   "read); fine-tune it again") from exc
         if self._ttl > 0:
-            self._entries[subject_id] = (self._clock(), manifest)
+            self._entries[key] = (self._clock(), manifest)
         return manifest
 
-    def forget(self, subject_id: str) -> None:
+    def forget(self, tenant: str, subject_id: str) -> None:
         """Drop a cached manifest (its subject was deleted)."""
-        self._entries.pop(subject_id, None)
+        self._entries.pop((tenant, subject_id), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,19 +381,66 @@ def _needs_key(scope) -> bool:
     return path not in OPEN_PATHS
 
 
-class ApiKeyMiddleware:
-    """ASGI middleware: 401 unless the request carries the key (before the body is even read)."""
+class AuthMiddleware:
+    """ASGI middleware: 401 unless the request carries one valid key (before the body is read).
 
-    def __init__(self, app, api_key: str):
-        self.app, self.api_key = app, api_key
+    ``keys()`` is the current ``tenants.KeyTable`` (a keys file reloaded on change, or the single
+    key as tenant ``default``). The request's ``Principal`` (tenant, key id) and its ``Tenant``
+    (quotas, priority) go into the scope's state for the routes. Two credentials that disagree are
+    a 401 (RFC 6750), and an address with too many recent 401s waits (429 with Retry-After)."""
+
+    def __init__(self, app, keys, throttle: tenants.FailureThrottle):
+        self.app, self.keys, self.throttle = app, keys, throttle
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and _needs_key(scope):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
-            if not serving.key_matches(serving.presented_key(headers), self.api_key):
-                response = _error(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
+        if scope["type"] != "http" or not _needs_key(scope):
+            return await self.app(scope, receive, send)
+        address = (scope.get("client") or ("?", 0))[0]
+        wait = self.throttle.blocked(address)
+        if wait > 0:
+            return await _error(429, "too many requests with a missing or invalid API key; retry later",
+                                {"Retry-After": str(max(1, int(wait + 0.999)))})(scope, receive, send)
+        presented, conflict = tenants.presented_credentials(Headers(scope=scope))
+        table = self.keys()
+        principal = None if conflict else table.authenticate(presented)
+        if principal is None:
+            self.throttle.record_failure(address)
+            reason = "two credentials that disagree" if conflict else "a missing or invalid key"
+            logger.warning("401 on %s %s from %s: %s", scope.get("method"), scope.get("path"), address, reason)
+            return await _error(401, "missing or invalid API key (send exactly one: Authorization: Bearer KEY "
+                                     "or X-API-Key: KEY)", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["principal"], state["tenant_info"] = principal, table.tenant(principal.tenant)
+        if (scope.get("method"), scope.get("path")) not in subjects_api.IMAGE_ROUTES:
+            limiter = scope["app"].state.quotas  # generate and jobs charge with their image counts
+            refusal = limiter.check(principal.tenant, state["tenant_info"].quotas, 0)
+            if refusal is not None:
+                return await JSONResponse({"detail": f"quota {refusal.quota} of this tenant exceeded",
+                                           "quota": refusal.quota}, status_code=429,
+                                          headers={"Retry-After": str(refusal.retry_after_s)})(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class SecurityHeadersMiddleware:
+    """ASGI middleware: every ``/v1/*`` answer (errors included) is ``Cache-Control: no-store`` and
+    ``X-Content-Type-Options: nosniff`` (images and subject state are private to their tenant)."""
+
+    HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in dict(self.HEADERS)]
+                message = {**message, "headers": kept + self.HEADERS}
+            await send(message)
+
+        return await self.app(scope, receive, with_headers)
 
 
 class DocsPolicyMiddleware:
@@ -445,7 +509,7 @@ def _too_large(limit: int) -> JSONResponse:
 
 RESULT_HEADERS = {
     "Batch-Size": "requests that shared the sampler call", "Batch-Images": "images in that call",
-    "Replica": "the model replica that served it", "Loaded-Models": "model ids loaded on that replica",
+    "Replica": "the model replica that served it",
     "Model-Id": "subject[@g<step>,e<step>]", "Seed": "the first image's seed (image k: seed + k)",
     "Sample-Seconds": "time in the sampler",
 }
@@ -453,7 +517,7 @@ RESULT_HEADERS = {
 
 def _result_headers(job: GenerationJob, result: GenerationResult) -> dict[str, str]:
     values = {"Batch-Size": str(result.batch_requests), "Batch-Images": str(result.batch_images),
-              "Replica": result.replica, "Loaded-Models": ",".join(result.loaded_models),
+              "Replica": result.replica,
               "Model-Id": job.model_id, "Seed": str(job.seeds[0]),
               "Sample-Seconds": f"{result.sample_seconds:.3f}"}
     return {f"{serving.HEADER_PREFIX}{name}": value for name, value in values.items()}
@@ -534,7 +598,12 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
     FileNotFoundError when absent)."""
     from fastapi_offline import FastAPIOffline
 
-    api_key = serving.load_api_key(args)
+    audit = AuditLog(args.storage_root)
+    def reloaded(old, new) -> None:  # in the background: the reload happens on the event loop
+        threading.Thread(target=audit.record, args=("keys.reload", "-", "-"), daemon=True,
+                         kwargs={"detail": {"tenants": len(new.tenants), "entries": len(new.key_ids)}}).start()
+
+    key_source = serving.key_source(args, on_reload=reloaded)
     service = subject_service if args.subjects_service else None
     manifests = ManifestCache(read_manifest, args.manifest_cache_s)
     Request_ = serving.request_model(args)
@@ -546,20 +615,26 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
                     "in `detail[].loc`, the others say one sentence in `detail`):\n\n"
                     + "\n".join(f"- **{status}** {text}" for status, text in ERRORS.items()))
     _install_error_handlers(api, args)
+    api.state.quotas = QuotaLimiter(share=1 / args.ingress_replicas)  # per-replica buckets (serving/quotas.py)
+    api.state.audit = audit
     api.add_middleware(BodyLimitMiddleware, max_bytes=args.max_body_bytes)
     api.add_middleware(DocsPolicyMiddleware)
     if args.auth_enabled:
-        api.add_middleware(ApiKeyMiddleware, api_key=api_key)  # added last: runs first
+        api.add_middleware(AuthMiddleware, keys=key_source, throttle=tenants.FailureThrottle(
+            limit=args.auth_failures_per_minute, window_s=60.0))  # added late: runs early
         _add_security(api)
+    api.add_middleware(SecurityHeadersMiddleware)  # added last: on every answer, the 401s included
     _add_playground(api)
     subject_path = Path(pattern=SUBJECT_ID_PATTERN.pattern, description="a subject id: [A-Za-z0-9_-], 1 to 64",
                         examples=["dog"])
 
     @api.get("/healthz", response_model=Health, summary="Liveness; deep: one model replica",
              responses=_responses(args, 401, 422, 500, 503))
-    async def healthz(deep: Annotated[bool, Query(description="also ask one model replica (needs the key "
-                                                               "when auth is on)")] = False) -> Health:
-        """Liveness of the ingress (open to probes); ``?deep=true`` also reports one model replica."""
+    async def healthz(http_request: Request,
+                      deep: Annotated[bool, Query(description="also ask one model replica (needs the key "
+                                                              "when auth is on)")] = False) -> Health:
+        """Liveness of the ingress (open to probes); ``?deep=true`` also reports one model replica,
+        with the caller's own loaded subjects only."""
         if not deep:
             return Health()
         try:
@@ -567,19 +642,25 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
         except Exception as exc:  # noqa: BLE001 - any failure of the replica is "unavailable"
             logger.warning("deep health: the model replica did not answer: %r", exc)
             return _error(503, "the model replica did not answer", {"Retry-After": "1"})
+        tenant = tenant_of(http_request)
+        own = [serving.parse_model_id(m) for m in model.get("loaded_models", [])]
+        model["loaded_models"] = [serving.model_id_for(m.subject_id, m.guidance_step, m.edit_step)
+                                  for m in own if m.tenant == tenant]
         return Health(model=model)
 
     @api.get("/v1/subjects", response_model=SubjectList, summary="Complete subjects, a page at a time",
              responses=_responses(args, 401, 422, 500, 503))
-    async def subjects(limit: Annotated[int, Query(ge=1, le=MAX_SUBJECTS_PAGE, description="ids per page")] = 50,
+    async def subjects(http_request: Request,
+                       limit: Annotated[int, Query(ge=1, le=MAX_SUBJECTS_PAGE, description="ids per page")] = 50,
                        after: Annotated[str | None, Query(pattern=SUBJECT_ID_PATTERN.pattern,
                                                           description="the previous page's `next`")] = None,
                        status: Annotated[Literal["queued", "training", "ready", "failed", "canceled"] | None,
                                          Query(description="only subjects in this state (default: ready)")] = None
                        ) -> SubjectList:
         """Ids of the ready subjects (or those in ``status``), sorted; page on with ``after=<next>``."""
-        lister = list_subjects if status in (None, "ready") else \
-            (lambda a, n: subjects_api.ids_with_status(args.storage_root, status, a, n))
+        tenant = tenant_of(http_request)
+        lister = partial(list_subjects, tenant=tenant) if status in (None, "ready") else \
+            partial(subjects_api.ids_with_status, tenant_root(args.storage_root, tenant), status)
         ids = await asyncio.to_thread(lister, after, limit + 1)  # one more: is there a next page?
         page = ids[:limit]
         return SubjectList(subjects=page, next=page[-1] if len(ids) > limit else None)
@@ -589,12 +670,13 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
              responses={200: {"description": "the plot written by the attention probe during fine-tuning",
                               "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
                         **_responses(args, 401, 404, 422, 424, 500, 503)})
-    async def collapse_plot(subject_id: Annotated[str, subject_path]) -> Response:
+    async def collapse_plot(http_request: Request, subject_id: Annotated[str, subject_path]) -> Response:
         """The attention probe's plot of a subject (PNG); 404 when the subject or its plot is absent."""
+        tenant = tenant_of(http_request)
         try:
-            plot = await asyncio.to_thread(read_collapse_plot, subject_id)
+            plot = await asyncio.to_thread(read_collapse_plot, subject_id, tenant=tenant)
         except FileNotFoundError:
-            await manifests.get(subject_id)  # 404 "not found" (or 424) when the subject itself is absent
+            await manifests.get(subject_id, tenant)  # 404 "not found" (or 424) when the subject itself is absent
             raise SubjectNotFound(f"subject {subject_id!r} has no attention-probe plot (it was fine-tuned "
                                   "without the probe)") from None
         return Response(content=plot, media_type="image/png")
@@ -602,41 +684,46 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
     @api.get("/v1/subjects/{subject_id}", response_model=SubjectView, operation_id="get_subject",
              summary="A subject's status and, when ready, its saved steps and base",
              responses=_responses(args, 401, 404, 422, 424, 500, 503))
-    async def subject(subject_id: Annotated[str, subject_path]) -> SubjectView:
+    async def subject(http_request: Request, subject_id: Annotated[str, subject_path]) -> SubjectView:
         """A subject's status (``queued``, ``training`` with progress, ``ready``, ``failed`` with its
         reason, ``canceled``) and, once ready, its saved steps, default pair and base model name."""
-        positions = await service.positions() if service is not None else {}
+        tenant = tenant_of(http_request)
+        root = tenant_root(args.storage_root, tenant)
+        positions = await service.positions(tenant) if service is not None else {}
         try:
-            view = SubjectView.of(await manifests.get(subject_id))
+            view = SubjectView.of(await manifests.get(subject_id, tenant))
         except SubjectUnusable:
             raise
         except SubjectNotFound:
-            state = await asyncio.to_thread(subjects_api.subject_state, args.storage_root, subject_id, positions)
+            state = await asyncio.to_thread(subjects_api.subject_state, root, subject_id, positions)
             return SubjectView(**state.model_dump(exclude={"replayed"}))
         if service is None:
             return view
-        state = await asyncio.to_thread(subjects_api.subject_state, args.storage_root, subject_id, positions)
+        state = await asyncio.to_thread(subjects_api.subject_state, root, subject_id, positions)
         return view.model_copy(update=state.model_dump(exclude={"replayed", "subject_id", "class_noun", "token"}))
 
     @api.post("/v1/generate", response_model=None, summary="DreamBlend images of a subject",
               responses=_generate_responses(args))
-    async def generate(request: Request_) -> Response:
+    async def generate(request: Request_, http_request: Request) -> Response:
         """DreamBlend images of a subject. One image: image/png (unless response_format=json).
 
         Rules beyond the schema: ``guidance_steps`` <= the step count (``num_inference_steps`` or the
         default); ``guidance_step``/``edit_step`` must be saved steps of the subject
         (``GET /v1/subjects/{id}`` lists them)."""
         serving.check_limits(request, args)
+        tenant = tenant_of(http_request)
         try:
-            manifest = await manifests.get(request.subject_id)
+            manifest = await manifests.get(request.subject_id, tenant)
         except SubjectUnusable:
             raise
         except SubjectNotFound:  # a 409 naming the status when it exists but is not ready
-            await asyncio.to_thread(subjects_api.require_ready, args.storage_root, request.subject_id)
+            await asyncio.to_thread(subjects_api.require_ready, tenant_root(args.storage_root, tenant),
+                                    request.subject_id)
             raise
         request = serving.canonical_overrides(request, manifest)
+        subjects_api.charge(http_request, len(request.prompt_list) * request.num_images)
         seed = serving.random_seed() if request.seed is None else request.seed
-        job = serving.build_job(request, args, seed)
+        job = serving.build_job(request, args, seed, tenant=tenant)
         try:
             result = await asyncio.wait_for(backend.generate(job), timeout=args.request_timeout_s)
         except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError

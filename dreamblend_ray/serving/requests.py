@@ -28,17 +28,18 @@ import os
 import random
 import time
 from dataclasses import fields, replace
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 
-from dreamblend_ray.config import (MAX_PROMPT_CHARS, MAX_SEED, SUBJECT_ID_PATTERN, FieldType, SamplingConfig, Spec,
-                                   field_type, spec)
+from dreamblend_ray.config import (DEFAULT_TENANT, MAX_PROMPT_CHARS, MAX_SEED, SUBJECT_ID_PATTERN, TENANT_PATTERN,
+                                   FieldType, SamplingConfig, Spec, field_type, spec, validate_tenant)
 from dreamblend_ray.dtypes import normalize_dtype
 from dreamblend_ray.io import storage
 from dreamblend_ray.training import layout
 from dreamblend_ray.training.layout import ManifestError
+from dreamblend_ray.serving import tenants
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,14 @@ class AppArgs(BaseModel):
     max_job_requests: int = Field(100, ge=1, le=100_000, description="request bodies in one async job (the "
                                                                      "body must also fit max_body_bytes)")
     max_job_images: int = Field(1000, ge=1, le=1_000_000, description="images one async job may ask")
-    # auth
+    # auth and tenants (docs/operations.md)
+    keys_file: str | None = Field(None, description="tenants' keys file (YAML/JSON of SHA-256 hashes, a mounted "
+                                                    "secret), reloaded on change; without it the single key is "
+                                                    "tenant 'default'")
+    auth_failures_per_minute: int = Field(10, ge=1, le=100_000,
+                                          description="401s per client address a minute before it gets 429s")
+    allow_insecure: bool = Field(False, description="serve without auth on a non-loopback address (refused "
+                                                    "otherwise)")
     auth_enabled: bool = False
     api_key_env: str = Field("DREAMBLEND_API_KEY", description="environment variable holding the key")
     api_key_file: str | None = Field(None, description="file holding the key (a mounted Kubernetes secret)")
@@ -243,6 +251,29 @@ def read_collapse_plot(root: str, subject_id: str) -> bytes:
     """A subject's attention-probe plot (PNG bytes, ``layout.collapse_plot_uri``); FileNotFoundError
     when there is none."""
     return storage.read_bytes(layout.collapse_plot_uri(root, subject_id))
+
+
+def per_tenant(read, root: str):
+    """``read(tenant_root, *args)`` as ``f(*args, tenant="default")``: the ingress's storage readers
+    (manifest, listing, collapse plot) look only under the caller's tenant."""
+    def tenant_read(*args, tenant: str = DEFAULT_TENANT):
+        return read(layout.tenant_root(root, tenant), *args)
+
+    return tenant_read
+
+
+def key_source(args: AppArgs, on_reload=None):
+    """The current key table (``tenants.KeyTable``) as a callable, or None with auth off: the keys
+    file (reloaded when it changes) or the single key as tenant ``default``. ValueError for a
+    missing or unreadable file, or a weak single key (shorter than 32 characters, a placeholder)."""
+    if not args.auth_enabled:
+        return None
+    if args.keys_file:
+        return tenants.KeyStore(args.keys_file, on_reload=on_reload).current
+    key = load_api_key(args)
+    tenants.check_key_strength(key)
+    table = tenants.single_key_table(key)
+    return lambda: table
 
 
 def load_api_key(args: AppArgs) -> str | None:
@@ -467,13 +498,16 @@ class SubjectConflict(FieldError):
 
 
 def subject_load_error(subject_id: str, exc: ValueError) -> Exception:
-    """The client-facing error for a ValueError met while loading a subject's pair: a damaged
-    manifest is SubjectUnusable (its storage detail is logged, not returned), else a conflict."""
-    if isinstance(exc, (ManifestError, UnicodeDecodeError)):
-        logger.error("subject %r has a damaged manifest: %s", subject_id, exc)
-        return SubjectUnusable(f"subject {subject_id!r} is damaged in storage (its manifest cannot be read); "
-                               "fine-tune it again")
-    return SubjectConflict("subject_id", str(exc))
+    """The client-facing error for a ValueError met while loading a subject's pair: a known conflict
+    (a step not saved, another base: ``layout.PairConflict``) keeps its sentence (409); anything
+    else (a damaged manifest or checkpoint, whose text may name storage paths or a library) is
+    logged and answered SubjectUnusable (424) with a fixed sentence."""
+    if isinstance(exc, layout.PairConflict):
+        return SubjectConflict("subject_id", str(exc))
+    logger.error("subject %r cannot be loaded: %s", subject_id, exc)
+    what = "its manifest cannot be read" if isinstance(exc, (ManifestError, UnicodeDecodeError)) else \
+        "its checkpoints cannot be read"
+    return SubjectUnusable(f"subject {subject_id!r} is damaged in storage ({what}); fine-tune it again")
 
 
 class Overloaded(RuntimeError):
@@ -489,21 +523,38 @@ class DeadlineExceeded(TimeoutError):
     """The request ran past ``request_timeout_s``: answered 504."""
 
 
-def model_id_for(subject_id: str, guidance_step: int | None = None, edit_step: int | None = None) -> str:
-    """The multiplexed model id: ``subject`` or ``subject@g100``, ``subject@e400``, ``subject@g100,e400``."""
+class ModelId(NamedTuple):
+    tenant: str
+    subject_id: str
+    guidance_step: int | None
+    edit_step: int | None
+
+    @property
+    def owner(self) -> tuple[str, str]:
+        """(tenant, subject id): what a deletion names, and what adapters are keyed on."""
+        return self.tenant, self.subject_id
+
+
+def model_id_for(subject_id: str, guidance_step: int | None = None, edit_step: int | None = None,
+                 tenant: str = DEFAULT_TENANT) -> str:
+    """The multiplexed model id: ``subject`` or ``subject@g100``, ``subject@e400``, ``subject@g100,e400``,
+    behind ``tenant~`` for a tenant other than ``default`` (so replicas cache (tenant, subject))."""
     parts = []
     if guidance_step is not None:
         parts.append(f"g{guidance_step}")
     if edit_step is not None:
         parts.append(f"e{edit_step}")
-    return subject_id if not parts else f"{subject_id}@{','.join(parts)}"
+    owner = subject_id if tenant == DEFAULT_TENANT else f"{validate_tenant(tenant)}~{subject_id}"
+    return owner if not parts else f"{owner}@{','.join(parts)}"
 
 
-def parse_model_id(model_id: str) -> tuple[str, int | None, int | None]:
+def parse_model_id(model_id: str) -> ModelId:
     """Inverse of ``model_id_for``; ValueError on anything else."""
-    subject_id, at, overrides = model_id.partition("@")
-    if not SUBJECT_ID_PATTERN.fullmatch(subject_id):
-        raise ValueError(f"model id {model_id!r} does not start with a valid subject id")
+    owner, at, overrides = model_id.partition("@")
+    tenant, tilde, subject_id = owner.rpartition("~")
+    tenant = tenant if tilde else DEFAULT_TENANT
+    if not SUBJECT_ID_PATTERN.fullmatch(subject_id) or not TENANT_PATTERN.fullmatch(tenant):
+        raise ValueError(f"model id {model_id!r} does not start with a valid [tenant~]subject id")
     steps: dict[str, int] = {}
     for part in filter(None, overrides.split(",")):
         if part[:1] not in ("g", "e") or not part[1:].isdigit() or part[0] in steps:
@@ -511,7 +562,7 @@ def parse_model_id(model_id: str) -> tuple[str, int | None, int | None]:
         steps[part[0]] = int(part[1:])
     if at and not steps:
         raise ValueError(f"model id {model_id!r} has an empty override list")
-    return subject_id, steps.get("g"), steps.get("e")
+    return ModelId(tenant, subject_id, steps.get("g"), steps.get("e"))
 
 
 def check_limits(request: GenerateRequest, args: AppArgs) -> None:
@@ -571,13 +622,14 @@ def sampling_config(request: GenerateRequest, args: AppArgs) -> SamplingConfig:
     return config if config.attention_maps else replace(config, maps_start=0, maps_stop=None)
 
 
-def build_job(request: GenerateRequest, args: AppArgs, seed: int, now: float | None = None) -> GenerationJob:
+def build_job(request: GenerateRequest, args: AppArgs, seed: int, now: float | None = None,
+              tenant: str = DEFAULT_TENANT) -> GenerationJob:
     """Expand a validated request into one (prompt, seed) per image; image k uses seed + k."""
     prompts = [p for p in request.prompt_list for _ in range(request.num_images)]
     seeds = [(seed + k) % (MAX_SEED + 1) for k in range(len(prompts))]
     negatives = None if request.negative_prompt is None else [request.negative_prompt] * len(prompts)
     start = time.time() if now is None else now
-    return GenerationJob(model_id=model_id_for(request.subject_id, request.guidance_step, request.edit_step),
+    return GenerationJob(model_id=model_id_for(request.subject_id, request.guidance_step, request.edit_step, tenant),
                          prompts=prompts, seeds=seeds, config=sampling_config(request, args),
                          negative_prompts=negatives, deadline=start + args.request_timeout_s)
 

@@ -17,17 +17,22 @@ a ``SubjectsService``; reads come straight from storage (``lifecycle.records``).
 
 import asyncio
 import hashlib
+import json
 import logging
 import secrets
+import threading
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from dreamblend_ray.config import CLASS_NOUN_PATTERN, SUBJECT_ID_PATTERN, TOKEN_PATTERN, FinetuneConfig, from_dict, to_dict
+from dreamblend_ray.config import (CLASS_NOUN_PATTERN, DEFAULT_TENANT, SUBJECT_ID_PATTERN, TOKEN_PATTERN, FinetuneConfig,
+                                   from_dict, to_dict)
 from dreamblend_ray.io import netguard, storage, uploads
 from dreamblend_ray.lifecycle import async_jobs, records, webhooks
+from dreamblend_ray.lifecycle.scheduler import QuotaExceeded
+from dreamblend_ray.training.layout import tenant_root
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.requests import AppArgs, FieldError, SubjectConflict, SubjectNotFound
 
@@ -141,6 +146,52 @@ class JobView(BaseModel):
 
 # --------------------------------------------------------------------------------------------
 # Reading state
+
+
+def principal_of(request: Request):
+    """The authenticated (tenant, key id) of a request (``serving.tenants.Principal``), or None
+    with auth off: the middleware put it in the request's scope."""
+    return request.scope.get("state", {}).get("principal")
+
+
+IMAGE_ROUTES = (("POST", "/v1/generate"), ("POST", "/v1/jobs"))  # charged with their images by the route
+
+
+def charge(request: Request, images: int = 0) -> None:
+    """Charge one request (and ``images`` images) to the caller's tenant's rate quotas; QuotaExceeded
+    (429) naming the quota when a bucket cannot pay. No-op with auth off or without quotas."""
+    limiter, principal = getattr(request.app.state, "quotas", None), principal_of(request)
+    if limiter is None or principal is None:
+        return
+    refusal = limiter.check(principal.tenant, quotas_of(request), images)
+    if refusal is not None:
+        raise QuotaExceeded(refusal.quota, f"quota {refusal.quota} of this tenant exceeded; retry after "
+                                           f"{refusal.retry_after_s} s", refusal.retry_after_s)
+
+
+def audit_event(request: Request, action: str, target: str | None = None, detail: dict | None = None) -> None:
+    """Append an audit event (tenant, key id, action, target, request id) in the background: an audit
+    write never delays or fails the request (``lifecycle.audit``)."""
+    log = getattr(request.app.state, "audit", None)
+    if log is None:
+        return
+    principal = principal_of(request)
+    tenant, key_id = (principal.tenant, principal.key_id) if principal is not None else (DEFAULT_TENANT, "-")
+    threading.Thread(target=log.record, args=(action, tenant, key_id), daemon=True,
+                     kwargs={"target": target, "request_id": request.headers.get("x-request-id"),
+                             "detail": detail}).start()
+
+
+def quotas_of(request: Request):
+    """The tenant's quotas (``serving.tenants.Quotas``), or None: no limits."""
+    tenant = request.scope.get("state", {}).get("tenant_info")
+    return None if tenant is None else tenant.quotas
+
+
+def tenant_of(request: Request) -> str:
+    """The tenant the request's key belongs to (``default`` with auth off or a single key)."""
+    principal = principal_of(request)
+    return principal.tenant if principal is not None else DEFAULT_TENANT
 
 
 def subject_state(root: str, subject_id: str, positions: dict[str, int]) -> SubjectState:
@@ -325,11 +376,14 @@ def read_sources(uris: list[str], args: AppArgs) -> list[tuple[str, bytes]]:
     return out
 
 
-def subject_record(args: AppArgs, fields: dict, config: FinetuneConfig, count: int, request_id: str | None) -> dict:
+def subject_record(args: AppArgs, fields: dict, config: FinetuneConfig, count: int, request: Request) -> dict:
     subject_id = fields.get("subject_id") or "s-" + secrets.token_hex(8)
+    quotas = quotas_of(request)
     return records.new_record(subject_id, fields["class_noun"], config.token, to_dict(config), args.base,
                               [records.image_name(i) for i in range(count)], webhook_url=fields.get("webhook_url"),
-                              retention_days=fields.get("retention_days"), request_id=request_id)
+                              retention_days=fields.get("retention_days"),
+                              request_id=request.headers.get("x-request-id"), tenant=tenant_of(request),
+                              max_concurrent=getattr(quotas, "concurrent_trainings", None))
 
 
 def check_fields(fields: dict[str, str]) -> dict:
@@ -390,17 +444,18 @@ async def create_subject(request: Request, args: AppArgs, service: SubjectsServi
     config = finetune_config(args, fields.get("token"), fields.get("steps"), fields.get("method"), fields.get("rank"))
     images, digest = await asyncio.to_thread(validate_files if kind == "multipart/form-data" else validate_bytes,
                                            sources, limits)
-    record = subject_record(args, fields, config, len(images), request.headers.get("x-request-id"))
-    view = await service.reserve(record, idempotency_of(request, digest, fields))
+    record = subject_record(args, fields, config, len(images), request)
+    tenant, root = record["tenant"], tenant_root(args.storage_root, record["tenant"])
+    view = await service.reserve(record, idempotency_of(request, digest, fields),
+                                 getattr(quotas_of(request), "subjects", None))
     if not view.get("replayed"):
         try:
-            names = await store_images(args.storage_root, record["id"], images)
+            names = await store_images(root, record["id"], images)
         except BaseException:  # nothing half-stored stays behind
-            await service.delete(record["id"])
+            await service.delete(tenant, record["id"])
             raise
-        view = await service.commit(record["id"], names)
-    state = await asyncio.to_thread(subject_state, args.storage_root, view["id"],
-                                    {view["id"]: view.get("queue_position") or 0})
+        view = await service.commit(tenant, record["id"], names)
+    state = await asyncio.to_thread(subject_state, root, view["id"], {view["id"]: view.get("queue_position") or 0})
     state.replayed = bool(view.get("replayed"))
     return JSONResponse(status_code=202, content=state.model_dump(),
                         headers={"Location": f"{SUBJECTS_PATH}/{view['id']}"})
@@ -513,7 +568,10 @@ def add_subject_routes(api: FastAPI, args: AppArgs, service: "SubjectsService | 
         ``image_uris``. Every image is checked before anything is stored; 202 with the queued subject."""
         limit = args.upload_max_total_bytes + MULTIPART_OVERHEAD
         try:
-            return await create_subject(counting_receive(request, limit), args, running())
+            response = await create_subject(counting_receive(request, limit), args, running())
+            if response.status_code == 202:
+                audit_event(request, "subject.create", json.loads(response.body)["subject_id"])
+            return response
         except BodyTooLarge:
             return JSONResponse(status_code=413, content={"detail": f"the upload is larger than {limit} bytes"})
         except uploads.UploadError as exc:
@@ -523,24 +581,29 @@ def add_subject_routes(api: FastAPI, args: AppArgs, service: "SubjectsService | 
               operation_id="cancel_subject", summary="Cancel a queued or training subject",
               responses={202: {"description": "canceled (or already final)"},
                          **responses(401, 404, 422, 500, 503)})
-    async def cancel_subject(subject_id: Annotated[str, subject_path]) -> SubjectState:
+    async def cancel_subject(request: Request, subject_id: Annotated[str, subject_path]) -> SubjectState:
         """Stops a training within one optimizer step plus a few seconds; a final subject is unchanged."""
-        status, _ = await asyncio.to_thread(records.status_of, root, subject_id)
+        tenant = tenant_of(request)
+        own = tenant_root(root, tenant)
+        status, _ = await asyncio.to_thread(records.status_of, own, subject_id)
         if status == "missing":
             raise SubjectNotFound(f"subject {subject_id!r} not found")
-        await running().cancel(subject_id)
-        return await asyncio.to_thread(subject_state, root, subject_id, {})
+        await running().cancel(tenant, subject_id)
+        audit_event(request, "subject.cancel", subject_id)
+        return await asyncio.to_thread(subject_state, own, subject_id, {})
 
     @api.delete(SUBJECTS_PATH + "/{subject_id}", status_code=204, response_class=Response,
                 operation_id="delete_subject", summary="Delete a subject and everything stored for it",
                 responses={204: {"description": "deleted"}, **responses(401, 404, 422, 500, 503)})
-    async def delete_subject(subject_id: Annotated[str, subject_path]) -> Response:
+    async def delete_subject(request: Request, subject_id: Annotated[str, subject_path]) -> Response:
         """Cancels its training, drops it from every model replica (running rows finish), erases its
         images, checkpoints, manifests, probe outputs and result rows. 404 when there is none."""
-        removed = await running().delete(subject_id)
-        on_deleted(subject_id)
+        tenant = tenant_of(request)
+        removed = await running().delete(tenant, subject_id)
+        on_deleted(tenant, subject_id)
         if not removed:
             raise SubjectNotFound(f"subject {subject_id!r} not found")
+        audit_event(request, "subject.delete", subject_id)
         return Response(status_code=204)
 
     @api.post("/v1/jobs", status_code=202, response_model=JobView, operation_id="create_job",
@@ -548,35 +611,41 @@ def add_subject_routes(api: FastAPI, args: AppArgs, service: "SubjectsService | 
               responses={202: {"description": "queued", "links": JOB_LINKS,
                                "headers": {"Location": {"schema": {"type": "string"}}}},
                          **responses(400, 401, 404, 409, 413, 422, 500, 503)})
-    async def create_job(body: request_model | jobs_body) -> JSONResponse:
+    async def create_job(body: request_model | jobs_body, request: Request) -> JSONResponse:
         """Runs the bulk generate job (Ray Data) on the requests; each one is checked as
         ``/v1/generate`` checks it. With ``requests``, ``webhook_url`` gets ``job.completed``."""
         several = isinstance(body, jobs_body)
         webhook_url = body.webhook_url if several else None
         check_webhook_url(args, webhook_url)
         rows = job_rows(list(body.requests) if several else [body], args)
-        if sum(r["num_images"] for r in rows) > args.max_job_images:
+        images = sum(r["num_images"] for r in rows)
+        if images > args.max_job_images:
             raise FieldError("requests", f"a job may ask for at most {args.max_job_images} images")
+        charge(request, images)
+        tenant = tenant_of(request)
+        own = tenant_root(root, tenant)
         for subject_id in sorted({r["subject_id"] for r in rows}):
-            await asyncio.to_thread(require_ready, root, subject_id)
-        record = async_jobs.new_job(async_jobs.new_job_id(), rows, webhook_url, None)
+            await asyncio.to_thread(require_ready, own, subject_id)
+        record = async_jobs.new_job(async_jobs.new_job_id(), rows, webhook_url, request.headers.get("x-request-id"),
+                                    tenant=tenant)
         await running().submit_job(record)
-        view = await asyncio.to_thread(job_view, root, record["id"])
+        audit_event(request, "job.create", record["id"], {"images": images})
+        view = await asyncio.to_thread(job_view, own, record["id"])
         return JSONResponse(status_code=202, content=view.model_dump(),
                             headers={"Location": f"/v1/jobs/{record['id']}"})
 
     @api.get("/v1/jobs/{job_id}", response_model=JobView, operation_id="get_job", summary="A job's status",
              responses=responses(401, 404, 422, 500, 503))
-    async def get_job(job_id: Annotated[str, job_path]) -> JobView:
-        return await asyncio.to_thread(job_view, root, job_id)
+    async def get_job(request: Request, job_id: Annotated[str, job_path]) -> JobView:
+        return await asyncio.to_thread(job_view, tenant_root(root, tenant_of(request)), job_id)
 
     @api.get("/v1/jobs/{job_id}/images/{n}", response_model=None, operation_id="get_job_image",
              summary="Image n of a finished job (PNG)",
              responses={200: {"description": "the image", "content": {"image/png": {
                  "schema": {"type": "string", "format": "binary"}}}}, **responses(401, 404, 422, 500, 503)})
-    async def get_job_image(job_id: Annotated[str, job_path],
+    async def get_job_image(request: Request, job_id: Annotated[str, job_path],
                             n: Annotated[int, Path(ge=0, le=1_000_000)]) -> Response:
-        record = await asyncio.to_thread(async_jobs.read_job, root, job_id)
+        record = await asyncio.to_thread(async_jobs.read_job, tenant_root(root, tenant_of(request)), job_id)
         results = (record or {}).get("results") or []
         if n >= len(results) or results[n]["status"] != "succeeded":
             raise SubjectNotFound(f"job {job_id!r} has no image {n}")

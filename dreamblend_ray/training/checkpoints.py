@@ -138,13 +138,13 @@ def _check_base(manifest: dict, components) -> None:
     identity = model_identity(components)
     want_family, have_family = manifest_family(manifest), identity["family"]
     if want_family != have_family:
-        raise ValueError(f"subject {manifest['subject_id']!r} was fine-tuned from base "
+        raise layout.PairConflict(f"subject {manifest['subject_id']!r} was fine-tuned from base "
                          f"{layout.base_name(manifest['base']['source'])!r} of model family {want_family!r}, "
                          f"but the loaded base {layout.base_name(components.source)!r} is of family "
                          f"{have_family!r}; a subject loads only on the base it was fine-tuned from")
     have, want = identity["config_sha256"], manifest["base"]["config_sha256"]
     if have != want:  # bases named without their paths: this message reaches HTTP clients
-        raise ValueError(f"subject {manifest['subject_id']!r} was fine-tuned from base "
+        raise layout.PairConflict(f"subject {manifest['subject_id']!r} was fine-tuned from base "
                          f"{layout.base_name(manifest['base']['source'])!r} (config {want[:12]}), not from the loaded "
                          f"base {layout.base_name(components.source)!r} (config {have[:12]})")
 
@@ -172,7 +172,8 @@ class PairFiles:
     """What loading a subject's pair reads from storage, read before the UNet is touched.
 
     ``weights``: adapter name (LoRA) or step (full) -> decoded ``(tensors, metadata)``; a LoRA
-    adapter already on the UNet when it was fetched is not read again.
+    adapter already on the UNet when it was fetched is not read again. ``namespace`` (a tenant)
+    prefixes the adapter names, so two tenants' subjects of one id never share an adapter.
     """
 
     root: str
@@ -181,27 +182,29 @@ class PairFiles:
     edit_step: int
     meta: dict
     weights: dict = field(default_factory=dict)
+    namespace: str = ""
 
     @property
     def kind(self) -> str:
         return self.manifest["kind"]
 
     def adapter_names(self) -> tuple[str, str]:
-        g_name = f"{self.manifest['subject_id']}--g{self.guidance_step}"
-        return g_name, g_name if self.edit_step == self.guidance_step else \
-            f"{self.manifest['subject_id']}--e{self.edit_step}"
+        owner = f"{self.namespace}~{self.manifest['subject_id']}" if self.namespace else self.manifest["subject_id"]
+        g_name = f"{owner}--g{self.guidance_step}"
+        return g_name, g_name if self.edit_step == self.guidance_step else f"{owner}--e{self.edit_step}"
 
 
 def fetch_pair(root: str, subject_id: str, components, guidance_step: int | None = None,
-               edit_step: int | None = None) -> PairFiles:
+               edit_step: int | None = None, namespace: str = "") -> PairFiles:
     """Read and check a subject's G/E checkpoints without changing the UNet (storage I/O and
-    decoding only, so a serving replica can do it while other requests sample)."""
+    decoding only, so a serving replica can do it while other requests sample). ``namespace``:
+    the owner's prefix of the adapter names (``PairFiles``)."""
     manifest = layout.read_manifest(root, subject_id)
     g, e = layout.resolve_steps(manifest, guidance_step, edit_step)
     _check_base(manifest, components)
     meta = {key: manifest[key] for key in ("subject_id", "kind", "class_noun", "token", "instance_prompt")}
     meta.update(guidance_step=g, edit_step=e)
-    files = PairFiles(root, manifest, g, e, meta)
+    files = PairFiles(root, manifest, g, e, meta, namespace=namespace)
     if files.kind == "full":
         for step in dict.fromkeys((g, e)):
             uri = layout.weight_uri(root, subject_id, step, "full")

@@ -8,6 +8,9 @@ Layout under an output root (a local path or ``s3://bucket/prefix``)::
     {root}/subjects/{id}/collapse.png        (the attention probe's plot, when probed)
     {root}/class_images/{base_config_sha256[:12]}/{class_noun}/NNNN.png   (prior-preservation cache)
 
+A tenant other than ``default`` has the same layout under ``{root}/tenants/{tenant}/``
+(``tenant_root``); the default tenant's is the root itself.
+
 A manifest's presence means every checkpoint it lists was written: ``finetune_subject`` removes
 any old manifest before it writes a checkpoint and writes the new one after the last.
 What a weight file holds, and loading it onto a UNet, is ``dreamblend_ray.training.checkpoints``.
@@ -19,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from dreamblend_ray.config import SUBJECT_ID_PATTERN, to_dict, validate_subject_id
+from dreamblend_ray.config import DEFAULT_TENANT, SUBJECT_ID_PATTERN, to_dict, validate_subject_id, validate_tenant
 from dreamblend_ray.io import storage
 
 MANIFEST_VERSION = 1
@@ -32,6 +35,14 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
 # --------------------------------------------------------------------------- layout
+
+def tenant_root(root: str, tenant: str = DEFAULT_TENANT) -> str:
+    """Where a tenant's subjects, runs and jobs live: the root itself for ``default`` (so a
+    single-tenant store is the default tenant's, with no copying), ``{root}/tenants/{tenant}``
+    for any other."""
+    tenant = validate_tenant(tenant)
+    return root if tenant == DEFAULT_TENANT else storage.join(root, "tenants", tenant)
+
 
 def subject_uri(root: str, subject_id: str) -> str:
     return storage.join(root, "subjects", validate_subject_id(subject_id))
@@ -141,13 +152,18 @@ def validate_manifest(manifest: Any) -> dict:
     return manifest
 
 
+class PairConflict(ValueError):
+    """A request that does not fit the subject as saved: a step that was not saved, or another base
+    model than the one it was fine-tuned from. Its message is fit for the client (no paths)."""
+
+
 def resolve_steps(manifest: dict, guidance_step: int | None, edit_step: int | None) -> tuple[int, int]:
     """G's and E's steps: the manifest's recorded pair unless given; either must be a saved step."""
     g = manifest["guidance_step"] if guidance_step is None else guidance_step
     e = manifest["edit_step"] if edit_step is None else edit_step
     for name, step in (("guidance_step", g), ("edit_step", e)):
         if step not in manifest["steps"]:
-            raise ValueError(f"{name} {step!r} is not a saved checkpoint of subject "
+            raise PairConflict(f"{name} {step!r} is not a saved checkpoint of subject "
                              f"{manifest['subject_id']!r} (saved: {manifest['steps']})")
     return g, e
 
