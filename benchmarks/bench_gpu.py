@@ -18,6 +18,16 @@ with ``force_upcast``), per half precision: plain against DreamBlend (default wi
 s/image, peak memory, and the dtype the VAE ran in (fp32 under fp16: Components keeps a
 force_upcast VAE in fp32; bf16 under bf16).
 
+Part 4 (``--flow flux`` / ``--flow sd35``, issue 31), random models of FLUX.1-dev's shapes (12B
+transformer: 19 double- and 38 single-stream blocks, 24 heads of 128, guidance embedding; the
+16-channel f8 VAE with its shift) or SD3.5 Large's (8.1B: 38 joint blocks, 38 heads of 64, RMS q/k
+norm), at 1024 px (4096 image tokens), per half precision (bf16; fp16 for SD3.5 too): plain
+flow-matching sampling against DreamBlend (default window, every step), on a G/E pair of two LoRA
+adapters: s/image, ratio to plain, peak memory. The text encoders have the real output widths
+(CLIP-L 768, CLIP-G 1280, T5-XXL 4096) but two layers each: they run once per call and do not
+change the sampling figures. ``--flow-shrink N`` divides the transformer's head count by N and
+shrinks the encoders and VAE (a CPU dry run: ``--flow flux --flow-shrink 8 --flow-size 64``).
+
 On a machine without CUDA only fp32 of part 1 runs (and part 2 is skipped); part 3 then runs in
 fp32 only, a dry run of its code path meant for a shrunken model (``--sdxl-shrink 8 --sdxl-size 64``:
 every width divided by 8, the same depths and conditioning). ``--sdxl-only`` skips parts 1 and 2.
@@ -25,6 +35,7 @@ Prints a table; the last line is ``RESULT {json}``.
 
     python benchmarks/bench_gpu.py [--finetune-steps 200] [--sd-steps 30] [--sd-batch 4]
         [--sdxl [--sdxl-only] [--sdxl-steps 30] [--sdxl-batch 2] [--sdxl-size 1024] [--sdxl-shrink 1]]
+        [--flow flux|sd35 [--flow-only] [--flow-steps 28] [--flow-batch 1] [--flow-size 1024] [--flow-shrink 1]]
 """
 
 from __future__ import annotations
@@ -245,6 +256,111 @@ def sdxl_rows(device, precision: str, steps: int, batch: int, size: int, shrink:
                                                  "unet_params_b": unet_params})
 
 
+# --------------------------------------------------------------------------- part 4: Flux / SD3.5-sized
+
+FLOW_SHAPES = {  # transformer kwargs of the released models (diffusers configs), heads divisible by --flow-shrink
+    "flux": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    "sd35": dict(patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+                 out_channels=16, qk_norm="rms_norm", pos_embed_max_size=192),
+}
+
+
+def flow_text_encoders(shrink: int, t5_width: int):
+    """Two-layer CLIP-L-, CLIP-G- and T5-XXL-shaped encoders (real output widths unless shrunk)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from dreamblend_ray.models.flux import tiny_t5
+    from dreamblend_ray.models.tokenizers import build_t5_tokenizer
+
+    words = "a photo of sks dog on the beach in snow wearing red hat".split()
+    tokenizers = [build_tokenizer(words, max_length=77) for _ in range(2)]
+    t5_tokenizer = build_t5_tokenizer(words, max_length=512 if shrink == 1 else 32)
+
+    def clip(tokenizer, width):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
+            num_attention_heads=8, max_position_embeddings=77, projection_dim=width, hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+
+    widths = (768, 1280) if shrink == 1 else (64, 64)
+    return tokenizers, [clip(t, w) for t, w in zip(tokenizers, widths)], t5_tokenizer, tiny_t5(t5_tokenizer, t5_width)
+
+
+def flow_shaped_components(kind: str, device, dtype, size: int = 1024, shrink: int = 1) -> Components:
+    """Random weights of FLUX.1-dev's (``flux``) or SD3.5 Large's (``sd35``) transformer, heads divided by
+    ``shrink``, with the family's f8 16-channel VAE (widths divided by ``shrink``, at most 8) and text encoders."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+    from dreamblend_ray.models import flux, sd3
+
+    shape = dict(FLOW_SHAPES[kind])
+    if shape["num_attention_heads"] % shrink or size % 16:
+        raise ValueError(f"--flow-shrink must divide {kind}'s {shape['num_attention_heads']} heads and --flow-size "
+                         f"be a multiple of 16, got {shrink} and {size}")
+    shape["num_attention_heads"] //= shrink
+    torch.manual_seed(0)
+    t5_width = 4096 if shrink == 1 else 128
+    tokenizers, clips, t5_tokenizer, t5 = flow_text_encoders(shrink, t5_width)
+    with torch.device(device):
+        shift, scale = (0.1159, 0.3611) if kind == "flux" else (0.0609, 1.5305)
+        vae_shrink = min(shrink, 8)  # the VAE's widths stay divisible by its 8 norm groups
+        vae = AutoencoderKL(latent_channels=16, block_out_channels=tuple(c // vae_shrink for c in (128, 256, 512, 512)),
+                            layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32 if vae_shrink == 1 else 8,
+                            sample_size=size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift,
+                            scaling_factor=scale)
+        if kind == "flux":
+            transformer = FluxTransformer2DModel(joint_attention_dim=t5_width,
+                                                 pooled_projection_dim=clips[0].config.hidden_size, **shape)
+        else:
+            transformer = SD3Transformer2DModel(
+                sample_size=size // 8, joint_attention_dim=t5_width,
+                caption_projection_dim=shape["num_attention_heads"] * shape["attention_head_dim"],
+                pooled_projection_dim=sum(c.config.projection_dim for c in clips), **shape)
+    if kind == "flux":  # FluxPipeline's CLIP is a CLIPTextModel (its pooler output), not the projection
+        from transformers import CLIPTextModel
+
+        clips[0] = CLIPTextModel(clips[0].config)
+    parts = dict(vae=vae, text_encoder=clips[0], tokenizer=tokenizers[0], transformer=transformer,
+                 source=f"{kind}-shaped", family="flux" if kind == "flux" else "sd3")
+    if kind == "flux":
+        components = Components(None, scheduler=flux.scheduler(), text_encoder_2=t5, tokenizer_2=t5_tokenizer,
+                                options={"sample_size": size // 8}, **parts)
+    else:
+        components = Components(None, scheduler=sd3.scheduler(), text_encoder_2=clips[1], tokenizer_2=tokenizers[1],
+                                text_encoder_3=t5, tokenizer_3=t5_tokenizer, **parts)
+    return components.to(device, dtype).eval()
+
+
+def flow_rows(device, kind: str, precision: str, steps: int, batch: int, size: int, shrink: int) -> list[dict]:
+    """Plain vs DreamBlend (default window, every step) s/image and peak memory on a Flux- or
+    SD3.5-shaped model whose transformer gets the two benchmark adapters."""
+    components = flow_shaped_components(kind, device, DTYPES[precision], size, shrink)
+    params_b = round(sum(p.numel() for p in components.transformer.parameters()) / 1e9, 3)
+    add_adapters(components.transformer)
+    sampler, pair = DreamBlendSampler(components), AdapterPair(components.transformer, "early", "late")
+    prompts, seeds = ["a photo of sks dog on the beach"] * batch, list(range(batch))
+    default = SamplingConfig(num_inference_steps=steps, height=size, width=size)
+    variants = {"plain": SamplingConfig(num_inference_steps=steps, alpha=0.0, height=size, width=size),
+                f"DreamBlend K={default.window}": default,
+                f"DreamBlend K={steps}": SamplingConfig(num_inference_steps=steps, guidance_steps=steps,
+                                                        height=size, width=size)}
+    rows = []
+    for name, config in variants.items():
+        result, seconds, peak = timed(partial(sampler.sample, pair, prompts, seeds, config), device)
+        rows.append({"part": f"sample-{kind}-shaped", "precision": precision, "variant": name, "size": size,
+                     "s_per_image": seconds / batch, "peak_mb": peak / 2**20, "transformer_params_b": params_b,
+                     "nan": bool(np.isnan(result.arrays).any())})
+    for row in rows:
+        row["x_plain"] = row["s_per_image"] / rows[0]["s_per_image"]
+    del sampler, pair, components
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -278,8 +394,19 @@ def main() -> None:
     parser.add_argument("--sdxl-size", type=int, default=1024, help="image side in pixels (SDXL: 1024)")
     parser.add_argument("--sdxl-shrink", type=int, default=1,
                         help="divide every width by this (1: SDXL's real size; 8: a CPU dry run)")
+    parser.add_argument("--flow", choices=sorted(FLOW_SHAPES), action="append", default=[],
+                        help="also run part 4 on a FLUX.1-dev- or SD3.5-Large-shaped model (repeatable)")
+    parser.add_argument("--flow-only", action="store_true", help="run part 4 only")
+    parser.add_argument("--flow-steps", type=int, default=28)
+    parser.add_argument("--flow-batch", type=int, default=1)
+    parser.add_argument("--flow-size", type=int, default=1024)
+    parser.add_argument("--flow-shrink", type=int, default=1,
+                        help="divide the transformer's heads by this (1: the real size; a CPU dry run: 8 for flux, "
+                             "19 for sd35)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.flow_only:
+        args.sdxl_only, args.skip_sd = True, True
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     precisions = ["fp32"] + (["fp16", "bf16"] if cuda else [])
@@ -295,10 +422,17 @@ def main() -> None:
         for precision in ("fp16", "bf16"):
             rows += sd_rows(device, precision, args.sd_steps, args.sd_batch)
             logger.warning("done sd %s", precision)
-    if args.sdxl or args.sdxl_only:
+    if (args.sdxl or args.sdxl_only) and not args.flow_only:
         for precision in ("fp16", "bf16") if cuda else ("fp32",):
             rows += sdxl_rows(device, precision, args.sdxl_steps, args.sdxl_batch, args.sdxl_size, args.sdxl_shrink)
             logger.warning("done sdxl %s", precision)
+    for kind in args.flow:
+        for precision in ("bf16", "fp16") if cuda else ("fp32",):
+            if kind == "flux" and precision == "fp16":
+                continue  # FLUX.1 is a bf16 model (its T5 overflows in fp16)
+            rows += flow_rows(device, kind, precision, args.flow_steps, args.flow_batch, args.flow_size,
+                              args.flow_shrink)
+            logger.warning("done %s %s", kind, precision)
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")  # noqa: T201
     print(table(rows))  # noqa: T201 - a benchmark prints its table
     sd = {f"{r['precision']} {r['variant']}": round(r["x_plain"], 3) for r in rows if r["part"] == "sample-sd15-shaped"}
@@ -326,6 +460,13 @@ def main() -> None:
             "peak_mb": {f"{r['precision']} {r['variant']}": round(r["peak_mb"], 1) for r in sdxl},
             "vae_dtype": {r["precision"]: r["vae_dtype"] for r in sdxl if "vae_dtype" in r},
             "image_size": sdxl[0]["size"]}
+    for kind in args.flow:
+        flow = [r for r in rows if r["part"] == f"sample-{kind}-shaped"]
+        result[f"{kind}_shaped"] = {
+            "size": args.flow_size, "shrink": args.flow_shrink, "transformer_params_b": flow[0]["transformer_params_b"],
+            "ratio_to_plain": {f"{r['precision']} {r['variant']}": round(r["x_plain"], 3) for r in flow},
+            "s_per_image": {f"{r['precision']} {r['variant']}": round(r["s_per_image"], 4) for r in flow},
+            "peak_mb": {f"{r['precision']} {r['variant']}": round(r["peak_mb"], 1) for r in flow}}
     print("RESULT " + json.dumps(result))  # noqa: T201
 
 
