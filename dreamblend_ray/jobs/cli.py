@@ -19,7 +19,9 @@ from dreamblend_ray.dtypes import add_dtype_argument
 from dreamblend_ray.evaluation.pair_choice import SCORERS, PairChoiceOptions
 from dreamblend_ray.io import storage
 from dreamblend_ray.jobs.common import JobResources
-from dreamblend_ray.jobs.flags import LOG_LEVELS, add_base_argument, add_resource_arguments, given_resources
+from dreamblend_ray.jobs.flags import (LOG_LEVELS, add_base_argument, add_resource_arguments, add_tenant_argument,
+                                      given_resources)
+from dreamblend_ray.training.layout import tenant_root
 from dreamblend_ray.jobs.finetune import FinetuneJobResult, gather_results, run_finetune_job
 from dreamblend_ray.jobs.generate import BATCH_SIZE, MAX_IMAGES_PER_TASK, run_generate_job
 from dreamblend_ray.runtime import exit_codes, lifecycle
@@ -69,6 +71,7 @@ def finetune_parser() -> argparse.ArgumentParser:
                         help="start nothing: gather the saved rows of run --run-id (e.g. one whose driver died) "
                              "into its results.parquet; subjects without a row become failed rows")
     add_base_argument(parser)
+    add_tenant_argument(parser)
     add_resource_arguments(parser)
     settings = parser.add_argument_group(
         "fine-tuning settings", "for every subject; a manifest row's \"finetune\" object overrides them.\n"
@@ -121,13 +124,14 @@ def finetune_config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def finetune_job_from_args(args: argparse.Namespace) -> FinetuneJobResult:
+    output = tenant_root(args.output, args.tenant)
     if args.gather:
         if not args.run_id:
             raise ValueError("--gather needs --run-id (the folder under {output}/runs/ to read)")
-        return gather_results(args.output, args.run_id)
+        return gather_results(output, args.run_id)
     if not args.subjects:
         raise ValueError("--subjects is required (or --gather --run-id ID to read an earlier run)")
-    return run_finetune_job(args.subjects, args.output, base=args.base, config=finetune_config_from_args(args),
+    return run_finetune_job(args.subjects, output, base=args.base, config=finetune_config_from_args(args),
                             resources=JobResources(**given_resources(args)), run_id=args.run_id,
                             address=args.address, pair_choice=pair_choice_from_args(args),
                             attention_probe=args.attention_probe)
@@ -157,6 +161,7 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints", help="root the subjects were fine-tuned into (default: --output)")
     parser.add_argument("--run-id", help="name of this run's folder under {output}/runs/")
     add_base_argument(parser)
+    add_tenant_argument(parser)
     add_resource_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"images per sampler call (default {BATCH_SIZE})")
@@ -181,7 +186,9 @@ def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
 
 def run_generate_from_args(args: argparse.Namespace) -> int:
     try:
-        result = run_generate_job(args.requests, args.output, checkpoints_root=args.checkpoints, base=args.base,
+        output = tenant_root(args.output, args.tenant)
+        checkpoints_root = tenant_root(args.checkpoints, args.tenant) if args.checkpoints else None
+        result = run_generate_job(args.requests, output, checkpoints_root=checkpoints_root, base=args.base,
                                   settings=sampling_config_from_args(args), batch_size=args.batch_size,
                                   max_images_per_task=args.max_images_per_task,
                                   resources=JobResources(**given_resources(args)), run_id=args.run_id, address=args.address,

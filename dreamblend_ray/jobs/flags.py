@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from dreamblend_ray.config import DEFAULT_TENANT, validate_tenant
+
 DEFAULT_BASE = "embedded"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -29,6 +31,12 @@ def add_base_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=DEFAULT_BASE,
                         help=f"base model: {DEFAULT_BASE} (default), tiny, tiny-sd2, tiny-sdxl, a diffusers folder "
                              "or a storage URI (s3://, gs://, ...) holding one")
+
+
+def add_tenant_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", default=DEFAULT_TENANT, type=validate_tenant,
+                        help="the tenant whose subjects these are: its prefix {root}/tenants/{tenant}/ under every "
+                             "root given (default: 'default', the roots themselves, as before tenants)")
 
 
 def add_resource_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] = tuple(RESOURCE_FLAGS)) -> None:
