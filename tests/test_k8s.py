@@ -38,7 +38,8 @@ SDXL = K8S / "overlays" / "sdxl"
 APP_DIR = "/home/ray/dreamblend"  # where the Dockerfile puts the repository
 PROJECT_IMAGE = "ghcr.io/dreamblend/dreamblend-ray"
 S3_SECRET, API_KEY_SECRET = "dreamblend-s3", "dreamblend-api-key"
-EXAMPLE_FILES = {"secret-s3.example.yaml", "secret-api-key.example.yaml", "secret-webhook.example.yaml"}
+EXAMPLE_FILES = {"secret-s3.example.yaml", "secret-api-key.example.yaml", "secret-webhook.example.yaml",
+                 "secret-keys.example.yaml"}
 
 
 def _load_module(name: str, path: Path):
@@ -203,7 +204,7 @@ def test_every_manifest_parses_into_the_expected_objects(manifests):
     assert kinds == sorted([
         ("RayJob", "dreamblend-finetune"), ("RayService", "dreamblend"),
         ("RayCluster", "dreamblend-shared"), ("Secret", S3_SECRET), ("Secret", API_KEY_SECRET),
-        ("Secret", "dreamblend-webhook"), ("ServiceAccount", "dreamblend")])
+        ("Secret", "dreamblend-webhook"), ("Secret", "dreamblend-keys"), ("ServiceAccount", "dreamblend")])
     for docs in manifests.values():
         for doc in docs:
             assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
@@ -571,6 +572,12 @@ def test_rayservice_probes_key_and_capacity_fit_the_application(rayservice, serv
         ref = env[api_env]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == API_KEY_SECRET and ref["key"] == "api-key"
     assert args.get("auth_enabled") is True, "the public endpoint must require the API key"
+    keys_dir = os.path.dirname(args["keys_file"])  # the tenants' keys file comes from the mounted Secret
+    serving_pods = [g["template"]["spec"] for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    for pod in serving_pods:
+        (mount,) = [m for c in pod["containers"] for m in c["volumeMounts"] if m["mountPath"] == keys_dir]
+        volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+        assert volume["secret"]["secretName"] == "dreamblend-keys" and mount["readOnly"] is True
     for g in spec["workerGroupSpecs"]:
         for c in g["template"]["spec"]["containers"]:
             # KubeRay's injected readiness probe checks the Serve proxy on the port named "serve"
