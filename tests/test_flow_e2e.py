@@ -98,3 +98,15 @@ def test_dreamblend_generate_and_attention_on_a_flow_subject(kind, roots, tmp_pa
                "--out", str(maps)])
     assert rc == 0
     assert any(maps.iterdir())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_collapse_probe_reads_t5_words(kind, roots):
+    from dreamblend_ray.evaluation.collapse import probe_model
+    from dreamblend_ray.method.pair import single
+
+    components = load_components(kind)
+    result = probe_model(DreamBlendSampler(components), single(components.transformer),
+                         ["a sks dog in the jungle"], [0], "sks", "dog", steps=2)
+    (entry,) = result["per_prompt"]
+    assert set(entry["words"]) == {"jungle"} and 0 <= entry["collapse"] <= 1

@@ -132,3 +132,15 @@ def test_the_joint_log_sum_exp_is_chunked():
     assert torch.allclose(ja.image_key_logsumexp(query, key, chunk=7), full, atol=1e-5)
     with pytest.raises(ValueError, match="normalisation"):
         ja.text_maps(torch.zeros(1, 1, 2, 3), "softmax")
+
+
+def test_heat_map_words_are_t5s_at_their_place_in_the_text_axis(components):
+    from dreamblend_ray.method.heatmaps import prompt_words
+
+    tokenizer, offset = components.model_family.map_tokens(components)
+    groups = prompt_words(tokenizer, "a photo of sks dog", offset)
+    assert [w for w, _ in groups] == ["a", "photo", "of", "sks", "dog"]
+    assert [p for _, p in groups] == [[offset + i] for i in range(5)]  # T5 has no start token
+    text = components.model_family.encode(components, ["a photo of sks dog"])
+    mask = components.model_family.token_mask(components, text.input_ids)
+    assert mask[0].nonzero().flatten().tolist() == [p for _, (p,) in groups]  # the words are the guided tokens

@@ -135,7 +135,9 @@ def attention_reports_of(session: Session, result, chunk) -> list:
     # Deferred: heatmap_report imports torch.
     from dreamblend_ray.method.heatmap_report import reports_from
 
-    return reports_from(result, [p for p, _ in chunk], [s for _, s in chunk], session.components.tokenizer)
+    components = session.components
+    return reports_from(result, [p for p, _ in chunk], [s for _, s in chunk],
+                        *components.model_family.map_tokens(components))
 
 
 def write_attention_files(out: Path, stem: str, report, written: dict | None = None) -> dict:

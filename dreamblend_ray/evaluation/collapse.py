@@ -261,10 +261,10 @@ def probe_model(sampler, pair, prompts: list[str], seeds: list[int], token: str,
     batch_seeds = [int(s) for _ in prompts for s in seeds]
     result = sampler.sample(pair, batch_prompts, batch_seeds, probe_config(steps, guidance_scale), decode=False)
     maps = result.attention_maps["dreamblend"]
-    tokenizer = sampler.components.tokenizer
+    tokenizer, offset = sampler.components.model_family.map_tokens(sampler.components)
     per_prompt = []
     for index, prompt in enumerate(prompts):
-        groups = prompt_words(tokenizer, prompt)
+        groups = prompt_words(tokenizer, prompt, offset)
         samples = [prompt_measures(maps[index * len(seeds) + j], groups, token, class_noun)
                    for j in range(len(seeds))]
         entry = {"prompt": prompt, **{m: _mean(s[m] for s in samples) for m in MEASURES}}

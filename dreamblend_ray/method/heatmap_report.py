@@ -64,14 +64,15 @@ class AttentionReport:
                    {row: images[row] for row in ROWS}, distance)
 
 
-def reports_from(result, prompts: list[str], seeds: list[int], tokenizer) -> list[AttentionReport]:
-    """The per-sample reports of a ``SampleResult`` made with ``config.attention_maps``."""
+def reports_from(result, prompts: list[str], seeds: list[int], tokenizer, offset: int = 0) -> list[AttentionReport]:
+    """The per-sample reports of a ``SampleResult`` made with ``config.attention_maps``; ``tokenizer``
+    and ``offset``: the base family's ``map_tokens`` (the tokens the maps' text axis holds)."""
     if result.attention_maps is None:
         raise ValueError("the result holds no attention maps: sample with SamplingConfig(attention_maps=True)")
     images = {"guidance": result.reference_images, "edit": result.edit_images, "dreamblend": result.images}
     reports = []
     for b, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        groups = prompt_words(tokenizer, prompt)
+        groups = prompt_words(tokenizer, prompt, offset)
         maps = {row: word_maps(result.attention_maps[row][b], groups).numpy().astype(np.float32) for row in ROWS}
         distance = result.attention_distance[b].tolist() if result.attention_distance.numel() else []
         reports.append(AttentionReport(prompt, seed, [w for w, _ in groups], maps,
@@ -85,7 +86,8 @@ def attention_reports(sampler, pair, prompts: list[str], seeds: list[int], confi
     config = dataclasses.replace(config, attention_maps=True)
     result = sampler.sample(pair, list(prompts), list(seeds), config, negative_prompts=negative_prompts,
                             track_distance=True)
-    return reports_from(result, list(prompts), list(seeds), sampler.components.tokenizer)
+    components = sampler.components
+    return reports_from(result, list(prompts), list(seeds), *components.model_family.map_tokens(components))
 
 
 # --------------------------------------------------------------------------- drawing

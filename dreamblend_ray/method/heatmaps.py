@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 WORD_END = "</w>"
+WORD_START = "\u2581"  # sentencepiece's metaspace: T5's tokens that start a word
 
 
 def layer_shape(pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -65,13 +66,17 @@ def word_groups(tokens: list[str], special: set[str]) -> list[tuple[str, list[in
     """Words of a tokenized prompt and their positions in the sequence (start-of-text is 0).
 
     ``tokens``: the prompt's BPE tokens in order, special tokens included. A token ending in
-    ``</w>`` closes a word; special tokens (start, end, padding) belong to no word.
+    ``</w>`` closes a word (CLIP), a token starting with ``\u2581`` opens one (T5's sentencepiece);
+    special tokens (start, end, padding) belong to no word.
     """
     words, current, positions = [], "", []
     for position, token in enumerate(tokens):
         if token in special:
             continue
-        current += token.removesuffix(WORD_END)
+        if token.startswith(WORD_START) and positions:
+            words.append((_readable(current), positions))
+            current, positions = "", []
+        current += token.removesuffix(WORD_END).removeprefix(WORD_START)
         positions.append(position)
         if token.endswith(WORD_END):
             words.append((_readable(current), positions))
@@ -85,11 +90,14 @@ def _readable(word: str) -> str:
     return re.sub(r"\s+", " ", word).strip() or "?"
 
 
-def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """:func:`word_groups` of ``prompt`` under ``tokenizer`` (truncated as the text encoder sees it)."""
+def prompt_words(tokenizer, prompt: str, offset: int = 0) -> list[tuple[str, list[int]]]:
+    """:func:`word_groups` of ``prompt`` under ``tokenizer`` (truncated as the text encoder sees it),
+    positions shifted by ``offset`` (where the tokenizer's tokens start in the maps' text axis: a
+    family's ``map_tokens``, e.g. SD3's T5 tokens after its CLIP tokens)."""
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    return word_groups(tokens, set(tokenizer.all_special_tokens))
+    return [(word, [p + offset for p in positions])
+            for word, positions in word_groups(tokens, set(tokenizer.all_special_tokens))]
 
 
 def word_maps(token_maps: torch.Tensor, groups: list[tuple[str, list[int]]]) -> torch.Tensor:

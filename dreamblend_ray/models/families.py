@@ -70,6 +70,11 @@ class Family:
         """The pipeline's default image side: the denoiser's ``sample_size`` times the VAE factor."""
         return int(components.denoiser.config.sample_size) * components.vae_scale_factor
 
+    def map_tokens(self, components) -> tuple[Any, int]:
+        """The tokenizer whose tokens the attention maps' text axis holds, and where they start
+        (heat maps and the collapse probe group them into words)."""
+        return components.tokenizer, 0
+
     def latent_multiple(self, components) -> int:
         """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
         levels = len(components.unet.config.block_out_channels)

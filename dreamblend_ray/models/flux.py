@@ -58,6 +58,10 @@ class FlowFamily(Family):
                            original_size=None, crop_top_left=(0, 0)) -> dict:
         return {"pooled_projections": text.pooled}
 
+    def map_tokens(self, components) -> tuple:
+        """T5's tokens, as the guidance compares them (SD3: after the CLIP part of the sequence)."""
+        return getattr(components, self.t5_part), self.text_offset(components)
+
     def text_offset(self, components) -> int:
         """Where T5's tokens start in the joint attention's text sequence."""
         return 0

@@ -103,7 +103,8 @@ def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[J
     extra = {"track_distance": True} if config.attention_maps else {}  # the report's distance curve
     result = sampler.sample(pair, prompts, seeds, config, negative_prompts=negatives, callback=callback, **extra)
     distances = _mean_distances(result.attention_distance, len(prompts))
-    attention = (attention_entries(result, prompts, seeds, sampler.components.tokenizer)
+    components = sampler.components
+    attention = (attention_entries(result, prompts, seeds, *components.model_family.map_tokens(components))
                  if config.attention_maps else None)
     out, start = [], 0
     for job in jobs:
@@ -114,13 +115,14 @@ def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[J
     return out
 
 
-def attention_entries(result, prompts: list[str], seeds: list[int], tokenizer) -> list[dict]:
-    """One JSON-ready ``ATTENTION_KEYS`` dict per sample of a SampleResult made with attention_maps."""
+def attention_entries(result, prompts: list[str], seeds: list[int], tokenizer, offset: int = 0) -> list[dict]:
+    """One JSON-ready ``ATTENTION_KEYS`` dict per sample of a SampleResult made with attention_maps
+    (``tokenizer``, ``offset``: the base family's ``map_tokens``)."""
     # Deferred: heat maps need torch, which the ingress (it imports this module) never loads for them.
     from dreamblend_ray.method.heatmap_report import reports_from
 
     entries = []
-    for report in reports_from(result, prompts, seeds, tokenizer):
+    for report in reports_from(result, prompts, seeds, tokenizer, offset):
         entry = {key: value for key, value in report.to_json().items() if key not in ("prompt", "seed")}
         entry["attention_distance_steps"] = [d if math.isfinite(d) else None
                                              for d in entry["attention_distance_steps"]]
