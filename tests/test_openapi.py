@@ -121,23 +121,46 @@ def test_schemathesis_all_checks_find_nothing(base_url, tmp_path):
     assert "failure" not in output.split("SUMMARY")[-1].lower(), output[-3000:]
 
 
+@pytest.fixture(scope="module")
+def tenants_url(tmp_path_factory):
+    """The app with a keys file of two tenants: Schemathesis runs with alpha's key, and a check of
+    ours replays every successful call on alpha's objects with beta's key."""
+    import yaml
+
+    from dreamblend_ray.serving.tenants import key_entry
+
+    keys = {"alpha": "alpha-k3y-0f1e2d3c4b5a69788796a5b4c3d2e1f0", "beta": "beta-k3y-a1b2c3d4e5f60718293a4b5c6d7e8f90"}
+    entries = [yaml.safe_load(key_entry(t, f"{t}-1", k))["tenants"] for t, k in keys.items()]
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(yaml.safe_dump({"tenants": {**entries[0], **entries[1]}}))
+    app = make_app(auth_enabled=True, keys_file=str(path), auth_failures_per_minute=100_000)
+    with serve_on_loopback(app) as url:
+        yield url, keys
+
+
 @pytest.mark.slow
-def test_schemathesis_stateful_walks_the_subject_lifecycle(base_url, tmp_path):
-    """The OpenAPI links (create -> get / cancel / delete) walked with real images: no server error,
-    no schema violation, and the links are really followed."""
+def test_schemathesis_stateful_walks_the_subject_lifecycle(tenants_url, tmp_path):
+    """The OpenAPI links (create -> get / cancel / delete) walked with real images, with a tenant's
+    key: no server error, no schema violation, the links really followed, and another tenant's key
+    on every object the walk created is a 404 (schemathesis_stateful_hooks.another_tenant_gets_404)."""
+    base_url, keys = tenants_url
     command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(TESTS / "schemathesis.toml"), "run",
                f"{base_url}/openapi.json", "--checks", "all", "--phases", "stateful", "--max-examples", "20",
                "--seed", "20261207", "--generation-database", "none", "--workers", "1", "--request-timeout", "60",
-               "--max-response-time", "30", "--header", f"Authorization: Bearer {KEY}", "--no-color",
+               "--max-response-time", "30", "--header", f"Authorization: Bearer {keys['alpha']}", "--no-color",
                "--include-path-regex", "^/v1/subjects", "--mode", "positive",
                # positive data only (the hook puts real images in): refusals are the fuzzing test's
                "--exclude-checks", "negative_data_rejection"]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_stateful_hooks",
+           "DREAMBLEND_OTHER_TENANT_KEY": keys["beta"],
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[output.find("FAILURES"):][:6000]
     assert "✅ Stateful" in output, output[-3000:]
+    replays = (tmp_path / "cross_tenant_checks.log").read_text().splitlines()
+    assert {line.split()[0] for line in replays} >= {"GET", "POST", "DELETE"}, replays  # our check really ran
+    assert all(line.endswith(" 404") for line in replays), replays
     links = re.search(r"Links:\s+(\d+) covered / (\d+) selected", output)
     assert links and int(links.group(1)) >= 3, output[-3000:]  # get, cancel and delete after a create
 

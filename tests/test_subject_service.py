@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -375,3 +376,23 @@ def test_two_tenants_one_subject_id_two_adapters_on_one_replica(service):
     assert storage.list_files(storage.join(service["root"], "tenants", "beta", "subjects", "twin")) == []
     assert client.delete("/v1/subjects/twin").status_code == 204
     beta.close()
+
+
+def test_no_key_or_secret_in_any_log_file(service):
+    """Every Ray, Serve and worker log of the session (the ingress, the replicas, the scheduler, the
+    trainings) and the audit trail, grepped for the tenants' keys and the webhook secret."""
+    import ray
+
+    from dreamblend_ray.lifecycle.audit import read_events
+
+    service["client"].get("/v1/subjects/nobody")  # at least one keyed request of each tenant
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert any("ServeReplica" in p.name or "serve" in str(p) for p in files)  # the logs are really there
+    material = [KEY, KEY_B, SECRET, SECRET.removeprefix("whsec_")]
+    for path in files:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for secret in material:
+            assert secret not in text, f"key material in {path.name}"
+    trail = json.dumps(read_events(service["root"]))
+    assert all(secret not in trail for secret in material) and "subject.create" in trail
