@@ -2,7 +2,7 @@
 
 As tests/test_families_e2e.py does for SDXL: a subject fine-tuned with the training API is
 generated from through the code the Serve replica runs (``build_job`` -> ``LoadedPair`` ->
-``_sample``; per-row batching declines these families, so the replica batches per call) and
+``_sample``) and
 through ``dreamblend generate`` and ``dreamblend attention``; every --base validator accepts them.
 """
 
@@ -18,6 +18,7 @@ from PIL import Image
 from dreamblend_ray.cli import main
 from dreamblend_ray.config import FinetuneConfig
 from dreamblend_ray.jobs.common import check_base
+from dreamblend_ray.method.flow_rows import FlowRowEngine, row_engine
 from dreamblend_ray.method.rows import RowEngine
 from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.models.components import BUILTIN_BASES, load_components, resolve_base
@@ -71,8 +72,9 @@ def test_every_base_validator_accepts_the_flow_families(base):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_subject_is_served_at_the_familys_size(kind, roots):
     model = replica(kind, roots[kind])
-    with pytest.raises(ValueError, match="static"):
-        RowEngine(model.components)  # the replica falls back to per-call batching
+    with pytest.raises(ValueError, match="FlowRowEngine"):
+        RowEngine(model.components)  # the replica builds the family's engine with row_engine
+    assert isinstance(row_engine(model.components), FlowRowEngine)
     request = GenerateRequest(subject_id="rex", prompt="a photo of sks dog on the beach", num_images=2, seed=3)
     job = build_job(request, model.args, seed=request.seed)
     output = model._sample(LoadedPair(job.model_id, model), [job], None)[0]
@@ -110,3 +112,34 @@ def test_the_collapse_probe_reads_t5_words(kind, roots):
                          ["a sks dog in the jungle"], [0], "sks", "dog", steps=2)
     (entry,) = result["per_prompt"]
     assert set(entry["words"]) == {"jungle"} and 0 <= entry["collapse"] <= 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_replicas_continuous_batch_serves_flow_rows_as_they_are_served_alone(kind, roots):
+    import asyncio
+
+    from dreamblend_ray.config import SamplingConfig
+    from dreamblend_ray.serving.batching import GenerationJob
+
+    model = replica(kind, roots[kind])
+    model.continuous = model._continuous_batch()
+    assert isinstance(model.continuous.engine, FlowRowEngine)
+    jobs = [GenerationJob("rex", ["a sks dog on the beach"], [1], SamplingConfig(num_inference_steps=4, alpha=0.5)),
+            GenerationJob("rex", ["a sks dog in snow"], [2], SamplingConfig(num_inference_steps=3, alpha=0.0))]
+    handle = LoadedPair("rex", model)
+
+    async def scenario():
+        pair = await asyncio.to_thread(handle.pin)
+        adapters = (pair.guidance_adapter, pair.edit_adapter)
+
+        async def submit(job, steps):
+            while model.continuous.steps < steps:
+                await asyncio.sleep(0.005)
+            return await model.continuous.submit(job, adapters)
+        return await asyncio.gather(submit(jobs[0], 0), submit(jobs[1], 1))
+
+    results = asyncio.run(scenario())
+    for job, (output, _, _) in zip(jobs, results):
+        served = np.asarray(Image.open(io.BytesIO(output.pngs[0])).convert("RGB")).astype(int)
+        static = model._sample(LoadedPair(job.model_id, model), [job], None)[0].pngs[0]
+        assert np.abs(served - np.asarray(Image.open(io.BytesIO(static)).convert("RGB")).astype(int)).max() <= 1

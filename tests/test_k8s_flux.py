@@ -37,7 +37,7 @@ def test_overlay_validates_and_changes_only_the_service_and_the_job(docs, manife
         assert _strip_sdxl_changes(docs[key]) == _strip_sdxl_changes(base), key
 
 
-def test_serve_args_are_a_flux_base_in_bf16_with_static_batching(docs, flux_served):
+def test_serve_args_are_a_flux_base_in_bf16_with_continuous_batching(docs, flux_served):
     from ray.serve.schema import ServeDeploySchema
 
     from dreamblend_ray.serving.requests import AppArgs
@@ -45,7 +45,7 @@ def test_serve_args_are_a_flux_base_in_bf16_with_static_batching(docs, flux_serv
     ServeDeploySchema.model_validate(flux_served)
     args = AppArgs.model_validate(app_of(flux_served)["args"])
     assert args.base.startswith("s3://") and "FLUX" in args.base and args.storage_root.endswith("personalized-flux")
-    assert args.dtype == "bf16" and args.batching == "static" and args.num_gpus == 1.0 and args.auth_enabled
+    assert args.dtype == "bf16" and args.batching == "continuous" and args.num_gpus == 1.0 and args.auth_enabled
     assert args.request_timeout_s < flux_served["http_options"]["request_timeout_s"]
     capacity = sum(g["maxReplicas"] * gpus(g) for g in gpu_groups(docs[("RayService", "dreamblend")]))
     assert args.max_replicas * args.num_gpus <= capacity

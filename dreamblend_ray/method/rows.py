@@ -52,8 +52,8 @@ class RowRequest:
 def row_key(config: SamplingConfig, components: Components) -> tuple:
     """Rows with equal keys can share UNet calls: same latent size, CFG on/off and guidance layers."""
     size = components.default_size
-    return (config.height or size, config.width or size, config.guidance_scale > 1.0, config.layers,
-            config.distance)
+    return (config.height or size, config.width or size,
+            components.model_family.uses_cfg(components, config.guidance_scale), config.layers, config.distance)
 
 
 @dataclass
@@ -91,19 +91,24 @@ class Row:
 
 
 class RowEngine:
-    """Advances rows of any subjects, each at its own step. Not thread-safe per base UNet."""
+    """Advances rows of any subjects, each at its own step. Not thread-safe per base UNet.
+
+    The UNet specifics sit in a few methods (``_call``, ``_recording``, ``layers``, ``_ddim``,
+    ``_row``, ``decode``) that ``method/flow_rows.py`` overrides for the flow-matching families."""
+
+    flow = False
 
     def __init__(self, components: Components, co_batch: bool = True, adapter_method: str = "gather"):
         if adapter_method not in METHODS:
             raise ValueError(f"adapter_method must be one of {METHODS}, got {adapter_method!r}")
-        if components.model_family.flow_matching:
-            raise ValueError(f"per-row batching does not run the flow-matching family {components.family!r} yet; "
-                             "its requests are batched per sampler call (batching='static')")
+        if components.model_family.flow_matching and not self.flow:
+            raise ValueError(f"the flow-matching family {components.family!r} runs rows in "
+                             "method.flow_rows.FlowRowEngine (method.flow_rows.row_engine picks it)")
         self.components = components
-        self.table = ddim.DDIMTable.of(components.scheduler.config)
+        self.table = None if self.flow else ddim.DDIMTable.of(components.scheduler.config)
         self.co_batch = co_batch
         self.adapter_method = adapter_method
-        self.device, self.dtype = components.device, components.unet.dtype  # fixed while serving; slow to ask
+        self.device, self.dtype = components.device, components.denoiser.dtype  # fixed while serving; slow to ask
         self._timesteps_cache: dict[int, list[int]] = {}
         self._layers_cache: dict = {}
         self.recorder = Recorder()
@@ -181,14 +186,13 @@ class RowEngine:
             raise ValueError("a finished row cannot take another step; leave it out of the batch")
         if len({row_key(row.config, self.components) for row in rows}) != 1:
             raise ValueError("rows of one step must share a row_key (latent size, CFG, guidance layers)")
-        unet = self.components.unet
         guided = [row for row in rows if row.guided(row.index)]
         ahead = [row for row in rows if self.co_batch and row.guided(row.index + 1)]
         with ExitStack() as stack:
             layers = None
             if guided or ahead:
                 layers = self.layers(rows[0].config.layers)
-                stack.enter_context(recording(unet, layers, self.recorder))
+                stack.enter_context(self._recording(layers, rows[0].config.layers))
             behind = [row for row in guided if row.g_index != row.index]
             if behind:  # G's step i not computed ahead (a row's first guided step, or no co_batch)
                 self._guidance_pass(behind, [row.index for row in behind])
@@ -214,7 +218,7 @@ class RowEngine:
 
     def _steer(self, rows: list[Row], last_layer: str) -> None:
         """One attention-guidance step on the guided rows' E latents (gradient through E's cond branch)."""
-        unet = self.components.unet
+        unet = self.components.denoiser
         z = torch.cat([row.z_e for row in rows]).detach().requires_grad_(True)
         maps_g = {name: torch.cat([row.maps_g[name] for row in rows]) for name in rows[0].maps_g}
         mask = torch.cat([row.mask for row in rows])
@@ -223,7 +227,7 @@ class RowEngine:
         with torch.enable_grad(), per_row(unet, [row.request.edit_adapter for row in rows], self.adapter_method), \
                 self.recorder.capture(rows=slice(None), keep_graph=True, stop_after=last_layer) as store:
             try:
-                unet(z, t, encoder_hidden_states=embeds, added_cond_kwargs=added)
+                self._call(z, t, embeds, added, rows)
             except StopForward:
                 pass  # the rest of the UNet does not affect the selected maps
             distance = guidance.attention_distance(store.maps, maps_g, mask, rows[0].config.distance)
@@ -267,23 +271,29 @@ class RowEngine:
         embeds, added = self._conditioning(rows, cond_only=False)
         t = self._timesteps([row.timesteps[i] for row, _, _, i in entries], cfg)
         model_input = torch.cat([latents, latents]) if cfg else latents
-        with per_row(self.components.unet, names * 2 if cfg else names, self.adapter_method):
+        with per_row(self.components.denoiser, names * 2 if cfg else names, self.adapter_method):
             if record:
                 n = len(entries)
                 with self.recorder.capture(rows=slice(n, 2 * n) if cfg else slice(0, n)) as store:
-                    noise = self.components.unet(model_input, t, encoder_hidden_states=embeds,
-                                                 added_cond_kwargs=added).sample
+                    noise = self._call(model_input, t, embeds, added, rows * 2 if cfg else rows)
                 maps = store.maps
             else:
-                noise = self.components.unet(model_input, t, encoder_hidden_states=embeds,
-                                             added_cond_kwargs=added).sample
+                noise = self._call(model_input, t, embeds, added, rows * 2 if cfg else rows)
                 maps = {}
         if not cfg:
             return noise, maps
         scale = torch.tensor([row.config.guidance_scale for row in rows], device=noise.device,
-                             dtype=noise.dtype).view(-1, 1, 1, 1)
+                             dtype=noise.dtype).view(-1, *[1] * (noise.dim() - 1))
         uncond, cond = noise.chunk(2)
         return uncond + scale * (cond - uncond), maps
+
+    def _call(self, model_input, t, embeds, added, rows: list[Row]) -> torch.Tensor:
+        """The UNet's prediction for ``model_input`` (``rows``: the row of each input row)."""
+        return self.components.unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+
+    def _recording(self, layers, selection):
+        """The context that records ``layers``' maps into ``self.recorder``."""
+        return recording(self.components.unet, layers, self.recorder)
 
     def _conditioning(self, rows: list[Row], cond_only: bool) -> tuple[torch.Tensor, dict | None]:
         """The rows' text conditioning stacked as ``[uncond rows; cond rows]`` (or cond rows only)."""

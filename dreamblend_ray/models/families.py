@@ -70,6 +70,10 @@ class Family:
         """The pipeline's default image side: the denoiser's ``sample_size`` times the VAE factor."""
         return int(components.denoiser.config.sample_size) * components.vae_scale_factor
 
+    def uses_cfg(self, components, guidance_scale: float) -> bool:
+        """Whether sampling runs an unconditional branch (classifier-free guidance) at this scale."""
+        return guidance_scale > 1.0
+
     def map_tokens(self, components) -> tuple[Any, int]:
         """The tokenizer whose tokens the attention maps' text axis holds, and where they start
         (heat maps and the collapse probe group them into words)."""

@@ -177,12 +177,13 @@ class Flux(FlowFamily):
         return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
     def denoise(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
-                added: dict, guidance_scale: float, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """The velocity ``(B, N, 4C)`` of packed ``latents`` at ``timesteps`` ``(B,)`` (0..1000)."""
+                added: dict, guidance_scale, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The velocity ``(B, N, 4C)`` of packed ``latents`` at ``timesteps`` ``(B,)`` (0..1000);
+        ``guidance_scale`` a float or ``(B,)`` (the guidance embedding's input)."""
         rows = latents.shape[0]
         guidance = None
-        if transformer.config.guidance_embeds:
-            guidance = torch.full([rows], guidance_scale, device=latents.device, dtype=torch.float32)
+        if transformer.config.guidance_embeds:  # a scale, or one per row (rows batched across requests)
+            guidance = torch.as_tensor(guidance_scale, dtype=torch.float32, device=latents.device).expand(rows)
         text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype)
         image_ids = self.image_ids(*latent_hw, latents.device, embeds.dtype)
         return transformer(hidden_states=latents, timestep=timesteps.to(latents.dtype) / 1000, guidance=guidance,

@@ -223,11 +223,11 @@ class DreamBlendModel:
         the base's scheduler is one that per-row DDIM does not do."""
         if self.args.batching != "continuous":
             return None
-        from dreamblend_ray.method.rows import RowEngine
+        from dreamblend_ray.method.flow_rows import row_engine
         from dreamblend_ray.serving.continuous import ContinuousBatch
 
         try:
-            engine = RowEngine(self.components, co_batch=True)
+            engine = row_engine(self.components, co_batch=True)  # the family's engine (Flux, SD3: flow rows)
         except ValueError as exc:
             logger.warning("static batching: %s", exc)
             return None
