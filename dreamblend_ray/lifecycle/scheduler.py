@@ -85,6 +85,7 @@ class SubjectScheduler:
         self.erasures: list[Owner] = []  # deletions a dead scheduler left half done
         self.last_sweep = 0.0
         self._loop: asyncio.Task | None = None
+        self._reserving = asyncio.Lock()
         self._recover()
 
     def root_of(self, tenant: str) -> str:
@@ -231,6 +232,10 @@ class SubjectScheduler:
         With (key, body digest), a retried create gets the first subject's view back instead
         (``replayed``). SubjectExists / IdempotencyMismatch / QuotaExceeded for the client's mistakes."""
         await self.start()
+        async with self._reserving:  # count-then-save is one step: two creates cannot both take the last slot
+            return await self._reserve(record, idempotency, max_subjects)
+
+    async def _reserve(self, record: dict, idempotency: tuple[str, str] | None, max_subjects: int | None) -> dict:
         tenant, root = records.owner(record)[0], self.root_of(records.owner(record)[0])
         if idempotency is not None:
             earlier = await asyncio.to_thread(self._idempotent, tenant, *idempotency)

@@ -415,6 +415,9 @@ class AuthMiddleware:
             limiter = scope["app"].state.quotas  # generate and jobs charge with their image counts
             refusal = limiter.check(principal.tenant, state["tenant_info"].quotas, 0)
             if refusal is not None:
+                audit = scope["app"].state.audit
+                threading.Thread(target=audit.record, args=("quota.refused", principal.tenant, principal.key_id),
+                                 kwargs={"detail": {"quota": refusal.quota}}, daemon=True).start()
                 return await JSONResponse({"detail": f"quota {refusal.quota} of this tenant exceeded",
                                            "quota": refusal.quota}, status_code=429,
                                           headers={"Retry-After": str(refusal.retry_after_s)})(scope, receive, send)
