@@ -7,15 +7,19 @@ import torch
 
 from dreamblend_ray.config import LayerSelection
 from dreamblend_ray.embedded import grow
+from dreamblend_ray.embedded.train import build_models
 from dreamblend_ray.method.attention import cross_attention_layers, select_layers
-from dreamblend_ray.models.components import load_components
 
 
 @pytest.fixture(scope="module")
 def unets():
-    old = load_components("embedded").unet
-    if "DownBlock2D" not in old.config.down_block_types:
-        pytest.skip("the shipped embedded UNet is already grown")
+    """The embedded UNet as it was before growing (its architecture, seeded weights with every
+    output projection perturbed, so that no zero elsewhere hides a difference) and its grown copy."""
+    old = build_models(seed=0)[1].eval()
+    with torch.no_grad():
+        for name, parameter in old.named_parameters():
+            if "proj_out" in name or "conv_out" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
     return old, grow.grow_unet(old)
 
 
@@ -94,3 +98,27 @@ def test_grown_config_names_cross_attention_blocks_everywhere():
     assert grown["down_block_types"] == ("CrossAttnDownBlock2D",) * 2
     assert grown["up_block_types"] == ("CrossAttnUpBlock2D",) * 2
     assert "_class_name" not in grown and grown["block_out_channels"] == (32, 64)
+
+
+@pytest.mark.slow
+def test_grow_from_writes_a_grown_model_with_checkpoints(tmp_path):
+    import json
+
+    from dreamblend_ray.embedded.train import TrainConfig, train, train_grown
+    from dreamblend_ray.models.components import load_components
+
+    threads = torch.get_num_threads()
+    try:
+        base = train(tmp_path / "base", TrainConfig(scenes=64, vae_steps=2, vae_batch=4, unet_steps=2, batch=4,
+                                                    decoder_steps=2, decoder_scenes=64, compose_steps=0, threads=1))
+        stage = TrainConfig(compose_steps=2, compose_scenes=64, batch=4, checkpoint_every=1, threads=1)
+        out = train_grown(tmp_path / "grown", stage, grow_from=base)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    grown = load_components(str(out))
+    assert grown.unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert any(grown.unet.down_blocks[0].attentions[0].proj_out.weight.flatten() != 0)
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["grown_from"] == str(base) and meta["compose_steps_done"] == 2
+    assert meta["config"]["scenes"] == 64  # the base run's record is kept
