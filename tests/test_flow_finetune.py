@@ -110,3 +110,14 @@ def test_lora_targets_default_to_the_scripts_for_transformers(bases):
         bases["tiny-flux"].model_family.lora_target_modules
     custom = FinetuneConfig(target_modules=("to_q",))
     assert lora_targets(bases["tiny-sd3"].transformer, custom) == ("to_q",)
+
+
+def test_the_frozen_base_trains_in_the_autocast_dtype_on_gpus_for_flow_families(bases):
+    from dreamblend_ray.training.finetune import frozen_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    bf16 = FinetuneConfig(mixed_precision="bf16")
+    assert frozen_dtype(bases["tiny-flux"], cuda, bf16) == torch.bfloat16  # as the scripts' weight_dtype
+    assert frozen_dtype(bases["tiny-sd3"], cuda, FinetuneConfig(mixed_precision="fp16")) == torch.float16
+    assert frozen_dtype(bases["tiny-flux"], cpu, bf16) is None  # CPU trains in fp32
+    assert frozen_dtype(build_tiny_components(name="tiny"), cuda, bf16) is None  # UNet families keep fp32

@@ -553,7 +553,16 @@ def _resolve_base(base: Components | str, config: FinetuneConfig) -> Components:
         return base
     if not isinstance(base, str):
         raise ValueError(f"base must be a Components object or a base name/URI, got {type(base).__name__}")
-    return load_components(base, device=select_device(config.device))
+    device = select_device(config.device)
+    components = load_components(base, device="cpu")
+    return components.to(device, frozen_dtype(components, device, config))
+
+
+def frozen_dtype(components: Components, device: torch.device, config: FinetuneConfig) -> torch.dtype | None:
+    """The dtype of the frozen base while training: the autocast dtype for a flow-matching family
+    (Flux, SD3: their scripts' ``weight_dtype``; a 12B transformer does not fit a GPU in fp32
+    beside its activations), None (stay fp32) otherwise. The trained LoRA weights are fp32 either way."""
+    return precision(device, config) if components.model_family.flow_matching else None
 
 
 def training_resolution(components: Components, config: FinetuneConfig) -> int:
