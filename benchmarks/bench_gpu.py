@@ -270,7 +270,7 @@ def flow_text_encoders(shrink: int, t5_width: int):
     """Two-layer CLIP-L-, CLIP-G- and T5-XXL-shaped encoders (real output widths unless shrunk)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from dreamblend_ray.models.flux import tiny_t5
+    from dreamblend_ray.models.flow_family import tiny_t5
     from dreamblend_ray.models.tokenizers import build_t5_tokenizer
 
     words = "a photo of sks dog on the beach in snow wearing red hat".split()

@@ -143,3 +143,15 @@ def test_the_replicas_continuous_batch_serves_flow_rows_as_they_are_served_alone
         served = np.asarray(Image.open(io.BytesIO(output.pngs[0])).convert("RGB")).astype(int)
         static = model._sample(LoadedPair(job.model_id, model), [job], None)[0].pngs[0]
         assert np.abs(served - np.asarray(Image.open(io.BytesIO(static)).convert("RGB")).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_choose_pair_by_attention_on_a_flow_subject(kind, roots):
+    from dreamblend_ray.evaluation.collapse import choose_pair_by_attention, probe_checkpoints
+
+    components = load_components(kind)
+    probe = probe_checkpoints(str(roots[kind]), "rex", components, ["a sks dog in the jungle"], [0], steps=2)
+    assert [row["step"] for row in probe["rows"]] == [1, 2]
+    assert not getattr(components.transformer, "peft_config", None)  # the probe unloads what it loaded
+    choice = choose_pair_by_attention(probe["rows"], probe["base"], default=(1, 2))
+    assert choice["edit_step"] == 2 and choice["guidance_step"] in (1, 2)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.method.flow_rows import FlowRowEngine, row_engine

@@ -7,7 +7,7 @@ import shlex
 import pytest
 import yaml
 
-from test_k8s import (K8S, REPO, _one, _strip_sdxl_changes, app_of, crds_or_skip, entrypoint, flag, gpu_groups, gpus,
+from test_k8s import (K8S, REPO, _one, _strip_sdxl_changes, app_of, crds_or_skip, flag, gpu_groups, gpus,
                       manifests, parse_job_argv, vm)  # noqa: F401 - manifests is a fixture
 
 FLUX = K8S / "overlays" / "flux"

@@ -90,6 +90,7 @@ class AttentionStore:
     keep_graph: bool = False
     stop_after: str | None = None
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_length: int = 0  # Flux's single-stream blocks: the text tokens leading their one sequence
 
     def record(self, name: str, probs: torch.Tensor, heads: int) -> None:
         batch_heads, pixels, tokens = probs.shape

@@ -154,7 +154,7 @@ class JointRecordingProcessor:
 
     def record(self, store, attn, hidden_states, encoder_hidden_states, rotary) -> None:
         query, text_key, image_key = project(attn, hidden_states, encoder_hidden_states, rotary,
-                                             getattr(store, "text_length", 0))
+                                             store.text_length)
         logits = image_text_logits(query, text_key)
         lse = image_key_logsumexp(query, image_key) if self.normalisation == "joint" else None
         maps = text_maps(logits.float(), self.normalisation, None if lse is None else lse.float())

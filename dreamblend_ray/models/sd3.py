@@ -22,12 +22,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from dreamblend_ray.models import flux, sd
+from dreamblend_ray.models import sd
 from dreamblend_ray.models.families import TextEmbedding, register, register_builtin, tokenize
+from dreamblend_ray.models.flow_family import FlowFamily, tiny_t5, tiny_vae
 from dreamblend_ray.models.tokenizers import TINY_WORDS, build_t5_tokenizer, build_tokenizer
 
 
-class StableDiffusion3(flux.FlowFamily):
+class StableDiffusion3(FlowFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
@@ -119,10 +120,10 @@ def build_tiny(seed: int = 0) -> dict:
         sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=4,
         pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
-    return {"transformer": transformer, "vae": flux.tiny_vae(4, 0.0609, 1.5305),
+    return {"transformer": transformer, "vae": tiny_vae(4, 0.0609, 1.5305),
             "text_encoder": sd.tiny_text_encoder(tokenizers[0], with_projection=True), "tokenizer": tokenizers[0],
             "text_encoder_2": sd.tiny_text_encoder(tokenizers[1], hidden_act="gelu", with_projection=True),
-            "tokenizer_2": tokenizers[1], "text_encoder_3": flux.tiny_t5(tokenizer_3, d_model=64),
+            "tokenizer_2": tokenizers[1], "text_encoder_3": tiny_t5(tokenizer_3, d_model=64),
             "tokenizer_3": tokenizer_3, "scheduler": scheduler()}
 
 
