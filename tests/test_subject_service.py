@@ -208,6 +208,24 @@ def test_the_scheduler_dying_mid_training_loses_nothing(service):
     assert service["client"].delete("/v1/subjects/lazarus").status_code == 204
 
 
+def test_the_serve_app_restarted_mid_training_loses_nothing(service):
+    """serve.delete and a new deployment while a subject trains: the scheduler (detached, state in
+    storage) keeps the training; the new app answers for it and it ends ready."""
+    from ray import serve
+
+    from dreamblend_ray.serving.app import build_app
+
+    create(service, "atlas", steps="120")
+    wait_for(service, "atlas", statuses=(), until=lambda b: (b.get("progress") or {}).get("step", 0) >= 10)
+    serve.delete("dreamblend")
+    serve.run(build_app(service["args"]), name="dreamblend", route_prefix="/")
+    done = wait_for(service, "atlas")
+    assert done["status"] == "ready", done
+    assert service["client"].post("/v1/generate", json={"subject_id": "atlas", "prompt": "a sks ball",
+                                                        "num_inference_steps": 2}).status_code == 200
+    assert service["client"].delete("/v1/subjects/atlas").status_code == 204
+
+
 def test_delete_while_training_stops_it_and_erases_everything(service):
     client = service["client"]
     create(service, "ghost", steps="300")

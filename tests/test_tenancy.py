@@ -285,3 +285,29 @@ def test_serve_refuses_auth_off_on_a_public_address():
         check_exposure(AppArgs(), "0.0.0.0")
     check_exposure(AppArgs(allow_insecure=True), "0.0.0.0")
     check_exposure(AppArgs(auth_enabled=True), "0.0.0.0")
+
+
+def test_json_creates_read_only_allowed_sources(service, tmp_path):
+    """image_uris: storage URIs under the service's own root (the default allow-list), never a
+    server file, a path that climbs out, or a URL to a private or loopback host."""
+    acme = as_("acme", service["url"])
+    inside = storage.join(service["root"], "uploads", "a.png")
+    storage.write_bytes(inside, png((10, 200, 10)))
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png((10, 200, 10)))
+    ok = acme.post("/v1/subjects", json={"class_noun": "dog", "subject_id": "from-uri", "image_uris": [inside]})
+    assert ok.status_code == 202, ok.text
+    refused = {
+        "a server file": "/etc/passwd",
+        "a file outside the root": str(outside),
+        "a climb out of the root": service["root"] + "/uploads/../../outside.png",
+        "a loopback URL": "http://127.0.0.1:8000/v1/subjects",
+        "a metadata URL": "http://169.254.169.254/latest/meta-data/",
+        "a public host not allow-listed": "https://example.com/dog.png",
+        "nothing there": storage.join(service["root"], "uploads", "missing.png"),
+    }
+    for what, uri in refused.items():
+        response = acme.post("/v1/subjects", json={"class_noun": "dog", "subject_id": "bad-uri", "image_uris": [uri]})
+        assert response.status_code == 422 and "image_uris[0]" in response.text, (what, response.text)
+        assert "passwd" not in response.text and "meta-data" not in response.text  # the path is not echoed
+    assert acme.get("/v1/subjects/bad-uri").status_code == 404

@@ -85,6 +85,7 @@ class SubjectScheduler:
         self.erasures: list[Owner] = []  # deletions a dead scheduler left half done
         self.last_sweep = 0.0
         self._loop: asyncio.Task | None = None
+        self._delivery: asyncio.Task | None = None
         self._reserving = asyncio.Lock()
         self._recover()
 
@@ -131,10 +132,21 @@ class SubjectScheduler:
         return self._save(records.transition(record, "queued"))
 
     async def start(self) -> bool:
-        """Start the periodic loop (idempotent); True once running."""
+        """Start the periodic loops (idempotent); True once running. Webhooks have a loop of their
+        own, so a slow or dead receiver never holds up admissions, cancels or deletes."""
         if self._loop is None or self._loop.done():
             self._loop = asyncio.get_running_loop().create_task(self._run())
+        if self._delivery is None or self._delivery.done():
+            self._delivery = asyncio.get_running_loop().create_task(self._deliver_forever())
         return True
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self._deliver)
+            except Exception:  # noqa: BLE001 - the loop must survive any one bad pass
+                logger.exception("webhook delivery pass failed")
+            await asyncio.sleep(self.settings.tick_s)
 
     async def _run(self) -> None:
         while True:
@@ -153,7 +165,6 @@ class SubjectScheduler:
         await self._reap_jobs()
         self._admit()
         self._admit_jobs()
-        await asyncio.to_thread(self._deliver)
         if time.time() - self.last_sweep >= self.settings.retention_sweep_s:
             self.last_sweep = time.time()
             await self.sweep_retention()
