@@ -122,3 +122,11 @@ def test_grow_from_writes_a_grown_model_with_checkpoints(tmp_path):
     meta = json.loads((out / "training.json").read_text())
     assert meta["grown_from"] == str(base) and meta["compose_steps_done"] == 2
     assert meta["config"]["scenes"] == 64  # the base run's record is kept
+
+
+def test_the_shipped_embedded_model_is_grown():
+    from dreamblend_ray.models.components import load_components
+
+    unet = load_components("embedded").unet
+    assert 16 in {layer.resolution for layer in cross_attention_layers(unet)}
+    assert unet.down_blocks[0].attentions[0].proj_out.weight.abs().max() > 0  # trained, not fresh
