@@ -78,7 +78,20 @@ def test_demo_prompts_add_a_second_object_by_default():
 
 
 @pytest.mark.parametrize("field, value", [("context", "sky"), ("contexts_per_subject", 0),
-                                          ("guidance_fraction", 1.5)])
+                                          ("guidance_fraction", 1.5), ("method", "dora"),
+                                          ("learning_rate", 2.0)])
 def test_demo_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         DemoConfig(**{field: value})
+
+
+def test_demo_fine_tunes_with_lora_by_default_and_keeps_the_full_recipe():
+    from dreamblend_ray.demo import finetune_config
+    from dreamblend_ray.embedded.subjects import SUBJECTS
+
+    lora = finetune_config(DemoConfig(), SUBJECTS)
+    assert (lora.method, lora.learning_rate, lora.rank) == ("lora", 2e-3, 16)
+    assert "to_q" in lora.target_modules  # every attention projection, the grown 16x16 level's too
+    full = finetune_config(DemoConfig(method="full"), SUBJECTS)
+    assert (full.method, full.learning_rate) == ("full", 3e-4)
+    assert finetune_config(DemoConfig(learning_rate=1e-3), SUBJECTS).learning_rate == 1e-3

@@ -16,6 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="embedded", help="base model (default: the embedded model)")
     parser.add_argument("--subjects", nargs="*", default=[], help="demo subject ids (default: all)")
     parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per subject")
+    parser.add_argument("--method", choices=("lora", "full"), default=None,
+                        help="fine-tune recipe: LoRA on every attention projection (default) or the "
+                             "full UNet (the earlier recipe)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="fine-tune learning rate (default: the method's, 2e-3 LoRA / 3e-4 full)")
     parser.add_argument("--alpha", type=float, default=None, help="DreamBlend strength")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps per image")
 
@@ -39,7 +44,8 @@ def log_dir(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
 
     values = {"out": args.out, "base": args.base, "subjects": tuple(args.subjects)}
-    for name, key in (("finetune_steps", "finetune_steps"), ("alpha", "alpha"), ("steps", "steps"),
+    for name, key in (("finetune_steps", "finetune_steps"), ("method", "method"), ("lr", "learning_rate"),
+                      ("alpha", "alpha"), ("steps", "steps"),
                       ("context", "context"), ("contexts", "contexts_per_subject"),
                       ("attention_maps", "attention_maps"), ("attention_probe", "attention_probe")):
         if getattr(args, name) is not None:
