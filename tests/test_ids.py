@@ -29,11 +29,14 @@ def test_run_id_class_noun_and_token_with_a_control_tail_are_refused(tail):
 
 @pytest.mark.parametrize("tail", TAILS)
 def test_model_id_with_a_control_tail_is_refused(tail):
-    assert serving.parse_model_id("alpha@g2") == ("alpha", 2, None)
+    assert serving.parse_model_id("alpha@g2") == ("default", "alpha", 2, None)
+    assert serving.parse_model_id("acme~alpha@g2") == ("acme", "alpha", 2, None)
     with pytest.raises(ValueError):
         serving.parse_model_id("alpha" + tail)
     with pytest.raises(ValueError):
         serving.parse_model_id("alpha" + tail + "@g2")
+    with pytest.raises(ValueError):
+        serving.parse_model_id("acme" + tail + "~alpha")
 
 
 def test_manifest_config_hash_with_a_newline_is_refused():

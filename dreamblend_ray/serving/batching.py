@@ -103,9 +103,10 @@ def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[J
     extra = {"track_distance": True} if config.attention_maps else {}  # the report's distance curve
     result = sampler.sample(pair, prompts, seeds, config, negative_prompts=negatives, callback=callback, **extra)
     distances = _mean_distances(result.attention_distance, len(prompts))
-    components = sampler.components
-    attention = (attention_entries(result, prompts, seeds, *components.model_family.map_tokens(components))
-                 if config.attention_maps else None)
+    attention = None
+    if config.attention_maps:
+        components = sampler.components
+        attention = attention_entries(result, prompts, seeds, *components.model_family.map_tokens(components))
     out, start = [], 0
     for job in jobs:
         stop = start + len(job.prompts)
