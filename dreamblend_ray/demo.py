@@ -81,7 +81,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 30
     guidance_scale: float = 3.0
-    alpha: float = 0.5
+    alpha: float = 0.25  # with LoRA E, 0.5 smears colour (docs/embedded.md, the grown base)
     guidance_fraction: float = 0.6  # guide the first 60% of the steps (K = 18 of 30)
     actors: int = 2
     port: int = 0
