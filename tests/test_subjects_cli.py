@@ -225,7 +225,7 @@ def test_wait_exits_nonzero_when_the_training_does_not_end_ready(fake, photos, c
         code = run_cli("create", "--url", fake.url, "--images", str(photos[0]), "--class-noun", "dog", "--wait")
     assert code == exit_codes.FAILED
     assert json.loads(capsys.readouterr().out)["status"] == final
-    assert caplog.messages == [f"subject rex ended {final}" + (f": {error}" if error else "")]
+    assert errors(caplog) == [f"subject rex ended {final}" + (f": {error}" if error else "")]
 
 
 UPLOAD_RULE = {"detail": [{"loc": ["body", "images"], "msg": "tiny.png: it is 8x8 pixels; the shorter side must "
@@ -249,7 +249,7 @@ def test_the_service_errors_are_one_line_and_an_exit_code(fake, photos, capsys, 
     fake.script("POST", "/v1/subjects", (status, body))
     with caplog.at_level(logging.ERROR):
         assert run_cli("create", "--url", fake.url, "--images", str(photos[0]), "--class-noun", "dog") == code
-    assert caplog.messages == [line]
+    assert errors(caplog) == [line]
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
 
@@ -258,14 +258,14 @@ def test_a_wrong_key_and_an_unreachable_service(fake, caplog, monkeypatch):
     monkeypatch.setenv("DREAMBLEND_API_KEY", "wrong")
     with caplog.at_level(logging.ERROR):
         assert run_cli("list", "--url", fake.url) == exit_codes.USAGE
-    assert caplog.messages == ["HTTP 401: missing or invalid API key"]
+    assert errors(caplog) == ["HTTP 401: missing or invalid API key"]
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         assert run_cli("status", "rex", "--url", f"http://127.0.0.1:{port}") == exit_codes.FAILED
-    (message,) = caplog.messages
+    (message,) = errors(caplog)
     assert message.startswith(f"cannot reach http://127.0.0.1:{port}") and "\n" not in message
 
 
@@ -310,7 +310,7 @@ def test_delete_asks_unless_yes_and_a_missing_subject_is_an_error(fake, caplog, 
     fake.script("DELETE", "/v1/subjects/gone", (404, {"detail": "subject 'gone' not found"}))
     with caplog.at_level(logging.ERROR):
         assert run_cli("delete", "gone", "--url", fake.url, "-y") == exit_codes.USAGE
-    assert caplog.messages == ["HTTP 404: subject 'gone' not found"]
+    assert errors(caplog) == ["HTTP 404: subject 'gone' not found"]
 
 
 def test_subject_ids_are_quoted_into_the_path(fake, capsys):
@@ -329,6 +329,12 @@ def test_the_multipart_body_has_the_length_it_announces(tmp_path):
 
 
 # ------------------------------------------------------------------------------ (b) the real routes
+
+
+def errors(caplog) -> list[str]:
+    """The ERROR lines logged during the test (INFO lines of other loggers may be captured too,
+    depending on what configured logging before this test)."""
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 def png_file(path, size, color=(200, 30, 30)):
@@ -378,14 +384,14 @@ def test_the_real_routes_accept_the_streamed_upload_and_store_the_images(served,
     with caplog.at_level(logging.ERROR):  # the same id again: the service's 409, as one line
         assert run_cli("create", "--url", url, "--images", str(folder), "--class-noun", "dog",
                        "--subject-id", "rex") == exit_codes.USAGE
-    assert caplog.messages == ["HTTP 409: subject 'rex' already exists"]
+    assert errors(caplog) == ["HTTP 409: subject 'rex' already exists"]
 
     assert run_cli("delete", "rex", "--url", url, "--yes") == 0
     assert not os.path.exists(os.path.join(root, "subjects", "rex"))
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         assert run_cli("status", "rex", "--url", url) == exit_codes.USAGE
-    assert caplog.messages == ["HTTP 404: subject 'rex' not found"]
+    assert errors(caplog) == ["HTTP 404: subject 'rex' not found"]
 
 
 @pytest.mark.parametrize("make, rule", [
@@ -401,7 +407,7 @@ def test_the_real_routes_refusals_name_the_file_and_the_rule(served, tmp_path, c
     with caplog.at_level(logging.ERROR):
         assert run_cli("create", "--url", url, "--images", str(folder), "--class-noun", "dog",
                        "--subject-id", "bad") == exit_codes.USAGE
-    (message,) = caplog.messages
+    (message,) = errors(caplog)
     assert message.startswith("HTTP 422: images: ") and message.endswith(rule), message
     assert not os.path.exists(os.path.join(root, "subjects", "bad"))
 
@@ -414,5 +420,5 @@ def test_the_real_routes_too_large_upload_is_a_413(served, tmp_path, caplog):
         Image.frombytes("RGB", (200, 170), os.urandom(200 * 170 * 3)).save(folder / f"{k}.png")
     with caplog.at_level(logging.ERROR):
         assert run_cli("create", "--url", url, "--images", str(folder), "--class-noun", "dog") == exit_codes.USAGE
-    (message,) = caplog.messages
+    (message,) = errors(caplog)
     assert message.startswith("HTTP 413: "), message
