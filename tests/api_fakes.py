@@ -65,6 +65,11 @@ class RecordingBackend:
     async def model_health(self):
         return {"replica": "r1", "loaded_models": ["dog"]}
 
+    async def model_status(self):
+        return {"replica": "r1", "family": "sd1", "batching": "continuous", "queue_depth": 2, "active_rows": 3,
+                "rows_per_step": 2.5, "max_rows_per_step": 4, "recent_steps": 10, "step_ms": 12.5,
+                "guided_share": 0.4, "last_step_at": 1.0, "loaded_models": ["dog", "acme~cat@g2,e4"]}
+
 
 def read_manifest(subject_id, tenant="default"):
     """The store: the SUBJECT_IDS exist ("dog" is MANIFEST, the others the same under their id)."""

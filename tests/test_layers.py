@@ -25,6 +25,7 @@ HEAVY = {"torch", "diffusers", "transformers", "peft", "ray", "pyarrow", "accele
 
 # Bottom to top. A module's layer is that of its longest matching prefix.
 LAYERS = [
+    ("observability",),  # request context, log formats, the metric catalog: standard library only at import
     ("__init__", "dtypes", "runtime", "io", "method.guidance"),  # no package imports (guidance: pure maths)
     ("config",),
     ("models",),

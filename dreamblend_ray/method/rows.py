@@ -22,6 +22,7 @@ images) or two full UNets go through ``DreamBlendSampler`` instead (``SamplingCo
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -90,6 +91,22 @@ class Row:
         return self.embeds.shape[0]
 
 
+@dataclass
+class StepStats:
+    """What one :meth:`RowEngine.step` did: images per UNet call (CFG halves not counted twice) and
+    its wall time split into the guidance part (G's passes, the steering gradient, G's share of a
+    co-batched call, apportioned by rows) and the plain part (E's pass). On a GPU the parts are host
+    times; the step's total is exact once the step's results are read."""
+
+    calls: list[int] = field(default_factory=list)
+    guidance_s: float = 0.0
+    plain_s: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.guidance_s + self.plain_s
+
+
 class RowEngine:
     """Advances rows of any subjects, each at its own step. Not thread-safe per base UNet.
 
@@ -112,6 +129,7 @@ class RowEngine:
         self._timesteps_cache: dict[int, list[int]] = {}
         self._layers_cache: dict = {}
         self.recorder = Recorder()
+        self.last_step = StepStats()  # filled by every step (the replica's metrics read it)
 
     # ------------------------------------------------------------------ rows in
 
@@ -188,6 +206,8 @@ class RowEngine:
             raise ValueError("rows of one step must share a row_key (latent size, CFG, guidance layers)")
         guided = [row for row in rows if row.guided(row.index)]
         ahead = [row for row in rows if self.co_batch and row.guided(row.index + 1)]
+        stats = self.last_step = StepStats()
+        clock = time.perf_counter()
         with ExitStack() as stack:
             layers = None
             if guided or ahead:
@@ -196,9 +216,16 @@ class RowEngine:
             behind = [row for row in guided if row.g_index != row.index]
             if behind:  # G's step i not computed ahead (a row's first guided step, or no co_batch)
                 self._guidance_pass(behind, [row.index for row in behind])
+                stats.calls.append(len(behind))
             if guided:
                 self._steer(guided, layers[-1].name)
+                stats.calls.append(len(guided))
+            stats.guidance_s, clock = time.perf_counter() - clock, time.perf_counter()
             self._edit_pass(rows, guided, ahead)
+        edit_s, wide = time.perf_counter() - clock, len(rows) + len(ahead)
+        stats.calls.append(wide)
+        stats.guidance_s += edit_s * len(ahead) / wide
+        stats.plain_s = edit_s * len(rows) / wide
         for row in rows:
             row.index += 1
         return [row for row in rows if row.done]

@@ -34,6 +34,8 @@ import time
 import uuid
 from pathlib import Path
 
+from dreamblend_ray.observability import logs
+
 logger = logging.getLogger(__name__)
 
 GRACE_ENV = "DREAMBLEND_GRACE_PERIOD_S"
@@ -47,7 +49,6 @@ CONSOLE_PACKAGES = ("dreamblend_ray", "dreamblend")
 # Library warnings that are not about the user's input (Python warnings: deprecations and the like;
 # Ray's note that a local cluster uses token authentication).
 FILE_ONLY_LOGGERS = ("py.warnings", "ray._private.authentication")
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 RAY_DATA_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"
 
 
@@ -102,12 +103,16 @@ class ConsoleHandler(logging.StreamHandler):
 
 
 def setup_logging(command: str, *, level: str = "INFO", verbose: bool = False, log_file: str | None = None,
-                  log_dir: str | None = None) -> Path:
+                  log_dir: str | None = None, log_format: str = "text") -> Path:
     """Console and log-file handlers on the root logger (replacing any); returns the file's path.
+
+    ``log_format`` "json" writes both as one JSON object per line (``observability.logs``); every
+    line carries the request id, tenant and route of its context when it has them.
 
     Loggers that libraries configure with their own console handlers (Ray, Ray Serve, uvicorn)
     are routed through the root logger's handlers instead.
     """
+    chosen = logs.formatter(log_format)  # ValueError for an unknown format, before any handler changes
     path = Path(log_file) if log_file else default_log_path(command, log_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -120,7 +125,8 @@ def setup_logging(command: str, *, level: str = "INFO", verbose: bool = False, l
     for handler in (to_file, console):
         handler.dreamblend = True
         handler.setLevel(level)
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.addFilter(logs.ContextFilter())
+        handler.setFormatter(chosen)
         root.addHandler(handler)
     logging.captureWarnings(True)
     os.environ.setdefault(RAY_DATA_CONFIG_ENV, str(Path(__file__).parents[1] / "data" / "ray_data_logging.yaml"))
@@ -438,6 +444,9 @@ def add_arguments(parser) -> None:
     group.add_argument("--log-file", default=None,
                        help="the full log (default: the command's output folder/dreamblend.log where it "
                             f"has a local one, else ${LOG_DIR_ENV} or ~/.cache/dreamblend/logs/)")
+    group.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="text (default) or json: one JSON object per line (time, level, logger, message, "
+                            "request_id, route, status, latency_ms, tenant) on the console and in the log file")
     group.add_argument("--grace-period", type=float, default=None, metavar="SECONDS",
                        help="how long a SIGTERM/SIGINT shutdown may take: in-flight work finishes, then "
                             f"Ray stops (default ${GRACE_ENV} or {DEFAULT_GRACE_S:g})")
@@ -447,7 +456,7 @@ def main(command: str, args, body, log_dir: str | None = None) -> int:
     """A command's or job script's life: logging set up from ``args`` (see :func:`add_arguments`),
     then ``body()`` under :func:`run_command`."""
     setup_logging(command, level=getattr(args, "log_level", "INFO"), verbose=args.verbose,
-                  log_file=args.log_file, log_dir=log_dir)
+                  log_file=args.log_file, log_dir=log_dir, log_format=getattr(args, "log_format", "text"))
     return run_command(body, args.grace_period)
 
 

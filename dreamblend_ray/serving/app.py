@@ -43,6 +43,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from dreamblend_ray.config import DEFAULT_TENANT, SamplingConfig
+from dreamblend_ray.observability import context, logs, metrics
 from dreamblend_ray.lifecycle.scheduler import scheduler_handle
 from dreamblend_ray.lifecycle.settings import ServiceSettings
 from dreamblend_ray.serving.subjects_api import ActorService
@@ -50,6 +51,7 @@ from dreamblend_ray.serving import batching, http
 from dreamblend_ray.training import layout
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
+from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, Overloaded, ReplicaUnavailable,
                                              SubjectNotFound)
 
@@ -181,11 +183,13 @@ class DreamBlendModel:
         from dreamblend_ray.method.sampler import DreamBlendSampler
 
         self.args = AppArgs.model_validate(args)
+        observe(self.args, "model")
         serving.check_storage_root(self.args.storage_root, cluster_node_count())
         device = select_device(self.args.device)
         self.components = load_components(self.args.base, device=device,
                                            dtype=select_dtype(device, self.args.dtype))
         self.sampler = DreamBlendSampler(self.components)
+        self.telemetry = ReplicaTelemetry(self.components.family)
         self.unet_lock = threading.RLock()  # re-entrant: a finaliser may run on a thread holding it
         self.model_lock = asyncio.Lock()
         self.materialised: dict[str, LoadedPair] = {}  # model id -> its pair on the UNet
@@ -211,12 +215,19 @@ class DreamBlendModel:
         handle = LoadedPair(model_id, self)
 
         def materialise():
+            start = time.perf_counter()
             files = handle.fetch()
             with self.unet_lock:
                 handle.ensure(files)
+            self.telemetry.loaded(time.perf_counter() - start, len(self.materialised))
 
         await asyncio.to_thread(materialise)
         return handle
+
+    async def _pair(self, model_id: str) -> LoadedPair:
+        """The model's pair through the multiplexed LRU, counted as a cache hit or miss."""
+        self.telemetry.cache(hit=model_id in self.materialised)
+        return await self.get_pair(model_id)
 
     def _continuous_batch(self):
         """The step-level batch of LoRA subjects' rows, unless the app asks for static batching or
@@ -231,7 +242,7 @@ class DreamBlendModel:
         except ValueError as exc:
             logger.warning("static batching: %s", exc)
             return None
-        return ContinuousBatch(engine, self.unet_lock, self.args.max_batch_size)
+        return ContinuousBatch(engine, self.unet_lock, self.args.max_batch_size, telemetry=self.telemetry)
 
     def adopt(self, handle: LoadedPair) -> None:
         """With the UNet lock held: ``handle``'s pair is loaded; count its adapters' users."""
@@ -252,6 +263,7 @@ class DreamBlendModel:
             checkpoints.remove_adapters(self.components.denoiser, unused)
         if self.materialised.get(handle.model_id) is handle:
             del self.materialised[handle.model_id]
+            self.telemetry.evicted(len(self.materialised))
 
     # ------------------------------------------------------------------ deletions
 
@@ -301,7 +313,12 @@ class DreamBlendModel:
     async def generate(self, job: GenerationJob) -> GenerationResult | Exception:
         """The job's result, or the client-facing exception as a value (raised by the ingress, so its
         type survives the trip instead of arriving wrapped in a RayTaskError)."""
+        with context.bound(request=job.request_id):
+            return await self._generate(job)
+
+    async def _generate(self, job: GenerationJob) -> GenerationResult | Exception:
         self._watch_deletions()
+        job.received_at = time.perf_counter()
         model = serving.parse_model_id(job.model_id)
         subject_id = model.subject_id
         if time.time() - self.deleted.get(model.owner, float("-inf")) < DELETED_MEMORY_S:
@@ -315,7 +332,7 @@ class DreamBlendModel:
         from dreamblend_ray.method.pair import AdapterPair
 
         try:
-            handle = await self.get_pair(job.model_id)  # may evict the LRU pair: pinned ones stay
+            handle = await self._pair(job.model_id)  # may evict the LRU pair: pinned ones stay
             pair = await asyncio.to_thread(handle.pin)
         except (SubjectNotFound, FieldError) as exc:
             return exc
@@ -341,6 +358,7 @@ class DreamBlendModel:
         loop = asyncio.get_running_loop()
         waiting = [loop.create_future() for _ in jobs]
         self.pending.extend(zip(jobs, waiting))
+        self.telemetry.queue("static", len(self.pending))
         while not all(future.done() for future in waiting):
             async with self.model_lock:
                 if not all(future.done() for future in waiting):
@@ -353,6 +371,7 @@ class DreamBlendModel:
         taken = [self.pending[i] for i in indices]
         for i in reversed(indices):
             del self.pending[i]
+        self.telemetry.queue("static", len(self.pending))
         group = [job for job, _ in taken]
         try:
             outputs = await self._run_group(group)
@@ -372,23 +391,38 @@ class DreamBlendModel:
         if not live:
             return [DeadlineExceeded("deadline passed while queued")] * len(jobs)
         deadline = max(job.deadline for job in live)
+        images = sum(len(job.prompts) for job in live)
+        last = [time.perf_counter()]
 
         def stop_when_late(step: int, total: int) -> None:
+            now = time.perf_counter()
+            self.telemetry.step("static", [images], now - last[0])
+            last[0] = now
             if time.time() > deadline:
                 raise DeadlineExceeded(f"deadline passed at step {step}/{total}")
 
-        handle = await self.get_pair(jobs[0].model_id)  # may evict the LRU pair: none is in use
-        outputs = await asyncio.to_thread(self._sample, handle, live, stop_when_late)
+        handle = await self._pair(jobs[0].model_id)  # may evict the LRU pair: none is in use
+        started = time.perf_counter()
+        for job in live:
+            self.telemetry.first_step("static", started - (job.received_at or started))
+        self.telemetry.rows("static", images)
+        last[0] = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(self._sample, handle, live, stop_when_late)
+        finally:
+            self.telemetry.rows("static", 0)
         loaded = self.loaded_models()
         self.batches += 1
         by_job = dict(zip(map(id, live), outputs))
-        images = sum(len(job.prompts) for job in live)
         results = []
         for job in jobs:
             if id(job) not in by_job:
                 results.append(DeadlineExceeded("deadline passed while queued"))
                 continue
             output = by_job[id(job)]
+            self.telemetry.images("static", len(output.pngs), serving.parse_model_id(job.model_id).tenant)
+            logger.info("%d image(s) in %.2f s, a sampler call of %d jobs (%d images)", len(output.pngs),
+                        output.seconds, len(live), images, extra={"request_id": job.request_id})
             results.append(GenerationResult(pngs=output.pngs, seeds=job.seeds, batch_requests=len(live),
                                             batch_images=images, replica=self.replica, loaded_models=loaded,
                                             sample_seconds=output.seconds, attention_distance=output.distances,
@@ -416,6 +450,13 @@ class DreamBlendModel:
                 "batching": "continuous" if self.continuous is not None else "static", "continuous_steps": steps,
                 "device": str(self.components.device), "peak_rss_mb": round(peak / 2**20, 1)}
 
+    async def status(self) -> dict:
+        """The status view's numbers for this replica: its batch (``ReplicaTelemetry.snapshot``),
+        batching mode, base family and loaded model ids (the ingress keeps the caller's own)."""
+        return {"replica": self.replica, "family": self.components.family,
+                "batching": "continuous" if self.continuous is not None else "static",
+                "loaded_models": self.loaded_models(), **self.telemetry.snapshot()}
+
     def check_health(self) -> None:
         """Serve's periodic health check of this replica (every health_check_period_s): raising
         makes Serve replace it. The deep check that Kubernetes probes must not make: the base
@@ -436,6 +477,7 @@ class DreamBlendIngress:
 
     def __init__(self, model: DeploymentHandle, args: dict):
         self.args = AppArgs.model_validate(args)
+        observe(self.args, "ingress")
         serving.check_storage_root(self.args.storage_root, cluster_node_count())
         self.model = model
         self.subjects = self._subject_service() if self.args.subjects_service else None
@@ -455,7 +497,7 @@ class DreamBlendIngress:
         return http.make_api(self.args, backend=self, read_manifest=serving.per_tenant(layout.read_manifest, root),
                              list_subjects=serving.per_tenant(layout.list_subject_ids, root),
                              read_collapse_plot=serving.per_tenant(serving.read_collapse_plot, root),
-                             subject_service=self.subjects)
+                             subject_service=self.subjects, behind_proxy=True)
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """The job's result. Generation is deterministic given the job's seeds, so a job whose replica
@@ -499,6 +541,16 @@ class DreamBlendIngress:
 
     async def model_health(self) -> dict:
         return await self.model.health.remote()
+
+    async def model_status(self) -> dict:
+        return await self.model.status.remote()
+
+
+def observe(args: AppArgs, component: str) -> None:
+    """A replica's logging (``args.log_format``, the request id on every line) and metrics switch."""
+    metrics.set_enabled(args.metrics)
+    path = logs.install_replica_logging(component, args.log_format)
+    logger.info("%s replica logs to %s", component, path)
 
 
 def build_app(args: AppArgs) -> Application:

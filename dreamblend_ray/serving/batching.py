@@ -37,6 +37,8 @@ class GenerationJob:
     config: SamplingConfig
     negative_prompts: list[str] | None = None
     deadline: float = float("inf")  # time.time() after which the result is no longer wanted
+    request_id: str | None = None  # the HTTP request's id (observability.context), for the replica's lines
+    received_at: float | None = None  # the replica's perf_counter when the job reached it
 
     @property
     def group_key(self) -> tuple[str, SamplingConfig]:

@@ -41,6 +41,7 @@ class Pending:
     rows: list[Row] = field(default_factory=list)
     pngs: dict[int, bytes] = field(default_factory=dict)
     started: float = 0.0
+    arrived: float = field(default_factory=time.perf_counter)
     peers: int = 0  # the most jobs that shared one of its steps
     peer_rows: int = 0
 
@@ -63,7 +64,7 @@ class Pending:
 class ContinuousBatch:
     """Step-level batching of row jobs on one replica. ``lock`` guards the UNet (a threading lock)."""
 
-    def __init__(self, engine: RowEngine, lock, max_requests: int):
+    def __init__(self, engine: RowEngine, lock, max_requests: int, telemetry=None):
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests}")
         self.engine = engine
@@ -72,12 +73,14 @@ class ContinuousBatch:
         self.waiting: list[Pending] = []
         self.active: list[Pending] = []
         self.steps = 0
+        self.telemetry = telemetry  # serving.telemetry.ReplicaTelemetry, or None
         self._task: asyncio.Task | None = None
 
     async def submit(self, job: GenerationJob, adapters: tuple[str, str]) -> tuple[JobOutput, int, int]:
         """Run ``job``'s rows; returns its output and the most jobs / rows that shared a step with it."""
         pending = Pending(job, adapters, asyncio.get_running_loop().create_future())
         self.waiting.append(pending)
+        self._report_queue()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop())
         output = await pending.future  # cancelled with the caller: the loop drops its rows
@@ -105,7 +108,12 @@ class ContinuousBatch:
             if self._key(head) != key:
                 break  # it waits for the active rows to drain; later arrivals wait behind it
             admitted.append(self.waiting.pop(0))
+        self._report_queue()
         return admitted
+
+    def _report_queue(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.queue("continuous", len(self.waiting))
 
     def _key(self, pending: Pending) -> tuple:
         return row_key(pending.job.config, self.engine.components)
@@ -121,6 +129,7 @@ class ContinuousBatch:
                 pending.peer_rows = max(pending.peer_rows, len(rows))
             finished = self.engine.step(rows)
             self.steps += 1
+            self._report_step(rows)
             if finished:
                 self._finish(finished)
 
@@ -147,6 +156,8 @@ class ContinuousBatch:
         for pending in jobs:
             pending.started = time.perf_counter()
             pending.rows = [row for row in rows if row.tag[0] is pending]
+            if self.telemetry is not None:
+                self.telemetry.first_step("continuous", pending.started - pending.arrived)
 
     def _finish(self, rows: list[Row]) -> None:
         """Decode the rows that finished this step; answer the jobs whose rows are all done."""
@@ -156,7 +167,19 @@ class ContinuousBatch:
         done = [pending for pending in self.active if pending.finished]
         self.active = [pending for pending in self.active if not pending.finished]
         for pending in done:
-            self._answer(pending, pending.output())
+            output = pending.output()
+            logger.info("%d image(s) in %.2f s, steps shared with up to %d jobs (%d images)", len(output.pngs),
+                        output.seconds, pending.peers, pending.peer_rows, extra={"request_id": pending.job.request_id})
+            if self.telemetry is not None:
+                self.telemetry.images("continuous", len(output.pngs), parse_model_id(pending.job.model_id).tenant)
+            self._answer(pending, output)
+
+    def _report_step(self, rows: list[Row]) -> None:
+        if self.telemetry is None:
+            return
+        stats = self.engine.last_step
+        self.telemetry.step("continuous", stats.calls, stats.seconds, stats.guidance_s)
+        self.telemetry.rows("continuous", sum(not row.done for row in rows))
 
     def _drop_gone(self, jobs: list[Pending]) -> None:
         """Remove (and answer) the jobs past their deadline or whose caller went away."""

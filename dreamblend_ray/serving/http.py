@@ -18,6 +18,7 @@ network without internet.
 
 import asyncio
 import base64
+import collections
 import logging
 import math
 import threading
@@ -38,7 +39,7 @@ from dreamblend_ray.io.storage import StorageError
 from dreamblend_ray.training.layout import base_name, tenant_root
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.lifecycle.scheduler import IdempotencyMismatch, QuotaExceeded, SubjectExists
-from dreamblend_ray.serving import subjects_api, tenants
+from dreamblend_ray.serving import access, subjects_api, tenants
 from dreamblend_ray.serving.quotas import QuotaLimiter
 from dreamblend_ray.lifecycle.audit import AuditLog
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
@@ -211,6 +212,47 @@ class Health(BaseModel):
         None, description="deep only: one model replica's id, loaded subjects, batches, device, peak RSS")
 
 
+class RecentLatency(BaseModel):
+    count: int = Field(description="generation requests answered in the window")
+    window_s: float = Field(description="seconds the window spans (the last 256 requests at most)")
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    errors: int = Field(0, description="of them, answered with a 4xx or 5xx")
+
+
+class StatusView(BaseModel):
+    """What the playground's status panel shows: one model replica's batch and this ingress's latencies."""
+
+    replica: str | None = None
+    family: str | None = None
+    batching: str | None = None
+    queue_depth: int | None = Field(None, description="jobs waiting to start sampling on the replica")
+    active_rows: int | None = Field(None, description="images being denoised right now")
+    rows_per_step: float | None = Field(None, description="mean images per UNet call over the recent steps")
+    max_rows_per_step: int | None = None
+    recent_steps: int | None = None
+    step_ms: float | None = Field(None, description="mean time of a recent denoising step")
+    guided_share: float | None = Field(None, description="the guidance part of recent denoising time (0..1)")
+    last_step_at: float | None = Field(None, description="Unix time of the replica's last step")
+    loaded_subjects: list[str] = Field(default_factory=list, description="the caller's subjects loaded there")
+    latency: RecentLatency
+
+
+def recent_latency(recent, now: float | None = None) -> RecentLatency:
+    """Percentiles of the ingress's recent generation latencies (``access.AccessMiddleware.recent``)."""
+    entries = list(recent)
+    if not entries:
+        return RecentLatency(count=0, window_s=0.0)
+    now = time.time() if now is None else now
+    ms = sorted(seconds * 1000 for _, _, seconds in entries)
+
+    def pick(q: float) -> float:
+        return round(ms[min(len(ms) - 1, int(q * len(ms)))], 1)
+
+    return RecentLatency(count=len(ms), window_s=round(now - entries[0][0], 1), p50_ms=pick(0.5),
+                         p95_ms=pick(0.95), errors=sum(status >= 400 for _, status, _ in entries))
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 
@@ -261,14 +303,17 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
         return _error(404, str(exc))
 
     async def replica_lost(request, exc: ReplicaUnavailable):  # a replacement replica loads the model first
+        access.reject(request, "replica_unavailable")
         return _error(503, "the model replica was lost and is being replaced, retry later",
                       {"Retry-After": str(REPLICA_RETRY_AFTER_S)})
 
     async def overloaded(request, exc: Overloaded):
+        access.reject(request, "overloaded")
         return _error(503, "the model cannot take the request now (overloaded or restarting), retry later", retry)
 
     async def storage_down(request, exc: StorageError):
         logger.error("storage unavailable: %s", exc)
+        access.reject(request, "storage_unavailable")
         return _error(503, "subject storage is unavailable, retry later", retry)
 
     async def deadline(request, exc: DeadlineExceeded):
@@ -281,6 +326,7 @@ def _install_error_handlers(api: FastAPI, args: AppArgs) -> None:
         principal = subjects_api.principal_of(request)
         subjects_api.audit_event(request, "quota.refused", detail={"quota": exc.quota})
         logger.info("429: quota %s of tenant %s", exc.quota, principal.tenant if principal else "default")
+        access.reject(request, "quota")
         return JSONResponse({"detail": str(exc), "quota": exc.quota}, status_code=429,
                             headers={"Retry-After": str(exc.retry_after_s)})
 
@@ -398,6 +444,7 @@ class AuthMiddleware:
         address = (scope.get("client") or ("?", 0))[0]
         wait = self.throttle.blocked(address)
         if wait > 0:
+            scope.setdefault("state", {})["reject_reason"] = "unauthorized_throttle"
             return await _error(429, "too many requests with a missing or invalid API key; retry later",
                                 {"Retry-After": str(max(1, int(wait + 0.999)))})(scope, receive, send)
         presented, conflict = tenants.presented_credentials(Headers(scope=scope))
@@ -594,11 +641,12 @@ def _add_playground(api: FastAPI) -> None:
 
 
 def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjects, read_collapse_plot,
-             subject_service: "subjects_api.SubjectsService | None" = None) -> FastAPI:
+             subject_service: "subjects_api.SubjectsService | None" = None, behind_proxy: bool = False) -> FastAPI:
     """The FastAPI app of the ingress. Blocking storage I/O, run in worker threads:
     ``read_manifest(subject_id) -> dict``, ``list_subjects(after, limit) -> list[str]`` (complete
     subjects, sorted, after the cursor) and ``read_collapse_plot(subject_id) -> bytes`` (a PNG;
-    FileNotFoundError when absent)."""
+    FileNotFoundError when absent). ``behind_proxy``: Serve's HTTP proxy returns the request id
+    (``serving/access.py``)."""
     from fastapi_offline import FastAPIOffline
 
     audit = AuditLog(args.storage_root)
@@ -626,7 +674,10 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
         api.add_middleware(AuthMiddleware, keys=key_source, throttle=tenants.FailureThrottle(
             limit=args.auth_failures_per_minute, window_s=60.0))  # added late: runs early
         _add_security(api)
-    api.add_middleware(SecurityHeadersMiddleware)  # added last: on every answer, the 401s included
+    api.add_middleware(SecurityHeadersMiddleware)  # on every answer, the 401s included
+    api.state.recent = collections.deque(maxlen=access.RECENT)  # the generation routes' last latencies
+    api.add_middleware(access.AccessMiddleware, recent=api.state.recent, echo_request_id=not behind_proxy,
+                       auth_enabled=args.auth_enabled)  # added last: outermost, sees every answer
     _add_playground(api)
     subject_path = Path(pattern=SUBJECT_ID_PATTERN.pattern, description="a subject id: [A-Za-z0-9_-], 1 to 64",
                         examples=["dog"])
@@ -650,6 +701,23 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
         model["loaded_models"] = [serving.model_id_for(m.subject_id, m.guidance_step, m.edit_step)
                                   for m in own if m.tenant == tenant]
         return Health(model=model)
+
+    @api.get("/v1/status", response_model=StatusView, summary="The batch at work: queue, rows per step, latencies",
+             responses=_responses(args, 401, 500, 503))
+    async def status(http_request: Request) -> StatusView:
+        """One model replica's queue depth, active rows, images per UNet call and step time over its
+        recent steps, the guidance share of that time, the caller's loaded subjects, and this
+        ingress's recent generation latencies (what the playground's status panel polls)."""
+        try:
+            model = await asyncio.wait_for(backend.model_status(), timeout=HEALTH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any failure of the replica is "unavailable"
+            logger.warning("status: the model replica did not answer: %r", exc)
+            return _error(503, "the model replica did not answer", {"Retry-After": "1"})
+        tenant = tenant_of(http_request)
+        own = [serving.parse_model_id(m) for m in model.pop("loaded_models", [])]
+        subjects = sorted({m.subject_id for m in own if m.tenant == tenant})
+        fields = {name: model.get(name) for name in StatusView.model_fields if name in model}
+        return StatusView(**fields, loaded_subjects=subjects, latency=recent_latency(api.state.recent))
 
     @api.get("/v1/subjects", response_model=SubjectList, summary="Complete subjects, a page at a time",
              responses=_responses(args, 401, 422, 500, 503))

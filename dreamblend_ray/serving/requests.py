@@ -36,6 +36,7 @@ from pydantic_core import PydanticCustomError
 from dreamblend_ray.config import (DEFAULT_TENANT, MAX_PROMPT_CHARS, MAX_SEED, SUBJECT_ID_PATTERN, TENANT_PATTERN,
                                    FieldType, SamplingConfig, Spec, field_type, spec, validate_tenant)
 from dreamblend_ray.dtypes import normalize_dtype
+from dreamblend_ray.observability import context
 from dreamblend_ray.io import storage
 from dreamblend_ray.training import layout
 from dreamblend_ray.training.layout import ManifestError
@@ -121,6 +122,12 @@ class AppArgs(BaseModel):
                                                      "replaced at the next check)")
     env_vars: dict[str, str] = Field(default_factory=dict,
                                      description="extra environment of both deployments' replicas")
+    # observability (docs/operations.md "Metrics", "Request ids and logs")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="the replicas' log lines: text, or json (one object per line: time, level, logger, "
+                            "message, request_id, route, status, latency_ms, tenant)")
+    metrics: bool = Field(True, description="record the dreamblend_* Prometheus metrics (off only to measure "
+                                            "their cost: benchmarks/bench_serve.py --metrics off)")
     # the subject service (docs/lifecycle.md): uploads, trainings on the cluster, webhooks, async jobs
     subjects_service: bool = Field(True, description="serve POST/DELETE /v1/subjects, cancel and /v1/jobs (a "
                                                      "scheduler actor per storage root runs the trainings)")
@@ -624,14 +631,16 @@ def sampling_config(request: GenerateRequest, args: AppArgs) -> SamplingConfig:
 
 def build_job(request: GenerateRequest, args: AppArgs, seed: int, now: float | None = None,
               tenant: str = DEFAULT_TENANT) -> GenerationJob:
-    """Expand a validated request into one (prompt, seed) per image; image k uses seed + k."""
+    """Expand a validated request into one (prompt, seed) per image; image k uses seed + k. The job
+    carries the context's request id."""
     prompts = [p for p in request.prompt_list for _ in range(request.num_images)]
     seeds = [(seed + k) % (MAX_SEED + 1) for k in range(len(prompts))]
     negatives = None if request.negative_prompt is None else [request.negative_prompt] * len(prompts)
     start = time.time() if now is None else now
     return GenerationJob(model_id=model_id_for(request.subject_id, request.guidance_step, request.edit_step, tenant),
                          prompts=prompts, seeds=seeds, config=sampling_config(request, args),
-                         negative_prompts=negatives, deadline=start + args.request_timeout_s)
+                         negative_prompts=negatives, deadline=start + args.request_timeout_s,
+                         request_id=context.current_request_id())
 
 
 def random_seed() -> int:
@@ -650,3 +659,6 @@ class Backend(Protocol):
 
     async def model_health(self) -> dict:
         """Health of one model replica."""
+
+    async def model_status(self) -> dict:
+        """One model replica's batch (``DreamBlendModel.status``)."""

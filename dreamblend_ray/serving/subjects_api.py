@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from dreamblend_ray.config import (CLASS_NOUN_PATTERN, DEFAULT_TENANT, SUBJECT_ID_PATTERN, TOKEN_PATTERN, FinetuneConfig,
                                    from_dict, to_dict)
 from dreamblend_ray.io import netguard, storage, uploads
+from dreamblend_ray.observability import context
 from dreamblend_ray.lifecycle import async_jobs, records, webhooks
 from dreamblend_ray.lifecycle.scheduler import QuotaExceeded
 from dreamblend_ray.training.layout import tenant_root
@@ -169,6 +170,11 @@ def charge(request: Request, images: int = 0) -> None:
                                            f"{refusal.retry_after_s} s", refusal.retry_after_s)
 
 
+def request_id_of(request: Request) -> str | None:
+    """The request's id as the access middleware accepted it (never the raw header)."""
+    return getattr(request.state, "request_id", None) or context.current_request_id()
+
+
 def audit_event(request: Request, action: str, target: str | None = None, detail: dict | None = None) -> None:
     """Append an audit event (tenant, key id, action, target, request id) in the background: an audit
     write never delays or fails the request (``lifecycle.audit``)."""
@@ -178,7 +184,7 @@ def audit_event(request: Request, action: str, target: str | None = None, detail
     principal = principal_of(request)
     tenant, key_id = (principal.tenant, principal.key_id) if principal is not None else (DEFAULT_TENANT, "-")
     threading.Thread(target=log.record, args=(action, tenant, key_id), daemon=True,
-                     kwargs={"target": target, "request_id": request.headers.get("x-request-id"),
+                     kwargs={"target": target, "request_id": request_id_of(request),
                              "detail": detail}).start()
 
 
@@ -382,7 +388,7 @@ def subject_record(args: AppArgs, fields: dict, config: FinetuneConfig, count: i
     return records.new_record(subject_id, fields["class_noun"], config.token, to_dict(config), args.base,
                               [records.image_name(i) for i in range(count)], webhook_url=fields.get("webhook_url"),
                               retention_days=fields.get("retention_days"),
-                              request_id=request.headers.get("x-request-id"), tenant=tenant_of(request),
+                              request_id=request_id_of(request), tenant=tenant_of(request),
                               max_concurrent=getattr(quotas, "concurrent_trainings", None))
 
 
@@ -626,7 +632,7 @@ def add_subject_routes(api: FastAPI, args: AppArgs, service: "SubjectsService | 
         own = tenant_root(root, tenant)
         for subject_id in sorted({r["subject_id"] for r in rows}):
             await asyncio.to_thread(require_ready, own, subject_id)
-        record = async_jobs.new_job(async_jobs.new_job_id(), rows, webhook_url, request.headers.get("x-request-id"),
+        record = async_jobs.new_job(async_jobs.new_job_id(), rows, webhook_url, request_id_of(request),
                                     tenant=tenant)
         await running().submit_job(record)
         audit_event(request, "job.create", record["id"], {"images": images})
