@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it changes; `dreamblend keys new --tenant T` makes an entry); turns auth on")
     parser.add_argument("--allow-insecure", action="store_true",
                         help="serve without auth on a non-loopback --host (refused otherwise)")
+    parser.add_argument("--metrics-port", dest="metrics_port", type=int, default=None,
+                        help="serve the local Ray cluster's Prometheus export (Ray's and the dreamblend_* metrics) "
+                             "on this port (default: a port Ray picks; ignored with --ray-address)")
     parser.add_argument("--ray-address", default=None,
                         help="connect to this Ray cluster instead of starting a local one")
 
@@ -81,6 +84,8 @@ def app_args(args: argparse.Namespace):
         values.update(keys_file=args.keys_file, auth_enabled=True)
     if args.allow_insecure:
         values["allow_insecure"] = True
+    if getattr(args, "log_format", None) == "json":
+        values["log_format"] = "json"
     try:
         return AppArgs.model_validate(values)
     except Exception as exc:  # pydantic.ValidationError -> the CLI's "bad input" path
@@ -111,7 +116,12 @@ def run(args: argparse.Namespace) -> int:
     check_exposure(settings, args.host)
     resolve_base(settings.base)  # fail fast on a bad --base
     key_source(settings)  # fail fast when --auth has no key, a weak one, or a bad keys file
-    lifecycle.init_ray(args.ray_address)
+    if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
+        raise ValueError(f"--metrics-port must be a port number (1-65535), got {args.metrics_port}")
+    local = {} if args.metrics_port is None else {"_metrics_export_port": args.metrics_port}
+    lifecycle.init_ray(args.ray_address, **local)
+    if args.metrics_port is not None:
+        logger.info("Prometheus metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
     try:
         root = resolve_local_root(settings.storage_root, cluster_node_count())  # ValueError on several nodes
         settings = settings.model_copy(update={"storage_root": root})

@@ -54,7 +54,9 @@ from dreamblend_ray.runtime import lifecycle
 from dreamblend_ray.jobs import run_records
 
 from dreamblend_ray.io import storage
-from dreamblend_ray.config import FinetuneConfig, from_dict, to_dict
+from dreamblend_ray.observability import metrics
+from dreamblend_ray.observability.metrics import failure_reason
+from dreamblend_ray.config import DEFAULT_TENANT, FinetuneConfig, from_dict, to_dict
 from dreamblend_ray.jobs.common import (TASK_RETRIES, JobResources, check_base, error_text, new_run_id, read_parquet,
                                        run_uri, write_parquet)
 from dreamblend_ray.jobs.manifests import SubjectSpec, apply_overrides, read_subjects
@@ -186,12 +188,16 @@ class FinetuneActor:
             config = from_dict(FinetuneConfig, json.loads(row["config"]))
             # With pair choice or the probe the images are read once here: training and scoring share them.
             images = [read_image(u) for u in uris] if self.pair_choice or self.probe else uris
+            metrics.get("trainings").inc(kind="job", state="training", tenant=DEFAULT_TENANT)
             manifest = finetune_subject(self.components, images, row["class_noun"], subject_id, self.output,
                                         config, progress=False)
+            metrics.get("trainings").inc(kind="job", state="ready", tenant=DEFAULT_TENANT)
             logger.info("subject %s: fine-tuned in %.1fs", subject_id, time.perf_counter() - start)
             return self.after_training(row, manifest, images, start)
         except Exception as exc:  # noqa: BLE001 - one bad subject must not stop the others
             logger.exception("subject %s failed", subject_id)
+            metrics.get("trainings").inc(kind="job", state="failed", tenant=DEFAULT_TENANT)
+            metrics.get("training_failures").inc(kind="job", reason=failure_reason(exc))
             return result_row(subject_id, "failed", self.output, time.perf_counter() - start,
                               error=error_text(exc))
 

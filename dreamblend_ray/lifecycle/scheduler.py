@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import asdict
 
+from dreamblend_ray.observability import metrics
 from dreamblend_ray.config import DEFAULT_TENANT
 from dreamblend_ray.io import storage
 from dreamblend_ray.io.netguard import NetPolicy
@@ -128,8 +129,9 @@ class SubjectScheduler:
         it when it has been restarted too often."""
         if record["attempts"] > self.settings.training_max_retries:
             return self._finish(record, "failed", error=f"training was interrupted {record['attempts']} times "
-                                                        "(its worker or the scheduler died); giving up")
-        return self._save(records.transition(record, "queued"))
+                                                        "(its worker or the scheduler died); giving up",
+                                reason="worker_died")
+        return self._entered(self._save(records.transition(record, "queued")))
 
     async def start(self) -> bool:
         """Start the periodic loops (idempotent); True once running. Webhooks have a loop of their
@@ -165,6 +167,7 @@ class SubjectScheduler:
         await self._reap_jobs()
         self._admit()
         self._admit_jobs()
+        self._report_active()
         if time.time() - self.last_sweep >= self.settings.retention_sweep_s:
             self.last_sweep = time.time()
             await self.sweep_retention()
@@ -183,7 +186,7 @@ class SubjectScheduler:
             if limit is not None and sum(t == owner[0] for t, _ in self.running) >= limit:
                 continue
             self.queue.remove(owner)
-            record = self._save(records.transition(record, "training"))
+            record = self._entered(self._save(records.transition(record, "training")))
             self._event(record, "subject.training")
             self.running[owner] = self._launch_training(owner)
             logger.info("subject %s of %s: training started (attempt %d)", owner[1], owner[0], record["attempts"])
@@ -207,13 +210,14 @@ class SubjectScheduler:
             del self.running[owner]
             try:
                 await ref
-                outcome, error = "ready", None
+                outcome, error, reason = "ready", None, None
             except Exception as exc:  # noqa: BLE001 - sorted into the record below
                 outcome, error = self._failure(owner, exc)
+                reason = metrics.failure_reason(getattr(exc, "cause", None) or exc)
             record = records.read_state(self.root_of(owner[0]), owner[1])
             if record is None or record.get("deleting") or record["status"] != "training":
                 continue
-            self._finish(record, outcome, error=error)
+            self._finish(record, outcome, error=error, reason=reason)
 
     def _failure(self, owner: Owner, exc: BaseException) -> tuple[str, str | None]:
         from ray.exceptions import TaskCancelledError, WorkerCrashedError
@@ -229,8 +233,10 @@ class SubjectScheduler:
         logger.error("subject %s of %s: training failed: %s", owner[1], owner[0], _error_text(exc))
         return "failed", f"training failed: {_error_text(cause)}"
 
-    def _finish(self, record: dict, status: str, error: str | None = None) -> dict:
-        record = self._save(records.transition(record, status, error=error))
+    def _finish(self, record: dict, status: str, error: str | None = None, reason: str | None = None) -> dict:
+        record = self._entered(self._save(records.transition(record, status, error=error)))
+        if status == "failed":
+            metrics.get("training_failures").inc(kind="service", reason=reason or "error")
         self._event(record, f"subject.{status}")
         logger.info("subject %s: %s%s", record["id"], status, f" ({error})" if error else "")
         return record
@@ -270,6 +276,7 @@ class SubjectScheduler:
         if record is None or record.get("deleting"):
             raise SubjectExists(f"subject {subject_id!r} was deleted while its images were stored")
         await asyncio.to_thread(self._save, {**record, "images": list(images), "uploading": False})
+        self._entered(record)
         self.queue.append((tenant, subject_id))
         self._admit()
         return await asyncio.to_thread(self.view, tenant, subject_id)
@@ -432,6 +439,15 @@ class SubjectScheduler:
             self._event(record, "job.completed", job=True)
 
     # ------------------------------------------------------------------ storage and webhooks
+
+    def _entered(self, record: dict) -> dict:
+        """Count a subject's move to its current state (``dreamblend_trainings``); returns it."""
+        metrics.get("trainings").inc(kind="service", state=record["status"], tenant=records.owner(record)[0])
+        return record
+
+    def _report_active(self) -> None:
+        metrics.get("trainings_active").set(len(self.queue), kind="service", state="queued")
+        metrics.get("trainings_active").set(len(self.running), kind="service", state="training")
 
     def _save(self, record: dict) -> dict:
         records.write_state(self.root_of(records.owner(record)[0]), record)

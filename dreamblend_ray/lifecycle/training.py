@@ -15,6 +15,7 @@ import time
 from dreamblend_ray.config import FinetuneConfig, from_dict
 from dreamblend_ray.io import storage
 from dreamblend_ray.lifecycle import records
+from dreamblend_ray.observability import context
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ class ProgressReporter:
 
 def run_training(root: str, subject_id: str, base: str, torch_threads: int = 1) -> dict:
     """Fine-tune a queued subject from its stored images; its manifest (``subject.json``) last."""
+    token = context.training_kind.set("service")  # this task's metrics are the service's (observability.catalog)
+    try:
+        return _train(root, subject_id, base, torch_threads)
+    finally:
+        context.training_kind.reset(token)  # the worker may run other tasks next
+
+
+def _train(root: str, subject_id: str, base: str, torch_threads: int) -> dict:
     import torch
 
     from dreamblend_ray.training.finetune import finetune_subject

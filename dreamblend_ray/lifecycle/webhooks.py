@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreamblend_ray.observability import metrics
 from dreamblend_ray.io import netguard, storage
 from dreamblend_ray.io.netguard import NetPolicy
 
@@ -261,8 +262,11 @@ class Outbox:
                 logger.warning("webhook %s could not be updated: %s", record.get("id"), exc)
                 outcome = "errors"
             counts[outcome] += 1
+            if outcome != "errors":
+                metrics.get("webhook_deliveries").inc(outcome=outcome)
             if outcome != "delivered":
                 held.add(record["url"])
+        metrics.get("webhook_backlog").set(len(queue) - counts["delivered"] - counts["dead"])
         return counts
 
     def _attempt(self, record: dict, now: float) -> str:

@@ -27,12 +27,12 @@ RAY_PREFIX = "ray_"
 
 # label values
 BATCHINGS = ("continuous", "static")
-REJECT_REASONS = ("rate_limited", "quota", "overloaded", "replica_unavailable", "storage_unavailable",
-                  "body_too_large", "unauthorized_throttle")
+REJECT_REASONS = ("quota", "unauthorized_throttle", "overloaded", "replica_unavailable", "storage_unavailable",
+                  "body_too_large")
 TRAINING_KINDS = ("job", "service")
-TRAINING_STATES = ("queued", "training", "ready", "failed", "cancelled")
-TRAINING_FAILURES = ("bad_input", "storage", "out_of_memory", "cancelled", "interrupted", "error")
-WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "refused")
+TRAINING_STATES = ("queued", "training", "ready", "failed", "canceled")  # the subject records' states
+TRAINING_FAILURES = ("bad_input", "storage", "out_of_memory", "worker_died", "error")
+WEBHOOK_OUTCOMES = ("delivered", "retried", "dead")
 STEP_PARTS = ("plain", "guidance")
 CACHE_RESULTS = ("hit", "miss")
 
@@ -94,8 +94,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("http_response_bytes", "counter", "ingress", "bytes", ("route", "tenant"),
           "Response body bytes sent, by route and tenant."),
     _spec("http_rejections", "counter", "ingress", "requests", ("status", "reason", "tenant"),
-          "Requests refused for capacity: 429s (rate limit, quota, 401 throttle) and 503s (overloaded, "
-          "replica unavailable, storage unavailable), and 413s, by reason."),
+          "Requests refused for capacity: 429s (a tenant's quota, the 401 throttle), 503s (overloaded, "
+          "replica unavailable, storage unavailable) and 413s (body too large), by reason."),
     # ---------------------------------------------------------------- model replica
     _spec("queue_depth", "gauge", "replica", "jobs", ("family", "batching"),
           "Jobs on a replica waiting to start sampling (continuous: not yet admitted; static: waiting "
@@ -128,7 +128,7 @@ CATALOG: tuple[MetricSpec, ...] = (
           "Reading and attaching a subject's checkpoint pair on a replica.", SECONDS_IO),
     # ---------------------------------------------------------------- training
     _spec("trainings", "counter", "training", "trainings", ("kind", "state", "tenant"),
-          "Trainings that entered a state (queued, training, ready, failed, cancelled), by kind: "
+          "Trainings that entered a state (queued, training, ready, failed, canceled), by kind: "
           "`job` (Ray Data fine-tune jobs) or `service` (the subject service's trainings)."),
     _spec("trainings_active", "gauge", "training", "trainings", ("kind", "state"),
           "Trainings queued or training right now (the subject scheduler's view)."),
@@ -142,10 +142,10 @@ CATALOG: tuple[MetricSpec, ...] = (
           "Writing one checkpoint (weights and manifest) to storage.", SECONDS_IO),
     # ---------------------------------------------------------------- webhooks
     _spec("webhook_deliveries", "counter", "webhooks", "deliveries", ("outcome",),
-          "Webhook delivery attempts by outcome: delivered (2xx), retried (will retry), failed (gave "
-          "up after the last retry), refused (the URL was not allowed)."),
+          "Webhook delivery attempts by outcome: delivered (a 2xx), retried (failed or refused; tried "
+          "again later), dead (gave up after the last try; kept in the outbox's dead letters)."),
     _spec("webhook_backlog", "gauge", "webhooks", "events", (),
-          "Webhook events waiting for delivery or a retry."),
+          "Webhook events waiting for delivery or a retry (after each delivery pass)."),
 )
 
 BY_NAME = {spec.name: spec for spec in CATALOG}

@@ -135,3 +135,18 @@ class Metric:
         with self._lock:
             items = list(table.items())
         return [(key, v) for key, v in items if all(dict(key).get(n) == val for n, val in wanted.items())]
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed training's ``catalog.TRAINING_FAILURES`` label, from the exception's kind."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc)[:300].lower()
+    if "OutOfMemoryError" in names or "out of memory" in text:
+        return "out_of_memory"
+    if names & {"WorkerCrashedError", "ActorDiedError"} or "worker died" in text:
+        return "worker_died"
+    if names & {"ValueError", "FileNotFoundError", "ManifestError"}:
+        return "bad_input"
+    if names & {"StorageError", "OSError"}:
+        return "storage"
+    return "error"

@@ -34,7 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
-from dreamblend_ray.observability import logs
+from dreamblend_ray.observability import context, logs
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +313,8 @@ def init_ray(address: str | None = None, **local_options) -> bool:
     options = {"include_dashboard": False, "log_to_driver": verbose, "configure_logging": False,
                **local_options}
     os.environ[MARKER_ENV] = marker  # inherited by every process Ray starts, and by theirs
+    # Serve's HTTP proxy replaces an invalid X-Request-ID before it takes it (observability.context)
+    os.environ.setdefault(context.PROXY_CALLBACK_ENV, context.PROXY_CALLBACK)
     try:
         ray.init(**options)
     finally:

@@ -65,6 +65,7 @@ from dreamblend_ray import __version__
 from dreamblend_ray.training import checkpoints, flow_lora, layout, resume
 
 from dreamblend_ray.io import storage
+from dreamblend_ray.observability import context, metrics
 from dreamblend_ray.io.images import decode_image, encode_png
 from dreamblend_ray.models.components import Components, load_components, model_identity, select_device
 from dreamblend_ray.models.prompts import text_conditioning
@@ -627,12 +628,20 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
     adapter_name = f"finetune--{subject_id}"
     trainable = lora_unet(components.denoiser, config, adapter_name) if config.method == "lora" \
         else full_unet(components.denoiser, config)
+    kind, family = context.training_kind.get(), components.family
     with trainable as (unet, params):
         def save(step: int) -> None:
+            t0 = time.perf_counter()
             checkpoints.save_checkpoint(output_root, subject_id, step, unet, config.method, adapter_name)
+            metrics.get("checkpoint_upload_seconds").observe(time.perf_counter() - t0, kind=kind)
+
+        def counted(step: int, loss: float) -> None:
+            metrics.get("training_steps").inc(kind=kind, family=family)
+            if callback is not None:
+                callback(step, loss)
 
         writer = (saved_point, lambda data: resume.save(output_root, subject_id, data)) if resumable else None
-        result = train(unet, params, data, noise_scheduler, config, save, progress, callback,
+        result = train(unet, params, data, noise_scheduler, config, save, progress, counted,
                        desc=f"finetune {subject_id}", resumable=writer)
     if resumable:
         resume.discard(output_root, subject_id)
@@ -641,6 +650,7 @@ def finetune_subject(base: Components | str, images: list, class_noun: str, subj
     timings.update(train_s=result.train_seconds, save_s=result.save_seconds,
                    steps_per_s=config.steps / max(result.train_seconds, 1e-9))
     timings["total_s"] = time.perf_counter() - t_start
+    metrics.get("training_seconds").observe(timings["total_s"], kind=kind, family=family)
     manifest = build_manifest(components, subject_id, class_noun, config, result, timings,
                               num_instance=len(instance), num_class=len(prior), resolution=resolution)
     layout.write_manifest(output_root, subject_id, manifest)
