@@ -13,7 +13,8 @@ What is checked (tests/test_monitoring.py runs the same checks, and their negati
   label it selects, and every head and worker container there declares that port;
 - every PromQL expression (alert rules, dashboard targets, the dashboard's variable queries) parses
   with `promql-parser`, and every metric it names is one the service exports
-  (`dreamblend_ray.observability.catalog.exported_series()`) or one of RAY_METRICS below;
+  (`dreamblend_ray.observability.catalog.exported_series()`) or one of RAY_METRICS below; a matcher
+  on a label with fixed values (state, reason, outcome, part, ...) names only the catalog's values;
 - every alert has `for`, a `severity` label, `summary` and `description` annotations and a
   `runbook_url` into docs/operations.md whose anchor exists there;
 - the Grafana dashboard: loads, a `datasource` variable of type datasource (prometheus), the rows
@@ -207,6 +208,62 @@ def _children(node: Any) -> Iterator[Any]:
         yield node.vector_selector
 
 
+# The catalog's fixed label values (catalog constants), per label and, where a label's values depend
+# on the metric, per metric. A matcher on one of these labels must name values from the list.
+_LABEL_VALUE_LISTS = {"batching": "BATCHINGS", "kind": "TRAINING_KINDS", "state": "TRAINING_STATES",
+                      "outcome": "WEBHOOK_OUTCOMES", "part": "STEP_PARTS", "result": "CACHE_RESULTS"}
+_METRIC_LABEL_VALUE_LISTS = {("dreamblend_http_rejections", "reason"): "REJECT_REASONS",
+                             ("dreamblend_training_failures", "reason"): "TRAINING_FAILURES"}
+
+
+def label_values(metric: str, label: str) -> tuple[str, ...] | None:
+    """The values the catalog allows for `label` of exported series `metric`; None when not fixed."""
+    module = catalog()
+    spec = next((s for s in module.CATALOG if metric in s.series()), None)
+    if spec is None or label not in spec.labels:
+        return None
+    name = _METRIC_LABEL_VALUE_LISTS.get((spec.name, label)) or _LABEL_VALUE_LISTS.get(label)
+    if not name:
+        return None
+    return tuple(getattr(module, name, ())) or None
+
+
+def _selectors(tree: Any) -> Iterator[Any]:
+    import promql_parser as pp
+
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, pp.VectorSelector):
+            yield node
+        else:
+            todo.extend(_children(node))
+
+
+def label_value_errors(expr: str) -> list[str]:
+    """Matchers naming a value the catalog does not have for that metric's label (`outcome="failed"`
+    where the outcomes are delivered, retried, dead). A regex matcher is checked when it is a plain
+    alternation (`a|b`)."""
+    import promql_parser as pp
+
+    lines = []
+    for node in _selectors(pp.parse(expr)):
+        if not node.name:
+            continue
+        for m in node.matchers.matchers:
+            allowed = label_values(node.name, m.name)
+            if allowed is None:
+                continue
+            regex = m.op not in (pp.MatchOp.Equal, pp.MatchOp.NotEqual)
+            if regex and not re.fullmatch(r"[A-Za-z0-9_]+(\|[A-Za-z0-9_]+)*", m.value):
+                continue
+            values = m.value.split("|") if regex else [m.value]
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                lines.append(f"{node.name}{{{m.name}}}: {bad} not among the catalog's values {list(allowed)}")
+    return lines
+
+
 def metric_names(expr: str) -> set[str]:
     """The metric names a PromQL expression selects (by name or by a `__name__="..."` matcher).
     ValueError with the parser's message when it does not parse; a selector without a fixed name
@@ -243,7 +300,8 @@ def promql_errors(expr: Any, where: str, known: set[str] | None = None, grafana:
         return [f"{where}: {e}: {' '.join(expr.split())}"]
     unknown = sorted(names - (known if known is not None else known_metrics()))
     return [f"{where}: {name}: no such metric (not in dreamblend_ray/observability/catalog.py's exported "
-            f"series nor in the validator's RAY_METRICS)" for name in unknown]
+            f"series nor in the validator's RAY_METRICS)" for name in unknown] + \
+        [f"{where}: {line}" for line in label_value_errors(grafana_to_promql(expr) if grafana else expr)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,11 +4,12 @@
   prometheus-operator CRDs; the dashboard's ConfigMap carries the Grafana sidecar's label; the
   PodMonitor finds the `metrics` port on every Ray pod template of k8s/base;
 - every PromQL expression (rules, dashboard targets and variables) parses and names only exported
-  metrics; every alert is complete; the dashboard is well formed, queries every catalog metric and
+  metrics, and only the catalog's values of fixed labels (state, reason, outcome, ...); every alert
+  is complete; the dashboard is well formed, queries every catalog metric and
   shows the guided share; its JSON is what render_dashboard.py renders;
 - docs/operations.md lists every catalog metric;
 - negative cases: an unknown metric in a panel, a misspelled PodMonitor field, a PromQL syntax error,
-  a catalog metric without a panel, an incomplete alert are each reported.
+  an unknown label value, a catalog metric without a panel, an incomplete alert are each reported.
 No KubeRay CRDs are needed (a plain clone runs all of it); the `kubectl kustomize` comparison runs
 where kubectl is installed.
 """
@@ -149,6 +150,19 @@ def test_invalid_promql_is_reported(objects):
     errors = vmon.rule_errors(rule)
     assert len(errors) == 1 and errors[0].startswith(
         "spec.groups[1].rules[0] (DreamblendQueueDepthHigh).expr: PromQL does not parse")
+
+
+def test_a_label_value_the_catalog_does_not_have_is_reported():
+    outcomes = list(catalog.WEBHOOK_OUTCOMES)
+    assert vmon.promql_errors('sum(rate(ray_dreamblend_webhook_deliveries_total{outcome="gave_up"}[5m]))', "rule") == [
+        f"rule: ray_dreamblend_webhook_deliveries_total{{outcome}}: ['gave_up'] not among the catalog's values {outcomes}"]
+    reasons = "|".join(catalog.TRAINING_FAILURES)
+    assert vmon.promql_errors(f'ray_dreamblend_training_failures_total{{reason=~"{reasons}"}}', "rule") == []
+    assert len(vmon.promql_errors(f'ray_dreamblend_training_failures_total{{reason=~"{reasons}|nope"}}', "r")) == 1
+    # a reason of the rejections is no training failure reason, and the other way round
+    assert vmon.label_values("ray_dreamblend_http_rejections_total", "reason") == tuple(catalog.REJECT_REASONS)
+    assert vmon.promql_errors('ray_dreamblend_http_rejections_total{reason=~".*overload.*"}', "r") == []  # a real regex
+    assert vmon.promql_errors('ray_dreamblend_http_requests_total{route="/v1/anything"}', "r") == []  # not fixed
 
 
 def test_metric_names_walks_every_kind_of_expression():

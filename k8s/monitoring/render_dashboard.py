@@ -116,8 +116,8 @@ def rows() -> list[tuple[str, list[dict]]]:
            "the ingress to its response.", "s",
            quantiles("ray_dreamblend_http_request_seconds", "route", qs=(0.5, 0.95))
            + [mean("ray_dreamblend_http_request_seconds", "route")]),
-        ts("Refused by reason", "ray_dreamblend_http_rejections_total: rate limit, quota, overloaded, replica or "
-           "storage unavailable, body too large, 401 throttle.", "reqps",
+        ts("Refused by reason", "ray_dreamblend_http_rejections_total: quota, 401 throttle, overloaded, replica or "
+           "storage unavailable, body too large.", "reqps",
            [q("sum by (status, reason) (rate(ray_dreamblend_http_rejections_total[$__rate_interval]))",
               "{{status}} {{reason}}")], stack=True),
         ts("Request body bytes", "ray_dreamblend_http_request_bytes_total by route.", "Bps",
@@ -189,9 +189,9 @@ def rows() -> list[tuple[str, list[dict]]]:
              [q('sum(ray_dreamblend_trainings_active{state="training"})', "training")]),
         stat("Trainings queued", "ray_dreamblend_trainings_active{state=\"queued\"}.", "short",
              [q('sum(ray_dreamblend_trainings_active{state="queued"})', "queued")]),
-        stat("Failure rate (1 h)", "Failed trainings (cancellations aside) over finished ones in the last hour "
+        stat("Failure rate (1 h)", "Failed trainings over finished ones (ready or failed) in the last hour "
              "(alert: over 25 % with at least 4 finished).", "percentunit",
-             [q('sum(increase(ray_dreamblend_training_failures_total{reason!="cancelled"}[1h])) / '
+             [q('sum(increase(ray_dreamblend_training_failures_total[1h])) / '
                 'sum(increase(ray_dreamblend_trainings_total{state=~"ready|failed"}[1h]))', "failed")],
              thresholds=[(None, "green"), (0.1, "orange"), (0.25, "red")]),
         stat("Ready (1 h)", "Trainings that reached ready in the last hour.", "short",
@@ -227,8 +227,8 @@ def rows() -> list[tuple[str, list[dict]]]:
               "storage_unavailable")], width=24),
     ]
     webhooks = [
-        ts("Deliveries by outcome", "ray_dreamblend_webhook_deliveries_total: delivered, retried, failed (gave "
-           "up), refused (URL not allowed).", "short",
+        ts("Deliveries by outcome", "ray_dreamblend_webhook_deliveries_total: delivered, retried, dead (gave up "
+           "after the last try).", "short",
            [q("sum by (outcome) (rate(ray_dreamblend_webhook_deliveries_total[$__rate_interval]))", "{{outcome}}")],
            stack=True),
         ts("Backlog", "ray_dreamblend_webhook_backlog: events waiting for delivery or a retry "
