@@ -19,6 +19,7 @@ from PIL import Image
 from ball_subjects import SUBJECTS, finetune_balls  # tests/ is on sys.path
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.method.sampler import DreamBlendSampler
+from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.batching import GenerationJob
 from dreamblend_ray.serving.continuous import ContinuousBatch
@@ -44,6 +45,7 @@ def replica(storage_root, tiny_components):
     model.unet_lock = threading.RLock()
     model.materialised = {}
     model.adapter_users = Counter()
+    model.telemetry = ReplicaTelemetry(model.components.family)
     model.continuous = model._continuous_batch()
     yield model
     remove_adapters(tiny_components.unet, list(getattr(tiny_components.unet, "peft_config", None) or {}))

@@ -22,6 +22,7 @@ from dreamblend_ray.config import FinetuneConfig
 from dreamblend_ray.jobs.common import check_base
 from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.models.components import BUILTIN_BASES, load_components, resolve_base
+from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.requests import AppArgs, GenerateRequest, build_job
 from dreamblend_ray.training import checkpoints
@@ -60,6 +61,7 @@ def replica(base: str, root) -> DreamBlendModel.func_or_class:
     model.unet_lock = threading.RLock()
     model.materialised = {}
     model.adapter_users = Counter()
+    model.telemetry = ReplicaTelemetry(model.components.family)
     return model
 
 

@@ -35,6 +35,40 @@ def enabled() -> bool:
     return _enabled
 
 
+GAUGE_REFRESH_S = 1.0
+_refresher: threading.Thread | None = None
+
+
+def keep_gauges_fresh(interval_s: float = GAUGE_REFRESH_S) -> None:
+    """Re-send every gauge's last values to Ray every ``interval_s`` (idempotent, a daemon thread).
+
+    Ray exports a gauge series only while its process keeps recording it (a value not refreshed
+    for two report intervals is dropped from the export), so a queue depth set once would vanish
+    while it is still true. Processes with gauges (model replicas, the scheduler) start this."""
+    global _refresher
+    with _lock:
+        if _refresher is not None and _refresher.is_alive():
+            return
+        _refresher = threading.Thread(target=_refresh_forever, args=(interval_s,), name="dreamblend-gauges",
+                                      daemon=True)
+        _refresher.start()
+
+
+def _refresh_forever(interval_s: float) -> None:
+    import time
+
+    while True:
+        time.sleep(interval_s)
+        refresh_gauges()
+
+
+def refresh_gauges() -> None:
+    """Send every gauge's local values to Ray once more."""
+    for metric in list(_metrics.values()):
+        if metric.spec.kind == "gauge" and _enabled:
+            metric.resend()
+
+
 def get(name: str) -> "Metric":
     """The process's recorder of the catalog metric ``name`` (with or without ``dreamblend_``)."""
     key = name if name.startswith(PREFIX) else PREFIX + name
@@ -72,6 +106,8 @@ class Metric:
             return
         if kind != self.spec.kind:
             raise ValueError(f"{self.spec.name} is a {self.spec.kind}, not a {kind}")
+        if kind == "counter" and value < 0:
+            raise ValueError(f"{self.spec.name} is a counter: it cannot go down by {value}")
         tags = self._tags(labels)
         key = tuple(sorted(tags.items()))
         value = float(value)
@@ -82,15 +118,36 @@ class Metric:
                 self._values[key] = self._values.get(key, 0.0) + value
                 self._counts[key] = self._counts.get(key, 0) + 1
         impl = self._impl()
-        if impl is None:
+        if impl is None or (kind == "counter" and value == 0):  # Ray's counters take positive steps only
             return
         tags = tags or None
-        if kind == "counter":
-            impl.inc(value, tags=tags)
-        elif kind == "gauge":
-            impl.set(value, tags=tags)
-        else:
-            impl.observe(value, tags=tags)
+        try:
+            if kind == "counter":
+                impl.inc(value, tags=tags)
+            elif kind == "gauge":
+                impl.set(value, tags=tags)
+            else:
+                impl.observe(value, tags=tags)
+        except Exception:  # noqa: BLE001 - a metric must never fail the work it measures
+            self._warn_once()
+
+    def resend(self) -> None:
+        """A gauge's last values, to Ray again (see :func:`keep_gauges_fresh`)."""
+        impl = self._impl()
+        if impl is None:
+            return
+        with self._lock:
+            items = list(self._values.items())
+        try:
+            for key, value in items:
+                impl.set(value, tags=dict(key) or None)
+        except Exception:  # noqa: BLE001 - a metric must never fail the work it measures
+            self._warn_once()
+
+    def _warn_once(self) -> None:
+        if not getattr(self, "_warned", False):
+            self._warned = True
+            logger.exception("recording %s failed; it keeps only its local copy when it fails", self.spec.name)
 
     def _tags(self, labels: dict) -> dict[str, str]:
         if set(labels) != set(self.spec.labels):

@@ -39,9 +39,24 @@ def reject(request, reason: str) -> None:
 
 
 def route_template(scope) -> str:
+    """The matched route's path template; for answers given before routing (401, 413, 429 of the
+    middlewares) the template the path would have matched; else ``other``."""
     route = scope.get("route")
+    if route is None:
+        route = _match(scope)
     path = getattr(route, "path_format", None) or getattr(route, "path", None)
     return path if isinstance(path, str) else "other"
+
+
+def _match(scope):
+    from starlette.routing import Match
+
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", []):
+        match, _ = route.matches({**scope, "type": "http"})
+        if match is Match.FULL:
+            return route
+    return None
 
 
 def tenant_label(scope, auth_enabled: bool) -> str:
@@ -97,7 +112,10 @@ class AccessMiddleware:
             try:
                 await self.app(scope, counted_receive, with_id)
             finally:
-                self._record(scope, request_id, counts, time.perf_counter() - start)
+                try:
+                    self._record(scope, request_id, counts, time.perf_counter() - start)
+                except Exception:  # noqa: BLE001 - the answer is sent; a metric must never fail it
+                    logger.exception("recording request %s failed", request_id)
 
     def _record(self, scope, request_id: str, counts: dict, seconds: float) -> None:
         status, route, method = counts["status"], route_template(scope), scope.get("method", "?")

@@ -549,6 +549,7 @@ class DreamBlendIngress:
 def observe(args: AppArgs, component: str) -> None:
     """A replica's logging (``args.log_format``, the request id on every line) and metrics switch."""
     metrics.set_enabled(args.metrics)
+    metrics.keep_gauges_fresh()
     path = logs.install_replica_logging(component, args.log_format)
     logger.info("%s replica logs to %s", component, path)
 
