@@ -129,12 +129,12 @@ def test_a_headless_browser_renders_docs_and_redoc_offline(app, tmp_path):
     paths = set(re.findall(r'class="opblock opblock-(?:get|post|delete)"[^>]*>.*?data-path="([^"]+)"', docs, re.S))
     assert paths == {"/healthz", "/v1/subjects", "/v1/subjects/{subject_id}", "/v1/subjects/{subject_id}/collapse.png",
                      "/v1/generate", "/v1/subjects/{subject_id}/cancel", "/v1/jobs", "/v1/jobs/{job_id}",
-                     "/v1/jobs/{job_id}/images/{n}"}, docs[:2000]
+                     "/v1/jobs/{job_id}/images/{n}", "/v1/status"}, docs[:2000]
     # ReDoc: one section per operation
     sections = set(re.findall(r'data-section-id="operation/([^"]+)"', redoc))
     assert sections == {"healthz_healthz_get", "subjects_v1_subjects_get", "get_subject",
                         "collapse_plot_v1_subjects__subject_id__collapse_png_get", "generate_v1_generate_post",
                         "create_subject", "cancel_subject", "delete_subject", "create_job", "get_job",
-                        "get_job_image"}, redoc[:2000]
+                        "get_job_image", "status_v1_status_get"}, redoc[:2000]
     page_requests = {host for host in proxy.hosts() if not BROWSER_SERVICES.match(host)}
     assert page_requests == set(), proxy.requests  # the pages asked for nothing outside the server

@@ -281,3 +281,22 @@ def test_failure_reasons_are_a_small_fixed_set():
     for exc, reason in cases:
         assert metrics.failure_reason(exc) == reason
         assert reason in catalog.TRAINING_FAILURES
+
+
+def test_every_serving_pod_installs_the_request_id_guard_in_its_proxy():
+    """A Serve proxy runs on every pod of the RayService: each container names the callback, and the
+    callback is importable (what the proxy does with the env var)."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "k8s/base/rayservice.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        for container in template["spec"]["containers"]:
+            env = {item["name"]: item.get("value") for item in container.get("env", [])}
+            assert env.get(context.PROXY_CALLBACK_ENV) == context.PROXY_CALLBACK, container["name"]
+    module, name = context.PROXY_CALLBACK.split(":")
+    assert [m.cls for m in getattr(importlib.import_module(module), name)()] == [context.RequestIdGuard]
