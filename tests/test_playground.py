@@ -8,6 +8,9 @@
     key, subject, prompt, Generate -> G, E and DreamBlend images with one heat-map canvas per word
     and row, the attention-distance curve, the collapse plot; then a bad seed and a wrong key show
     the API's own messages. The backend is the tiny model through ``batching.run_group`` (real maps).
+    The Status panel (issue 30) shows ``GET /v1/status`` (the fake replica's fixed numbers, the
+    caller's subjects only, the generation's latency), says "replica not answering" on a 503, and
+    polls neither while the page is hidden nor after a 401.
     ``DREAMBLEND_SCREENSHOT=docs/img/playground.png`` also saves the final page there.
 
 (b) is skipped with one line without chromium, unless DREAMBLEND_REQUIRE_BROWSER=1 (then it fails).
@@ -39,6 +42,7 @@ from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.models.components import build_tiny_components
 from dreamblend_ray.serving import batching, http
 from dreamblend_ray.serving.batching import GenerationResult
+from dreamblend_ray.serving.http import RecentLatency, StatusView
 from dreamblend_ray.serving.requests import AppArgs
 from test_docs_offline import BROWSER_SERVICES, URL, RefusingProxy, chromium
 
@@ -48,6 +52,9 @@ from api_fakes import make_app, serve_on_loopback
 KEY = "playground-k3y-9e8d7c6b5a4f3e2d1c0b"
 SCREENSHOT = os.environ.get("DREAMBLEND_SCREENSHOT")  # e.g. docs/img/playground.png
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"  # an identifier for createElementNS, never fetched
+# Chromium's own services as in test_docs_offline, and its GCM check-in, which it opens once it has run
+# some 10 s (this test's browser lives longer than the /docs one's)
+CHROMIUM_OWN = re.compile(rf"{BROWSER_SERVICES.pattern}|^android\.clients\.google\.com$")
 ASSET = re.compile(r"""(?:src|href)=["']([^"']+)["']""")
 
 
@@ -95,6 +102,31 @@ def test_the_script_keeps_the_key_in_memory_and_uses_no_inline_code(secured):
     assert re.search(r"\son[a-z]+=", html) is None  # no inline event handlers
     paths = client.get("/openapi.json").json()["paths"]
     assert "/" not in paths and not any(path.startswith("/playground") for path in paths)
+
+
+STATUS_OUTPUTS = ("status-batching", "status-queue", "status-active", "status-rows", "status-step", "status-guided",
+                  "status-subjects", "status-latency")
+
+
+def test_the_status_panel_reads_only_fields_that_get_v1_status_has(secured):
+    client = TestClient(secured)
+    html = client.get("/").text
+    for element in ("status-panel", "status-note", "status-view", *STATUS_OUTPUTS):
+        assert re.search(rf'\bid="{element}"', html), element
+    script = client.get("/playground/playground.js").text
+    assert 'getJson("/v1/status")' in script and "document.visibilityState" in script
+    assert "visibilitychange" in script
+    for element in STATUS_OUTPUTS:  # each filled as text
+        assert f'$("{element}").textContent = ' in script, element
+    # the fields the page reads exist in the response models (a renamed field would show "–" forever)
+    read = set(re.findall(r"\bview\.(\w+)", script)) - {"base", "steps", "guidance_step", "edit_step",
+                                                         "instance_prompt", "kind"}  # chooseSubject's view
+    assert read and read <= set(StatusView.model_fields), read - set(StatusView.model_fields)
+    latency = set(re.findall(r"\bl\.(\w+)", script))
+    assert latency and latency <= set(RecentLatency.model_fields), latency - set(RecentLatency.model_fields)
+    assert client.get("/v1/status").status_code == 401  # the page needs the key for it, like the other /v1 routes
+    body = client.get("/v1/status", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert (body["queue_depth"], body["rows_per_step"], body["loaded_subjects"]) == (2, 2.5, ["dog"])
 
 
 # ------------------------------------------------------------------------------ (b) the browser
@@ -199,6 +231,7 @@ class TinyModelBackend:
         self.sampler = DreamBlendSampler(components)
         self.pair = TwoUNetPair(components.unet, perturbed_copy(components.unet))
         self.jobs = []
+        self.status_down = False  # True: model_status raises, as a replica that does not answer
 
     async def generate(self, job):
         self.jobs.append(job)
@@ -209,6 +242,12 @@ class TinyModelBackend:
 
     async def model_health(self):
         return {"replica": "tiny-0", "loaded_models": []}
+
+    async def model_status(self):
+        """RecordingBackend's fixed numbers (subjects "dog" and tenant acme's "cat" loaded)."""
+        if self.status_down:
+            raise RuntimeError("the replica is down")
+        return await api_fakes.RecordingBackend().model_status()
 
 
 def probe_plot(backend: TinyModelBackend) -> bytes:
@@ -257,6 +296,22 @@ def shown_error(tools: DevTools) -> str:
                           what="the error box")
 
 
+STATUS_ASKED = "performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v1/status')).length"
+STATUS_TEXT = "Object.fromEntries([...document.querySelectorAll('#status-view output')].map(o => [o.id, o.innerText]))"
+
+
+def status_note(tools: DevTools) -> str:
+    return tools.evaluate("document.getElementById('status-note').innerText")
+
+
+def assert_no_status_polls(tools: DevTools, why: str) -> None:
+    """No GET /v1/status for longer than the 2 s period (after one still in flight has landed)."""
+    time.sleep(0.5)
+    asked = tools.evaluate(STATUS_ASKED)
+    time.sleep(2.6)
+    assert tools.evaluate(STATUS_ASKED) == asked, why
+
+
 def api_message(base: str, body: dict) -> str:
     """What the API itself says to ``body`` (no proxy: loopback), as the page should show it."""
     answer = httpx.post(f"{base}/v1/generate", json=body, headers={"X-API-Key": KEY}, trust_env=False)
@@ -295,6 +350,9 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             tools.wait_for("document.readyState === 'complete' && "
                            "document.getElementById('subject').innerText.includes('enter the API key')",
                            what="the page asking for the key")
+            tools.wait_for("document.getElementById('status-note').innerText.includes('enter the API key')",
+                           what="the status panel asking for the key")
+            assert tools.evaluate("document.getElementById('status-view').hidden") is True
 
             tools.type_into("#api-key", KEY)
             click(tools, "#use-key")  # subjects come two at a time: "more subjects" follows `next`
@@ -305,6 +363,16 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
                 tools.wait_for("[...document.querySelectorAll('#subject option')].map(o => o.value).join() === "
                                f"{json.dumps(expected)}", what=expected)
             assert tools.evaluate("document.getElementById('more-subjects').hidden") is True
+
+            # the status panel: RecordingBackend's numbers, this tenant's subjects only ("cat" is acme's)
+            tools.wait_for("document.getElementById('status-queue').innerText === '2'", what="the status panel")
+            assert tools.evaluate(STATUS_TEXT) == {
+                "status-batching": "continuous · sd1", "status-queue": "2", "status-active": "3",
+                "status-rows": "2.5 mean · 4 max", "status-step": "12.5 ms", "status-guided": "40%",
+                "status-subjects": "dog", "status-latency": "no generations yet"}
+            panel = tools.evaluate("document.getElementById('status-panel').innerText")
+            assert "Guidance share\n40%" in panel and "cat" not in panel, panel
+            assert status_note(tools).startswith("replica r1 · 10 recent steps, last "), status_note(tools)
 
             choose_subject(tools, "bird")  # no attention-probe plot
             tools.wait_for("document.getElementById('collapse-note').innerText === 'no collapse plot yet'",
@@ -336,6 +404,16 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             job = backend.jobs[-1]
             assert (job.seeds, job.config.num_inference_steps, job.config.guidance_steps) == ([3], 4, 2)
             assert job.config.attention_maps and job.model_id == "dog"
+            latency = tools.wait_for("(t => t.includes('1 request in') && t)"
+                                     "(document.getElementById('status-latency').innerText)",
+                                     what="the generation's latency in the status panel")
+            assert re.fullmatch(r"p50 [\d.]+ ms · p95 [\d.]+ ms · 1 request in [\d.]+ s", latency), latency
+            gap = tools.evaluate("""(() => {  // ms from the generation's answer to the next status request
+              const entries = performance.getEntriesByType('resource');
+              const done = entries.find(e => e.name.endsWith('/v1/generate')).responseEnd;
+              return Math.min(...entries.filter(e => e.name.endsWith('/v1/status') && e.startTime >= done)
+                                        .map(e => e.startTime - done)); })()""")
+            assert gap < 500, gap  # asked right after the generation, not at the next 2 s tick
 
             tools.evaluate("document.activeElement.blur()")
             shot = tools.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
@@ -343,6 +421,20 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             (tmp_path / "playground.png").write_bytes(base64.b64decode(shot["data"]))
             if SCREENSHOT:  # refresh docs/img/playground.png on request only
                 shutil.copyfile(tmp_path / "playground.png", SCREENSHOT)
+
+            backend.status_down = True  # the replica stops answering: a 503, polled on
+            tools.wait_for("document.getElementById('status-view').hidden", what="the status hidden on a 503")
+            assert status_note(tools) == "replica not answering; retrying"
+            backend.status_down = False
+            tools.wait_for("!document.getElementById('status-view').hidden", what="the status back after the 503")
+            assert tools.evaluate("document.getElementById('status-guided').innerText") == "40%"
+
+            tools.evaluate("Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => "
+                           "'hidden'}); document.dispatchEvent(new Event('visibilitychange'))")
+            assert_no_status_polls(tools, "polled while hidden")
+            asked = tools.evaluate(STATUS_ASKED)
+            tools.evaluate("delete document.visibilityState; document.dispatchEvent(new Event('visibilitychange'))")
+            tools.wait_for(f"{STATUS_ASKED} > {asked}", timeout=1.5, what="a status poll on becoming visible")
 
             tools.type_into("#seed", "-1")  # a 422 list: "field: message" lines
             click(tools, "#generate")
@@ -354,6 +446,10 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             tools.wait_for("document.getElementById('error-text').innerText.startsWith('missing or invalid API key')",
                            what="the 401 sentence")
             assert tools.evaluate("document.getElementById('error-status').innerText") == "HTTP 401"
+            tools.wait_for("document.getElementById('status-note').innerText.startsWith('missing or invalid API key')",
+                           what="the status panel's 401")
+            assert tools.evaluate("document.getElementById('status-view').hidden") is True
+            assert_no_status_polls(tools, "polled on after a 401")
 
             kept = tools.evaluate("[localStorage.length, sessionStorage.length, document.cookie]")
             assert kept == [0, 0, ""], kept  # the key lived in a JS variable only
@@ -370,7 +466,7 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             except subprocess.TimeoutExpired:
                 process.kill()
         proxy.close()
-    page_requests = {host for host in proxy.hosts() if not BROWSER_SERVICES.match(host)}
+    page_requests = {host for host in proxy.hosts() if not CHROMIUM_OWN.match(host)}
     assert page_requests == set(), proxy.requests  # the page asked for nothing outside the server
     logging.getLogger(__name__).info("generate in the browser took %.1f s", generate_s)
 

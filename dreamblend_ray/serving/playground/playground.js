@@ -11,12 +11,14 @@
   const PAGE = Math.min(200, Math.max(1, parseInt(new URLSearchParams(location.search).get("page_size"), 10) || 50));
   const POLL_MS = 1000; // a training's GET /v1/subjects/{id} period
   const FINAL = ["ready", "failed", "canceled"];
+  const STATUS_MS = 2000; // GET /v1/status period while the page is visible
 
   let apiKey = "";
   let subject = null; // the chosen subject's GET /v1/subjects/{id} body
   let nextCursor = null;
   let collapseUrl = null;
   const trainings = new Map(); // subject id -> {row, timer}: the subjects uploaded from this page
+  const statusPoll = { timer: null, asked: 0, stopped: false }; // stopped by a 401 until the key changes
 
   const $ = (id) => document.getElementById(id);
 
@@ -288,6 +290,85 @@
     }
   }
 
+  // ------------------------------------------------------------------ status panel
+
+  const DASH = "–";
+  const shown = (value, unit = "") => (value == null ? DASH : `${value}${unit}`);
+  const ms = (value) => (value == null ? DASH : `${Number(value).toFixed(value < 100 ? 1 : 0)} ms`);
+  const round2 = (value) => String(Math.round(value * 100) / 100);
+
+  function ago(unixSeconds) {
+    const s = Math.max(0, Date.now() / 1000 - unixSeconds);
+    if (s < 120) return `${Math.round(s)} s ago`;
+    if (s < 7200) return `${Math.round(s / 60)} min ago`;
+    return new Date(unixSeconds * 1000).toLocaleString();
+  }
+
+  function stepsText(view) {
+    if (view.last_step_at == null) return "no step yet";
+    return `${view.recent_steps ? `${view.recent_steps} recent steps, ` : ""}last ${ago(view.last_step_at)}`;
+  }
+
+  function latencyText(l) {
+    if (!l || !l.count) return "no generations yet";
+    const errors = l.errors ? ` · ${l.errors} failed` : "";
+    return `p50 ${ms(l.p50_ms)} · p95 ${ms(l.p95_ms)} · ${l.count} request${l.count === 1 ? "" : "s"} `
+      + `in ${l.window_s} s${errors}`;
+  }
+
+  // One GET /v1/status body, as text in the panel's <output>s (never as markup).
+  function showStatus(view) {
+    const family = view.family ? ` · ${view.family}` : "";
+    $("status-batching").textContent = `${shown(view.batching)}${family}`;
+    $("status-queue").textContent = shown(view.queue_depth);
+    $("status-active").textContent = shown(view.active_rows);
+    $("status-rows").textContent = view.rows_per_step == null ? DASH
+      : `${round2(view.rows_per_step)} mean · ${shown(view.max_rows_per_step)} max`;
+    $("status-step").textContent = ms(view.step_ms);
+    $("status-guided").textContent = view.guided_share == null ? DASH : `${Math.round(view.guided_share * 100)}%`;
+    const subjects = view.loaded_subjects || [];
+    $("status-subjects").textContent = subjects.length ? subjects.join(", ") : "none";
+    $("status-latency").textContent = latencyText(view.latency);
+    $("status-note").textContent = `replica ${shown(view.replica)} · ${stepsText(view)} · `
+      + `updated ${new Date().toLocaleTimeString()}`;
+    $("status-view").hidden = false;
+  }
+
+  function showStatusFailure(error) {
+    $("status-view").hidden = true;
+    let note;
+    if (error.status === 503) note = "replica not answering; retrying";
+    else if (error.status === 401) note = `${error.text} (enter the API key to see the status)`;
+    else note = `${error.status ? `HTTP ${error.status}: ` : ""}${error.text || error.message || error}; retrying`;
+    $("status-note").textContent = note;
+  }
+
+  function scheduleStatus() {
+    clearTimeout(statusPoll.timer);
+    statusPoll.timer = null;
+    if (!statusPoll.stopped && document.visibilityState === "visible") {
+      statusPoll.timer = setTimeout(refreshStatus, STATUS_MS);
+    }
+  }
+
+  // Asks now; the answer of an older call still in flight is dropped. Polls on while visible.
+  async function refreshStatus() {
+    clearTimeout(statusPoll.timer);
+    statusPoll.timer = null;
+    if (statusPoll.stopped) return;
+    const asked = ++statusPoll.asked;
+    try {
+      const view = await getJson("/v1/status");
+      if (asked !== statusPoll.asked) return;
+      showStatus(view);
+    } catch (error) {
+      if (asked !== statusPoll.asked) return;
+      showStatusFailure(error);
+      if (error.status === 401) statusPoll.stopped = true; // until the key changes (Use key)
+    }
+    scheduleStatus();
+  }
+
   // ------------------------------------------------------------------ generate
 
   function numberField(body, name, id) {
@@ -327,6 +408,7 @@
       showError(error);
     } finally {
       button.disabled = false;
+      refreshStatus(); // the batch and the latencies this generation changed
     }
   }
 
@@ -464,6 +546,8 @@
     apiKey = $("api-key").value.trim();
     nextCursor = null;
     loadSubjects(false);
+    statusPoll.stopped = false;
+    refreshStatus();
   }
 
   document.addEventListener("DOMContentLoaded", () => {
@@ -473,6 +557,10 @@
     $("generate-form").addEventListener("submit", generate);
     $("upload-form").addEventListener("submit", upload);
     $("delete-subject").addEventListener("click", () => deleteSubject($("subject").value));
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") refreshStatus(); else scheduleStatus(); // hidden: no polling
+    });
     loadSubjects(false, true); // works as is when auth is off; else shows the 401 until a key is given
+    refreshStatus();
   });
 })();
