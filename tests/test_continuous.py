@@ -8,7 +8,6 @@ Serve context) on the tiny model with three really fine-tuned LoRA subjects. The
 
 import asyncio
 import io
-import threading
 import time
 from collections import Counter
 
@@ -19,6 +18,7 @@ from PIL import Image
 from ball_subjects import SUBJECTS, finetune_balls  # tests/ is on sys.path
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.method.sampler import DreamBlendSampler
+from dreamblend_ray.serving.fair_lock import FairRLock
 from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.batching import GenerationJob
@@ -42,7 +42,7 @@ def replica(storage_root, tiny_components):
     model.args = AppArgs(base="tiny", storage_root=storage_root, max_batch_size=4)
     model.components = tiny_components
     model.sampler = DreamBlendSampler(tiny_components)
-    model.unet_lock = threading.RLock()
+    model.unet_lock = FairRLock()
     model.materialised = {}
     model.adapter_users = Counter()
     model.telemetry = ReplicaTelemetry(model.components.family)
@@ -198,3 +198,28 @@ def test_admission_bounds_the_batch_and_keeps_arrival_order_across_row_keys(repl
     assert len(good.pngs) == 1  # a job that cannot start fails alone
     with pytest.raises(ValueError, match="max_requests"):
         ContinuousBatch(replica.continuous.engine, replica.unet_lock, max_requests=0)
+
+
+def test_a_continuous_request_finishes_while_a_long_maps_request_runs(replica):
+    """Issue 33: the static path (heat maps, full fine-tunes) holds the UNet lock one step at a time,
+    so the continuous rows step between its steps instead of waiting for its whole sampler call."""
+    maps = SamplingConfig(num_inference_steps=40, alpha=0.5, step_size=3.0, attention_maps=True)
+    long_job = GenerationJob("red", [f"a sks ball, view {k}" for k in range(4)], [11, 12, 13, 14], maps)
+    short_job = job("blue", "a sks ball at night", 3, SamplingConfig(num_inference_steps=4, alpha=0.5, step_size=3.0))
+    static_steps = []
+
+    async def scenario():
+        blue = adapters(await asyncio.to_thread(LoadedPair("blue", replica).pin))
+        red = LoadedPair("red", replica)
+        long_call = asyncio.create_task(asyncio.to_thread(
+            replica._sample, red, [long_job], lambda step, total: static_steps.append(step)))
+        while len(static_steps) < 2:
+            await asyncio.sleep(0.005)
+        output, _, _ = await replica.continuous.submit(short_job, blue)
+        at_short_end = len(static_steps)
+        return output, at_short_end, await long_call
+    output, at_short_end, long_outputs = asyncio.run(scenario())
+    assert len(output.pngs) == 1 and at_short_end < 40, at_short_end  # done while the maps request ran
+    assert len(long_outputs[0].pngs) == 4 and long_outputs[0].attention
+    diff = np.abs(pixels(output.pngs[0]) - alone(replica, short_job))  # interleaving changed nothing
+    assert diff.max() <= 1

@@ -10,7 +10,6 @@ refused on another with a clear ValueError.
 
 import io
 import json
-import threading
 from collections import Counter
 
 import numpy as np
@@ -22,6 +21,7 @@ from dreamblend_ray.config import FinetuneConfig
 from dreamblend_ray.jobs.common import check_base
 from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.models.components import BUILTIN_BASES, load_components, resolve_base
+from dreamblend_ray.serving.fair_lock import FairRLock
 from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.requests import AppArgs, GenerateRequest, build_job
@@ -58,7 +58,7 @@ def replica(base: str, root) -> DreamBlendModel.func_or_class:
     model.args = args
     model.components = load_components(args.base, device="cpu")
     model.sampler = DreamBlendSampler(model.components)
-    model.unet_lock = threading.RLock()
+    model.unet_lock = FairRLock()
     model.materialised = {}
     model.adapter_users = Counter()
     model.telemetry = ReplicaTelemetry(model.components.family)

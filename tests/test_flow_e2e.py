@@ -8,7 +8,6 @@ through ``dreamblend generate`` and ``dreamblend attention``; every --base valid
 
 import io
 import json
-import threading
 from collections import Counter
 
 import numpy as np
@@ -22,6 +21,7 @@ from dreamblend_ray.method.flow_rows import FlowRowEngine, row_engine
 from dreamblend_ray.method.rows import RowEngine
 from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.models.components import BUILTIN_BASES, load_components, resolve_base
+from dreamblend_ray.serving.fair_lock import FairRLock
 from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.requests import AppArgs, GenerateRequest, build_job
@@ -57,7 +57,7 @@ def replica(base: str, root):
     model.args = args
     model.components = load_components(args.base, device="cpu")
     model.sampler = DreamBlendSampler(model.components)
-    model.unet_lock = threading.RLock()
+    model.unet_lock = FairRLock()
     model.materialised = {}
     model.adapter_users = Counter()
     model.telemetry = ReplicaTelemetry(model.components.family)

@@ -162,7 +162,7 @@ class FakeSampler:
     def __init__(self):
         self.calls = []
 
-    def sample(self, pair, prompts, seeds, config, negative_prompts=None, callback=None):
+    def sample(self, pair, prompts, seeds, config, negative_prompts=None, callback=None, step_lock=None):
         import torch
 
         self.calls.append((list(prompts), list(seeds), negative_prompts, config))

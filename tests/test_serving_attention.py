@@ -252,3 +252,26 @@ def test_run_group_gives_each_job_its_maps_as_if_served_alone(tiny_run):
     # the three trajectories differ: G is another UNet, E unguided is not DreamBlend's E
     assert not np.array_equal(got["maps"]["guidance"], got["maps"]["dreamblend"])
     assert not np.array_equal(got["maps"]["edit"], got["maps"]["dreamblend"])
+
+
+def test_non_finite_heat_map_values_are_answered_as_numbers_never_a_bare_500():
+    """Issue 33: a numerical fault that puts NaN or inf in a trajectory's maps still answers 200
+    with JSON numbers (Starlette's JSON refuses NaN: that was an internal error)."""
+    from api_fakes import RecordingBackend, list_subjects, read_collapse_plot, read_manifest
+    from dreamblend_ray.serving import http as http_api
+
+    class NanMaps(RecordingBackend):
+        async def generate(self, job):
+            result = await super().generate(job)
+            for entry in result.attention:
+                entry["maps"] = {row: copy.deepcopy(grid) for row, grid in entry["maps"].items()}  # one grid per row
+                entry["maps"]["dreamblend"][0][0][0] = float("nan")
+                entry["maps"]["guidance"][0][1][0] = float("inf")
+            return result
+
+    app = http_api.make_api(AppArgs(base="tiny"), NanMaps(), read_manifest, list_subjects, read_collapse_plot)
+    response = generate(TestClient(app, raise_server_exceptions=False), prompt="a sks dog", attention_maps=True)
+    assert response.status_code == 200, response.text
+    maps = response.json()["attention"][0]["maps"]
+    assert maps["dreamblend"][0][0][0] == 0.0 and maps["guidance"][0][1][0] == 0.0
+    assert maps["edit"][0][0][0] > 0  # the finite values are kept

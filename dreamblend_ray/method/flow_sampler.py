@@ -19,7 +19,7 @@ own generator and every operation is per row (batch invariance).
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.method import flow, guidance
 from dreamblend_ray.method.attention import Recorder, StopForward
 from dreamblend_ray.method.joint_attention import recording_joint, select_joint_layers
-from dreamblend_ray.method.trajectories import SampleResult, SamplerBase, TrajectoryPlan, initial_latents
+from dreamblend_ray.method.trajectories import SampleResult, SamplerBase, TrajectoryPlan, initial_latents, stepwise
 from dreamblend_ray.models.prompts import Conditioning, prompt_conditioning
 
 
@@ -93,7 +93,7 @@ class FlowSampler(SamplerBase):
     @torch.no_grad()
     def sample(self, pair, prompts: list[str], seeds: list[int], config: SamplingConfig = SamplingConfig(),
                negative_prompts: list[str] | None = None, callback=None,
-               track_distance: bool = False, decode: bool = True) -> SampleResult:
+               track_distance: bool = False, decode: bool = True, step_lock=None) -> SampleResult:
         """As ``DreamBlendSampler.sample`` (method/sampler.py), on a flow-matching transformer family."""
         height, width, do_cfg = self.check_flow_inputs(prompts, seeds, config, negative_prompts)
         start = time.perf_counter()
@@ -112,10 +112,10 @@ class FlowSampler(SamplerBase):
         z_g, z_p = z_e.clone(), z_e.clone()
         recorder, distances = Recorder(), []
         sigmas, rows = plan_schedule.sigmas, z_e.shape[0]
-        with ExitStack() as stack:
-            for model in pair.unets:
-                stack.enter_context(recording_joint(model, layers, recorder, config.layers.normalisation))
-            for i, t in enumerate(plan_schedule.timesteps.to(c.device)):
+        steps = stepwise(enumerate(plan_schedule.timesteps.to(c.device)), step_lock, lambda: [
+            recording_joint(model, layers, recorder, config.layers.normalisation) for model in pair.unets])
+        with closing(steps):
+            for i, t in steps:
                 guided = guided_any and i < window
                 measured = i < window and (guided or track_distance)
                 mapped = i in plan.map_steps

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
+from contextlib import closing
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
@@ -30,7 +30,7 @@ from dreamblend_ray.models.prompts import Conditioning, prompt_conditioning
 from dreamblend_ray.config import SamplingConfig
 from dreamblend_ray.method.pair import single
 from dreamblend_ray.method.trajectories import (  # noqa: F401 - SampleResult, initial_latents, to_pil re-exported
-    SamplerBase, SampleResult, TrajectoryPlan, initial_latents, to_pil)
+    SamplerBase, SampleResult, TrajectoryPlan, initial_latents, stepwise, to_pil)
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,12 @@ class DreamBlendSampler(SamplerBase):
     @torch.no_grad()
     def sample(self, pair, prompts: list[str], seeds: list[int], config: SamplingConfig = SamplingConfig(),
                negative_prompts: list[str] | None = None, callback=None,
-               track_distance: bool = False, decode: bool = True) -> SampleResult:
+               track_distance: bool = False, decode: bool = True, step_lock=None) -> SampleResult:
         """Generate one image per (prompt, seed). ``callback(step, total)`` after every step.
+
+        step_lock: held for each denoising step (with the attention recording installed) and
+        released between steps, so another user of the UNet (the replica's continuous batch) runs
+        between two steps instead of waiting for the whole call (``stepwise``).
 
         track_distance: measure the E-to-G distance inside the window even when alpha = 0
         (G then runs in the window); with alpha > 0 it is always measured.
@@ -106,7 +110,7 @@ class DreamBlendSampler(SamplerBase):
         """
         if self.components.model_family.flow_matching:  # Flux, SD3
             return FlowSampler(self.components).sample(pair, prompts, seeds, config, negative_prompts, callback,
-                                                       track_distance, decode)
+                                                       track_distance, decode, step_lock)
         height, width = self.check_inputs(prompts, seeds, config, negative_prompts)
         start = time.perf_counter()
         c = self.components
@@ -123,10 +127,10 @@ class DreamBlendSampler(SamplerBase):
         z_g, z_p = z_e.clone(), z_e.clone()
         recorder, distances = Recorder(), []
         total = len(scheduler.timesteps)
-        with ExitStack() as stack:
-            for unet in pair.unets:
-                stack.enter_context(recording(unet, layers, recorder))
-            for i, t in enumerate(scheduler.timesteps):
+        steps = stepwise(enumerate(scheduler.timesteps), step_lock,
+                         lambda: [recording(unet, layers, recorder) for unet in pair.unets])
+        with closing(steps):
+            for i, t in steps:
                 guided = guided_any and i < window
                 measured = i < window and (guided or track_distance)
                 mapped = i in plan.map_steps

@@ -7,6 +7,7 @@ transformers) build on it.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,3 +144,13 @@ class TrajectoryPlan:
         if means["guidance"] is None:
             means["guidance"] = means["edit"]
         return means
+
+
+def stepwise(steps, lock, contexts):
+    """Yield each step with ``lock`` held (when given) and ``contexts()`` entered, both released
+    between steps; close it (``contextlib.closing``) so that an exception releases them."""
+    for step in steps:
+        with lock if lock is not None else nullcontext(), ExitStack() as stack:
+            for context in contexts():
+                stack.enter_context(context)
+            yield step

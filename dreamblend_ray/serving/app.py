@@ -14,9 +14,11 @@
 ``deployments/app.py`` re-exports ``build_app`` for ``serve run deployments/serve_config.yaml``;
 the classes live in the package so that ``dreamblend serve`` works from an installed wheel.
 
-Concurrency on a replica: the UNet carries every loaded subject's adapters. One threading lock
-(``unet_lock``) guards it: the continuous batch holds it for one step at a time, a static group
-for its sampler call, a load only for the adapters' injection (files are read before). Static
+Concurrency on a replica: the UNet carries every loaded subject's adapters. One lock (``unet_lock``,
+FIFO: ``serving/fair_lock.py``) guards it: the continuous batch holds it for one step at a time, a
+static group (heat maps, full fine-tunes) also for one of its steps at a time, so the two alternate
+step by step and a long static call never stalls the continuous rows; a load holds it only for the
+adapters' injection (files are read before). Static
 groups are serialised by an asyncio lock, since ``set_adapter`` is global state. Pairs in use are
 pinned, so an eviction by the multiplexed LRU never hits a pair in use; adapters are named by
 subject and step, shared between pairs, and counted per user (``adopt`` / ``release``). The
@@ -51,6 +53,7 @@ from dreamblend_ray.serving import batching, http
 from dreamblend_ray.training import layout
 from dreamblend_ray.serving import requests as serving
 from dreamblend_ray.serving.batching import GenerationJob, GenerationResult
+from dreamblend_ray.serving.fair_lock import FairRLock
 from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.requests import (AppArgs, DeadlineExceeded, FieldError, Overloaded, ReplicaUnavailable,
                                              SubjectNotFound)
@@ -190,7 +193,7 @@ class DreamBlendModel:
                                            dtype=select_dtype(device, self.args.dtype))
         self.sampler = DreamBlendSampler(self.components)
         self.telemetry = ReplicaTelemetry(self.components.family)
-        self.unet_lock = threading.RLock()  # re-entrant: a finaliser may run on a thread holding it
+        self.unet_lock = FairRLock()  # re-entrant (a finaliser may run on a thread holding it), FIFO
         self.model_lock = asyncio.Lock()
         self.materialised: dict[str, LoadedPair] = {}  # model id -> its pair on the UNet
         self.adapter_users: Counter = Counter()  # adapter name -> loaded pairs using it
@@ -430,10 +433,11 @@ class DreamBlendModel:
         return results
 
     def _sample(self, handle: LoadedPair, jobs: list[GenerationJob], callback):
+        """The static path's sampler call. It holds the UNet lock one step at a time, so the
+        continuous batch's rows keep stepping between its steps (no request holds them hostage)."""
         pair = handle.pin()
         try:
-            with self.unet_lock:
-                return batching.run_group(self.sampler, pair, jobs, callback=callback)
+            return batching.run_group(self.sampler, pair, jobs, callback=callback, step_lock=self.unet_lock)
         finally:
             handle.unpin()
 

@@ -91,10 +91,11 @@ def take_group(pending: list[GenerationJob], max_requests: int) -> list[int]:
     return [i for i, job in enumerate(pending) if job.group_key == key][:max_requests]
 
 
-def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[JobOutput]:
+def run_group(sampler, pair, jobs: list[GenerationJob], callback=None, step_lock=None) -> list[JobOutput]:
     """One sampler call for jobs of one group; one ``JobOutput`` per job.
 
-    Blocking: call it in a worker thread, holding the replica's model lock.
+    Blocking: call it in a worker thread, holding the replica's model lock; ``step_lock`` (the
+    UNet lock) is taken for each denoising step (``DreamBlendSampler.sample``).
     """
     prompts = [p for job in jobs for p in job.prompts]
     seeds = [s for job in jobs for s in job.seeds]
@@ -103,7 +104,8 @@ def run_group(sampler, pair, jobs: list[GenerationJob], callback=None) -> list[J
         negatives = [n for job in jobs for n in (job.negative_prompts or [""] * len(job.prompts))]
     config = jobs[0].config
     extra = {"track_distance": True} if config.attention_maps else {}  # the report's distance curve
-    result = sampler.sample(pair, prompts, seeds, config, negative_prompts=negatives, callback=callback, **extra)
+    result = sampler.sample(pair, prompts, seeds, config, negative_prompts=negatives, callback=callback,
+                            step_lock=step_lock, **extra)
     distances = _mean_distances(result.attention_distance, len(prompts))
     attention = None
     if config.attention_maps:

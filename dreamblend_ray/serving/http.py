@@ -577,7 +577,26 @@ def _finite(values: list[float]) -> list[float | None]:
     return [float(v) if math.isfinite(v) else None for v in values]
 
 
+def _finite_maps(attention: list[dict] | None) -> list[dict] | None:
+    """The heat maps with every non-finite value (a numerical fault in a trajectory) as 0.0, so
+    the answer is JSON numbers, never a failed encoding; the count is logged."""
+    if attention is None:
+        return None
+    bad, out = 0, []
+    for entry in attention:
+        maps = {}
+        for row, words in (entry.get("maps") or {}).items():
+            maps[row] = [[[v if math.isfinite(v) else 0.0 for v in line] for line in grid] for grid in words]
+            bad += sum(not math.isfinite(v) for grid in words for line in grid for v in line)
+        out.append({**entry, "maps": maps})
+    if bad:
+        logger.warning("%d non-finite heat-map values answered as 0.0", bad)
+    return out
+
+
 def render_result(request: GenerateRequest, job: GenerationJob, result: GenerationResult) -> Response:
+    """The answer: one PNG, or JSON with every image (and the heat maps). Blocking when it is JSON
+    with maps (megabytes of numbers): the route runs it in a worker thread."""
     headers = _result_headers(job, result)
     one_png = request.response_format == "png" or (request.response_format == "auto" and len(result.pngs) == 1)
     if one_png and not request.attention_maps:
@@ -586,7 +605,7 @@ def render_result(request: GenerateRequest, job: GenerationJob, result: Generati
                       images=[base64.b64encode(png).decode("ascii") for png in result.pngs],
                       attention_distance=_finite(result.attention_distance),
                       batch_size=result.batch_requests, replica=result.replica,
-                      attention=result.attention if request.attention_maps else None)
+                      attention=_finite_maps(result.attention) if request.attention_maps else None)
     return JSONResponse(body.model_dump(), headers=headers)
 
 
@@ -799,6 +818,8 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
             result = await asyncio.wait_for(backend.generate(job), timeout=args.request_timeout_s)
         except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError
             raise DeadlineExceeded(str(exc)) from exc
+        if request.attention_maps or len(result.pngs) > 1:  # JSON encoding off the event loop
+            return await asyncio.to_thread(render_result, request, job, result)
         return render_result(request, job, result)
 
     subjects_api.add_subject_routes(api, args, service, Request_,
