@@ -153,11 +153,11 @@ def test_a_cancelled_caller_leaves_and_a_failing_step_fails_only_its_jobs(replic
     real_step = engine.step
     calls = []
 
-    def fail_once(rows):
+    def fail_once(rows, joining=()):
         calls.append(len(rows))
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return real_step(rows)
+        return real_step(rows, joining)
     monkeypatch.setattr(engine, "step", fail_once)
 
     async def fail_then_serve():

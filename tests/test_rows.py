@@ -428,3 +428,48 @@ def test_rows_of_different_keys_cannot_share_a_step(components, change):
 def test_start_rejects_what_rows_cannot_run(components, seed, config, message):
     with pytest.raises(ValueError, match=message):
         RowEngine(components).start(RowRequest("a toy", seed, config))
+
+
+# ------------------------------------------------------------------------------- joining and the co-batch limit (issue 33)
+
+def test_joining_rows_take_g_step_0_in_the_running_call_and_still_match_alone(components, alone):
+    """A row that joins running rows has its G step 0 computed inside their E call: its first guided
+    step runs no G pass of its own, and its image and distances are those it gets alone."""
+    engine = RowEngine(components, co_batch=True)
+    first, late = engine.start(REQUESTS[0]), engine.start(REQUESTS[3])
+    engine.step([first])
+    with UNetCalls(components.unet) as counted:
+        engine.step([first], joining=[late])
+    assert late.index == 0 and late.g_index == 0  # its G step 0 is done, its E step not yet
+    assert len(counted.calls) == 2  # steer + one E call carrying first's G step 2 and late's G step 0
+    with UNetCalls(components.unet) as counted:
+        engine.step([first, late])
+    assert len(counted.calls) == 2  # no G pass for the newcomer's first guided step
+    active = [first, late]
+    while active:
+        engine.step(active)
+        active = [row for row in active if not row.done]
+    images = engine.decode([first, late])
+    _assert_as_alone(images[0:1], first.distances, alone[0])
+    _assert_as_alone(images[1:2], late.distances, alone[3])
+
+
+def test_co_batching_stops_when_the_call_would_exceed_its_limit(components, alone):
+    """With ``co_batch_limit`` images, G's rows join E's call only while the call stays that narrow;
+    wider, G runs its own pass (no call is ever wider than the limit) and the images do not change."""
+    wide = [REQUESTS[0], REQUESTS[1], REQUESTS[3]]
+    engine = RowEngine(components, co_batch=True, co_batch_limit=4)
+    rows = engine.start_many(wide)
+    with UNetCalls(components.unet) as counted:
+        active = list(rows)
+        while active:
+            engine.step(active)
+            assert max(engine.last_step.calls) <= 4
+            active = [row for row in active if not row.done]
+    cfg_rows = [sample.shape[0] // 2 for sample, grad in counted.calls if not grad]
+    assert max(cfg_rows) <= 4
+    images = engine.decode(rows)
+    for k, index in enumerate((0, 1, 3)):
+        _assert_as_alone(images[k:k + 1], rows[k].distances, alone[index])
+    with pytest.raises(ValueError, match="co_batch_limit"):
+        RowEngine(components, co_batch_limit=0)

@@ -30,10 +30,11 @@ class FlowRowEngine(RowEngine):
 
     flow = True
 
-    def __init__(self, components, co_batch: bool = True, adapter_method: str = "gather"):
+    def __init__(self, components, co_batch: bool = True, adapter_method: str = "gather",
+                 co_batch_limit: int | None = None):
         if not components.model_family.flow_matching:
             raise ValueError(f"FlowRowEngine runs the flow-matching families; {components.family!r} is not one")
-        super().__init__(components, co_batch, adapter_method)
+        super().__init__(components, co_batch, adapter_method, co_batch_limit)
         self.family = components.model_family
         self._schedules: dict[tuple[int, int], flow.FlowSchedule] = {}
 

@@ -115,7 +115,8 @@ class RowEngine:
 
     flow = False
 
-    def __init__(self, components: Components, co_batch: bool = True, adapter_method: str = "gather"):
+    def __init__(self, components: Components, co_batch: bool = True, adapter_method: str = "gather",
+                 co_batch_limit: int | None = None):
         if adapter_method not in METHODS:
             raise ValueError(f"adapter_method must be one of {METHODS}, got {adapter_method!r}")
         if components.model_family.flow_matching and not self.flow:
@@ -124,6 +125,9 @@ class RowEngine:
         self.components = components
         self.table = None if self.flow else ddim.DDIMTable.of(components.scheduler.config)
         self.co_batch = co_batch
+        if co_batch_limit is not None and co_batch_limit < 1:
+            raise ValueError(f"co_batch_limit must be >= 1 image or None, got {co_batch_limit}")
+        self.co_batch_limit = co_batch_limit  # the widest co-batched E call, in images (None: no limit)
         self.adapter_method = adapter_method
         self.device, self.dtype = components.device, components.denoiser.dtype  # fixed while serving; slow to ask
         self._timesteps_cache: dict[int, list[int]] = {}
@@ -196,16 +200,20 @@ class RowEngine:
     # ------------------------------------------------------------------ one step of every row
 
     @torch.no_grad()
-    def step(self, rows: list[Row]) -> list[Row]:
-        """Advance every row by one denoising step; returns the rows that finished."""
+    def step(self, rows: list[Row], joining: list[Row] = ()) -> list[Row]:
+        """Advance every row by one denoising step; returns the rows that finished.
+
+        ``joining``: new rows (at step 0) that start next step. Co-batched, their G step 0 runs in
+        this step's E call, so their first guided step needs no G pass of its own (one small UNet
+        call saved per arrival); they are not advanced."""
         if not rows:
             return []
-        if any(row.done for row in rows):
-            raise ValueError("a finished row cannot take another step; leave it out of the batch")
-        if len({row_key(row.config, self.components) for row in rows}) != 1:
+        if any(row.done for row in rows) or any(row.index for row in joining):
+            raise ValueError("a finished row cannot take another step, and joining rows are at step 0")
+        if len({row_key(row.config, self.components) for row in [*rows, *joining]}) != 1:
             raise ValueError("rows of one step must share a row_key (latent size, CFG, guidance layers)")
         guided = [row for row in rows if row.guided(row.index)]
-        ahead = [row for row in rows if self.co_batch and row.guided(row.index + 1)]
+        ahead = self._ahead(rows, joining)
         stats = self.last_step = StepStats()
         clock = time.perf_counter()
         with ExitStack() as stack:
@@ -229,6 +237,17 @@ class RowEngine:
         for row in rows:
             row.index += 1
         return [row for row in rows if row.done]
+
+    def _ahead(self, rows: list[Row], joining) -> list[tuple[Row, int]]:
+        """The (row, G's step) pairs that run inside E's call: each guided row's next G step and the
+        joining rows' G step 0, when co-batching is on and the call stays within ``co_batch_limit``
+        images (wider, it would only add memory: the separate G pass costs the same per image)."""
+        if not self.co_batch:
+            return []
+        ahead = [(row, row.index + 1) for row in rows if row.guided(row.index + 1)]
+        ahead += [(row, 0) for row in joining if row.guided(0)]
+        limit = self.co_batch_limit
+        return ahead if limit is None or len(rows) + len(ahead) <= limit else []
 
     def _guidance_pass(self, rows: list[Row], steps: list[int]) -> None:
         """G's step ``steps[b]`` for each row: its maps kept for the guidance, z_G moved on."""
@@ -266,10 +285,11 @@ class RowEngine:
         for b, row in enumerate(rows):
             row.z_e = moved[b:b + 1]
 
-    def _edit_pass(self, rows: list[Row], guided: list[Row], ahead: list[Row]) -> None:
-        """E's step for every row (and, co-batched, G's next step for ``ahead``); z_E moved on."""
+    def _edit_pass(self, rows: list[Row], guided: list[Row], ahead: list[tuple[Row, int]]) -> None:
+        """E's step for every row (and, co-batched, G's step ``i`` for each ``(row, i)`` of ``ahead``);
+        z_E moved on."""
         entries = [(row, row.request.edit_adapter, row.z_e, row.index) for row in rows]
-        entries += [(row, row.request.guidance_adapter, row.z_g, row.index + 1) for row in ahead]
+        entries += [(row, row.request.guidance_adapter, row.z_g, i) for row, i in ahead]
         eps, maps = self._predict(entries, record=bool(guided or ahead))
         n = len(rows)
         measured = {id(row) for row in guided}
@@ -279,7 +299,7 @@ class RowEngine:
                 row.distances.append(float(guidance.attention_distance(
                     maps_e, row.maps_g, row.mask, row.config.distance)[0]))
         if ahead:
-            self._advance_guidance(ahead, [row.index + 1 for row in ahead], eps[n:],
+            self._advance_guidance([row for row, _ in ahead], [i for _, i in ahead], eps[n:],
                                    {name: value[n:] for name, value in maps.items()})
         z = self._ddim(torch.cat([row.z_e for row in rows]), eps[:n], [row.timesteps[row.index] for row in rows],
                        rows)

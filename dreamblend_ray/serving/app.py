@@ -241,7 +241,9 @@ class DreamBlendModel:
         from dreamblend_ray.serving.continuous import ContinuousBatch
 
         try:
-            engine = row_engine(self.components, co_batch=True)  # the family's engine (Flux, SD3: flow rows)
+            # the family's engine (Flux, SD3: flow rows); G co-batched into E's call while that call
+            # stays within max_batch_size images, so it is never wider than a static batch's
+            engine = row_engine(self.components, co_batch=True, co_batch_limit=self.args.max_batch_size)
         except ValueError as exc:
             logger.warning("static batching: %s", exc)
             return None

@@ -7,7 +7,10 @@ steps, join a running batch at its next step, and are answered the moment their 
 
 One asyncio task (:meth:`ContinuousBatch._loop`) runs while there is work: it admits waiting jobs,
 then runs one step of every active row (``RowEngine.step``) in a worker thread, with the replica's
-UNet lock held for that step only, so a subject's adapters can load between two steps. A job is
+UNet lock held for that step only, so a subject's adapters can load between two steps. Jobs admitted
+while rows run join them: their G step 0 rides in that step's E call (``RowEngine.step``'s
+``joining``), and they take their first guided step with the others at the next step, so an
+arrival costs no UNet call of its own. A job is
 admitted when its rows can share the active rows' steps (same ``rows.row_key``) and fewer than
 ``max_requests`` jobs are active; a job that cannot join waits, and jobs that arrived after it wait
 behind it, so nobody starves. Jobs past their deadline, or whose caller went away, leave at the
@@ -121,15 +124,19 @@ class ContinuousBatch:
     def _step(self, admitted: list[Pending]) -> None:
         """Blocking: start the admitted jobs' rows, then one step of every active row."""
         with self.lock:
-            self.active.extend(self._start(admitted))
+            started = self._start(admitted)
             self._drop_gone(self.active)
             rows = [row for pending in self.active for row in pending.rows if not row.done]
+            joining = [row for pending in started for row in pending.rows]
+            if not rows:  # nothing running: the newcomers step now
+                rows, joining = joining, []
+            self.active.extend(started)
             for pending in self.active:
                 pending.peers = max(pending.peers, len(self.active))
-                pending.peer_rows = max(pending.peer_rows, len(rows))
-            finished = self.engine.step(rows)
+                pending.peer_rows = max(pending.peer_rows, len(rows) + len(joining))
+            finished = self.engine.step(rows, joining)
             self.steps += 1
-            self._report_step(rows)
+            self._report_step(rows + joining)
             if finished:
                 self._finish(finished)
 
