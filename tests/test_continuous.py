@@ -9,7 +9,6 @@ Serve context) on the tiny model with three really fine-tuned LoRA subjects. The
 import asyncio
 import io
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,9 +16,6 @@ from PIL import Image
 
 from ball_subjects import SUBJECTS, finetune_balls  # tests/ is on sys.path
 from dreamblend_ray.config import SamplingConfig
-from dreamblend_ray.method.sampler import DreamBlendSampler
-from dreamblend_ray.serving.fair_lock import FairRLock
-from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.batching import GenerationJob
 from dreamblend_ray.serving.continuous import ContinuousBatch
@@ -37,16 +33,8 @@ def storage_root(tmp_path_factory, tiny_components, one_torch_thread):
 @pytest.fixture()
 def replica(storage_root, tiny_components):
     """The model replica as ``__init__`` builds it (continuous batching), minus Serve."""
-    cls = DreamBlendModel.func_or_class
-    model = cls.__new__(cls)
-    model.args = AppArgs(base="tiny", storage_root=storage_root, max_batch_size=4)
-    model.components = tiny_components
-    model.sampler = DreamBlendSampler(tiny_components)
-    model.unet_lock = FairRLock()
-    model.materialised = {}
-    model.adapter_users = Counter()
-    model.telemetry = ReplicaTelemetry(model.components.family)
-    model.continuous = model._continuous_batch()
+    model = DreamBlendModel.func_or_class.local(AppArgs(base="tiny", storage_root=storage_root, max_batch_size=4),
+                                                tiny_components)
     yield model
     remove_adapters(tiny_components.unet, list(getattr(tiny_components.unet, "peft_config", None) or {}))
 

@@ -8,7 +8,6 @@ through ``dreamblend generate`` and ``dreamblend attention``; every --base valid
 
 import io
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,8 +20,6 @@ from dreamblend_ray.method.flow_rows import FlowRowEngine, row_engine
 from dreamblend_ray.method.rows import RowEngine
 from dreamblend_ray.method.sampler import DreamBlendSampler
 from dreamblend_ray.models.components import BUILTIN_BASES, load_components, resolve_base
-from dreamblend_ray.serving.fair_lock import FairRLock
-from dreamblend_ray.serving.telemetry import ReplicaTelemetry
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.requests import AppArgs, GenerateRequest, build_job
 from dreamblend_ray.training.finetune import finetune_subject
@@ -53,15 +50,7 @@ def roots(tmp_path_factory):
 def replica(base: str, root):
     """The Serve replica class with its base loaded as ``__init__`` loads it (no Serve context)."""
     args = AppArgs(base=base, storage_root=str(root), default_steps=STEPS)
-    model = DreamBlendModel.func_or_class.__new__(DreamBlendModel.func_or_class)
-    model.args = args
-    model.components = load_components(args.base, device="cpu")
-    model.sampler = DreamBlendSampler(model.components)
-    model.unet_lock = FairRLock()
-    model.materialised = {}
-    model.adapter_users = Counter()
-    model.telemetry = ReplicaTelemetry(model.components.family)
-    return model
+    return DreamBlendModel.func_or_class.local(args, load_components(args.base, device="cpu"))
 
 
 @pytest.mark.parametrize("base", KINDS)

@@ -31,10 +31,8 @@ import logging
 import os
 import resource
 import sys
-import threading
 import time
 from collections import Counter
-from functools import partial
 
 import ray
 from ray import serve
@@ -213,6 +211,23 @@ class DreamBlendModel:
         self.generate_batch.set_max_batch_size(self.args.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         logger.info("replica %s ready: base %s on %s", self.replica, self.components.source, device)
+
+    @classmethod
+    def local(cls, args: AppArgs, components) -> "DreamBlendModel":
+        """A replica without Serve (tests, benchmarks): ``components`` loaded, the continuous batch
+        as ``args`` asks; no multiplexed LRU (pin ``LoadedPair``s yourself), no deletion watcher."""
+        from dreamblend_ray.method.sampler import DreamBlendSampler
+
+        model = cls.__new__(cls)
+        model.args, model.components = args, components
+        model.sampler = DreamBlendSampler(components)
+        model.telemetry = ReplicaTelemetry(components.family)
+        model.unet_lock = FairRLock()
+        model.model_lock = asyncio.Lock()
+        model.materialised, model.adapter_users, model.pending = {}, Counter(), []
+        model.replica, model.batches = "local", 0
+        model.continuous = model._continuous_batch()
+        return model
 
     async def _load(self, model_id: str) -> LoadedPair:
         handle = LoadedPair(model_id, self)
