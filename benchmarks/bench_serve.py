@@ -55,10 +55,22 @@ minutes), so the suite's defaults are small: 32 requests per level, whose p99 is
 2 CPU cores shared with other jobs (load average 3 to 6), half of it in the open loops; figures from
 such a machine move by some 30% between runs (the static peak read 0.70 and 0.93 images/s).
 
+``--suite metrics`` (issue 30, what the ``dreamblend_*`` Prometheus metrics cost) fine-tunes the one
+``bench`` subject of ``--suite modes`` and deploys the app with ``metrics`` on and off (``AppArgs.metrics``:
+False turns recording off in every replica; the access log and request ids stay on in both), ``--rounds``
+times each, alternating (round 1 on then off, round 2 off then on, ...) so that the drift of a shared
+machine falls on both. Each run is a fresh deployment, a warm-up of one request per client, then
+``--requests`` requests from ``--clients`` (16) closed-loop clients. Its ``RESULT`` holds every run, the
+median images/s per variant (and its spread over rounds: (max - min) / median), the median p50/p95 over
+rounds, the on/off ratio of each round, and the headline ``metrics_on_to_off_throughput`` (median on over
+median off; target >= 0.98) with ``targets_met``. A spread between rounds wider than 2% means one such run
+cannot resolve the target: raise ``--rounds`` and ``--requests``.
+
     .venv/bin/python benchmarks/bench_serve.py                 # tiny model, 5 DDIM steps
     .venv/bin/python benchmarks/bench_serve.py --steps 10 --modes batched --concurrency 16 64
     .venv/bin/python benchmarks/bench_serve.py --suite subjects                # 16 subjects, both batchings
     .venv/bin/python benchmarks/bench_serve.py --suite subjects --batchings static --requests 32
+    .venv/bin/python benchmarks/bench_serve.py --suite metrics --rounds 3 --requests 64   # metrics on against off
 """
 
 from __future__ import annotations
@@ -374,6 +386,78 @@ def run_subjects(args, url: str, root: str, subjects: list[str]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# --suite metrics (issue 30): the dreamblend_* metrics on against off
+
+METRICS_TARGET = ("metrics_on_to_off_throughput", ">=", 0.98)
+
+
+def variant_order(round_index: int) -> tuple[str, str]:
+    """Round 0 runs on then off, round 1 off then on, ...: drift hits both variants alike."""
+    return ("on", "off") if round_index % 2 == 0 else ("off", "on")
+
+
+def bench_metrics_run(url: str, app_args: dict, body: dict, args) -> dict:
+    """One fresh deployment: a warm-up request per client, then ``--requests`` closed-loop requests."""
+    from ray import serve
+
+    from dreamblend_ray.serving.app import build_app
+
+    serve.run(build_app(app_args), name="dreamblend", route_prefix="/")
+    drive(url, body, args.clients, args.clients)  # warm-up: loads the subject's pair, fills a batch once
+    return drive(url, body, args.clients, args.requests)
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median, the run-to-run spread of a variant's rounds."""
+    return round((max(values) - min(values)) / statistics.median(values), 3)
+
+
+def summarise_variant(rows: list[dict]) -> dict:
+    rates = [row["images_per_s"] for row in rows]
+    return {"images_per_s": round(statistics.median(rates), 3), "images_per_s_rounds": rates,
+            "spread": spread(rates), "p50_s": round(statistics.median(r["p50_s"] for r in rows), 3),
+            "p95_s": round(statistics.median(r["p95_s"] for r in rows), 3)}
+
+
+def print_metrics_table(runs: list[dict], variants: dict, per_round: list[float], headline: float, args) -> None:
+    print(f"\nDreamBlend Serve, metrics on against off: base={args.base}, {args.steps} DDIM steps, 1 image/request, "
+          f"one model replica, {args.clients} closed-loop clients, {args.requests} requests per run")
+    print(f"{'round':>5} {'order':>6} {'metrics':>7} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} {'mean batch':>10}")
+    for run in runs:
+        print(f"{run['round']:>5} {run['order']:>6} {run['metrics']:>7} {run['images_per_s']:>7.3f} "
+              f"{run['p50_s']:>7.3f} {run['p95_s']:>7.3f} {run['mean_batch']:>10.2f}")
+    for name, summary in variants.items():
+        print(f"metrics {name:<3}: median {summary['images_per_s']:.3f} img/s "
+              f"(rounds {summary['images_per_s_rounds']}, "
+              f"spread {summary['spread']:.1%}), median p50 {summary['p50_s']:.3f} s, p95 {summary['p95_s']:.3f} s")
+    name, op, bound = METRICS_TARGET
+    print(f"{name}: {headline}x (target {op} {bound}); per round: {per_round}")
+
+
+def run_metrics(args, url: str, root: str, subject: str) -> dict:
+    body = {"subject_id": subject, "prompt": "a sks ball on the grass", "num_inference_steps": args.steps}
+    common = {"base": args.base, "storage_root": root, "num_cpus": 1, "ingress_num_cpus": 0.1,
+              "batch_wait_timeout_s": args.batch_wait_timeout_s, "request_timeout_s": 600}
+    runs = []
+    for index in range(args.rounds):
+        for position, name in enumerate(variant_order(index)):
+            row = bench_metrics_run(url, {**common, "metrics": name == "on"}, body, args)
+            runs.append({"round": index + 1, "order": position + 1, "metrics": name, **row})
+            logging.getLogger("bench").info("round %d, metrics %s: %s", index + 1, name, row)
+    by_variant = {name: [r for r in runs if r["metrics"] == name] for name in ("on", "off")}
+    variants = {name: summarise_variant(rows) for name, rows in by_variant.items()}
+    headline = round(variants["on"]["images_per_s"] / variants["off"]["images_per_s"], 3)
+    per_round = [round(on["images_per_s"] / off["images_per_s"], 3)
+                 for on, off in zip(by_variant["on"], by_variant["off"])]
+    print_metrics_table(runs, variants, per_round, headline, args)
+    name, op, bound = METRICS_TARGET
+    return {"suite": "metrics", "base": args.base, "steps": args.steps, "clients": args.clients,
+            "requests": args.requests, "rounds": args.rounds, "runs": runs, "variants": variants,
+            "on_to_off_rounds": per_round, "ratios": {name: headline}, "targets": {name: f"{op} {bound}"},
+            "targets_met": {name: headline >= bound}}
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def run_modes(args, url: str, root: str, subject: str) -> dict:
@@ -396,8 +480,9 @@ def run_modes(args, url: str, root: str, subject: str) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("modes", "subjects"), default="modes",
-                        help="modes: one subject, the batching/queueing modes (default); subjects: issue 20")
+    parser.add_argument("--suite", choices=("modes", "subjects", "metrics"), default="modes",
+                        help="modes: one subject, the batching/queueing modes (default); subjects: issue 20; "
+                             "metrics: issue 30, metrics on against off")
     parser.add_argument("--base", default="tiny", help="base model (default tiny)")
     parser.add_argument("--steps", type=int, default=5, help="DDIM steps per request")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
@@ -406,8 +491,9 @@ def parse_args() -> argparse.Namespace:
     modes.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     modes.add_argument("--concurrency", type=int, nargs="+", default=None,
                        help="levels for every mode (default: each mode's own, see above)")
-    modes.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
-    subjects = parser.add_argument_group("--suite subjects")
+    modes.add_argument("--rounds", type=int, default=3,
+                       help="modes: requests per client at each level; metrics: rounds of on and off")
+    subjects = parser.add_argument_group("--suite subjects (--clients and --requests also --suite metrics)")
     subjects.add_argument("--batchings", nargs="+", choices=BATCHINGS, default=list(BATCHINGS),
                           help="app batching modes to compare (static runs first: it defines the peak)")
     subjects.add_argument("--subject-counts", type=int, nargs="+", default=[1, 4, 16],
@@ -421,9 +507,10 @@ def parse_args() -> argparse.Namespace:
     subjects.add_argument("--arrival-seed", type=int, default=0, help="seed of the Poisson arrival times")
     subjects.add_argument("--max-batch-size", type=int, default=None, help="app max_batch_size (default: the app's)")
     args = parser.parse_args()
-    counts = args.subject_counts + [args.clients, args.requests, args.open_requests, args.floor_requests]
+    counts = args.subject_counts + [args.clients, args.requests, args.open_requests, args.floor_requests,
+                                    args.rounds]
     if min(counts) < 1:
-        parser.error("subject counts, clients and request counts must be >= 1")
+        parser.error("subject counts, clients, request counts and rounds must be >= 1")
     if min(args.loads) <= 0:
         parser.error("--loads must be > 0")
     args.subject_counts = sorted(set(args.subject_counts))
@@ -452,6 +539,8 @@ def main() -> None:
     try:
         if args.suite == "subjects":
             result = run_subjects(args, url, root, subjects)
+        elif args.suite == "metrics":
+            result = run_metrics(args, url, root, subject)
         else:
             result = run_modes(args, url, root, subject)
     finally:

@@ -83,6 +83,24 @@ def test_bench_serve_runs_and_reports(tmp_path):
     assert set(result["targets_met"]) == set(result["targets"]) == set(result["ratios"])
 
 
+@pytest.mark.slow
+def test_bench_serve_metrics_suite_runs_and_reports(tmp_path):
+    """The metrics on/off suite (issue 30) at toy size: one round of each variant, 2 clients."""
+    result = run_script("bench_serve.py", "--suite", "metrics", "--rounds", "1", "--clients", "2",
+                        "--requests", "2", "--steps", "1", cwd=tmp_path)
+    assert (result["suite"], result["rounds"], result["clients"], result["requests"]) == ("metrics", 1, 2, 2)
+    assert [(r["round"], r["order"], r["metrics"]) for r in result["runs"]] == [(1, 1, "on"), (1, 2, "off")]
+    for row in result["runs"]:
+        assert row["images_per_s"] > 0 and row["mean_batch"] >= 1 and 0 < row["p50_s"] <= row["p95_s"], row
+    for name in ("on", "off"):
+        variant = result["variants"][name]
+        assert variant["images_per_s_rounds"] == [variant["images_per_s"]] and variant["spread"] == 0.0
+    ratio = result["ratios"]["metrics_on_to_off_throughput"]
+    assert ratio > 0 and result["on_to_off_rounds"] == [ratio]
+    assert result["targets"] == {"metrics_on_to_off_throughput": ">= 0.98"}
+    assert result["targets_met"] == {"metrics_on_to_off_throughput": ratio >= 0.98}
+
+
 # --------------------------------------------------------------------------------------------
 # issue 18: the benchmarks on an SDXL base
 
