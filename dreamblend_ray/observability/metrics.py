@@ -4,7 +4,7 @@ Each metric is a ``ray.util.metrics`` object, created on first use in a process 
 Serve replica, an actor, a task, a driver), so it appears on every node's Prometheus export. Outside
 Ray (unit tests, a library caller) recording still works: every metric keeps a process-local copy of
 its values (:meth:`Metric.value`, :meth:`Metric.count`), which the replica's status view and the tests
-read. :func:`set_enabled` (False) turns recording into a no-op, which ``bench_serve --metrics off``
+read. :func:`set_enabled` (False) turns recording into a no-op, which ``bench_serve.py --suite metrics``
 uses to measure what the metrics cost.
 
 Label values are checked against the catalog's label names (a missing or extra label is a

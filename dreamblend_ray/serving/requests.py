@@ -127,7 +127,7 @@ class AppArgs(BaseModel):
         "text", description="the replicas' log lines: text, or json (one object per line: time, level, logger, "
                             "message, request_id, route, status, latency_ms, tenant)")
     metrics: bool = Field(True, description="record the dreamblend_* Prometheus metrics (off only to measure "
-                                            "their cost: benchmarks/bench_serve.py --metrics off)")
+                                            "their cost: benchmarks/bench_serve.py --suite metrics)")
     # the subject service (docs/lifecycle.md): uploads, trainings on the cluster, webhooks, async jobs
     subjects_service: bool = Field(True, description="serve POST/DELETE /v1/subjects, cancel and /v1/jobs (a "
                                                      "scheduler actor per storage root runs the trainings)")
