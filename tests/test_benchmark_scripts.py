@@ -191,3 +191,14 @@ def test_bench_quotas_runs_and_reports(tmp_path):
         assert result[variant]["calls"] == 20 and 0 < result[variant]["median_us"] <= result[variant]["p95_us"]
     assert result["actor_throughput"]["checks_per_s"] > 0
     assert result["ratio_actor_to_in_process_median"] > 0
+
+
+@pytest.mark.slow
+def test_bench_hostage_runs_and_reports(tmp_path):
+    result = run_script("bench_hostage.py", "--repeats", "1", "--maps-prompts", "1", "--maps-steps", "8",
+                        "--short-steps", "2", cwd=tmp_path)
+    medians = result["median_s"]
+    assert set(medians) == {"alone", "behind maps, whole-call lock", "behind maps, step lock"}
+    assert all(value > 0 for value in medians.values())
+    assert result["maps_step_when_short_answered"]["behind maps, whole-call lock"] == [8]  # it waited to the end
+    assert result["behind_to_alone_step_lock"] > 0 and result["behind_to_alone_whole_call"] > 0
