@@ -235,6 +235,8 @@ class RowEngine:
         stats.guidance_s += edit_s * len(ahead) / wide
         stats.plain_s = edit_s * len(rows) / wide
         for row in rows:
+            if not row.guided(row.index + 1):
+                row.maps_g = {}  # G's maps are spent: free them now, not when the row finishes
             row.index += 1
         return [row for row in rows if row.done]
 
