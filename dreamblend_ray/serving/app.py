@@ -31,8 +31,10 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray import serve
@@ -104,6 +106,7 @@ class LoadedPair:
         self.manifest = None
         self.pins = 0
         self.evicted = False
+        self._pins_lock = threading.Lock()  # pins of a loaded pair never wait for the UNet lock
 
     def fetch(self):
         """Blocking, no lock needed: read and check the pair's files (None when already loaded), so
@@ -141,24 +144,37 @@ class LoadedPair:
             raise serving.subject_load_error(self.subject_id, exc) from exc
 
     def pin(self):
-        """Blocking: load if needed and hold the pair until :meth:`unpin`. Returns the pair."""
+        """Blocking: load if needed and hold the pair until :meth:`unpin`. Returns the pair.
+
+        A loaded pair is pinned without the UNet lock: a request must not wait for the running
+        step to count itself in (and out, :meth:`unpin`): that cost every request up to two steps."""
+        with self._pins_lock:
+            if self.pair is not None and not self.evicted:
+                self.pins += 1
+                return self.pair
         files = self.fetch()
         with self._replica.unet_lock:
             pair = self.ensure(files)
-            self.pins += 1
+            with self._pins_lock:
+                self.pins += 1
             return pair
 
     def unpin(self) -> None:
-        with self._replica.unet_lock:
+        with self._pins_lock:
             self.pins -= 1
-            if self.pins == 0 and self.evicted:
-                self._unload()
+            unload = self.pins == 0 and self.evicted
+        if unload:
+            with self._replica.unet_lock, self._pins_lock:
+                if self.pins == 0:
+                    self._unload()
 
     def close(self) -> None:
         """Evicted: unload now, or when the last user unpins (idempotent)."""
         with self._replica.unet_lock:
-            self.evicted = True
-            if self.pins == 0:
+            with self._pins_lock:
+                self.evicted = True
+                idle = self.pins == 0
+            if idle:
                 self._unload()
 
     def _unload(self) -> None:
@@ -191,6 +207,7 @@ class DreamBlendModel:
                                            dtype=select_dtype(device, self.args.dtype))
         self.sampler = DreamBlendSampler(self.components)
         self.telemetry = ReplicaTelemetry(self.components.family)
+        self.static_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamblend-static")
         self.unet_lock = FairRLock()  # re-entrant (a finaliser may run on a thread holding it), FIFO
         self.model_lock = asyncio.Lock()
         self.materialised: dict[str, LoadedPair] = {}  # model id -> its pair on the UNet
@@ -222,6 +239,7 @@ class DreamBlendModel:
         model.args, model.components = args, components
         model.sampler = DreamBlendSampler(components)
         model.telemetry = ReplicaTelemetry(components.family)
+        model.static_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamblend-static")
         model.unet_lock = FairRLock()
         model.model_lock = asyncio.Lock()
         model.materialised, model.adapter_users, model.pending = {}, Counter(), []
@@ -428,7 +446,8 @@ class DreamBlendModel:
         self.telemetry.rows("static", images)
         last[0] = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(self._sample, handle, live, stop_when_late)
+            outputs = await asyncio.get_running_loop().run_in_executor(self.static_thread, self._sample, handle,
+                                                                       live, stop_when_late)
         finally:
             self.telemetry.rows("static", 0)
         loaded = self.loaded_models()
