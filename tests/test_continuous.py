@@ -8,6 +8,7 @@ Serve context) on the tiny model with three really fine-tuned LoRA subjects. The
 
 import asyncio
 import io
+import threading
 import time
 
 import numpy as np
@@ -211,3 +212,32 @@ def test_a_continuous_request_finishes_while_a_long_maps_request_runs(replica):
     assert len(long_outputs[0].pngs) == 4 and long_outputs[0].attention
     diff = np.abs(pixels(output.pngs[0]) - alone(replica, short_job))  # interleaving changed nothing
     assert diff.max() <= 1
+
+
+def test_a_loaded_pair_is_pinned_and_unpinned_without_waiting_for_the_running_step(replica):
+    """Issue 33: counting a request in and out of a loaded pair must not wait for the UNet lock
+    (held by the running step), or every request pays up to two steps of latency."""
+    handle = LoadedPair("green", replica)
+    handle.pin()  # loads it (this takes the lock)
+    handle.unpin()
+    held, release = threading.Event(), threading.Event()
+
+    def running_step():
+        with replica.unet_lock:
+            held.set()
+            release.wait(10)
+    stepper = threading.Thread(target=running_step)
+    stepper.start()
+    held.wait(10)
+    try:
+        start = time.perf_counter()
+        pinned = threading.Thread(target=lambda: (handle.pin(), handle.unpin()))
+        pinned.start()
+        pinned.join(2)
+        assert not pinned.is_alive(), "pin/unpin waited for the UNet lock"
+        assert time.perf_counter() - start < 2 and handle.pins == 0
+    finally:
+        release.set()
+        stepper.join()
+    handle.close()  # evicted while idle: unloaded at once (this takes the lock)
+    assert handle.pair is None and "green" not in replica.loaded_models()
