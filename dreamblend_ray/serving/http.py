@@ -238,6 +238,22 @@ class StatusView(BaseModel):
     latency: RecentLatency
 
 
+async def _ask_replica(call, what: str, tenant: str) -> tuple[dict | None, list]:
+    """One model replica's answer to ``call`` (a coroutine) within HEALTH_TIMEOUT_S, and its loaded
+    model ids of ``tenant`` only (parsed); (None, []) when the replica did not answer."""
+    try:
+        model = await asyncio.wait_for(call, timeout=HEALTH_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any failure of the replica is "unavailable"
+        logger.warning("%s: the model replica did not answer: %r", what, exc)
+        return None, []
+    own = [serving.parse_model_id(m) for m in model.get("loaded_models", [])]
+    return model, [m for m in own if m.tenant == tenant]
+
+
+def _unavailable() -> JSONResponse:
+    return _error(503, "the model replica did not answer", {"Retry-After": "1"})
+
+
 def recent_latency(recent, now: float | None = None) -> RecentLatency:
     """Percentiles of the ingress's recent generation latencies (``access.AccessMiddleware.recent``)."""
     entries = list(recent)
@@ -710,15 +726,10 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
         with the caller's own loaded subjects only."""
         if not deep:
             return Health()
-        try:
-            model = await asyncio.wait_for(backend.model_health(), timeout=HEALTH_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - any failure of the replica is "unavailable"
-            logger.warning("deep health: the model replica did not answer: %r", exc)
-            return _error(503, "the model replica did not answer", {"Retry-After": "1"})
-        tenant = tenant_of(http_request)
-        own = [serving.parse_model_id(m) for m in model.get("loaded_models", [])]
-        model["loaded_models"] = [serving.model_id_for(m.subject_id, m.guidance_step, m.edit_step)
-                                  for m in own if m.tenant == tenant]
+        model, own = await _ask_replica(backend.model_health(), "deep health", tenant_of(http_request))
+        if model is None:
+            return _unavailable()
+        model["loaded_models"] = [serving.model_id_for(m.subject_id, m.guidance_step, m.edit_step) for m in own]
         return Health(model=model)
 
     @api.get("/v1/status", response_model=StatusView, summary="The batch at work: queue, rows per step, latencies",
@@ -727,14 +738,10 @@ def make_api(args: AppArgs, backend: serving.Backend, read_manifest, list_subjec
         """One model replica's queue depth, active rows, images per UNet call and step time over its
         recent steps, the guidance share of that time, the caller's loaded subjects, and this
         ingress's recent generation latencies (what the playground's status panel polls)."""
-        try:
-            model = await asyncio.wait_for(backend.model_status(), timeout=HEALTH_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - any failure of the replica is "unavailable"
-            logger.warning("status: the model replica did not answer: %r", exc)
-            return _error(503, "the model replica did not answer", {"Retry-After": "1"})
-        tenant = tenant_of(http_request)
-        own = [serving.parse_model_id(m) for m in model.pop("loaded_models", [])]
-        subjects = sorted({m.subject_id for m in own if m.tenant == tenant})
+        model, own = await _ask_replica(backend.model_status(), "status", tenant_of(http_request))
+        if model is None:
+            return _unavailable()
+        subjects = sorted({m.subject_id for m in own})
         fields = {name: model.get(name) for name in StatusView.model_fields if name in model}
         return StatusView(**fields, loaded_subjects=subjects, latency=recent_latency(api.state.recent))
 
