@@ -17,30 +17,19 @@ where kubectl is installed.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dreamblend_ray.observability import catalog
+from test_k8s import _load_module  # tests/ is on sys.path: the one loader of the k8s/ scripts
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "k8s" / "monitoring"
-
-
-def _load_module(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 vmon = _load_module("dreamblend_k8s_validate_monitoring", REPO / "k8s" / "validate_monitoring.py")

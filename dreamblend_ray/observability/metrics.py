@@ -31,10 +31,6 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 GAUGE_REFRESH_S = 1.0
 _refresher: threading.Thread | None = None
 

@@ -351,7 +351,7 @@ class DreamBlendModel:
     async def generate(self, job: GenerationJob) -> GenerationResult | Exception:
         """The job's result, or the client-facing exception as a value (raised by the ingress, so its
         type survives the trip instead of arriving wrapped in a RayTaskError)."""
-        with context.bound(request=job.request_id):
+        with context.bound(request=job.request_id, tenant_id=serving.parse_model_id(job.model_id).tenant):
             return await self._generate(job)
 
     async def _generate(self, job: GenerationJob) -> GenerationResult | Exception:
