@@ -2,10 +2,11 @@
 disposition, a bounded grace period, no process left behind (SIGKILL of the driver included), and a
 console without library chatter.
 
-Processes are looked up by a marker in their environment, never by name: every process a command
-starts (Ray's included) inherits DREAMBLEND_TEST_MARKER from it.
+Processes are looked up by a marker in their environment and by descent, never by name: every
+process a command starts (Ray's included) inherits DREAMBLEND_TEST_MARKER from it.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,17 +29,48 @@ IGNORING_SIGINT = ["-c", "import os, signal, sys; signal.signal(signal.SIGINT, s
 
 
 def marked(marker: str) -> list[int]:
+    """The living processes that carry ``marker`` in their environment or descend from one that
+    does, and those seen so before that still run (Ray's agents overwrite their environment with
+    their process title, so once the raylet is gone only an earlier look finds them)."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
     needle = f"DREAMBLEND_TEST_MARKER={marker}".encode()
-    pids = []
+    todo = [pid for pid in table if needle in environment(pid)]
+    seen, visited = SEEN.setdefault(marker, {}), set()
+    while todo:
+        pid = todo.pop()
+        if pid not in visited:
+            visited.add(pid)
+            seen[pid] = table[pid][1]
+            todo.extend(children.get(pid, ()))
+    return sorted(pid for pid, start in seen.items() if pid in table and table[pid][1] == start)
+
+
+SEEN: dict[str, dict[int, int]] = {}  # marker -> pid -> start time of every process marked() found
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time) of every living, non-zombie process."""
+    table = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/environ", "rb") as handle:
-                    if needle in handle.read().split(b"\0"):
-                        pids.append(int(entry))
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
             except OSError:
-                pass
-    return pids
+                continue
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if fields[0] not in (b"Z", b"X"):
+                table[int(entry)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def environment(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def describe(pids: list[int]) -> list[str]:
@@ -83,6 +115,7 @@ class Background:
             if self.process.poll() is not None:
                 pytest.fail(f"exited with {self.process.returncode} during {what}:\n{self.console()[-3000:]}")
             if ready():
+                marked(self.marker)  # note the processes it started, while their parents live
                 return
             time.sleep(0.5)
         self.kill()
@@ -141,7 +174,12 @@ DRIVER = textwrap.dedent("""
         reaper = lifecycle.Reaper(marker)
         env = dict(os.environ, DREAMBLEND_CLUSTER_ID=marker)
         stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
-        for code in ("import time; time.sleep(600)", stubborn):
+        # like Ray's agents: a grandchild whose environment no longer shows the marker, left with
+        # parent 1 when its parent (marked) exits 3 s later, before the driver is killed
+        orphaning = ("import os, subprocess, sys, time; env = dict(os.environ); env.pop('DREAMBLEND_CLUSTER_ID'); "
+                     "subprocess.Popen([sys.executable, '-c', %r], env=env, start_new_session=True); "
+                     "time.sleep(3)" % stubborn)
+        for code in ("import time; time.sleep(600)", stubborn, orphaning):
             # a child that outlives its parent, like Ray's agents
             subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
         print("UP", flush=True)
@@ -189,6 +227,49 @@ def test_sweep_also_ends_processes_started_after_its_first_scan():
         parent.wait(timeout=10)
 
 
+STUBBORN_ORPHAN = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    env = dict(os.environ)
+    env.pop("DREAMBLEND_CLUSTER_ID")  # as if its title had overwritten its environment
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    print(child.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_sweep_ends_an_unmarked_descendant_seen_before_its_parent_died():
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, **{lifecycle.MARKER_ENV: marker})
+    parent = subprocess.Popen([sys.executable, "-c", STUBBORN_ORPHAN], env=env, stdout=subprocess.PIPE)
+    child = int(parent.stdout.readline())
+    try:
+        assert lifecycle.marked_pids(marker) == {parent.pid}
+        known = lifecycle.cluster_processes(marker)
+        assert set(known) == {parent.pid, child}
+        parent.kill()
+        parent.wait(timeout=10)
+        assert lifecycle.marked_pids(marker) == set() and lifecycle.living({child: known[child]})
+        assert lifecycle.sweep(marker, known, term_wait_s=0.5) == 0
+        assert not lifecycle.living({child: known[child]})
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_reused_pid_is_not_taken_for_the_process_seen_before():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        parent, start = lifecycle.identity(sleeper.pid)
+        assert parent == os.getpid()
+        assert lifecycle.living({sleeper.pid: start}) == {sleeper.pid: start}
+        assert lifecycle.living({sleeper.pid: start + 1}) == {}  # another process under the same pid
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=10)
+    assert lifecycle.identity(sleeper.pid) is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_a_command_that_inherited_sigint_ignored(background, tmp_path, signum, code):
@@ -204,6 +285,7 @@ def test_signal_stops_a_command_that_inherited_sigint_ignored(background, tmp_pa
 @pytest.mark.slow
 def test_sigkill_of_the_driver_leaves_no_process(background, tmp_path):
     command = start_driver(background, tmp_path)
+    time.sleep(4)  # the orphaning child has exited: its grandchild is unmarked, with parent 1
     command.process.kill()
     left = wait_until_gone(command.marker, 15)
     assert not left, describe(left)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+import sys
 import uuid
 
 HEADER = "x-request-id"
@@ -53,11 +54,12 @@ def current_request_id() -> str | None:
 
 
 def _serve_request_id() -> str | None:
-    try:
-        from ray.serve.context import _get_serve_request_context
-    except ImportError:  # pragma: no cover - Ray is a dependency
+    """Serve's request id, only where Serve is loaded already (a replica): importing it from a log
+    filter would cost a second and re-attach Serve's own console handler mid-record."""
+    serve_context = sys.modules.get("ray.serve.context")
+    if serve_context is None:
         return None
-    value = _get_serve_request_context().request_id
+    value = serve_context._get_serve_request_context().request_id
     return value if valid_request_id(value) else None
 
 

@@ -10,9 +10,11 @@
 - :func:`init_ray`: connect to a cluster, or start a local one owned by this process. A local
   cluster is guarded by a reaper: a small process that waits for this one to end (however it
   ends, SIGKILL included) and then ends every process of the cluster. Ray's processes are found
-  by a marker in their environment (every one of them descends from this process), because some
-  of them outlive their parent and ignore SIGTERM (Ray 2.60: ``ray::DashboardAgent`` and
-  ``ray::RuntimeEnvAgent`` stay behind with parent 1 after SIGKILL of the driver).
+  by a marker in their environment (every one of them descends from this process) and by descent
+  from a marked one, noted every second while the driver lives, because some of them outlive
+  their parent, ignore SIGTERM and overwrite their environment with their title (Ray 2.60:
+  ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` stay behind with parent 1 after SIGKILL
+  of the driver).
 - :func:`stop_serve` / :func:`shutdown`: an orderly stop, Serve first (its replicas finish their
   in-flight requests), then Ray, then the reaper's sweep, all within the grace period.
 
@@ -468,56 +470,113 @@ def marked_pids(marker: str) -> set[int]:
     """Processes whose initial environment carries ``MARKER_ENV=marker``."""
     needle = f"{MARKER_ENV}={marker}".encode()
     found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in all_pids():
         try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
                 if needle in handle.read().split(b"\0"):
-                    found.add(int(entry))
+                    found.add(pid)
         except OSError:
             continue
     found.discard(os.getpid())
     return found
 
 
-def sweep(marker: str, term_wait_s: float = 3.0, rounds: int = 5) -> int:
-    """SIGTERM every marked process, SIGKILL those still there after ``term_wait_s``; scan again
-    and repeat while marked processes remain (one may have been started after the previous scan:
-    Ray's agents outlived a single sweep in 1 of ~30 CI runs). Returns how many are left."""
+def all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def identity(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a living process; None when it is gone or a zombie.
+
+    The start time tells a process from a later one that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state, ppid, ... starttime
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def cluster_processes(marker: str) -> dict[int, int]:
+    """pid -> start time of every marked process and every descendant of one.
+
+    Descent matters: Ray's agents overwrite their environment with their process title (Ray 2.60's
+    setproctitle), so ``/proc/PID/environ`` no longer shows their marker, but they are the raylet's
+    children while it lives."""
+    table = {pid: ident for pid in all_pids() if (ident := identity(pid)) is not None}
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = set(), [pid for pid in marked_pids(marker) if pid in table]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    found.discard(os.getpid())
+    return {pid: table[pid][1] for pid in found}
+
+
+def living(known: dict[int, int]) -> dict[int, int]:
+    """Those of ``known`` (pid -> start time) still running as the same process."""
+    alive = {}
+    for pid, start in known.items():
+        ident = identity(pid)
+        if ident is not None and ident[1] == start:
+            alive[pid] = start
+    return alive
+
+
+def sweep(marker: str, known: dict[int, int] | None = None, term_wait_s: float = 3.0, rounds: int = 5) -> int:
+    """SIGTERM the cluster's processes (marked ones, their descendants, and ``known`` ones seen
+    earlier), SIGKILL those still there after ``term_wait_s``; scan again and repeat while any
+    remain (one may have been started after the previous scan). Returns how many are left."""
+    known = dict(known or {})
     for _ in range(rounds):
-        pids = marked_pids(marker)
-        if not pids:
+        known.update(cluster_processes(marker))
+        targets = living(known)
+        if not targets:
             return 0
         for signum, wait_s in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 2.0)):
-            pids = signal_and_wait(pids, marker, signum, wait_s)
-            if not pids:
+            targets = signal_and_wait(targets, signum, wait_s)
+            if not targets:
                 break
-    return len(marked_pids(marker))
+    known.update(cluster_processes(marker))
+    return len(living(known))
 
 
-def signal_and_wait(pids: set[int], marker: str, signum: int, wait_s: float) -> set[int]:
-    """Send ``signum`` to ``pids``; return those still marked after up to ``wait_s`` seconds."""
-    for pid in pids:
+def signal_and_wait(targets: dict[int, int], signum: int, wait_s: float) -> dict[int, int]:
+    """Send ``signum`` to ``targets`` (pid -> start time); return those still alive after up to ``wait_s`` s."""
+    for pid in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signum)
     deadline = time.monotonic() + wait_s
-    while pids and time.monotonic() < deadline:
+    while targets and time.monotonic() < deadline:
         time.sleep(0.1)
-        pids = pids & marked_pids(marker)
-    return pids
+        targets = living(targets)
+    return targets
 
 
 def reap(driver_pid: int, marker: str) -> None:
-    """Wait until the driver ends (its end of our stdin closes, or we are re-parented), then sweep."""
+    """Wait until the driver ends (its end of our stdin closes, or we are re-parented), noting the
+    cluster's processes every second, then sweep them."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # outlive the driver; a process manager's SIGKILL still ends us
     stdin = sys.stdin.buffer
+    known: dict[int, int] = {}
     while os.getppid() == driver_pid:
+        known = living(known)
+        known.update(cluster_processes(marker))
         ready, _, _ = select.select([stdin], [], [], 1.0)
         if ready and not stdin.read1(4096):
             break
-    sweep(marker)
+    left = sweep(marker, known)
+    if left:
+        print(f"dreamblend reaper: {left} process(es) of the local Ray cluster outlived SIGKILL",
+              file=sys.stderr, flush=True)
 
 
 STORAGE_MODULE = "dreamblend_ray.io.storage"
