@@ -408,6 +408,10 @@ class SamplingConfig:
 
     num_inference_steps: int = setting(30, low=1, high=1000, aliases=("--steps",), help="T, the DDIM steps")
     guidance_scale: float = setting(3.0, low=0.0, high=50.0, help="classifier-free guidance scale w")
+    true_cfg_scale: float = setting(1.0, low=1.0, high=50.0,
+                                    help="FLUX.1 only: classifier-free guidance with the negative prompt "
+                                         "(the empty one if none is given) when > 1, as FluxPipeline's "
+                                         "true_cfg_scale; guidance_scale stays its embedded guidance")
     alpha: float = setting(0.25, low=0.0, high=10.0,
                            help="strength of the attention guidance; 0 is plain DDIM+CFG sampling of E")
     guidance_steps: int | None = setting(None, low=0, high=1000,

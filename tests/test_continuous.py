@@ -17,6 +17,7 @@ from PIL import Image
 
 from ball_subjects import SUBJECTS, finetune_balls  # tests/ is on sys.path
 from dreamblend_ray.config import SamplingConfig
+from dreamblend_ray.models.components import build_tiny_components
 from dreamblend_ray.serving.app import DreamBlendModel, LoadedPair
 from dreamblend_ray.serving.batching import GenerationJob
 from dreamblend_ray.serving.continuous import ContinuousBatch
@@ -185,8 +186,30 @@ def test_admission_bounds_the_batch_and_keeps_arrival_order_across_row_keys(repl
     (bad, _, _), (good, _, _) = asyncio.run(one_bad())
     assert isinstance(bad, FieldError) and "divisible" in bad.message
     assert len(good.pngs) == 1  # a job that cannot start fails alone
+    flux_only = SamplingConfig(num_inference_steps=3, alpha=0.0, true_cfg_scale=2.0)
+
+    async def not_this_family():  # no row key: refused before admission, the batch keeps serving
+        pair = adapters(await asyncio.to_thread(handle.pin))
+        return await asyncio.gather(batch.submit(job("red", "g", 7, flux_only), pair),
+                                    batch.submit(job("red", "h", 8, small), pair))
+    (bad, _, _), (good, _, _) = asyncio.run(not_this_family())
+    assert isinstance(bad, FieldError) and "true_cfg_scale is FLUX.1's" in bad.message
+    assert len(good.pngs) == 1
     with pytest.raises(ValueError, match="max_requests"):
         ContinuousBatch(replica.continuous.engine, replica.unet_lock, max_requests=0)
+
+
+@pytest.mark.parametrize("maps", [False, True])  # the continuous path, and the static one (heat maps)
+def test_settings_of_another_family_are_refused_by_field_before_any_batch(replica, tmp_path, maps):
+    flux_only = SamplingConfig(num_inference_steps=3, true_cfg_scale=2.0, attention_maps=maps)
+    refused = asyncio.run(replica.generate(job("red", "a", 1, flux_only)))
+    assert isinstance(refused, FieldError) and refused.field == "true_cfg_scale" and "FLUX.1" in refused.message
+    flux = DreamBlendModel.func_or_class.local(AppArgs(base="tiny-flux", storage_root=str(tmp_path)),
+                                               build_tiny_components(name="tiny-flux"))
+    config = SamplingConfig(num_inference_steps=3, attention_maps=maps)
+    refused = asyncio.run(flux.generate(job("red", "a", 1, config, negative_prompts=["blurry"])))
+    assert isinstance(refused, FieldError) and refused.field == "negative_prompt"
+    assert "true_cfg_scale > 1" in refused.message
 
 
 def test_a_continuous_request_finishes_while_a_long_maps_request_runs(replica):

@@ -2,6 +2,7 @@
 sampler (method/flow_sampler.py): prompt encoding and alpha = 0 sampling equal FluxPipeline's and
 StableDiffusion3Pipeline's, G = E is plain sampling, batch invariance, save -> load keeps the family."""
 
+import functools
 import json
 
 import numpy as np
@@ -86,27 +87,45 @@ def test_the_token_mask_is_t5s_prompt_without_a_start_token(components):
     assert only_dog.sum().item() == 1 and only_dog[0, offset + 4]
 
 
-@pytest.mark.parametrize("scale,negative", [(3.5, None), (5.0, "a cat"), (1.0, None)])
-def test_alpha_zero_matches_the_familys_diffusers_pipeline(components, other, scale, negative):
+@pytest.mark.parametrize("scale,negative,true_cfg", [(3.5, None, 1.0), (5.0, "a cat", 4.0), (1.0, None, 1.0),
+                                                     (3.5, None, 2.5)])
+def test_alpha_zero_matches_the_familys_diffusers_pipeline(components, other, scale, negative, true_cfg):
+    """SD3: CFG at guidance_scale. Flux: guidance_scale is the embedded guidance, and CFG runs with
+    true_cfg_scale > 1 (FluxPipeline's true CFG), against the given negative prompt or the empty one."""
     c = components
-    if c.family == "flux" and (negative is not None or scale == 1.0):
-        pytest.skip("FluxPipeline uses negative prompts only with true_cfg_scale > 1 (not offered); "
-                    "scale 1 only changes its embedded guidance value")
-    result = DreamBlendSampler(c).sample(TwoUNetPair(other, c.transformer), PROMPTS[:2], [7, 8],
-                                         _config(alpha=0.0, guidance_scale=scale),
-                                         None if negative is None else [negative] * 2)
+    sample = functools.partial(DreamBlendSampler(c).sample, TwoUNetPair(other, c.transformer), PROMPTS[:2], [7, 8])
+    negatives = None if negative is None else [negative] * 2
+    if c.family != "flux" and true_cfg != 1.0:
+        with pytest.raises(ValueError, match="true_cfg_scale is FLUX.1's"):  # SD3's CFG scale is guidance_scale
+            sample(_config(alpha=0.0, guidance_scale=scale, true_cfg_scale=true_cfg), negatives)
+        return
+    flux_true_cfg = {"true_cfg_scale": true_cfg} if c.family == "flux" else {}
+    result = sample(_config(alpha=0.0, guidance_scale=scale, **flux_true_cfg), negatives)
     generators = [torch.Generator().manual_seed(s) for s in (7, 8)]
     kwargs = {} if negative is None else {"negative_prompt": [negative] * 2}
+    if flux_true_cfg.get("true_cfg_scale", 1.0) > 1.0:
+        kwargs = {"negative_prompt": [negative or ""] * 2, **flux_true_cfg}  # the pipeline skips CFG without one
     expected = pipeline(c)(PROMPTS[:2], num_inference_steps=STEPS, guidance_scale=scale, height=32, width=32,
                            generator=generators, output_type="np", max_sequence_length=max_length(c),
                            **kwargs).images
     assert np.abs(result.arrays - expected).max() < 1e-4
 
 
-def test_flux_refuses_negative_prompts():
+def test_flux_true_cfg_changes_the_image_and_a_negative_prompt_needs_it():
     c = build_tiny_components(name="tiny-flux")
-    with pytest.raises(ValueError, match="negative_prompts"):
-        DreamBlendSampler(c).sample(single(c.transformer), PROMPTS[:1], [1], _config(), ["a cat"])
+    sampler, pair = DreamBlendSampler(c), single(c.transformer)
+    plain = sampler.sample(pair, PROMPTS[:1], [1], _config()).arrays
+    cfg = sampler.sample(pair, PROMPTS[:1], [1], _config(true_cfg_scale=4.0), ["a cat"]).arrays
+    assert np.abs(plain - cfg).max() > 1e-3
+    with pytest.raises(ValueError, match="true_cfg_scale > 1"):
+        sampler.sample(pair, PROMPTS[:1], [1], _config(), ["a cat"])
+
+
+def test_true_cfg_scale_is_refused_by_the_unet_families():
+    c = build_tiny_components(name="tiny")
+    pair = single(c.denoiser)
+    with pytest.raises(ValueError, match="true_cfg_scale is FLUX.1's"):
+        DreamBlendSampler(c).sample(pair, PROMPTS[:1], [1], _config(true_cfg_scale=2.0))
 
 
 def test_identical_g_and_e_is_plain_sampling(components):
@@ -171,3 +190,27 @@ def test_sizes_off_the_packing_grid_are_refused():
     c = build_tiny_components(name="tiny-flux")
     with pytest.raises(ValueError, match="divisible by 4"):
         DreamBlendSampler(c).sample(single(c.transformer), PROMPTS[:1], [1], _config(height=34, width=32))
+
+
+@pytest.mark.parametrize("name, t5", [("tiny-flux", "text_encoder_2"), ("tiny-sd3", "text_encoder_3")])
+def test_an_offloaded_t5_visits_the_device_for_each_encoding_only(name, t5, monkeypatch):
+    """On a GPU T5 stays on the CPU between encodings (test_gpu.py checks the devices); here the
+    visit itself: T5 moved to the denoiser's device, then back to the CPU, and the same text."""
+    assert load_components(name).offloaded == ()  # off on a CPU by default
+    resident, offloaded = load_components(name), load_components(name, offload_t5=True)
+    assert offloaded.offloaded == (t5,) and load_components("tiny", offload_t5=True).offloaded == ()
+    moves = []
+    encoder = getattr(offloaded, t5)
+    original = encoder.to
+
+    def recording_to(*args, **kwargs):
+        moves.append(args[0] if args else kwargs.get("device"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "to", recording_to)
+    expected = resident.model_family.encode(resident, PROMPTS)
+    got = offloaded.model_family.encode(offloaded, PROMPTS)
+    assert [str(m) for m in moves] == [str(offloaded.device), "cpu"]
+    assert torch.equal(got.embeds, expected.embeds) and torch.equal(got.input_ids, expected.input_ids)
+    offloaded.to("cpu", torch.bfloat16)  # the dtype reaches the offloaded part; it stays on the CPU
+    assert next(encoder.parameters()).dtype == torch.bfloat16 and next(encoder.parameters()).device.type == "cpu"

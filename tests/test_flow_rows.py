@@ -30,13 +30,15 @@ def components(request):
 
 
 def requests(c):
-    negative = "a cat" if c.family == "sd3" else None
+    # rows of one step share CFG or not: Flux's true CFG on every row (the empty negative where none is given)
+    true_cfg = {"true_cfg_scale": 4.0} if c.family == "flux" else {}
     return [RowRequest("a photo of sks dog", 1, SamplingConfig(num_inference_steps=5, alpha=0.5, step_size=3.0,
-                                                               guidance_steps=3), "early", "late"),
-            RowRequest("a red cat", 2, SamplingConfig(num_inference_steps=4, alpha=0.0, guidance_scale=5.0),
-                       "late", "late", negative_prompt=negative),
-            RowRequest("a toy on the beach", 3, SamplingConfig(num_inference_steps=6, alpha=0.3, guidance_steps=6),
-                       "late", "early")]
+                                                               guidance_steps=3, **true_cfg), "early", "late"),
+            RowRequest("a red cat", 2, SamplingConfig(num_inference_steps=4, alpha=0.0, guidance_scale=5.0,
+                                                      **true_cfg),
+                       "late", "late", negative_prompt="a cat"),
+            RowRequest("a toy on the beach", 3, SamplingConfig(num_inference_steps=6, alpha=0.3, guidance_steps=6,
+                                                               **true_cfg), "late", "early")]
 
 
 def alone(c, request):
@@ -69,8 +71,11 @@ def test_the_unet_engine_refuses_and_flux_rows_refuse_negative_prompts():
     c = build_tiny_components(name="tiny-flux")
     with pytest.raises(ValueError, match="FlowRowEngine"):
         RowEngine(c)
-    with pytest.raises(ValueError, match="negative prompts"):
+    with pytest.raises(ValueError, match="true_cfg_scale > 1"):
         FlowRowEngine(c).start(RowRequest("a dog", 1, SamplingConfig(num_inference_steps=2), negative_prompt="x"))
+    with pytest.raises(ValueError, match="true_cfg_scale is FLUX.1's"):
+        FlowRowEngine(build_tiny_components(name="tiny-sd3")).start(
+            RowRequest("a dog", 1, SamplingConfig(num_inference_steps=2, true_cfg_scale=2.0)))
     with pytest.raises(ValueError, match="flow-matching"):
         FlowRowEngine(build_tiny_components(name="tiny"))
     assert type(row_engine(build_tiny_components(name="tiny"))) is RowEngine

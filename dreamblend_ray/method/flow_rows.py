@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dreamblend_ray.method import flow
-from dreamblend_ray.method.flow_sampler import decode_flow_latents, joint_layers_for
+from dreamblend_ray.method.flow_sampler import decode_flow_latents, joint_layers_for, negative_without_cfg
 from dreamblend_ray.method.joint_attention import recording_joint
 from dreamblend_ray.method.rows import Row, RowEngine, RowRequest
 from dreamblend_ray.method.trajectories import initial_latents
@@ -53,9 +53,8 @@ class FlowRowEngine(RowEngine):
         for name, value in (("height", request.config.height or size), ("width", request.config.width or size)):
             if value % multiple:
                 raise ValueError(f"{name} must be divisible by {multiple} on {self.family.name}, got {value}")
-        if request.negative_prompt is not None and not self.family.uses_cfg(self.components,
-                                                                            request.config.guidance_scale):
-            raise ValueError(f"negative prompts need classifier-free guidance, which {self.family.name} does not run")
+        if request.negative_prompt is not None and not self.family.uses_cfg(self.components, request.config):
+            raise ValueError(negative_without_cfg(self.family))
 
     def _row(self, request: RowRequest, tag, cond, k: int, height: int, width: int) -> Row:
         c, n = self.components, cond.batch

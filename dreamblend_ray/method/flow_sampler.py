@@ -32,6 +32,14 @@ from dreamblend_ray.method.trajectories import SampleResult, SamplerBase, Trajec
 from dreamblend_ray.models.prompts import Conditioning, prompt_conditioning
 
 
+def negative_without_cfg(family) -> str:
+    """The error for a negative prompt on a sampling call without classifier-free guidance."""
+    if family.name == "flux":
+        return ("negative prompts need classifier-free guidance, which FLUX.1 runs only with true_cfg_scale > 1 "
+                "(its guidance_scale is the embedded guidance)")
+    return f"negative prompts need classifier-free guidance, which {family.name} runs only with guidance_scale > 1"
+
+
 def joint_layers_for(transformer, selection) -> list:
     """The joint layers a :class:`LayerSelection` names (its ``streams`` and ``blocks``)."""
     return select_joint_layers(transformer, tuple(selection.streams), tuple(selection.blocks))
@@ -52,10 +60,9 @@ class FlowSampler(SamplerBase):
         for name, value in (("height", height), ("width", width)):
             if value % multiple:
                 raise ValueError(f"{name} must be divisible by {multiple} on {self.family.name}, got {value}")
-        do_cfg = self.family.uses_cfg(self.components, config.guidance_scale)
+        do_cfg = self.family.uses_cfg(self.components, config)
         if negative_prompts is not None and not do_cfg:
-            raise ValueError(f"negative_prompts need classifier-free guidance, which {self.family.name} does "
-                             "not run here (FLUX.1's guidance_scale is its embedded guidance)")
+            raise ValueError(negative_without_cfg(self.family))
         return height, width, do_cfg
 
     def velocity(self, model, recorder: Recorder, latents, t, cond: Conditioning, config: SamplingConfig,
@@ -71,7 +78,7 @@ class FlowSampler(SamplerBase):
             out = self.family.denoise(model, model_input, timesteps, cond.embeds, cond.added_cond_kwargs,
                                       config.guidance_scale, latent_hw)
             maps = store.maps if record else {}
-        return (guidance.cfg_combine(out, config.guidance_scale) if cond.do_cfg else out), maps
+        return (guidance.cfg_combine(out, self.family.cfg_scale(config)) if cond.do_cfg else out), maps
 
     def guide_flow(self, model, recorder: Recorder, latents, t, cond: Conditioning, config: SamplingConfig,
                    latent_hw, maps_g: dict, mask, last_layer: str, eta: float) -> torch.Tensor:

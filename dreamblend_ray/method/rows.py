@@ -54,7 +54,7 @@ def row_key(config: SamplingConfig, components: Components) -> tuple:
     """Rows with equal keys can share UNet calls: same latent size, CFG on/off and guidance layers."""
     size = components.default_size
     return (config.height or size, config.width or size,
-            components.model_family.uses_cfg(components, config.guidance_scale), config.layers, config.distance)
+            components.model_family.uses_cfg(components, config), config.layers, config.distance)
 
 
 @dataclass
@@ -331,7 +331,8 @@ class RowEngine:
                 maps = {}
         if not cfg:
             return noise, maps
-        scale = torch.tensor([row.config.guidance_scale for row in rows], device=noise.device,
+        family = self.components.model_family
+        scale = torch.tensor([family.cfg_scale(row.config) for row in rows], device=noise.device,
                              dtype=noise.dtype).view(-1, *[1] * (noise.dim() - 1))
         uncond, cond = noise.chunk(2)
         return uncond + scale * (cond - uncond), maps

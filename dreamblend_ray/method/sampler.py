@@ -116,7 +116,7 @@ class DreamBlendSampler(SamplerBase):
         c = self.components
         scheduler = DDIMScheduler.from_config(c.scheduler.config)
         scheduler.set_timesteps(config.num_inference_steps, device=c.device)
-        cond = prompt_conditioning(c, list(prompts), negative_prompts, config.guidance_scale > 1.0,
+        cond = prompt_conditioning(c, list(prompts), negative_prompts, c.model_family.uses_cfg(c, config),
                                    height, width)
         mask = guidance.prompt_token_mask(cond.input_ids, c.tokenizer.eos_token_id, config.token_indices)
         layers = select_layers(pair.unets[0], config.layers)

@@ -70,9 +70,17 @@ class Family:
         """The pipeline's default image side: the denoiser's ``sample_size`` times the VAE factor."""
         return int(components.denoiser.config.sample_size) * components.vae_scale_factor
 
-    def uses_cfg(self, components, guidance_scale: float) -> bool:
-        """Whether sampling runs an unconditional branch (classifier-free guidance) at this scale."""
-        return guidance_scale > 1.0
+    def uses_cfg(self, components, config) -> bool:
+        """Whether sampling with ``config`` (a SamplingConfig) runs an unconditional branch
+        (classifier-free guidance); ValueError for a setting this family does not have."""
+        if config.true_cfg_scale != 1.0:
+            raise ValueError(f"true_cfg_scale is FLUX.1's; {self.name} takes its classifier-free guidance "
+                             f"scale from guidance_scale (got true_cfg_scale={config.true_cfg_scale:g})")
+        return config.guidance_scale > 1.0
+
+    def cfg_scale(self, config) -> float:
+        """The classifier-free guidance scale of ``config`` (when :meth:`uses_cfg`)."""
+        return config.guidance_scale
 
     def map_tokens(self, components) -> tuple[Any, int]:
         """The tokenizer whose tokens the attention maps' text axis holds, and where they start

@@ -7,8 +7,11 @@ As ``FluxPipeline`` computes it:
 - latents: ``(B, C, H, W)`` packed into 2x2 patches ``(B, H/2 * W/2, 4C)`` around the transformer
   call, with ``img_ids`` (row, column) per patch; the VAE latent is ``(z - shift) * scale``.
 - guidance: FLUX.1-dev is guidance-distilled: ``guidance_scale`` enters as the transformer's
-  guidance embedding and there is no classifier-free guidance (the pipeline's ``true_cfg_scale``
-  stays 1, so negative prompts are not used).
+  guidance embedding. Classifier-free guidance runs only with ``true_cfg_scale > 1`` (the
+  pipeline's "true CFG"): ``neg + true_cfg_scale * (cond - neg)`` with the negative prompt's
+  prediction, the guidance embedding unchanged. FluxPipeline then needs a negative prompt and
+  silently skips CFG without one; here the empty prompt stands in (as SD3's rule), so
+  ``true_cfg_scale`` never does nothing.
 - schedule: flow-matching Euler with the shift ``mu`` computed from the image token count
   (``method/flow.py``); the transformer takes ``timestep / 1000``.
 Built-in tiny model: ``tiny-flux``.
@@ -49,10 +52,6 @@ class Flux(FlowFamily):
                 "text_encoder_2": T5EncoderModel.from_pretrained(directory / "text_encoder_2", use_safetensors=True),
                 "tokenizer_2": T5TokenizerFast.from_pretrained(directory / "tokenizer_2")}
 
-    @staticmethod
-    def t5_encoder(components):
-        return components.text_encoder_2
-
     def default_size(self, components) -> int:
         """FluxPipeline's default (128 latent pixels times the VAE factor: 1024 px), or the tiny
         model's own (``options["sample_size"]``)."""
@@ -68,13 +67,18 @@ class Flux(FlowFamily):
         return TextEmbedding(embeds, ids, pooled)
 
     def negative(self, components, negative_prompts, positive: TextEmbedding) -> TextEmbedding:
-        raise ValueError("FLUX.1 is guidance-distilled: guidance_scale is its embedded guidance and it "
-                         "samples without classifier-free guidance, so negative prompts do not apply")
+        """The negative branch of true CFG: the negative prompts encoded as prompts are (the empty
+        prompt for none)."""
+        prompts = [""] * positive.embeds.shape[0] if negative_prompts is None else list(negative_prompts)
+        return self.encode(components, prompts)
 
-    def uses_cfg(self, components, guidance_scale: float) -> bool:
-        """Whether sampling runs an unconditional branch: never, as FluxPipeline with its default
-        ``true_cfg_scale=1`` (FLUX.1-dev's guidance is embedded; FLUX.1-schnell has none)."""
-        return False
+    def uses_cfg(self, components, config) -> bool:
+        """Only with ``true_cfg_scale > 1``: FluxPipeline's default of 1 samples without an
+        unconditional branch (FLUX.1-dev's guidance is embedded; FLUX.1-schnell has none)."""
+        return config.true_cfg_scale > 1.0
+
+    def cfg_scale(self, config) -> float:
+        return config.true_cfg_scale
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ class StableDiffusion3(FlowFamily):
     max_sequence_length = 256  # StableDiffusion3Pipeline's default
     transformer_class = SD3Transformer2DModel
     t5_part = "tokenizer_3"
+    t5_encoder_part = "text_encoder_3"
     # train_dreambooth_lora_sd3.py's default LoRA targets (the joint attention of both streams)
     lora_target_modules = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                            "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
@@ -51,10 +52,6 @@ class StableDiffusion3(FlowFamily):
         parts["text_encoder_3"] = T5EncoderModel.from_pretrained(directory / "text_encoder_3", use_safetensors=True)
         parts["tokenizer_3"] = T5TokenizerFast.from_pretrained(directory / "tokenizer_3")
         return parts
-
-    @staticmethod
-    def t5_encoder(components):
-        return components.text_encoder_3
 
     def text_offset(self, components) -> int:
         return int(components.tokenizer.model_max_length)
@@ -77,9 +74,6 @@ class StableDiffusion3(FlowFamily):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return TextEmbedding(torch.cat([clip, t5.to(clip.device)], dim=-2),
                              torch.cat([clip_ids, t5_ids.to(clip_ids.device)], dim=1), torch.cat(pooled, dim=-1))
-
-    def uses_cfg(self, components, guidance_scale: float) -> bool:
-        return guidance_scale > 1.0
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:

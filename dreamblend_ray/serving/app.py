@@ -204,7 +204,8 @@ class DreamBlendModel:
         serving.check_storage_root(self.args.storage_root, cluster_node_count())
         device = select_device(self.args.device)
         self.components = load_components(self.args.base, device=device,
-                                           dtype=select_dtype(device, self.args.dtype))
+                                           dtype=select_dtype(device, self.args.dtype),
+                                           offload_t5=self.args.offload_t5)
         self.sampler = DreamBlendSampler(self.components)
         self.telemetry = ReplicaTelemetry(self.components.family)
         self.static_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamblend-static")
@@ -244,6 +245,7 @@ class DreamBlendModel:
         model.model_lock = asyncio.Lock()
         model.materialised, model.adapter_users, model.pending = {}, Counter(), []
         model.replica, model.batches = "local", 0
+        model.deleted, model._watcher = {}, None
         model.continuous = model._continuous_batch()
         return model
 
@@ -361,9 +363,26 @@ class DreamBlendModel:
         subject_id = model.subject_id
         if time.time() - self.deleted.get(model.owner, float("-inf")) < DELETED_MEMORY_S:
             return SubjectNotFound(f"subject {subject_id!r} not found")
+        refused = self._settings_error(job)
+        if refused is not None:
+            return refused
         if self.continuous is not None and job.config.row_batchable:
             return await self._generate_rows(job)
         return await self.generate_batch(job)
+
+    def _settings_error(self, job: GenerationJob) -> FieldError | None:
+        """A 422 for settings this base does not have (FLUX.1's true_cfg_scale on another family; a
+        negative prompt where a flow family runs no classifier-free guidance), before any batch."""
+        from dreamblend_ray.method.flow_sampler import negative_without_cfg
+
+        c = self.components
+        try:
+            cfg = c.model_family.uses_cfg(c, job.config)
+        except ValueError as exc:
+            return FieldError("true_cfg_scale", str(exc))
+        if job.negative_prompts is not None and not cfg and c.model_family.flow_matching:
+            return FieldError("negative_prompt", negative_without_cfg(c.model_family))
+        return None
 
     async def _generate_rows(self, job: GenerationJob) -> GenerationResult | Exception:
         """A LoRA subject's job through the continuous batch (a full fine-tune's through the static one)."""

@@ -84,8 +84,14 @@ class ContinuousBatch:
         self._task: asyncio.Task | None = None
 
     async def submit(self, job: GenerationJob, adapters: tuple[str, str]) -> tuple[JobOutput, int, int]:
-        """Run ``job``'s rows; returns its output and the most jobs / rows that shared a step with it."""
+        """Run ``job``'s rows; returns its output and the most jobs / rows that shared a step with it
+        (the output is a FieldError when its settings are not the base's, e.g. FLUX.1's true_cfg_scale
+        on another family)."""
         pending = Pending(job, adapters, asyncio.get_running_loop().create_future())
+        try:
+            self._key(pending)  # admission groups by it: a job without one must not reach the loop
+        except ValueError as exc:
+            return FieldError("settings", str(exc)), pending.peers, pending.peer_rows
         self.waiting.append(pending)
         self._report_queue()
         if self._task is None or self._task.done():

@@ -51,7 +51,7 @@ HEADER_PREFIX = "X-DreamBlend-"
 # the request leaves it out (None: SamplingConfig's own default, e.g. guidance_steps' "auto").
 SAMPLING_FIELDS: dict[str, str | None] = {"num_inference_steps": "default_steps",
                                           "guidance_scale": "default_guidance_scale",
-                                          "alpha": "default_alpha", "guidance_steps": None,
+                                          "alpha": "default_alpha", "guidance_steps": None, "true_cfg_scale": None,
                                           "maps_start": None, "maps_stop": None}
 
 
@@ -79,6 +79,8 @@ class AppArgs(BaseModel):
     dtype: Annotated[str | None, BeforeValidator(normalize_dtype)] = Field(
         None, description="fp32 | fp16 | bf16 (float32/float16/bfloat16 accepted); default fp32 on CPU, "
                           "bf16/fp16 on GPU")
+    offload_t5: bool | None = Field(None, description="Flux/SD3: keep T5 on the CPU between encodings (it visits "
+                                                      "the GPU per prompt batch); default on when the device is CUDA")
     # request limits
     max_images_per_request: int = Field(4, ge=1, le=256)
     max_prompts: int = Field(4, ge=1, le=256)
@@ -388,6 +390,7 @@ class GenerateRequest(BaseModel):
     seed: Int(0, MAX_SEED) | None = Field(None, description="image k uses seed + k; random if absent")
     num_inference_steps: sampling_type("num_inference_steps") = None
     guidance_scale: sampling_type("guidance_scale") = None
+    true_cfg_scale: sampling_type("true_cfg_scale") = None
     alpha: sampling_type("alpha") = None
     guidance_steps: sampling_type("guidance_steps") = None
     guidance_step: Int(1, 1_000_000) | None = Field(None,
@@ -468,6 +471,7 @@ def request_model(args: AppArgs) -> type["_BaseRequest"]:
                                            description=described("num_inference_steps", args.default_steps)) = None
         guidance_scale: sampling_type("guidance_scale",
                                       description=described("guidance_scale", args.default_guidance_scale)) = None
+        true_cfg_scale: sampling_type("true_cfg_scale") = None
         alpha: sampling_type("alpha", description=described("alpha", args.default_alpha)) = None
         guidance_steps: sampling_type("guidance_steps", high=args.max_inference_steps) = None
         maps_start: sampling_type("maps_start", high=args.max_inference_steps - 1) = None
