@@ -11,6 +11,7 @@ from dreamblend_ray.training import checkpoints
 from dreamblend_ray.models.components import load_components
 from dreamblend_ray.config import FinetuneConfig, SamplingConfig
 from dreamblend_ray.training.finetune import finetune_subject
+from dreamblend_ray.method.pair import single
 from dreamblend_ray.method.sampler import DreamBlendSampler
 
 pytestmark = [pytest.mark.gpu,
@@ -54,3 +55,17 @@ def test_half_precision_guidance_is_finite_and_acts(tmp_path, images, dtype):
                                                                  guidance_steps=3))
     assert np.isfinite(guided.arrays).all() and np.isfinite(plain.arrays).all()
     assert guided.attention_distance.mean() < plain.attention_distance.mean()
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_t5_stays_on_the_cpu_between_encodings_on_a_gpu(name):
+    offloaded = load_components(name, device="cuda", dtype=torch.bfloat16)  # offload_t5 defaults on for CUDA
+    resident = load_components(name, device="cuda", dtype=torch.bfloat16, offload_t5=False)
+    (t5,) = offloaded.offloaded
+    assert next(getattr(offloaded, t5).parameters()).device.type == "cpu"
+    config = SamplingConfig(num_inference_steps=4, alpha=0.5, guidance_steps=2)
+    images = [DreamBlendSampler(c).sample(single(c.transformer), ["a photo of sks dog"], [3], config).arrays
+              for c in (offloaded, resident)]
+    assert next(getattr(offloaded, t5).parameters()).device.type == "cpu"
+    assert next(getattr(resident, t5).parameters()).device.type == "cuda"
+    assert np.abs(images[0] - images[1]).max() < 2 / 255

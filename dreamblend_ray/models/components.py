@@ -7,13 +7,19 @@ downloaded once to a local cache), or one of the built-in names: ``tiny``, ``tin
 tests; ``models/sd.py``, ``models/sdxl.py``, ``models/flux.py``, ``models/sd3.py``) and ``embedded`` (the small model trained here and shipped with the package).
 The family (``models/families.py``) is detected from ``model_index.json``'s ``_class_name``.
 Nothing is ever downloaded from a model hub.
+
+Offloading: a part named in ``Components.offloaded`` stays on the CPU and visits the denoiser's
+device only while it runs (:meth:`Components.visiting`). ``load_components`` offloads T5 on a GPU
+by default (Flux's and SD3's T5-XXL is about 9.5 GB in bf16, used once per prompt batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +59,7 @@ class Components:
     transformer: torch.nn.Module | None = None
     text_encoder_3: torch.nn.Module | None = None
     tokenizer_3: object | None = None
+    offloaded: tuple[str, ...] = ()  # parts kept on the CPU between uses (see visiting)
 
     @property
     def model_family(self) -> Family:
@@ -65,8 +72,30 @@ class Components:
 
     @property
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.denoiser, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3)
-                if m is not None]
+        return [module for _, module in self.named_modules()]
+
+    def named_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        names = ("transformer" if self.transformer is not None else "unet", "vae", "text_encoder",
+                 "text_encoder_2", "text_encoder_3")
+        return [(name, getattr(self, name)) for name in names if getattr(self, name) is not None]
+
+    @contextlib.contextmanager
+    def visiting(self, name: str):
+        """Part ``name`` on the denoiser's device for the block; an offloaded part goes back to the
+        CPU afterwards (and CUDA's cache is emptied), one visit at a time across threads."""
+        module = getattr(self, name)
+        if name not in self.offloaded:
+            yield module
+            return
+        with _VISITS:
+            device = self.device
+            module.to(device)
+            try:
+                yield module
+            finally:
+                module.to("cpu")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     @property
     def vae_scale_factor(self) -> int:
@@ -82,9 +111,12 @@ class Components:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Components":
         """Move to ``device`` (and ``dtype``). A VAE whose config asks for it (``force_upcast``,
-        SDXL's VAE overflows in fp16) stays in fp32 when the rest goes to fp16."""
-        for module in self.modules:
-            if dtype is None:
+        SDXL's VAE overflows in fp16) stays in fp32 when the rest goes to fp16. Offloaded parts take
+        the dtype and stay on the CPU."""
+        for name, module in self.named_modules():
+            if name in self.offloaded:
+                module.to(device="cpu", dtype=dtype)
+            elif dtype is None:
                 module.to(device)
             elif module is self.vae and dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
                 module.to(device=device, dtype=torch.float32)
@@ -96,6 +128,9 @@ class Components:
         for module in self.modules:
             module.eval().requires_grad_(False)
         return self
+
+
+_VISITS = threading.RLock()  # an offloaded part visits the device for one user at a time
 
 
 def select_device(requested: str | None = None) -> torch.device:
@@ -194,9 +229,11 @@ def resolve_base(base: str) -> str:
 
 
 def load_components(base: str = "embedded", device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None, family: str | None = None) -> Components:
+                    dtype: torch.dtype | None = None, family: str | None = None,
+                    offload_t5: bool | None = None) -> Components:
     """Load base components by name, local directory or remote URI, in eval mode, no grads.
-    ``family`` overrides the one model_index.json names (for derivatives with their own class)."""
+    ``family`` overrides the one model_index.json names (for derivatives with their own class).
+    ``offload_t5``: keep a flow family's T5 on the CPU between encodings (None: on a CUDA device)."""
     base = resolve_base(base)
     if base in families.BUILTINS:
         components = build_tiny_components(name=base)
@@ -213,6 +250,9 @@ def load_components(base: str = "embedded", device: str | torch.device | None = 
     else:
         components = _load_directory(Path(base), family)
     target = torch.device(device) if device is not None else torch.device("cpu")
+    t5 = getattr(components.model_family, "t5_encoder_part", None)
+    if t5 is not None and (offload_t5 if offload_t5 is not None else target.type == "cuda"):
+        components.offloaded = (t5,)
     return components.to(target, dtype).eval()
 
 

@@ -25,6 +25,7 @@ class FlowFamily(Family):
     max_sequence_length = 256
     transformer_class: type = None  # the family's diffusers transformer class
     t5_part = "tokenizer_2"  # which tokenizer is T5's
+    t5_encoder_part = "text_encoder_2"  # and which encoder
     lora_target_modules: tuple[str, ...] = ()  # its diffusers DreamBooth LoRA script's defaults
     custom_sigmas = True  # the pipeline passes linspace(1, 1/n, n) sigmas (FluxPipeline) or not (SD3)
     max_shift_default = 1.15  # the pipeline's max_shift when the scheduler config has none
@@ -84,9 +85,10 @@ class FlowFamily(Family):
 
     def t5_encode(self, components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5's last hidden states ``(N, L, D)`` and ids ``(N, L)``."""
-        tokenizer, encoder = getattr(components, self.t5_part), self.t5_encoder(components)
-        ids = tokenize(tokenizer, prompts, self.sequence_length(components)).to(encoder.device)
-        return encoder(ids)[0], ids
+        tokenizer = getattr(components, self.t5_part)
+        with components.visiting(self.t5_encoder_part) as encoder:  # from the CPU when offloaded
+            ids = tokenize(tokenizer, prompts, self.sequence_length(components)).to(encoder.device)
+            return encoder(ids)[0], ids
 
 
 def tiny_vae(latent_channels: int, shift: float, scale: float) -> AutoencoderKL:
