@@ -14,3 +14,6 @@ def test_bench_flow_runs_and_reports(tmp_path):
     assert set(result["finetune_ours_over_script"]) == {"tiny-flux", "tiny-sd3"}
     assert result["ratio_to_plain"]["tiny-flux plain"] == 1.0
     assert all(v > 0 for v in result["finetune_steps_per_s"].values())
+    for kind in ("tiny-flux", "tiny-sd3"):  # one pair: its ratio is the best-against-best ratio
+        low, high = result["finetune_pair_ratio_range"][kind]
+        assert low == high == result["finetune_pair_ratio_median"][kind] > 0
