@@ -253,6 +253,24 @@ def test_gather_reads_a_run_whose_driver_died(tmp_path, no_ray):
     assert finetune_main(["--output", out]) == 2  # neither --subjects nor --gather
 
 
+def test_the_driver_saves_the_rows_an_actor_could_not(tmp_path, no_ray):
+    """An actor's row save can fail (a storage outage longer than its retries); the row still reaches
+    the driver, which saves it when it gathers, so the run's rows folder stays complete."""
+    from dreamblend_ray.jobs import finetune as finetune_job
+    from dreamblend_ray.jobs import run_records
+
+    out = str(tmp_path / "out")
+    run = storage.join(out, "runs", "r")
+    storage.write_json(storage.join(run, "job.json"), {"subject_ids": ["red", "blue"]})
+    saved = finetune_job.result_row("red", "succeeded", out, 2.0)
+    run_records.save_row(run, saved, finetune_job.RESULT_SCHEMA)
+    unsaved = finetune_job.result_row("blue", "succeeded", out, 3.0)  # its actor's save failed
+    result = finetune_job.gather_results(out, "r", rows=[saved, unsaved])
+    assert result.ok and set(run_records.read_rows(run)) == {"red", "blue"}
+    assert run_records.read_rows(run)["blue"]["seconds"] == 3.0
+    assert run_records.save_missing(run, [saved, unsaved], finetune_job.RESULT_SCHEMA) == 0  # nothing left
+
+
 # --------------------------------------------------------------------------- jobs on Ray + S3
 
 @pytest.fixture(scope="module")

@@ -397,6 +397,9 @@ def gather_results(output: str, run_id: str, subject_ids: list[str] | None = Non
     if subject_ids is None:
         subject_ids = list(storage.read_json(storage.join(run, "job.json"))["subject_ids"])
     by_id = {row["subject_id"]: row for row in rows}
+    saved_late = run_records.save_missing(run, list(rows), RESULT_SCHEMA)
+    if saved_late:
+        logger.info("run %s: saved %d result row(s) an actor could not", run_id, saved_late)
     missing = [s for s in subject_ids if s not in by_id]
     if missing:
         by_id.update(run_records.read_rows(run, missing))

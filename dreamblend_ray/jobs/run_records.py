@@ -45,6 +45,18 @@ def save_row(run: str, row: dict, schema: pa.Schema) -> bool:
         return False
 
 
+def save_missing(run: str, rows: list[dict], schema: pa.Schema) -> int:
+    """Save those of ``rows`` whose file is absent (the actor's save failed: a storage outage longer
+    than its retries), so that the run's rows stay complete; returns how many were saved."""
+    def ensure(row: dict) -> bool:
+        return not storage.exists(row_uri(run, row["subject_id"])) and save_row(run, row, schema)
+
+    if not rows:
+        return 0
+    with ThreadPoolExecutor(max_workers=min(16, len(rows))) as pool:
+        return sum(pool.map(ensure, rows))
+
+
 def read_rows(run: str, subject_ids: list[str] | None = None) -> dict[str, dict]:
     """The saved rows of ``run`` by subject id (all of them, or only those of ``subject_ids``)."""
     folder = storage.join(run, ROWS_FOLDER)
