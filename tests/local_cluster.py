@@ -26,16 +26,30 @@ def free_ports(n: int) -> list[int]:
 
 def head_command(temp_dir: str, num_cpus: int = 2) -> tuple[list[str], int]:
     """The `ray start --head` command line and its dashboard port."""
-    gcs, dash, client, nm, om, agent, agent_grpc, renv, metrics, wmin = free_ports(10)
+    gcs, dash, client, nm, om, agent, agent_grpc, renv, metrics, wmin = ports = free_ports(10)
+    first_worker = worker_ports_start(wmin, ports[:-1])
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--include-dashboard", "true", "--ray-client-server-port", str(client),
            "--node-manager-port", str(nm), "--object-manager-port", str(om),
            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
            "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
-           "--min-worker-port", str(20000 + wmin % 20000), "--max-worker-port", str(20000 + wmin % 20000 + 50),
+           "--min-worker-port", str(first_worker), "--max-worker-port", str(first_worker + WORKER_PORTS - 1),
            "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"]
     return cmd, dash
+
+
+WORKER_PORTS = 51
+
+
+def worker_ports_start(seed: int, taken) -> int:
+    """The first of WORKER_PORTS worker ports in 20000-39999 around ``seed``, a range holding none of
+    ``taken`` (Ray refuses a worker range that overlaps another component's port: one CI run drew
+    an object-manager port inside it)."""
+    start = 20000 + seed % 20000
+    while any(start <= port < start + WORKER_PORTS for port in taken) or start + WORKER_PORTS > 40000:
+        start = 20000 + (start - 20000 + WORKER_PORTS) % (20000 - WORKER_PORTS)
+    return start
 
 
 def _parents() -> dict[int, int]:

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from local_cluster import VENV_BIN, free_ports, head_command, stop_cluster
+from local_cluster import VENV_BIN, WORKER_PORTS, free_ports, head_command, stop_cluster, worker_ports_start
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +25,13 @@ def cluster_env() -> dict:
 
 
 def worker_command(gcs_address: str, temp_dir: str) -> list[str]:
-    nm, om, agent, agent_grpc, runtime_env, metrics, low = free_ports(7)
-    first_worker_port = 21000 + low % 20000
+    nm, om, agent, agent_grpc, runtime_env, metrics, low = ports = free_ports(7)
+    first_worker_port = worker_ports_start(low, ports[:-1])
     return [str(VENV_BIN / "ray"), "start", "--address", gcs_address, "--node-ip-address", "127.0.0.1",
             "--node-manager-port", str(nm), "--object-manager-port", str(om),
             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-            "--min-worker-port", str(first_worker_port), "--max-worker-port", str(first_worker_port + 50),
+            "--min-worker-port", str(first_worker_port), "--max-worker-port", str(first_worker_port + WORKER_PORTS - 1),
             "--num-cpus", "1", "--resources", '{"second_node": 1}', "--temp-dir", temp_dir,
             "--disable-usage-stats"]
 
