@@ -1,8 +1,11 @@
 """storage: one URI API over local paths and remote URIs; s3:// over a real HTTP S3 endpoint on
 loopback (moto), gs:// resolved offline (the filesystem object is built, no request is sent)."""
 
+import io
+import json
 import threading
 import time
+import types
 
 import pytest
 
@@ -42,6 +45,47 @@ def test_overwrite_is_whole(root):
     storage.write_bytes(uri, b"x" * 10_000)
     storage.write_bytes(uri, b"short")
     assert storage.read_bytes(uri) == b"short"
+
+
+def test_reads_while_the_object_is_overwritten_are_whole(root):
+    """A reader polling an object (progress.json) that a writer keeps replacing by a longer or a
+    shorter one gets one of the whole objects, never the first bytes of the new one."""
+    uri = storage.join(root, "progress.json")
+    short, long = b'{"step": 1}', json.dumps({"step": 2, "worker_pid": 4242, "pad": "x" * 300}).encode()
+    storage.write_bytes(uri, short)
+    stop = threading.Event()
+
+    def overwrite():
+        while not stop.is_set():
+            for data in (long, short):
+                storage.write_bytes(uri, data)
+
+    writer = threading.Thread(target=overwrite)
+    writer.start()
+    try:
+        got = [storage.read_bytes(uri) for _ in range(60)]
+    finally:
+        stop.set()
+        writer.join()
+    assert set(got) <= {short, long}
+
+
+def test_an_object_replaced_while_read_is_read_again(monkeypatch):
+    """pyarrow reads byte ranges of the length it saw at open: the first read here returns the stale
+    length's bytes of the new object, as a replacement between the two requests does."""
+    whole = b'{"step": 60, "worker_pid": 4242}'
+    opened = []
+
+    class Replacing:
+        def open_input_stream(self, path):
+            opened.append(path)
+            return io.BytesIO(whole[:20] if len(opened) == 1 else whole)
+
+        def get_file_info(self, path):
+            return types.SimpleNamespace(size=len(whole))
+
+    monkeypatch.setattr(storage, "filesystem", lambda uri: (Replacing(), "bucket/progress.json"))
+    assert storage.read_bytes("s3://bucket/progress.json") == whole and len(opened) == 2
 
 
 def test_missing_object_is_file_not_found_with_uri(root):

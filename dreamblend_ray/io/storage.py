@@ -289,12 +289,27 @@ def with_retries(action: str, uri: str, fn, retry_seconds: float | None = None):
             delay, attempt = min(delay * 2, 5.0), attempt + 1
 
 
+class ObjectReplaced(OSError):
+    """A remote object was replaced by one of another size while it was read (transient: retried)."""
+
+
 def read_bytes(uri: str) -> bytes:
+    """The object's bytes, whole: an object replaced while it is read is read again.
+
+    pyarrow reads a remote object as byte ranges of the length it saw when it opened it, so an
+    object overwritten in between by a longer one came back as the new one's first bytes (a
+    truncated progress.json in one CI run). A remote read therefore checks the length it got
+    against the object's, and reads again when they differ."""
     fs, path = filesystem(uri)
+    local = is_local(uri)
 
     def read():
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
+        for _ in range(3):
+            with fs.open_input_stream(path) as stream:
+                data = stream.read()
+            if local or fs.get_file_info(path).size in (None, len(data)):
+                return data
+        raise ObjectReplaced(f"{uri} was replaced while it was read, three times in a row")
 
     return with_retries("read", uri, read)
 
