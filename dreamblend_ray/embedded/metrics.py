@@ -392,14 +392,25 @@ def subject_fidelity(images, instance_images) -> dict:
     return {name: float(np.mean([s[name] for s in per_image])) for name in per_image[0]} | {"n": len(images)}
 
 
-def context_right(image, prompt: str) -> bool:
-    """Whether ``image`` draws all of the new context a subject prompt asks for: the second
-    object's shape and colour when it names one, else the background (cf. :func:`context_fidelity`)."""
+def context_verdicts(image, prompt: str) -> list[bool]:
+    """Whether ``image`` draws each part of the new context a subject prompt asks for: its second
+    object's shape and colour when it names one, else its background (cf. :func:`context_fidelity`)."""
     scores = score_prompt(image, prompt)
     asked = [name for name in ("shape", "colour") if name in scores] or ["background"]
     if not all(name in scores for name in asked):
         raise ValueError(f"the prompt asks for no context (no second object, no background): {prompt!r}")
-    return all(scores[name] for name in asked)
+    return [scores[name] for name in asked]
+
+
+def context_score(image, prompt: str) -> float:
+    """One image's share of the new context drawn right (0, 0.5 or 1 with a second object):
+    :func:`context_fidelity` of that image alone."""
+    return float(np.mean(context_verdicts(image, prompt)))
+
+
+def context_right(image, prompt: str) -> bool:
+    """Whether ``image`` draws all of the new context its subject prompt asks for."""
+    return all(context_verdicts(image, prompt))
 
 
 def subject_fidelity_by_context(images, prompts, instance_images) -> dict:
