@@ -79,6 +79,13 @@ def test_limits_name_the_field():
     assert info.value.field == "guidance_steps"
 
 
+def test_eta_schedule_is_the_requests_or_the_samplers_default():
+    args = AppArgs(base="tiny")
+    asked = GenerateRequest(subject_id="dog", prompt="x", eta_schedule="constant")
+    assert serving.sampling_config(asked, args).eta_schedule == "constant"
+    assert serving.sampling_config(GenerateRequest(subject_id="dog", prompt="x"), args).eta_schedule == "linear"
+
+
 def test_field_error_survives_pickling():
     error = pickle.loads(pickle.dumps(FieldError("num_images", "too many")))
     assert (error.field, error.message) == ("num_images", "too many")
@@ -119,7 +126,8 @@ def test_equal_settings_make_equal_hashable_group_keys():
     assert job.group_key == keys[0] and job.config.window == keys[0][1].window
 
 
-@pytest.mark.parametrize("name", list(serving.SAMPLING_FIELDS))
+@pytest.mark.parametrize("name", [n for n in serving.SAMPLING_FIELDS
+                                  if cfg.field_type(SamplingConfig, n).base in (int, float)])
 def test_request_bounds_of_sampling_fields_are_the_declared_ones(name):
     """The HTTP body's sampling fields take their bounds and description from config.spec, so they
     cannot drift; an app limit (max_inference_steps) only narrows them, and AppArgs's default_*
@@ -275,6 +283,8 @@ def test_png_for_one_image_json_for_several():
     ({"subject_id": "dog", "prompt": "x", "edit_step": 5}, 409, None),  # not a saved step of dog
     ({"subject_id": "dog", "prompt": "x", "guidance_step": 0}, 422, "guidance_step"),
     ({"subject_id": "dog", "prompt": "x", "response_format": "gif"}, 422, "response_format"),
+    ({"subject_id": "dog", "prompt": "x", "eta_schedule": "wobbly"}, 422, "eta_schedule"),  # not a schedule
+    ({"subject_id": "dog", "prompt": "x", "eta_schedule": "Linear; drop"}, 422, "eta_schedule"),
     ({"subject_id": "dog", "prompt": "x", "num_images": 2, "response_format": "png"}, 422, "response_format"),
     ({"subject_id": "dog", "prompt": "x", "colour": "red"}, 422, "colour"),
     ({"subject_id": "dog", "prompt": "\ud800"}, 422, "prompt"),  # a lone surrogate is not text

@@ -52,7 +52,7 @@ HEADER_PREFIX = "X-DreamBlend-"
 SAMPLING_FIELDS: dict[str, str | None] = {"num_inference_steps": "default_steps",
                                           "guidance_scale": "default_guidance_scale",
                                           "alpha": "default_alpha", "guidance_steps": None, "true_cfg_scale": None,
-                                          "maps_start": None, "maps_stop": None}
+                                          "eta_schedule": None, "maps_start": None, "maps_stop": None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,6 +372,11 @@ def sampling_type(name: str, high: float | None = None, description: str | None 
 
 
 NegativePrompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS), AfterValidator(_unicode_text)]
+# A registry name (method/guidance.py's ETA_SCHEDULES, checked by SamplingConfig: a 422 naming the
+# field); the registry is not read here, which would import torch to parse a body.
+EtaSchedule = Annotated[str | None, StringConstraints(max_length=32, pattern=r"^[a-z][a-z0-9_]*$"),
+                        Field(description=spec(SamplingConfig, "eta_schedule").help
+                              + f" (default {SamplingConfig.eta_schedule})")]
 REQUEST_EXAMPLE = {"subject_id": "dog", "prompt": "a sks dog on the beach", "seed": 42}
 
 
@@ -393,6 +398,7 @@ class GenerateRequest(BaseModel):
     true_cfg_scale: sampling_type("true_cfg_scale") = None
     alpha: sampling_type("alpha") = None
     guidance_steps: sampling_type("guidance_steps") = None
+    eta_schedule: EtaSchedule = None
     guidance_step: Int(1, 1_000_000) | None = Field(None,
                                       description="override: checkpoint step of G (a saved step)")
     edit_step: Int(1, 1_000_000) | None = Field(None,
