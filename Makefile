@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast venv bench clean
+.PHONY: demo test test-fast test-demo venv bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The full demo at its defaults against the recorded run (about 8 minutes on 2 cores).
+test-demo: $(STAMP)
+	DREAMBLEND_DEMO_CHECK=1 $(PY) -m pytest tests/test_demo_record.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

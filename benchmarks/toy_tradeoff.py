@@ -9,7 +9,8 @@ circle on a blue background"; ``--context background``: on a new background colo
 * every saved checkpoint sampled alone: subject fidelity, prompt fidelity (the share of the new
   context drawn right: the second object's shape and colour, or the background), diversity;
 * DreamBlend (G = the manifest's guidance step, E = the last step) for alpha in
-  {0, 0.1, 0.25, 0.5, 1} and two guidance windows;
+  {0, 0.1, 0.25, 0.5, 1}, two guidance windows and two step-size schedules (eta decaying
+  linearly over the window, the sampler's default, and constant);
 * a confirmation pass (``--confirm-seeds``, default 16): G, E and the best DreamBlend row measured
   again on fresh seeds, since the best of ten noisy rows flatters itself; the target is judged on
   those figures.
@@ -109,7 +110,7 @@ def plot(rows: list[dict], path: Path, size: int = 480) -> None:
         if r["kind"] == "dreamblend" and r["alpha"] > 0:
             x, y = xy(r)
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill="red")
-            draw.text((x + 5, y + 2), f"a={r['alpha']} K={r['window']}", fill="red")
+            draw.text((x + 5, y + 2), f"a={r['alpha']} K={r['window']} {r['schedule'][:3]}", fill="red")
     image.save(path)
 
 
@@ -119,11 +120,14 @@ def main() -> None:
     parser.add_argument("--subject", default="striped-star")
     parser.add_argument("--out", default="outputs/tradeoff")
     parser.add_argument("--method", default="lora", choices=("full", "lora"))
-    parser.add_argument("--finetune-steps", type=int, default=800)
+    parser.add_argument("--finetune-steps", type=int, default=400,
+                        help="fine-tune length (default 400, the demo's: the LoRA's likeness falls "
+                             "again by step 800, docs/embedded.md)")
     parser.add_argument("--lr", type=float, default=None,
                         help="fine-tune learning rate (default: the demo's for --method, RECIPE_LR)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (--method lora)")
-    parser.add_argument("--checkpoints", default="50,100,200,400,800", help="saved steps")
+    parser.add_argument("--checkpoints", default="50,100,200,400,800",
+                        help="saved steps (those past --finetune-steps are dropped)")
     parser.add_argument("--context", default="companion", choices=CONTEXTS,
                         help="what the new prompts ask for: a second, named object beside the subject "
                              "(spatial context), or a new background colour (global context)")
@@ -134,6 +138,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--windows", default="0.3,0.6", help="guidance windows as fractions of the steps")
+    parser.add_argument("--eta-schedules", default="linear,constant",
+                        help="step-size schedules over the guided steps (method/guidance.py's ETA_SCHEDULES)")
     parser.add_argument("--step-size", type=float, default=None)
     parser.add_argument("--alphas", default=",".join(str(a) for a in ALPHAS), help="DreamBlend strengths")
     parser.add_argument("--guidance-step", type=int, default=None, help="G (default: the manifest's)")
@@ -174,12 +180,16 @@ def main() -> None:
     g = args.guidance_step or manifest["guidance_step"]
     e = args.edit_step or manifest["edit_step"]
     pair, _ = checkpoints.load_pair(str(out / "storage"), subject.subject_id, components, g, e)
-    for fraction in (float(w) for w in args.windows.split(",")):
-        for alpha in (float(a) for a in args.alphas.split(",")):
-            config = SamplingConfig(alpha=alpha, guidance_fraction=fraction, **common)
-            scores = measure(sampler, pair, subject, prompts, seeds, config)
-            rows.append({"kind": "dreamblend", "step": e, "alpha": alpha, "window": config.window,
-                         "fraction": fraction, **scores})
+    schedules = args.eta_schedules.split(",")
+    for schedule in schedules:
+        for fraction in (float(w) for w in args.windows.split(",")):
+            for alpha in (float(a) for a in args.alphas.split(",")):
+                if alpha == 0 and schedule != schedules[0]:
+                    continue  # alpha 0 is E alone whatever the schedule
+                config = SamplingConfig(alpha=alpha, guidance_fraction=fraction, eta_schedule=schedule, **common)
+                scores = measure(sampler, pair, subject, prompts, seeds, config)
+                rows.append({"kind": "dreamblend", "step": e, "alpha": alpha, "window": config.window,
+                             "fraction": fraction, "schedule": schedule, **scores})
     checkpoints.unload_pair(pair, components)
     confirmed = None
     if args.confirm_seeds:
@@ -214,7 +224,8 @@ def confirm(sampler, components, root, subject, prompts, seeds, g, e, best, comm
     scores = {}
     for name, (gs, es, config) in {
         "g": (g, g, plain), "e": (e, e, plain),
-        "dreamblend": (g, e, SamplingConfig(alpha=best["alpha"], guidance_fraction=best["fraction"], **common)),
+        "dreamblend": (g, e, SamplingConfig(alpha=best["alpha"], guidance_fraction=best["fraction"],
+                                            eta_schedule=best["schedule"], **common)),
     }.items():
         pair, _ = checkpoints.load_pair(root, subject.subject_id, components, gs, es)
         scores[name] = {k: v for k, v in measure(sampler, pair, subject, prompts, seeds, config).items()
@@ -222,6 +233,7 @@ def confirm(sampler, components, root, subject, prompts, seeds, g, e, best, comm
         checkpoints.unload_pair(pair, components)
     prompt_ratio, subject_ratio = ratios(scores["dreamblend"], scores["g"], scores["e"])
     return {"seeds": [seeds[0], seeds[-1]], "alpha": best["alpha"], "window": best["window"],
+            "schedule": best["schedule"],
             **{f"{name}_{key}": rounded(scores[name][key]) for name in scores
                for key in ("prompt_fidelity", "subject_fidelity", "subject_when_context_right")},
             "prompt_ratio_to_g": round(prompt_ratio, 3), "subject_ratio_to_e": round(subject_ratio, 3)}
@@ -242,16 +254,16 @@ def save_grid(rows: list[dict], path: Path, cell: int = 34) -> None:
 
 
 def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str, confirmed: dict | None) -> None:
-    header = (f"{'row':28s} {'prompt':>7s} {'bg':>5s} {'shape':>5s} {'subject':>8s} {'ctx ok':>6s} "
+    header = (f"{'row':37s} {'prompt':>7s} {'bg':>5s} {'shape':>5s} {'subject':>8s} {'ctx ok':>6s} "
               f"{'subj|ok':>7s} {'subj|no':>7s} {'divers.':>8s} {'attn d':>7s}")
     lines = [f"subject {subject_id}: G = step {g}, E = step {e}", header, "-" * len(header)]
     for r in rows:
         name = (f"checkpoint step {r['step']}" if r["kind"] == "checkpoint"
-                else f"DreamBlend a={r['alpha']} K={r['window']}")
+                else f"DreamBlend a={r['alpha']} K={r['window']} {r['schedule']}")
         shape = "-" if r["shape"] is None else f"{r['shape']:.2f}"
         right, wrong = (("-" if v is None else f"{v:.3f}")
                         for v in (r["subject_when_context_right"], r["subject_when_context_wrong"]))
-        lines.append(f"{name:28s} {r['prompt_fidelity']:7.2f} {r['background']:5.2f} {shape:>5s} "
+        lines.append(f"{name:37s} {r['prompt_fidelity']:7.2f} {r['background']:5.2f} {shape:>5s} "
                      f"{r['subject_fidelity']:8.3f} {r['context_right']:6.2f} {right:>7s} {wrong:>7s} "
                      f"{r['diversity']:8.3f} {r['attention_distance']:7.4f}")
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
@@ -278,7 +290,7 @@ def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str, confirm
         print(f"confirmed on seeds {confirmed['seeds'][0]}..{confirmed['seeds'][1]}: "  # noqa: T201
               f"G {confirmed['g_prompt_fidelity']:.2f}/{confirmed['g_subject_fidelity']:.3f}, "
               f"E {confirmed['e_prompt_fidelity']:.2f}/{confirmed['e_subject_fidelity']:.3f}, "
-              f"DreamBlend a={confirmed['alpha']} K={confirmed['window']} "
+              f"DreamBlend a={confirmed['alpha']} K={confirmed['window']} {confirmed['schedule']} "
               f"{confirmed['dreamblend_prompt_fidelity']:.2f}/{confirmed['dreamblend_subject_fidelity']:.3f}: "
               f"ratios {confirmed['prompt_ratio_to_g']:.2f} / {confirmed['subject_ratio_to_e']:.2f}")
     (out / "tradeoff.json").write_text(json.dumps(

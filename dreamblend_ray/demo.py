@@ -20,14 +20,14 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dreamblend_ray.config import FinetuneConfig, check_choice, check_range
+from dreamblend_ray import demo_record
+from dreamblend_ray.config import FinetuneConfig, SamplingConfig, check_choice, check_range
 from dreamblend_ray.embedded import metrics
 from dreamblend_ray.embedded.subjects import CONTEXTS, SUBJECTS, get_subject
 from dreamblend_ray.runtime import lifecycle
@@ -56,12 +56,17 @@ class DemoConfig:
     """Settings of the demo. Fine-tuning defaults are tuned for the embedded model on 2 CPU cores.
 
     The fine-tune is LoRA DreamBooth (the product's default; rank 16 on every attention
-    projection, the embedded UNet's grown 16x16 level included, lr 2e-3, batch 4, 800 steps, no
+    projection, the embedded UNet's grown 16x16 level included, lr 2e-3, batch 4, 400 steps, no
     prior preservation), so the demo's requests run through the continuous batch's LoRA rows.
-    ``method="full"`` keeps the earlier full-UNet recipe (lr 3e-4). Either takes a subject from
-    "draws the second object the prompt names" (G = step 50) towards "draws the subject and drops
-    the rest of the prompt" (E = step 800); docs/embedded.md has both recipes' figures
-    (benchmarks/toy_tradeoff.py). ``learning_rate`` None is the method's recipe (``RECIPE_LR``).
+    ``method="full"`` keeps the earlier full-UNet recipe (lr 3e-4; run it with
+    ``finetune_steps=800``). Either takes a subject from "draws the second object the prompt
+    names" (G = step 50) towards "draws the subject and drops the rest of the prompt" (E = the
+    last step). By step 400 the LoRA has most of its likeness (the star's is higher than at step
+    800) while E still draws the second object in 0.60-0.73 of images, which leaves DreamBlend less
+    to recover; DreamBlend guides the first 60% of the steps (K = 18) at alpha 0.25 with a
+    constant step size (``eta_schedule``), the best setting for the star in
+    benchmarks/toy_tradeoff.py and on par with the best for the ring (docs/embedded.md).
+    ``learning_rate`` None is the method's recipe (``RECIPE_LR``).
     ``context`` says what the new prompts add: a second, named object (``companion``, spatial
     context, the kind DreamBlend's attention guidance carries) or a new background colour.
     """
@@ -70,7 +75,7 @@ class DemoConfig:
     base: str = "embedded"
     subjects: tuple[str, ...] = ()  # empty: every demo subject
     method: str = "lora"
-    finetune_steps: int = 800
+    finetune_steps: int = 400
     checkpoint_steps: tuple[int, ...] = (50, 100, 200, 400, 800)
     guidance_step: int | None = 50
     learning_rate: float | None = None  # None: RECIPE_LR[method]
@@ -83,6 +88,7 @@ class DemoConfig:
     guidance_scale: float = 3.0
     alpha: float = 0.25  # with LoRA E, 0.5 smears colour (docs/embedded.md, the grown base)
     guidance_fraction: float = 0.6  # guide the first 60% of the steps (K = 18 of 30)
+    eta_schedule: str = "constant"
     actors: int = 2
     port: int = 0
     attention_maps: bool = True  # one heat-map grid per subject, from one DreamBlend request
@@ -100,6 +106,7 @@ class DemoConfig:
         check_range("steps", self.steps, 1, 1000, integer=True)
         check_range("alpha", self.alpha, 0.0, 10.0)
         check_range("guidance_fraction", self.guidance_fraction, 0.0, 1.0)
+        SamplingConfig(eta_schedule=self.eta_schedule)  # a registered schedule, or its ValueError
         check_range("actors", self.actors, 1, 64, integer=True)
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
@@ -217,7 +224,8 @@ def request_body(config: DemoConfig, cell: Cell, manifests: dict) -> dict:
     elif cell.column == "E alone":
         body.update(alpha=0.0)
     else:
-        body.update(alpha=config.alpha, guidance_steps=round(config.guidance_fraction * config.steps))
+        body.update(alpha=config.alpha, guidance_steps=round(config.guidance_fraction * config.steps),
+                    eta_schedule=config.eta_schedule)
     return body
 
 
@@ -226,20 +234,23 @@ def decode_png(data: str) -> Image.Image:
 
 
 def fetch_images(url: str, config: DemoConfig, cells: list[Cell], manifests: dict) -> dict:
-    """POST every cell concurrently (the endpoint batches them); returns cell -> list of images."""
+    """POST every cell, one at a time in ``cells``' order; returns cell -> list of images.
+
+    One at a time: the continuous batch still runs each request's images as LoRA rows together,
+    but never beside another request's. Batched with others, a row's floating point differs in
+    the last bits (a matrix product's blocking depends on the row count), and DreamBlend's latent
+    updates amplify that until one or two of the 27 images change: the figures would then depend
+    on the order in which requests arrived (issue 32)."""
     import httpx
     from tqdm import tqdm
 
-    def post(cell: Cell):
-        response = client.post(f"{url}/v1/generate", json=request_body(config, cell, manifests))
-        if response.status_code != 200:
-            raise RuntimeError(f"{cell}: HTTP {response.status_code}: {response.text[:300]}")
-        return cell, [decode_png(b) for b in response.json()["images"]]
-
     results = {}
-    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(max_workers=8) as pool:
-        for cell, images in tqdm(pool.map(post, cells), total=len(cells), desc="demo requests"):
-            results[cell] = images
+    with httpx.Client(timeout=600) as client:
+        for cell in tqdm(cells, desc="demo requests"):
+            response = client.post(f"{url}/v1/generate", json=request_body(config, cell, manifests))
+            if response.status_code != 200:
+                raise RuntimeError(f"{cell}: HTTP {response.status_code}: {response.text[:300]}")
+            results[cell] = [decode_png(b) for b in response.json()["images"]]
     return results
 
 
@@ -276,8 +287,8 @@ def fetch_attention(url: str, config: DemoConfig, cells: list[Cell], manifests: 
                   **{row: decode_png(png) for row, png in entry["images"].items()}}
         return cell.subject_id, AttentionReport.from_json(entry, images, cell.prompt, data["seeds"][0])
 
-    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(pool.map(post, cells))
+    with httpx.Client(timeout=600) as client:  # one at a time, as fetch_images
+        return dict(map(post, cells))
 
 
 def serve_and_fetch(config: DemoConfig, cells: list[Cell], manifests: dict) -> tuple[dict, dict]:
@@ -330,22 +341,35 @@ def draw_grid(rows: list[tuple[str, list[Image.Image]]], headers: list[str], cel
     return grid
 
 
-def column_metrics(subjects, cells: list[Cell], images: dict) -> dict:
-    """Per column: prompt fidelity, subject fidelity and diversity (analytic, embedded metrics)."""
-
+def column_metrics(config: DemoConfig, subjects, cells: list[Cell], images: dict) -> dict:
+    """Per column: prompt fidelity, subject fidelity and diversity (analytic, embedded metrics),
+    with each image's scores and each seed's figures (``demo_record.column_record``)."""
     by_id = {s.subject_id: s for s in subjects}
     table = {}
     for column in COLUMNS:
         chosen = [c for c in cells if c.column == column]
         flat = [(c, img) for c in chosen for img in images[c]]
         prompt = metrics.prompt_fidelity([img for _, img in flat], [c.prompt for c, _ in flat])
-        subject = [metrics.subject_fidelity(images[c], by_id[c.subject_id].instance_images())["score"]
-                   for c in chosen]
+        per_cell = [metrics.subject_scores_per_image(images[c], by_id[c.subject_id].instance_images())
+                    for c in chosen]
+        subject = [s["score"] for scores in per_cell for s in scores]
         spread = [metrics.diversity(images[c])["score"] for c in chosen]
-        table[column] = {"prompt_fidelity": metrics.context_fidelity(prompt), "background": prompt["background"],
-                         "all_correct": prompt["all_correct"], "subject_fidelity": float(np.mean(subject)),
-                         "diversity": float(np.mean(spread)), "images": len(flat)}
+        figures = {"prompt_fidelity": metrics.context_fidelity(prompt), "background": prompt["background"],
+                   "all_correct": prompt["all_correct"], "subject_fidelity": float(np.mean(subject)),
+                   "diversity": float(np.mean(spread)), "images": len(flat)}
+        per_image_prompt = [metrics.context_score(img, c.prompt) for c, img in flat]
+        table[column] = demo_record.column_record(figures, per_image_prompt, subject, config.seeds)
     return table
+
+
+RECORDED_SETTINGS = ("base", "subjects", "method", "finetune_steps", "checkpoint_steps", "guidance_step", "lr",
+                     "rank", "batch_size", "context", "contexts_per_subject", "seeds", "steps",
+                     "guidance_scale", "alpha", "guidance_fraction", "eta_schedule", "extra_finetune")
+
+
+def demo_settings(config: DemoConfig) -> dict:
+    """The settings the demo's figures depend on (not where it writes, its port or its extras)."""
+    return json.loads(json.dumps({name: getattr(config, name) for name in RECORDED_SETTINGS}))
 
 
 def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests: dict,
@@ -356,13 +380,17 @@ def report_markdown(config: DemoConfig, table: dict, finetune_result, manifests:
              f"recorded in each subject.json. Prompts put the subject {CONTEXT_TEXT[config.context]}; "
              f"{len(config.seeds)} seeds each, {config.steps} DDIM steps, CFG {config.guidance_scale}, "
              f"DreamBlend alpha {config.alpha}, guided steps K = "
-             f"{round(config.guidance_fraction * config.steps)}. Prompt fidelity is the share of that new context drawn "
+             f"{round(config.guidance_fraction * config.steps)}, {config.eta_schedule} step size. Prompt fidelity is the share of that new context drawn "
              "right (the second object's shape and colour, or the background colour).", "",
+             f"One image moves a column's prompt fidelity by {1 / table[COLUMNS[0]]['images']:.3f}; in brackets, the "
+             "range of the figure over the seeds, each seed's images alone.", "",
              "| column | prompt fidelity | background correct | all attributes correct | subject fidelity | diversity |",
              "|---|---|---|---|---|---|"]
     for column, row in table.items():
-        lines.append(f"| {column} | {row['prompt_fidelity']:.2f} | {row['background']:.2f} | "
-                     f"{row['all_correct']:.2f} | {row['subject_fidelity']:.3f} | {row['diversity']:.3f} |")
+        (p_lo, p_hi), (s_lo, s_hi) = (row["seeds"]["range"][f] for f in ("prompt_fidelity", "subject_fidelity"))
+        lines.append(f"| {column} | {row['prompt_fidelity']:.2f} ({p_lo:.2f}-{p_hi:.2f}) | {row['background']:.2f} | "
+                     f"{row['all_correct']:.2f} | {row['subject_fidelity']:.3f} ({s_lo:.3f}-{s_hi:.3f}) | "
+                     f"{row['diversity']:.3f} |")
     g, e, blend = (table[c] for c in COLUMNS)
     lost = g["prompt_fidelity"] - e["prompt_fidelity"]
     lines += ["", f"Trade-off: E loses {lost:+.2f} of prompt fidelity against G and gains "
@@ -478,11 +506,14 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
             rows.append((f"{cell.subject_id}: {cell.prompt}",
                          [instance] + [images[Cell(cell.subject_id, cell.prompt, c)][0] for c in COLUMNS]))
     draw_grid(rows, ["instance image", *COLUMNS]).save(out / "grid.png")
-    table = column_metrics(subjects, cells, images)
+    table = column_metrics(config, subjects, cells, images)
+    record = {"settings": demo_settings(config), "columns": table}
     seconds["total"] = time.perf_counter() - start
     heat_maps = attention_markdown(reports, write_attention_grids(out, reports),
                                    copy_collapse_plots(config, out, manifests), manifests)
-    (out / "report.md").write_text(report_markdown(config, table, result, manifests, seconds) + heat_maps)
-    (out / "metrics.json").write_text(json.dumps({"columns": table, "seconds": seconds}, indent=2))
+    (out / "report.md").write_text(report_markdown(config, table, result, manifests, seconds) + heat_maps
+                                   + demo_record.comparison_markdown(record, demo_record.read_recorded()))
+    (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
     logger.info("wrote %s and %s in %.0f s", out / "grid.png", out / "report.md", seconds["total"])
     return table

@@ -29,12 +29,12 @@ def test_toy_tradeoff_runs_and_reports(tmp_path):
     result = run_script("toy_tradeoff.py", "--base", "tiny", "--out", str(tmp_path / "t"),
                         "--finetune-steps", "2", "--checkpoints", "1,2", "--backgrounds", "1",
                         "--seeds", "2", "--steps", "2", "--alphas", "0.25", "--windows", "0.5",
-                        "--confirm-seeds", "1", cwd=tmp_path)
+                        "--eta-schedules", "constant", "--confirm-seeds", "1", cwd=tmp_path)
     assert result["guidance_step"] == 1 and result["edit_step"] == 2
-    assert result["best_dreamblend"]["alpha"] == 0.25
+    assert result["best_dreamblend"]["alpha"] == 0.25 and result["best_dreamblend"]["schedule"] == "constant"
     assert {"prompt_ratio_to_g", "subject_ratio_to_e", "target_met"} <= set(result)
     confirmed = result["confirmed"]
-    assert confirmed["seeds"] == [1000, 1000] and confirmed["alpha"] == 0.25
+    assert confirmed["seeds"] == [1000, 1000] and confirmed["alpha"] == 0.25 and confirmed["schedule"] == "constant"
     assert 0.0 <= confirmed["dreamblend_prompt_fidelity"] <= 1.0
     for name in ("tradeoff.png", "images.png", "tradeoff.json"):
         assert (tmp_path / "t" / name).is_file()

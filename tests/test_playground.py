@@ -11,7 +11,8 @@
     The Status panel (issue 30) shows ``GET /v1/status`` (the fake replica's fixed numbers, the
     caller's subjects only, the generation's latency), says "replica not answering" on a 503, and
     polls neither while the page is hidden nor after a 401.
-    ``DREAMBLEND_SCREENSHOT=docs/img/playground.png`` also saves the final page there.
+    ``DREAMBLEND_SCREENSHOT=PATH`` also saves the final page (the tiny model's) there; the docs'
+    ``docs/img/playground.png`` comes from ``docs/playground_screenshot.py`` (the embedded model).
 
 (b) is skipped with one line without chromium, unless DREAMBLEND_REQUIRE_BROWSER=1 (then it fails).
 """
@@ -50,7 +51,7 @@ import api_fakes
 from api_fakes import make_app, serve_on_loopback
 
 KEY = "playground-k3y-9e8d7c6b5a4f3e2d1c0b"
-SCREENSHOT = os.environ.get("DREAMBLEND_SCREENSHOT")  # e.g. docs/img/playground.png
+SCREENSHOT = os.environ.get("DREAMBLEND_SCREENSHOT")  # a path for the tiny model's page
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"  # an identifier for createElementNS, never fetched
 # Chromium's own services as in test_docs_offline, and its GCM check-in, which it opens once it has run
 # some 10 s (this test's browser lives longer than the /docs one's)
@@ -419,7 +420,7 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             shot = tools.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
                                                           "clip": full_page(tools)})
             (tmp_path / "playground.png").write_bytes(base64.b64decode(shot["data"]))
-            if SCREENSHOT:  # refresh docs/img/playground.png on request only
+            if SCREENSHOT:  # on request only
                 shutil.copyfile(tmp_path / "playground.png", SCREENSHOT)
 
             backend.status_down = True  # the replica stops answering: a 503, polled on

@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tune learning rate (default: the method's, 2e-3 LoRA / 3e-4 full)")
     parser.add_argument("--alpha", type=float, default=None, help="DreamBlend strength")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps per image")
+    parser.add_argument("--eta-schedule", default=None,
+                        help="DreamBlend's step size over the guided steps: constant (default), linear, cosine")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="images per prompt and column, seeds 0..N-1 (default 3; more seeds make the "
+                             "figures finer: one image moves prompt fidelity by 1/(9 N))")
 
     parser.add_argument("--context", choices=CONTEXTS, default=None,
                         help="what the new prompts add: a second, named object (default) or a new "
@@ -45,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
 
     values = {"out": args.out, "base": args.base, "subjects": tuple(args.subjects)}
     for name, key in (("finetune_steps", "finetune_steps"), ("method", "method"), ("lr", "learning_rate"),
-                      ("alpha", "alpha"), ("steps", "steps"),
+                      ("alpha", "alpha"), ("steps", "steps"), ("eta_schedule", "eta_schedule"),
                       ("context", "context"), ("contexts", "contexts_per_subject"),
                       ("attention_maps", "attention_maps"), ("attention_probe", "attention_probe")):
         if getattr(args, name) is not None:
             values[key] = getattr(args, name)
+    if args.seeds is not None:
+        values["seeds"] = tuple(range(args.seeds))
     run_demo(DemoConfig(**values))
     return 0
