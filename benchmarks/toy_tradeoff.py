@@ -84,33 +84,45 @@ def measure(sampler, pair, subject, prompts, seeds, config: SamplingConfig) -> d
     }
 
 
-def plot(rows: list[dict], path: Path, size: int = 480) -> None:
-    """Prompt fidelity (y) against subject fidelity (x): checkpoints as a line, DreamBlend as dots."""
+def plot(rows: list[dict], path: Path, best: dict | None = None, confirmed: dict | None = None,
+         size: int = 480) -> None:
+    """Prompt fidelity (y) against subject fidelity (x): the checkpoints as a grey line, each
+    DreamBlend row as a red dot (``best`` labelled), and the confirmation pass's G, E and DreamBlend
+    as hollow squares. The x axis ends just past the largest subject fidelity."""
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
-    margin = 50
+    margin, span = 50, size - 100
+    x_top = max(0.6, max(r["subject_fidelity"] for r in rows) + 0.05)
 
-    def xy(row):
-        return (margin + row["subject_fidelity"] * (size - 2 * margin),
-                size - margin - row["prompt_fidelity"] * (size - 2 * margin))
+    def xy(subject: float, prompt: float) -> tuple[float, float]:
+        return margin + subject / x_top * span, size - margin - prompt * span
+
+    def dot(point, colour, label=None, square=False):
+        x, y = point
+        (draw.rectangle if square else draw.ellipse)([x - 4, y - 4, x + 4, y + 4], outline=colour,
+                                                     fill=None if square else colour)
+        if label:
+            draw.text((x + 6, y - 12), label, fill=colour)
 
     draw.rectangle([margin, margin, size - margin, size - margin], outline="black")
     draw.text((size // 2 - 40, size - margin + 20), "subject fidelity", fill="black")
     draw.text((4, margin - 20), "prompt fidelity", fill="black")
-    for v in (0.0, 0.5, 1.0):
-        draw.text((margin + v * (size - 2 * margin) - 6, size - margin + 4), f"{v:.1f}", fill="black")
-        draw.text((margin - 28, size - margin - v * (size - 2 * margin) - 6), f"{v:.1f}", fill="black")
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        draw.text((margin - 30, xy(0, v)[1] - 6), f"{v:.2f}", fill="black")
+        if v <= x_top:
+            draw.text((xy(v, 0)[0] - 10, size - margin + 4), f"{v:.2f}", fill="black")
     ckpts = [r for r in rows if r["kind"] == "checkpoint"]
-    draw.line([xy(r) for r in ckpts], fill="gray", width=2)
+    draw.line([xy(r["subject_fidelity"], r["prompt_fidelity"]) for r in ckpts], fill="gray", width=2)
     for r in ckpts:
-        x, y = xy(r)
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill="gray")
-        draw.text((x + 5, y - 12), f"step {r['step']}", fill="gray")
+        dot(xy(r["subject_fidelity"], r["prompt_fidelity"]), "gray", f"step {r['step']}")
     for r in rows:
         if r["kind"] == "dreamblend" and r["alpha"] > 0:
-            x, y = xy(r)
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill="red")
-            draw.text((x + 5, y + 2), f"a={r['alpha']} K={r['window']} {r['schedule'][:3]}", fill="red")
+            label = f"best: a={r['alpha']} K={r['window']} {r['schedule']}" if r is best else None
+            dot(xy(r["subject_fidelity"], r["prompt_fidelity"]), "red", label)
+    if confirmed:
+        for name, colour in (("g", "gray"), ("e", "gray"), ("dreamblend", "blue")):
+            point = xy(confirmed[f"{name}_subject_fidelity"], confirmed[f"{name}_prompt_fidelity"])
+            dot(point, colour, f"{'G' if name == 'g' else 'E' if name == 'e' else 'best'}, fresh seeds", square=True)
     image.save(path)
 
 
@@ -267,10 +279,10 @@ def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str, confirm
                      f"{r['subject_fidelity']:8.3f} {r['context_right']:6.2f} {right:>7s} {wrong:>7s} "
                      f"{r['diversity']:8.3f} {r['attention_distance']:7.4f}")
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
-    plot(rows, out / "tradeoff.png")
+    best = best_blend(rows, g, e)
+    plot(rows, out / "tradeoff.png", best, confirmed)
     save_grid(rows, out / "images.png")
     g_row, e_row = checkpoint_rows(rows, g, e)
-    best = best_blend(rows, g, e)
     prompt_ratio, subject_ratio = ratios(best, g_row, e_row)
     result = {
         "subject": subject_id, "guidance_step": g, "edit_step": e,
