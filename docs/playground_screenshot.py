@@ -49,7 +49,7 @@ from dreamblend_ray.training import layout  # noqa: E402
 logger = logging.getLogger("playground_screenshot")
 
 KEY_ENV = "DB_SCREENSHOT_KEY"
-PROMPT = "a sks shape and a red circle on a blue background"
+PROMPT = "a sks shape and a blue square on a black background"
 VIEWPORT = {"width": 1100, "height": 800, "deviceScaleFactor": 1, "mobile": False}
 # The page's fields (index.html ids) and the parsed arguments that fill them.
 FIELDS = {"#prompt": "prompt", "#seed": "seed", "#steps": "steps", "#window": "window", "#alpha": "alpha",
@@ -66,9 +66,9 @@ RESULTS_SHOWN = """(() => {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--storage", default="outputs/demo/storage", help="storage root with subjects/<id>/")
-    parser.add_argument("--subject", default="striped-star", help="the subject to generate")
+    parser.add_argument("--subject", default="half-ring", help="the subject to generate")
     parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps T")
     parser.add_argument("--window", type=int, default=18, help="guidance window K (guidance_steps)")
     parser.add_argument("--alpha", type=float, default=0.25)

@@ -29,12 +29,12 @@ def shot():
 
 def test_defaults_are_the_demo_storage_the_docs_image_and_the_documented_settings(shot):
     args = shot.parse_args([])
-    assert (args.storage, args.out, args.subject) == ("outputs/demo/storage", "docs/img/playground.png", "striped-star")
-    assert (args.seed, args.steps, args.window, args.alpha, args.scale) == (1, 30, 18, 0.25, 3.0)
-    assert args.prompt == "a sks shape and a red circle on a blue background"
-    args = shot.parse_args(["--storage", "/s", "--subject", "half-ring", "--seed", "3", "--window", "9",
+    assert (args.storage, args.out, args.subject) == ("outputs/demo/storage", "docs/img/playground.png", "half-ring")
+    assert (args.seed, args.steps, args.window, args.alpha, args.scale) == (0, 30, 18, 0.25, 3.0)
+    assert args.prompt == "a sks shape and a blue square on a black background"
+    args = shot.parse_args(["--storage", "/s", "--subject", "striped-star", "--seed", "3", "--window", "9",
                             "--out", "x.png"])
-    assert (args.storage, args.subject, args.seed, args.window, args.out) == ("/s", "half-ring", 3, 9, "x.png")
+    assert (args.storage, args.subject, args.seed, args.window, args.out) == ("/s", "striped-star", 3, 9, "x.png")
     assert "python docs/playground_screenshot.py --storage outputs/demo/storage" in shot.__doc__
 
 
@@ -58,9 +58,9 @@ def page_body(args) -> dict:
 def test_the_backend_turns_the_pages_request_into_the_expected_generation(shot, tmp_path, monkeypatch,
                                                                           tiny_components, one_thread):
     root = str(tmp_path)
-    manifest = {**MANIFEST, "subject_id": "striped-star", "class_noun": "shape", "token": "sks"}
-    Path(layout.manifest_uri(root, "striped-star")).parent.mkdir(parents=True)
-    Path(layout.manifest_uri(root, "striped-star")).write_text(json.dumps(manifest))
+    manifest = {**MANIFEST, "subject_id": "half-ring", "class_noun": "shape", "token": "sks"}
+    Path(layout.manifest_uri(root, "half-ring")).parent.mkdir(parents=True)
+    Path(layout.manifest_uri(root, "half-ring")).write_text(json.dumps(manifest))
     loads = []
 
     def load_pair(*call):
@@ -74,11 +74,11 @@ def test_the_backend_turns_the_pages_request_into_the_expected_generation(shot, 
     answer = client.post("/v1/generate", json=page_body(args), headers={"Authorization": f"Bearer {KEY}"})
     assert answer.status_code == 200, answer.text
     shot.check_job(backend, args)  # raises unless the job is what the script asked the page for
-    assert loads == [(root, "striped-star", tiny_components, None, None)]  # the default pair: the manifest's
+    assert loads == [(root, "half-ring", tiny_components, None, None)]  # the default pair: the manifest's
     (entry,) = answer.json()["attention"]
     assert entry["words"] == args.prompt.split() and set(entry["maps"]) == {"guidance", "edit", "dreamblend"}
     assert len(entry["attention_distance_steps"]) == 2  # the window K
     status = client.get("/v1/status", headers={"X-API-Key": KEY}).json()
-    assert status["recent_steps"] == 3 and status["loaded_subjects"] == ["striped-star"], status
+    assert status["recent_steps"] == 3 and status["loaded_subjects"] == ["half-ring"], status
     with pytest.raises(ValueError, match="expected"):
         shot.check_job(backend, shot.parse_args(["--seed", "2", "--steps", "3", "--window", "2"]))
