@@ -34,6 +34,7 @@ LAYERS = [
     ("evaluation",),
     ("jobs",), ("lifecycle",), ("serving",),
     ("embedded",),  # the toy world: its model, metrics, scorer; may use everything below
+    ("demo_record",),  # the demo's recorded figures and their tolerance (numpy only)
     ("demo", "serve_entry", "job_entry"),  # applications and the entry import paths of deployed configs
     ("commands", "cli"),  # the `dreamblend` command
 ]
