@@ -15,7 +15,8 @@ import pytest
 
 from dreamblend_ray import demo_record
 from dreamblend_ray.demo import COLUMNS, Cell, DemoConfig, column_metrics, demo_settings, run_demo
-from dreamblend_ray.embedded import metrics, subjects, world
+from dreamblend_ray.embedded import subjects
+from test_embedded import star_with_and_without_companion
 
 RECORDED = demo_record.read_recorded()
 
@@ -42,12 +43,7 @@ def test_tolerance_is_flips_over_the_sample_size():
 
 
 def test_column_metrics_record_per_image_scores_that_make_the_figures():
-    subject = subjects.get_subject("striped-star")
-    shape, colour = subject.companions()[0]
-    prompt = subject.companion_prompt(shape, colour)
-    star = world.Scene(subject.shape, subject.colours, subject.background, 9, 9, 14, subject.pattern)
-    companion = world.Scene(shape, (colour,), subject.background, 24, 24, 12)
-    images = [world.render(star, companion), world.render(star), world.render(companion)]
+    subject, prompt, images = star_with_and_without_companion()
     config = DemoConfig(seeds=(0, 1, 2))
     cells = [Cell(subject.subject_id, prompt, column) for column in COLUMNS]
     table = column_metrics(config, [subject], cells, {cell: images for cell in cells})

@@ -141,13 +141,19 @@ def test_subject_fidelity_separates_subjects_and_solid_shapes():
         assert metrics.subject_fidelity(noise, own)["score"] == 0.0
 
 
-def test_subject_fidelity_by_context_splits_on_the_second_object():
+def star_with_and_without_companion():
+    """The striped star, its first companion prompt, and three renders: star and companion, the
+    star alone, the companion alone."""
     subject = subjects.get_subject("striped-star")
     shape, colour = subject.companions()[0]
-    prompt = subject.companion_prompt(shape, colour)
     star = world.Scene(subject.shape, subject.colours, subject.background, 9, 9, 14, subject.pattern)
     companion = world.Scene(shape, (colour,), subject.background, 24, 24, 12)
     images = [world.render(star, companion), world.render(star), world.render(companion)]
+    return subject, subject.companion_prompt(shape, colour), images
+
+
+def test_subject_fidelity_by_context_splits_on_the_second_object():
+    subject, prompt, images = star_with_and_without_companion()
     own = subject.instance_images()
     split = metrics.subject_fidelity_by_context(images, [prompt] * 3, own)
     assert [metrics.context_right(image, prompt) for image in images] == [True, False, True]
