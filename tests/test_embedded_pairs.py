@@ -372,6 +372,35 @@ def test_random_caption_of_a_pair_names_both_objects():
     assert len(single.objects) == 1 and single.objects[0][0] in ("circle", "shape")
 
 
+def test_pair_caption_rates_name_objects_generically_and_drop_colours():
+    """``compose_generic_noun`` names an object "shape" (the form of "a sks shape and a red
+    circle") and ``compose_drop_colour`` leaves its colour out, each at about its rate; the
+    defaults draw the same captions as before the options existed (the shipped weights' stream)."""
+    from dreamblend_ray.embedded.train import random_pair_caption
+
+    combos = world.train_combos()
+    rng = random.Random(3)
+    pairs = [world.random_pair(rng, combos) for _ in range(600)]
+    nouns = []
+    for pair in pairs:
+        spec = metrics.parse_prompt(random_pair_caption(random.Random(id(pair) % 9973), pair, 0.3, 0.25))
+        assert len(spec.objects) == 2
+        nouns += spec.objects
+    generic = np.mean([shape == "shape" for shape, _ in nouns])
+    uncoloured = np.mean([colour is None for _, colour in nouns])
+    assert 0.2 < generic < 0.3 and 0.25 < uncoloured < 0.35, (generic, uncoloured)
+
+    def legacy(rng, pair):  # the caption rule before the rates were options
+        objects = [pair.first, pair.second]
+        rng.shuffle(objects)
+        nouns = [c.shape if rng.random() < 0.05 else f"{c.colour} {c.shape}" for c in objects]
+        background = None if rng.random() < 0.05 else pair.background
+        return world.pair_caption(*nouns, background, template=int(rng.random() < 0.2))
+
+    for seed, pair in enumerate(pairs[:200]):
+        assert random_pair_caption(random.Random(seed), pair) == legacy(random.Random(seed), pair)
+
+
 def test_train_config_validates_compose_fields():
     from dreamblend_ray.embedded.train import TrainConfig
 
@@ -383,6 +412,9 @@ def test_train_config_validates_compose_fields():
         TrainConfig(compose_scenes=10)
     with pytest.raises(ValueError, match="compose_steps"):
         TrainConfig(compose_steps=-1)
+    for name in ("compose_drop_colour", "compose_generic_noun"):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: 1.5})
     assert TrainConfig(compose_pairs=1.0, compose_steps=0).compose_pairs == 1.0
 
 

@@ -88,6 +88,8 @@ class TrainConfig:
     compose_scenes: int = 6000
     compose_lr: float = 5e-4
     compose_pairs: float = 0.5
+    compose_drop_colour: float = 0.05  # a two-object caption leaves each object's colour out this often
+    compose_generic_noun: float = 0.0  # ... and names an object "shape" this often ("a shape and a red circle")
     grow_lr: float = 1e-3
     threads: int = 1
 
@@ -106,6 +108,8 @@ class TrainConfig:
         check_range("compose_steps", self.compose_steps, 0, 10 ** 7)
         check_range("compose_scenes", self.compose_scenes, 64, 10 ** 6)
         check_range("compose_pairs", self.compose_pairs, 0.0, 1.0)
+        check_range("compose_drop_colour", self.compose_drop_colour, 0.0, 1.0)
+        check_range("compose_generic_noun", self.compose_generic_noun, 0.0, 1.0)
         check_range("grow_lr", self.grow_lr, 0.0, 1.0)
         check_range("checkpoint_every", self.checkpoint_every, 1, 10 ** 7)
 
@@ -196,13 +200,14 @@ def render_mixed_scenes(count: int, seed: int, pairs: float) -> tuple[torch.Tens
     return (torch.from_numpy(images).permute(0, 3, 1, 2) / 127.5 - 1).contiguous(), chosen
 
 
-def random_caption(rng: random.Random, combo, uncond: float) -> str:
+def random_caption(rng: random.Random, combo, uncond: float, pair_drop_colour: float = 0.05,
+                   pair_generic_noun: float = 0.0) -> str:
     """A caption of ``combo`` (a Combo or a PairCombo) from the grammar, or ``""`` with
-    probability ``uncond``."""
+    probability ``uncond``; ``pair_*``: :func:`random_pair_caption`'s rates."""
     if rng.random() < uncond:
         return ""
     if isinstance(combo, world.PairCombo):
-        return random_pair_caption(rng, combo)
+        return random_pair_caption(rng, combo, pair_drop_colour, pair_generic_noun)
     mix = world.CaptionMix()
     template = rng.choices(range(3), weights=mix.templates)[0]
     shape = None if rng.random() < mix.generic_noun else combo.shape
@@ -211,13 +216,21 @@ def random_caption(rng: random.Random, combo, uncond: float) -> str:
     return world.caption(shape, colour, background, template)
 
 
-def random_pair_caption(rng: random.Random, pair: world.PairCombo) -> str:
+def random_pair_caption(rng: random.Random, pair: world.PairCombo, drop_colour: float = 0.05,
+                        generic_noun: float = 0.0) -> str:
     """Both objects in random order (the order says nothing about where they are), each colour
-    dropped with the single-object rate, the background dropped now and then."""
+    dropped with probability ``drop_colour``, each shape named "shape" with probability
+    ``generic_noun`` (a subject prompt's "a sks shape and a red circle" is of that form), the
+    background dropped now and then. The defaults are the shipped weights' (no generic noun: no
+    random draw for it, so their caption stream is unchanged)."""
     mix = world.CaptionMix()
     objects = [pair.first, pair.second]
     rng.shuffle(objects)
-    nouns = [c.shape if rng.random() < mix.drop_colour else f"{c.colour} {c.shape}" for c in objects]
+    nouns = []
+    for c in objects:
+        colour = None if rng.random() < drop_colour else c.colour
+        shape = "shape" if generic_noun and rng.random() < generic_noun else c.shape
+        nouns.append(" ".join(w for w in (colour, shape) if w))
     background = None if rng.random() < mix.drop_background else pair.background
     return world.pair_caption(*nouns, background, template=int(rng.random() < 0.2))
 
@@ -380,7 +393,8 @@ def _unet_loss(unet, text_encoder, tokenizer, means, stds, combos, alphas, gener
                config: TrainConfig) -> torch.Tensor:
     index = torch.randint(len(means), (config.batch,), generator=generator)
     z0 = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
-    captions = [random_caption(rng, combos[i], config.uncond) for i in index.tolist()]
+    captions = [random_caption(rng, combos[i], config.uncond, config.compose_drop_colour,
+                               config.compose_generic_noun) for i in index.tolist()]
     noise = torch.randn(z0.shape, generator=generator)
     noise = noise + config.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=generator)
     t = torch.randint(len(alphas), (config.batch,), generator=generator)
