@@ -22,7 +22,9 @@ context and E's likeness must draw the subject better than E itself does beside 
 
 Writes a PNG plot (prompt fidelity against subject fidelity) and prints a table; the last line is
 ``RESULT {json}``. Target (issue #8): DreamBlend keeps prompt fidelity within 10% of G's and subject
-fidelity within 10% of E's.
+fidelity within 10% of E's. ``subject_ratio_bound`` says whether that is within reach of steering
+E at all: the subject ratio of a sampler that draws the context at 0.9 of G's rate and the subject
+as E's own images do, split by context (:func:`steering_bound`).
 
     python benchmarks/toy_tradeoff.py [--subject striped-star] [--context companion] [--out outputs/tradeoff]
 """
@@ -217,6 +219,19 @@ def ratios(blend: dict, g_row: dict, e_row: dict) -> tuple[float, float]:
             blend["subject_fidelity"] / max(e_row["subject_fidelity"], 1e-9))
 
 
+def steering_bound(g: dict, e: dict, share: float = 0.9) -> float | None:
+    """The subject ratio to E of a sampler that draws the new context in ``share`` of G's share
+    of images and draws the subject in each group as E's own images do (``when_right`` where the
+    context is drawn, ``when_wrong`` where not). Above 0.9 the target is within reach of steering
+    E; below it a sampler must draw the subject beside the context better than E itself does.
+    None when E's images fall in one group only."""
+    right, wrong = e["subject_when_context_right"], e["subject_when_context_wrong"]
+    if right is None or wrong is None or e["subject_fidelity"] <= 0:
+        return None
+    drawn = min(1.0, share * g["context_right"])
+    return (drawn * right + (1.0 - drawn) * wrong) / e["subject_fidelity"]
+
+
 def checkpoint_rows(rows: list[dict], g: int, e: int) -> tuple[dict, dict]:
     """The rows of G's and E's checkpoints sampled alone."""
     by_step = {r["step"]: r for r in rows if r["kind"] == "checkpoint"}
@@ -247,8 +262,10 @@ def confirm(sampler, components, root, subject, prompts, seeds, g, e, best, comm
     return {"seeds": [seeds[0], seeds[-1]], "alpha": best["alpha"], "window": best["window"],
             "schedule": best["schedule"],
             **{f"{name}_{key}": rounded(scores[name][key]) for name in scores
-               for key in ("prompt_fidelity", "subject_fidelity", "subject_when_context_right")},
-            "prompt_ratio_to_g": round(prompt_ratio, 3), "subject_ratio_to_e": round(subject_ratio, 3)}
+               for key in ("prompt_fidelity", "subject_fidelity", "context_right", "subject_when_context_right",
+                           "subject_when_context_wrong")},
+            "prompt_ratio_to_g": round(prompt_ratio, 3), "subject_ratio_to_e": round(subject_ratio, 3),
+            "subject_ratio_bound": rounded(steering_bound(scores["g"], scores["e"]))}
 
 
 def rounded(value: float | None) -> float | None:
@@ -291,6 +308,7 @@ def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str, confirm
         "best_dreamblend": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in best.items() if k != "images"},
         "prompt_ratio_to_g": round(prompt_ratio, 3),
         "subject_ratio_to_e": round(subject_ratio, 3),
+        "subject_ratio_bound": rounded(steering_bound(g_row, e_row)),
         "tradeoff_visible": e_row["prompt_fidelity"] < g_row["prompt_fidelity"],
         "plot": str(out / "tradeoff.png"),
     }
@@ -304,7 +322,8 @@ def report(rows: list[dict], g: int, e: int, out: Path, subject_id: str, confirm
               f"E {confirmed['e_prompt_fidelity']:.2f}/{confirmed['e_subject_fidelity']:.3f}, "
               f"DreamBlend a={confirmed['alpha']} K={confirmed['window']} {confirmed['schedule']} "
               f"{confirmed['dreamblend_prompt_fidelity']:.2f}/{confirmed['dreamblend_subject_fidelity']:.3f}: "
-              f"ratios {confirmed['prompt_ratio_to_g']:.2f} / {confirmed['subject_ratio_to_e']:.2f}")
+              f"ratios {confirmed['prompt_ratio_to_g']:.2f} / {confirmed['subject_ratio_to_e']:.2f}; "
+              f"subject ratio within reach of steering E: {confirmed['subject_ratio_bound']}")
     (out / "tradeoff.json").write_text(json.dumps(
         [{k: v for k, v in r.items() if k != "images"} for r in rows], indent=2))
     print("RESULT " + json.dumps(result))  # noqa: T201

@@ -43,7 +43,19 @@ def test_toy_tradeoff_runs_and_reports(tmp_path):
     for row in rows:
         assert 0.0 <= row["context_right"] <= 1.0
         assert (row["subject_when_context_right"] is None) == (row["context_right"] == 0.0)
-    assert "g_subject_when_context_right" in confirmed
+    assert "g_subject_when_context_right" in confirmed and "subject_ratio_bound" in confirmed
+
+
+def test_steering_bound_mixes_e_likeness_by_the_context_share_g_allows():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from toy_tradeoff import steering_bound
+
+    e = {"subject_fidelity": 0.4, "subject_when_context_right": 0.3, "subject_when_context_wrong": 0.5}
+    # G draws the context in every image: 90% of images at 0.3, 10% at 0.5 -> 0.32 / 0.4
+    assert steering_bound({"context_right": 1.0}, e) == pytest.approx(0.8)
+    assert steering_bound({"context_right": 0.5}, e) == pytest.approx((0.45 * 0.3 + 0.55 * 0.5) / 0.4)
+    assert steering_bound({"context_right": 1.0}, e, share=1.0) == pytest.approx(0.75)
+    assert steering_bound({"context_right": 1.0}, {**e, "subject_when_context_wrong": None}) is None
 
 
 @pytest.mark.slow
