@@ -496,7 +496,8 @@ def test_stage_five_trains_the_unet_and_keeps_the_vae(tmp_path):
     assert meta["timings"]["compose_s"] > meta_before["timings"]["compose_s"]
     assert meta["timings"]["unet_s"] == meta_before["timings"]["unet_s"]
     compose_config = {k: v for k, v in meta["config"].items() if k.startswith("compose_")}
-    assert compose_config == {"compose_steps": 3, "compose_scenes": 64, "compose_lr": 1e-3, "compose_pairs": 0.5}
+    assert compose_config == {"compose_steps": 3, "compose_scenes": 64, "compose_lr": 1e-3, "compose_pairs": 0.5,
+                              "compose_drop_colour": 0.05, "compose_generic_noun": 0.0}  # the captions recorded too
     assert meta["config"]["scenes"] == 64 and meta["config"]["unet_steps"] == 2  # the base run's
     assert math.isfinite(meta["compose_loss_last100"])
 
