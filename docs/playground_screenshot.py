@@ -9,7 +9,7 @@ playground app (``serving.http.make_api`` over that root's manifests, subject li
 plots, auth on with a throwaway key) on 127.0.0.1 with a backend that runs the real sampler through
 ``batching.run_group``, and drives Debian's headless chromium over the DevTools protocol (every
 host but 127.0.0.1 goes to a proxy that refuses it): key, subject, prompt, seed, steps, window K,
-alpha, CFG, Generate; it waits for the G, E and DreamBlend images, their heat maps and the status
+alpha, step size, CFG, Generate; it waits for the G, E and DreamBlend images, their heat maps and the status
 panel's latency, then saves the full page to ``--out``. The browser helpers are those of
 ``tests/test_playground.py``. About 30 s on two CPU cores.
 """
@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps T")
     parser.add_argument("--window", type=int, default=18, help="guidance window K (guidance_steps)")
     parser.add_argument("--alpha", type=float, default=0.25)
+    parser.add_argument("--eta-schedule", default="constant", help="the guidance's step size over the window "
+                        "(the page's Step size; the demo's: constant)")
     parser.add_argument("--scale", type=float, default=3.0, help="CFG scale")
     parser.add_argument("--out", default="docs/img/playground.png")
     parser.add_argument("--browser", default=shutil.which("chromium") or "/usr/bin/chromium")
@@ -82,15 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def expected_job(args: argparse.Namespace) -> dict:
     """What the backend's job must hold once the page has sent the form as this script fills it."""
     return {"subject": args.subject, "prompts": [args.prompt], "seeds": [args.seed], "steps": args.steps,
-            "guidance_steps": args.window, "alpha": args.alpha, "guidance_scale": args.scale,
-            "attention_maps": True}
+            "guidance_steps": args.window, "alpha": args.alpha, "eta_schedule": args.eta_schedule,
+            "guidance_scale": args.scale, "attention_maps": True}
 
 
 def job_summary(job: GenerationJob) -> dict:
     config = job.config
     return {"subject": parse_model_id(job.model_id).subject_id, "prompts": job.prompts, "seeds": job.seeds,
             "steps": config.num_inference_steps, "guidance_steps": config.guidance_steps, "alpha": config.alpha,
-            "guidance_scale": config.guidance_scale, "attention_maps": config.attention_maps}
+            "eta_schedule": config.eta_schedule, "guidance_scale": config.guidance_scale, "attention_maps": config.attention_maps}
 
 
 class SamplerBackend:
@@ -206,6 +208,9 @@ def generate(tools: DevTools, args: argparse.Namespace) -> float:
     """Fill the form, Generate, wait for the images, heat maps and the status panel's latency; seconds taken."""
     for selector, name in FIELDS.items():
         tools.type_into(selector, str(getattr(args, name)))
+    tools.evaluate(f"document.getElementById('eta-schedule').value = {json.dumps(args.eta_schedule)}")
+    if tools.evaluate("document.getElementById('eta-schedule').value") != args.eta_schedule:
+        raise ValueError(f"the page offers no step size {args.eta_schedule!r}")
     started = time.monotonic()
     click(tools, "#generate")
     tools.wait_for(RESULTS_SHOWN, timeout=args.timeout, what="the G, E and DreamBlend images and heat maps")

@@ -388,6 +388,7 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             tools.type_into("#seed", "3")
             tools.type_into("#steps", "4")
             tools.type_into("#window", "2")
+            tools.evaluate("document.getElementById('eta-schedule').value = 'constant'")
             started = time.monotonic()
             click(tools, "#generate")
             tools.wait_for(f"document.querySelectorAll('.sample .map canvas').length === {3 * len(WORDS)} && "
@@ -404,6 +405,7 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
             assert len(points.split()) == 2, points  # one per guided step (window K = 2)
             job = backend.jobs[-1]
             assert (job.seeds, job.config.num_inference_steps, job.config.guidance_steps) == ([3], 4, 2)
+            assert job.config.eta_schedule == "constant"  # the Step size select
             assert job.config.attention_maps and job.model_id == "dog"
             latency = tools.wait_for("(t => t.includes('1 request in') && t)"
                                      "(document.getElementById('status-latency').innerText)",
@@ -475,3 +477,19 @@ def test_a_headless_browser_generates_and_shows_maps_and_errors(tmp_path):
 def full_page(tools: DevTools) -> dict:
     size = tools.send("Page.getLayoutMetrics")["cssContentSize"]
     return {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+
+
+def test_the_step_size_select_offers_the_registered_schedules_and_sends_the_field(secured):
+    """The page's Step size choices are the sampler's eta schedules (a schedule added to or renamed
+    in method/guidance.py shows up here), "default" sends nothing, and the choice goes out as the
+    request's eta_schedule field."""
+    from dreamblend_ray.method import guidance
+
+    client = TestClient(secured)
+    html = client.get("/").text
+    select = re.search(r'<select id="eta-schedule"[^>]*>(.*?)</select>', html, re.S)
+    assert select is not None
+    values = re.findall(r'<option value="([^"]*)">', select.group(1))
+    assert values[0] == "" and sorted(values[1:]) == sorted(guidance.ETA_SCHEDULES)
+    script = client.get("/playground/playground.js").text
+    assert 'body.eta_schedule = $("eta-schedule").value' in script

@@ -31,6 +31,7 @@ def test_defaults_are_the_demo_storage_the_docs_image_and_the_documented_setting
     args = shot.parse_args([])
     assert (args.storage, args.out, args.subject) == ("outputs/demo/storage", "docs/img/playground.png", "half-ring")
     assert (args.seed, args.steps, args.window, args.alpha, args.scale) == (0, 30, 18, 0.25, 3.0)
+    assert args.eta_schedule == "constant"  # the demo's (DemoConfig.eta_schedule)
     assert args.prompt == "a sks shape and a blue square on a black background"
     args = shot.parse_args(["--storage", "/s", "--subject", "striped-star", "--seed", "3", "--window", "9",
                             "--out", "x.png"])
@@ -52,7 +53,8 @@ def page_body(args) -> dict:
     """What playground.js's requestBody sends for the form as the script fills it (default G/E steps)."""
     return {"subject_id": args.subject, "prompt": args.prompt, "attention_maps": True, "response_format": "json",
             "seed": args.seed, "num_inference_steps": args.steps, "guidance_steps": args.window,
-            "alpha": args.alpha, "guidance_scale": args.scale, "guidance_step": 2, "edit_step": 6}
+            "alpha": args.alpha, "eta_schedule": args.eta_schedule, "guidance_scale": args.scale,
+            "guidance_step": 2, "edit_step": 6}
 
 
 def test_the_backend_turns_the_pages_request_into_the_expected_generation(shot, tmp_path, monkeypatch,
@@ -82,3 +84,5 @@ def test_the_backend_turns_the_pages_request_into_the_expected_generation(shot, 
     assert status["recent_steps"] == 3 and status["loaded_subjects"] == ["half-ring"], status
     with pytest.raises(ValueError, match="expected"):
         shot.check_job(backend, shot.parse_args(["--seed", "2", "--steps", "3", "--window", "2"]))
+    with pytest.raises(ValueError, match="expected"):  # the step size the page sent is checked too
+        shot.check_job(backend, shot.parse_args(["--steps", "3", "--window", "2", "--eta-schedule", "linear"]))

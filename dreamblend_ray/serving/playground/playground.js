@@ -383,6 +383,7 @@
     numberField(body, "num_inference_steps", "steps");
     numberField(body, "guidance_steps", "window");
     numberField(body, "alpha", "alpha");
+    if ($("eta-schedule").value) body.eta_schedule = $("eta-schedule").value;
     numberField(body, "guidance_scale", "scale");
     numberField(body, "guidance_step", "g-step");
     numberField(body, "edit_step", "e-step");
